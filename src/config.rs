@@ -1,0 +1,1061 @@
+//! Configuration: the TOML schema of SPEC section 2, parsed strictly
+//! (`deny_unknown_fields`), then validated into a [`Config`] the rest of the
+//! program uses without re-checking anything.
+//!
+//! Parse errors are reported as `FILE:LINE:COL: message`; checks made after
+//! parsing name the route (`FILE: route "NAME": message`) or the section.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// An error in the configuration file, already formatted for a person.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A TOML or schema error with its position.
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    /// A check made after parsing: names the route or the section.
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+// ---------------------------------------------------------------------------
+// Value types: durations and sizes
+// ---------------------------------------------------------------------------
+
+/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"14d"`, or an
+/// integer number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dur(pub Duration);
+
+/// Parses a duration string; also used for CLI flags and tests.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "invalid duration {s:?}: expected e.g. \"30s\", \"5m\", \"14d\""
+        ));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: bad number"))?;
+    let unit_secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "w" => 7.0 * 86400.0,
+        other => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h, d or w)"
+            ))
+        }
+    };
+    let secs = value * unit_secs;
+    if !secs.is_finite() || secs > 1e12 {
+        return Err(format!("invalid duration {s:?}: too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as \"30s\", \"5m\", \"14d\", or an integer of seconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
+                if v < 0 {
+                    return Err(E::custom("a duration cannot be negative"));
+                }
+                Ok(Dur(Duration::from_secs(v as u64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                parse_duration(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A byte size written as `"10MiB"`, `"512KB"`, `"1G"`, or an integer of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. \"10MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" | "b" => 1,
+        "K" | "k" | "KiB" | "kib" => 1 << 10,
+        "KB" | "kb" => 1000,
+        "M" | "MiB" | "mib" => 1 << 20,
+        "MB" | "mb" => 1_000_000,
+        "G" | "GiB" | "gib" => 1 << 30,
+        "GB" | "gb" => 1_000_000_000,
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"10MiB\", or an integer of bytes")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    server: RawServer,
+    session: RawSession,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn secs(n: u64) -> Dur {
+    Dur(Duration::from_secs(n))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    #[serde(default = "default_true")]
+    tls: bool,
+    cert: Option<String>,
+    key: Option<String>,
+    redirect_http: Option<String>,
+    #[serde(default)]
+    hsts: Dur,
+    #[serde(default = "d_header_read")]
+    header_read_timeout: Dur,
+    #[serde(default = "d_connect")]
+    upstream_connect_timeout: Dur,
+    #[serde(default = "d_upstream")]
+    upstream_timeout: Dur,
+    #[serde(default = "d_grace")]
+    shutdown_grace: Dur,
+    #[serde(default = "d_body")]
+    max_request_body: Size,
+}
+fn d_header_read() -> Dur {
+    secs(10)
+}
+fn d_connect() -> Dur {
+    secs(5)
+}
+fn d_upstream() -> Dur {
+    secs(60)
+}
+fn d_grace() -> Dur {
+    secs(30)
+}
+fn d_body() -> Size {
+    Size(10 << 20)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    #[serde(default = "d_cookie_name")]
+    cookie_name: String,
+    #[serde(default = "d_cookie_age")]
+    cookie_age: Dur,
+    #[serde(default)]
+    cookie_domain: String,
+    #[serde(default = "d_cookie_path")]
+    cookie_path: String,
+    #[serde(default = "default_true")]
+    cookie_secure: bool,
+    #[serde(default = "default_true")]
+    cookie_httponly: bool,
+    #[serde(default = "d_samesite")]
+    cookie_samesite: String,
+    #[serde(default)]
+    expire_at_browser_close: bool,
+    #[serde(default)]
+    save_every_request: bool,
+    #[serde(default)]
+    absolute_timeout: Dur,
+    secret_key: Option<String>,
+    secret_key_file: Option<String>,
+    #[serde(default)]
+    secret_key_fallbacks: Vec<String>,
+}
+fn d_cookie_name() -> String {
+    "sessionid".into()
+}
+fn d_cookie_age() -> Dur {
+    secs(14 * 86400)
+}
+fn d_cookie_path() -> String {
+    "/".into()
+}
+fn d_samesite() -> String {
+    "Lax".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "d_engine")]
+    engine: String,
+    path: Option<String>,
+    url: Option<String>,
+    #[serde(default = "d_store_timeout")]
+    timeout: Dur,
+    #[serde(default = "default_true")]
+    encrypt: bool,
+    #[serde(default = "d_sweep")]
+    clear_expired_interval: Dur,
+}
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            engine: d_engine(),
+            path: None,
+            url: None,
+            timeout: d_store_timeout(),
+            encrypt: true,
+            clear_expired_interval: d_sweep(),
+        }
+    }
+}
+fn d_engine() -> String {
+    "memory".into()
+}
+fn d_store_timeout() -> Dur {
+    secs(1)
+}
+fn d_sweep() -> Dur {
+    secs(300)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    host: Option<String>,
+    #[serde(default = "d_cookie_path")]
+    path: String,
+    upstream: Option<String>,
+    upstreams: Option<Vec<String>>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default = "default_true")]
+    preserve_host: bool,
+    #[serde(default = "default_true")]
+    session: bool,
+    #[serde(default)]
+    login_required: Vec<String>,
+    #[serde(default = "d_login_url")]
+    login_url: String,
+    #[serde(default)]
+    forward: BTreeMap<String, String>,
+}
+fn d_login_url() -> String {
+    "/login".into()
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (for messages); empty when built in code.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub session: SessionConfig,
+    pub store: StoreConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub redirect_http: Option<SocketAddr>,
+    pub hsts: Duration,
+    pub header_read_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_request_body: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Strict,
+    Lax,
+    None,
+    Omit,
+}
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub cookie_name: String,
+    pub cookie_age: Duration,
+    pub cookie_domain: String,
+    pub cookie_path: String,
+    pub cookie_secure: bool,
+    pub cookie_httponly: bool,
+    pub cookie_samesite: SameSite,
+    pub expire_at_browser_close: bool,
+    pub save_every_request: bool,
+    pub absolute_timeout: Duration,
+    pub secret_key: Vec<u8>,
+    pub secret_key_fallbacks: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for SessionConfig {
+    // Never print secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("cookie_name", &self.cookie_name)
+            .field("cookie_age", &self.cookie_age)
+            .field("cookie_domain", &self.cookie_domain)
+            .field("cookie_path", &self.cookie_path)
+            .field("cookie_secure", &self.cookie_secure)
+            .field("cookie_httponly", &self.cookie_httponly)
+            .field("cookie_samesite", &self.cookie_samesite)
+            .field("expire_at_browser_close", &self.expire_at_browser_close)
+            .field("save_every_request", &self.save_every_request)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("secret_key", &"<redacted>")
+            .field("secret_key_fallbacks", &self.secret_key_fallbacks.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    File,
+    CachedFile,
+    SignedCookies,
+    Redis,
+    CachedRedis,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Memory => "memory",
+            Engine::File => "file",
+            Engine::CachedFile => "cached_file",
+            Engine::SignedCookies => "signed_cookies",
+            Engine::Redis => "redis",
+            Engine::CachedRedis => "cached_redis",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub engine: Engine,
+    pub path: Option<PathBuf>,
+    pub url: Option<String>,
+    pub timeout: Duration,
+    pub encrypt: bool,
+    pub clear_expired_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The configured name, or `#N` (1-based) when none was given.
+    pub name: String,
+    /// Lower-case host name without port.
+    pub host: Option<String>,
+    /// Normalised prefix: starts with `/`, no trailing `/` except for the root.
+    pub path: String,
+    pub upstreams: Vec<Upstream>,
+    pub strip_prefix: bool,
+    pub preserve_host: bool,
+    pub session: bool,
+    pub login_required: Vec<String>,
+    pub login_url: String,
+    /// Header name -> session key.
+    pub forward: Vec<(HeaderName, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http://host:port` as written (normalised, without a trailing slash).
+    pub base: String,
+    pub authority: http::uri::Authority,
+    /// Path prefix of the upstream URL ("" when none).
+    pub path: String,
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` names the file in messages and
+    /// anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: shown.clone(),
+                line,
+                col,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        validate(raw, &base, path).map_err(|message| ConfigError::Invalid {
+            path: shown,
+            message,
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map(|i| before[i + 1..].chars().count() + 1)
+        .unwrap_or_else(|| before.chars().count() + 1);
+    (line, col)
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| {
+            format!("[server] {what}: {s:?} is not an address such as \"127.0.0.1:8443\"")
+        })
+}
+
+fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
+    // [server]
+    let s = raw.server;
+    let listen = parse_addr("listen", &s.listen)?;
+    let tls = if s.tls {
+        let cert = s
+            .cert
+            .ok_or("[server] cert: required when tls = true (or set tls = false)")?;
+        let key = s
+            .key
+            .ok_or("[server] key: required when tls = true (or set tls = false)")?;
+        Some(TlsFiles {
+            cert: resolve(base, &cert),
+            key: resolve(base, &key),
+        })
+    } else {
+        None
+    };
+    let redirect_http = match s.redirect_http.as_deref() {
+        None | Some("") => None,
+        Some(a) => {
+            if tls.is_none() {
+                return Err(
+                    "[server] redirect_http: needs tls = true (it redirects to https)".into(),
+                );
+            }
+            Some(parse_addr("redirect_http", a)?)
+        }
+    };
+    if s.max_request_body.0 == 0 {
+        return Err("[server] max_request_body: must be greater than 0".into());
+    }
+    let server = ServerConfig {
+        listen,
+        tls,
+        redirect_http,
+        hsts: s.hsts.0,
+        header_read_timeout: nonzero("[server] header_read_timeout", s.header_read_timeout.0)?,
+        upstream_connect_timeout: nonzero(
+            "[server] upstream_connect_timeout",
+            s.upstream_connect_timeout.0,
+        )?,
+        upstream_timeout: nonzero("[server] upstream_timeout", s.upstream_timeout.0)?,
+        shutdown_grace: s.shutdown_grace.0,
+        max_request_body: s.max_request_body.0,
+    };
+
+    // [session]
+    let ss = raw.session;
+    let secret_key = match (ss.secret_key, ss.secret_key_file) {
+        (Some(_), Some(_)) => {
+            return Err("[session]: set secret_key or secret_key_file, not both".into())
+        }
+        (Some(k), None) => k.into_bytes(),
+        (None, Some(f)) => {
+            let p = resolve(base, &f);
+            let text = std::fs::read(&p).map_err(|e| {
+                format!(
+                    "[session] secret_key_file: cannot read {}: {e}",
+                    p.display()
+                )
+            })?;
+            let mut text = text;
+            while text.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                text.pop();
+            }
+            text
+        }
+        (None, None) => {
+            return Err(
+                "[session] secret_key: required (or secret_key_file); at least 32 bytes".into(),
+            )
+        }
+    };
+    if secret_key.len() < 32 {
+        return Err(format!(
+            "[session] secret_key: must be at least 32 bytes, got {}",
+            secret_key.len()
+        ));
+    }
+    for (i, k) in ss.secret_key_fallbacks.iter().enumerate() {
+        if k.len() < 32 {
+            return Err(format!(
+                "[session] secret_key_fallbacks[{i}]: must be at least 32 bytes"
+            ));
+        }
+    }
+    let name = ss.cookie_name;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        return Err(format!(
+            "[session] cookie_name: {name:?} is not a valid cookie name"
+        ));
+    }
+    let samesite = match ss.cookie_samesite.as_str() {
+        "Strict" | "strict" => SameSite::Strict,
+        "Lax" | "lax" => SameSite::Lax,
+        "None" | "none" => SameSite::None,
+        "" => SameSite::Omit,
+        other => {
+            return Err(format!(
+                "[session] cookie_samesite: {other:?} must be \"Strict\", \"Lax\", \"None\" or \"\""
+            ))
+        }
+    };
+    if samesite == SameSite::None && !ss.cookie_secure {
+        return Err(
+            "[session] cookie_samesite = \"None\" requires cookie_secure = true (browsers reject it otherwise)"
+                .into(),
+        );
+    }
+    if !ss.cookie_path.starts_with('/') || ss.cookie_path.bytes().any(|b| b == b';' || b < 0x20) {
+        return Err(format!(
+            "[session] cookie_path: {:?} must start with \"/\"",
+            ss.cookie_path
+        ));
+    }
+    if ss.cookie_domain.bytes().any(|b| b == b';' || b <= 0x20) {
+        return Err(format!(
+            "[session] cookie_domain: {:?} is not a domain",
+            ss.cookie_domain
+        ));
+    }
+    if name.starts_with("__Host-") {
+        if !ss.cookie_secure {
+            return Err(
+                "[session] cookie_name: the __Host- prefix requires cookie_secure = true".into(),
+            );
+        }
+        if ss.cookie_path != "/" {
+            return Err(
+                "[session] cookie_name: the __Host- prefix requires cookie_path = \"/\"".into(),
+            );
+        }
+        if !ss.cookie_domain.is_empty() {
+            return Err("[session] cookie_name: the __Host- prefix requires cookie_domain = \"\" (no domain)".into());
+        }
+    }
+    if name.starts_with("__Secure-") && !ss.cookie_secure {
+        return Err(
+            "[session] cookie_name: the __Secure- prefix requires cookie_secure = true".into(),
+        );
+    }
+    if ss.cookie_age.0.as_secs() == 0 {
+        return Err("[session] cookie_age: must be at least 1s".into());
+    }
+    let session = SessionConfig {
+        cookie_name: name,
+        cookie_age: ss.cookie_age.0,
+        cookie_domain: ss.cookie_domain,
+        cookie_path: ss.cookie_path,
+        cookie_secure: ss.cookie_secure,
+        cookie_httponly: ss.cookie_httponly,
+        cookie_samesite: samesite,
+        expire_at_browser_close: ss.expire_at_browser_close,
+        save_every_request: ss.save_every_request,
+        absolute_timeout: ss.absolute_timeout.0,
+        secret_key,
+        secret_key_fallbacks: ss
+            .secret_key_fallbacks
+            .into_iter()
+            .map(String::into_bytes)
+            .collect(),
+    };
+
+    // [store]
+    let st = raw.store;
+    let engine = match st.engine.as_str() {
+        "memory" => Engine::Memory,
+        "file" => Engine::File,
+        "cached_file" => Engine::CachedFile,
+        "signed_cookies" => Engine::SignedCookies,
+        "redis" => Engine::Redis,
+        "cached_redis" => Engine::CachedRedis,
+        other => {
+            return Err(format!(
+                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis)"
+            ))
+        }
+    };
+    if matches!(engine, Engine::File | Engine::CachedFile) && st.path.is_none() {
+        return Err(format!(
+            "[store] path: required for engine {:?}",
+            engine.name()
+        ));
+    }
+    if matches!(engine, Engine::Redis | Engine::CachedRedis) && st.url.is_none() {
+        return Err(format!(
+            "[store] url: required for engine {:?}",
+            engine.name()
+        ));
+    }
+    let store = StoreConfig {
+        engine,
+        path: st.path.map(|p| resolve(base, &p)),
+        url: st.url,
+        timeout: nonzero("[store] timeout", st.timeout.0)?,
+        encrypt: st.encrypt,
+        clear_expired_interval: st.clear_expired_interval.0,
+    };
+
+    // [[route]]
+    if raw.routes.is_empty() {
+        return Err("no [[route]]: at least one route is required".into());
+    }
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let label = match &r.name {
+            Some(n) => n.clone(),
+            None => format!("#{}", i + 1),
+        };
+        let route =
+            validate_route(r, label.clone()).map_err(|m| format!("route {label:?}: {m}"))?;
+        routes.push(route);
+    }
+    for (i, a) in routes.iter().enumerate() {
+        for b in &routes[..i] {
+            if a.host == b.host && a.path == b.path {
+                return Err(format!(
+                    "route {:?}: same host and path as route {:?}",
+                    a.name, b.name
+                ));
+            }
+            if a.name == b.name {
+                return Err(format!("route {:?}: the name is used twice", a.name));
+            }
+        }
+    }
+
+    Ok(Config {
+        source: file.to_path_buf(),
+        server,
+        session,
+        store,
+        routes,
+    })
+}
+
+fn nonzero(what: &str, d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err(format!("{what}: must be greater than 0"))
+    } else {
+        Ok(d)
+    }
+}
+
+fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
+    let list = match (r.upstream, r.upstreams) {
+        (Some(_), Some(_)) => return Err("set upstream or upstreams, not both".into()),
+        (Some(u), None) => vec![u],
+        (None, Some(v)) if !v.is_empty() => v,
+        _ => return Err("upstream: required (or upstreams = [...])".into()),
+    };
+    let upstreams = list
+        .iter()
+        .map(|u| parse_upstream(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !r.path.starts_with('/') {
+        return Err(format!("path: {:?} must start with \"/\"", r.path));
+    }
+    let mut path = r.path.clone();
+    while path.len() > 1 && path.ends_with('/') {
+        path.pop();
+    }
+    let host = match r.host {
+        Some(h) if !h.is_empty() => {
+            let h = h.to_ascii_lowercase();
+            let h = strip_port(&h).to_string();
+            if h.is_empty() || h.bytes().any(|b| b <= 0x20 || b == b'/') {
+                return Err(format!("host: {h:?} is not a host name"));
+            }
+            Some(h)
+        }
+        _ => None,
+    };
+    let mut forward = Vec::new();
+    for (header, key) in r.forward {
+        let hn = HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| format!("forward: {header:?} is not a valid header name"))?;
+        if is_hop_by_hop(&hn) || hn == http::header::HOST || hn == http::header::COOKIE {
+            return Err(format!(
+                "forward: {header:?} cannot be set from the session"
+            ));
+        }
+        forward.push((hn, key));
+    }
+    if !r.session && (!r.login_required.is_empty() || !forward.is_empty()) {
+        return Err("login_required and forward need session = true".into());
+    }
+    if !r.login_url.starts_with('/') && !r.login_url.starts_with("http") {
+        return Err(format!(
+            "login_url: {:?} must be a path or an URL",
+            r.login_url
+        ));
+    }
+    if r.login_url.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(format!(
+            "login_url: {:?} must be visible ASCII",
+            r.login_url
+        ));
+    }
+    Ok(RouteConfig {
+        name,
+        host,
+        path,
+        upstreams,
+        strip_prefix: r.strip_prefix,
+        preserve_host: r.preserve_host,
+        session: r.session,
+        login_required: r.login_required,
+        login_url: r.login_url,
+        forward,
+    })
+}
+
+fn parse_upstream(u: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = u
+        .parse()
+        .map_err(|_| format!("upstream: {u:?} is not an URL such as \"http://127.0.0.1:9000\""))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+            "upstream: {u:?}: https upstreams are not supported; use http:// on a trusted network"
+        ))
+        }
+        _ => return Err(format!("upstream: {u:?} must start with http://")),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("upstream: {u:?} has no host"))?;
+    if uri.query().is_some() {
+        return Err(format!("upstream: {u:?} must not have a query"));
+    }
+    let mut path = uri.path().to_string();
+    while path.ends_with('/') {
+        path.pop();
+    }
+    Ok(Upstream {
+        base: format!("http://{authority}"),
+        authority,
+        path,
+    })
+}
+
+/// Removes a `:port` suffix from a host (keeps IPv6 brackets).
+pub fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.find(']') {
+            Some(i) => &host[..i + 2],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+/// Hop-by-hop header names of RFC 9110 7.6.1 (plus the legacy ones).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::*;
+    name == CONNECTION
+        || name == TE
+        || name == TRAILER
+        || name == UPGRADE
+        || name == PROXY_AUTHORIZATION
+        || name == TRANSFER_ENCODING
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    fn minimal(extra_session: &str, routes: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\n\n[session]\nsecret_key = \"{SECRET}\"\n{extra_session}\n\n{routes}"
+        )
+    }
+
+    const ROUTE: &str = "[[route]]\nname = \"app\"\nupstream = \"http://127.0.0.1:9000\"\n";
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            parse_duration("14d").unwrap(),
+            Duration::from_secs(14 * 86400)
+        );
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("1KB").unwrap(), 1000);
+        assert_eq!(parse_size("42").unwrap(), 42);
+        assert!(parse_size("ten").is_err());
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(&minimal("", ROUTE)).unwrap();
+        assert_eq!(c.session.cookie_name, "sessionid");
+        assert_eq!(c.session.cookie_age, Duration::from_secs(14 * 86400));
+        assert!(c.session.cookie_secure);
+        assert_eq!(c.store.engine, Engine::Memory);
+        assert_eq!(c.server.max_request_body, 10 << 20);
+        assert_eq!(c.routes[0].path, "/");
+        assert!(c.routes[0].session && c.routes[0].preserve_host);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let text = minimal("cookie_secur = false", ROUTE);
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:7:1: "), "{e}");
+        assert!(e.contains("cookie_secur"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_has_position() {
+        let text = minimal("cookie_age = \"2 fortnights\"", ROUTE);
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:7:"), "{e}");
+        assert!(e.contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn host_prefix_rules_are_checked() {
+        let e = parse(&minimal(
+            "cookie_name = \"__Host-sid\"\ncookie_domain = \"example.com\"",
+            ROUTE,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("__Host-") && e.contains("domain"), "{e}");
+        let e = parse(&minimal(
+            "cookie_name = \"__Host-sid\"\ncookie_secure = false",
+            ROUTE,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cookie_secure"), "{e}");
+        let e = parse(&minimal(
+            "cookie_name = \"__Host-sid\"\ncookie_path = \"/app\"",
+            ROUTE,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cookie_path"), "{e}");
+        assert!(parse(&minimal("cookie_name = \"__Host-sid\"", ROUTE)).is_ok());
+    }
+
+    #[test]
+    fn samesite_none_needs_secure() {
+        let e = parse(&minimal(
+            "cookie_samesite = \"None\"\ncookie_secure = false",
+            ROUTE,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cookie_secure"), "{e}");
+    }
+
+    #[test]
+    fn short_or_missing_secret() {
+        let text =
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\n[session]\n".to_string() + ROUTE;
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("secret_key"), "{e}");
+        let text = text.replace("[session]\n", "[session]\nsecret_key = \"short\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("32 bytes"), "{e}");
+    }
+
+    #[test]
+    fn route_errors_name_the_route() {
+        let e = parse(&minimal(
+            "",
+            "[[route]]\nname = \"api\"\nupstream = \"ftp://x\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("test.toml: route \"api\": upstream"), "{e}");
+        let e = parse(&minimal("", "[[route]]\nname = \"api\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route \"api\"") && e.contains("upstream"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_cert() {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[session]\nsecret_key = \"{SECRET}\"\n{ROUTE}"
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("cert"), "{e}");
+    }
+
+    #[test]
+    fn route_path_and_host_normalised() {
+        let c = parse(&minimal(
+            "",
+            "[[route]]\nhost = \"App.Example.com:8443\"\npath = \"/app/\"\nupstreams = [\"http://a:1\", \"http://b:2/base/\"]\nforward = { \"X-User\" = \"username\" }\n",
+        ))
+        .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.host.as_deref(), Some("app.example.com"));
+        assert_eq!(r.path, "/app");
+        assert_eq!(r.upstreams[1].path, "/base");
+        assert_eq!(r.forward[0].0.as_str(), "x-user");
+    }
+
+    #[test]
+    fn strip_port_cases() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

@@ -1,0 +1,170 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use sessiongate::config::{Config, Engine};
+use sessiongate::store::{AnyStore, Store};
+use sessiongate::Server;
+
+const DEFAULT_CONFIG: &str = "config/sessiongate.toml";
+
+/// A TLS reverse proxy that gives legacy backends Django's sessions.
+#[derive(Parser)]
+#[command(name = "sessiongate", version, about)]
+struct Cli {
+    /// Configuration file (when no subcommand is given: `run`).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the configuration file and print a summary.
+    Check,
+    /// Delete expired sessions from the configured store and print how many.
+    ClearExpired,
+    /// Run the bundled demo app behind the proxy with a self-signed certificate.
+    Demo {
+        /// Address of the demo's HTTPS listener.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let command = cli.command.unwrap_or(Command::Run);
+
+    if let Command::Check = command {
+        return match Config::load(&config_path) {
+            Ok(c) => {
+                println!("{}", summary(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sessiongate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match command {
+            Command::Run => run(&config_path).await,
+            Command::ClearExpired => clear_expired(&config_path).await,
+            Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
+            Command::Check => unreachable!(),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sessiongate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let server = Server::bind(config).await.context("start")?;
+    server
+        .run(sessiongate::server::shutdown_signal())
+        .await
+        .context("serve")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn clear_expired(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    if config.store.engine == Engine::Memory {
+        println!(
+            "0 expired sessions deleted: the memory engine keeps sessions inside the running proxy, which sweeps them every clear_expired_interval"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = AnyStore::open(&config.store)
+        .await
+        .context("open the store")?;
+    let now = sessiongate::session::Clock::default().now_ms();
+    let n = store
+        .clear_expired(now)
+        .await
+        .context("clear expired sessions")?;
+    store.flush().await.context("flush the store")?;
+    println!("{n} expired sessions deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary(c: &Config) -> String {
+    let s = &c.server;
+    let mut out = format!(
+        "{}: OK\nlisten {} ({}){}\nstore {}; cookie {:?}, age {}s\n{} route(s):",
+        c.source.display(),
+        s.listen,
+        if s.tls.is_some() { "https" } else { "http" },
+        s.redirect_http
+            .map(|a| format!(", redirect from http://{a}"))
+            .unwrap_or_default(),
+        c.store.engine.name(),
+        c.session.cookie_name,
+        c.session.cookie_age.as_secs(),
+        c.routes.len()
+    );
+    for r in &c.routes {
+        let ups: Vec<&str> = r.upstreams.iter().map(|u| u.base.as_str()).collect();
+        out.push_str(&format!(
+            "\n  {:?}: {}{} -> {}{}",
+            r.name,
+            r.host.as_deref().unwrap_or("*"),
+            r.path,
+            ups.join(", "),
+            if r.session { "" } else { " (no session)" }
+        ));
+    }
+    out
+}

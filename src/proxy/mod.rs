@@ -1,0 +1,538 @@
+//! The request path: route -> load the session -> clean and enrich the
+//! request -> forward -> take the upstream's directives -> apply them as a
+//! patch -> Set-Cookie -> respond.
+
+pub mod headers;
+pub mod route;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use serde_json::{Map, Value};
+
+use crate::config::{Config, SessionConfig};
+use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
+use crate::store::{AnyStore, Applied, Store, StoreError, WriteCtx};
+use route::{Route, Router};
+use upstream::{BodyWatch, UpstreamClient, UpstreamError};
+
+pub type RespBody = Either<Incoming, Full<Bytes>>;
+
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub struct Proxy {
+    router: Router,
+    client: UpstreamClient,
+    store: Arc<AnyStore>,
+    session: SessionConfig,
+    policy: Policy,
+    clock: Clock,
+    max_body: u64,
+    upstream_timeout: Duration,
+    hsts: Option<HeaderValue>,
+}
+
+/// A one-line plain-text error response.
+pub fn error_response(status: StatusCode, msg: &str) -> Response<RespBody> {
+    let mut body = String::with_capacity(msg.len() + 1);
+    body.push_str(msg);
+    body.push('\n');
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The session of one request as loaded.
+struct Loaded {
+    /// A session cookie was presented (valid or not).
+    presented: bool,
+    /// The key and record when the cookie named a live session.
+    live: Option<(SessionKey, Record)>,
+}
+
+enum FinishError {
+    Interrupted,
+    Store(StoreError),
+}
+
+impl Proxy {
+    pub fn new(config: &Config, store: Arc<AnyStore>, clock: Clock) -> Proxy {
+        let s = &config.server;
+        Proxy {
+            router: Router::new(config.routes.clone()),
+            client: upstream::client(s.upstream_connect_timeout),
+            store,
+            session: config.session.clone(),
+            policy: Policy::from_config(&config.session),
+            clock,
+            max_body: s.max_request_body,
+            upstream_timeout: s.upstream_timeout,
+            hsts: (!s.hsts.is_zero()).then(|| {
+                HeaderValue::from_str(&format!("max-age={}", s.hsts.as_secs())).expect("ascii")
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<AnyStore> {
+        &self.store
+    }
+
+    /// Serves one request. Never fails: every error is a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let mut resp = self.serve(req, conn).await;
+        if conn.tls {
+            if let Some(h) = &self.hsts {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<RespBody> {
+        let (mut parts, body) = req.into_parts();
+        let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let Some(route) = self.router.find(
+            host.as_ref().and_then(|h| h.to_str().ok()),
+            parts.uri.path(),
+        ) else {
+            return error_response(StatusCode::NOT_FOUND, "no route for this host and path");
+        };
+        if let Some(len) = content_length(&parts.headers) {
+            if len > self.max_body {
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body larger than {} bytes", self.max_body),
+                );
+            }
+        }
+
+        // Hygiene before anything is added: hop-by-hop names (including the
+        // ones the client nominated), then the reserved and forward names.
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::take_reserved(&mut parts.headers);
+        for (name, _) in &route.cfg.forward {
+            parts.headers.remove(name);
+        }
+
+        if !route.cfg.session {
+            return match self.forward(route, parts, body, conn, host).await {
+                Ok(resp) => resp.map(Either::Left),
+                Err(e) => self.upstream_error(route, e),
+            };
+        }
+        let mut resp = self.serve_session(route, parts, body, conn, host).await;
+        headers::add_vary_cookie(resp.headers_mut());
+        resp
+    }
+
+    async fn serve_session(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: ConnInfo,
+        host: Option<HeaderValue>,
+    ) -> Response<RespBody> {
+        let now = self.clock.now_ms();
+        let loaded = match self.load(&parts.headers, now).await {
+            Ok(l) => l,
+            Err(e) => return self.store_error(e),
+        };
+        cookie::strip(&mut parts.headers, &self.session.cookie_name);
+
+        let needs_map = !route.cfg.login_required.is_empty() || !route.cfg.forward.is_empty();
+        let map: Option<Map<String, Value>> = needs_map.then(|| {
+            loaded
+                .live
+                .as_ref()
+                .map(|(_, r)| r.data_map())
+                .unwrap_or_default()
+        });
+        if let Some(m) = &map {
+            if let Some(missing) = route
+                .cfg
+                .login_required
+                .iter()
+                .find(|k| !m.contains_key(*k))
+            {
+                tracing::debug!(route = %route.cfg.name, key = %missing, "login required");
+                let mut resp = self.login_redirect(route, &parts.method, &parts.uri);
+                return match self
+                    .finish(&loaded, Patch::default(), resp.status(), resp.headers_mut())
+                    .await
+                {
+                    Ok(()) => resp,
+                    Err(e) => self.finish_error(e),
+                };
+            }
+        }
+
+        let (key, record) = match &loaded.live {
+            Some((k, r)) => (Some(k), Some(r)),
+            None => (None, None),
+        };
+        let view = sh::View {
+            key,
+            record,
+            is_new: loaded.live.is_none(),
+        };
+        sh::inject(
+            &mut parts.headers,
+            &view,
+            now,
+            &self.policy,
+            &self.session.secret_key,
+            &route.cfg.forward,
+            map.as_ref(),
+        );
+
+        let resp = match self.forward(route, parts, body, conn, host).await {
+            Ok(r) => r,
+            Err(e) => return self.upstream_error(route, e),
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        let directives = headers::take_reserved(&mut rparts.headers);
+        drop_session_set_cookies(&mut rparts.headers, &self.session.cookie_name);
+
+        let patch = if rparts.status.is_server_error() {
+            Patch::default()
+        } else {
+            match Patch::parse(directives.iter().map(|(n, v)| (n, v))) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(route = %route.cfg.name, header = e.header, problem = %e.problem, "invalid session directive from upstream");
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("invalid session directive from upstream: {e}"),
+                    );
+                }
+            }
+        };
+        match self
+            .finish(&loaded, patch, rparts.status, &mut rparts.headers)
+            .await
+        {
+            Ok(()) => Response::from_parts(rparts, Either::Left(rbody)),
+            Err(e) => self.finish_error(e),
+        }
+    }
+
+    /// Finds the session cookie and loads its record. A cookie that is
+    /// malformed, unknown or expired is never adopted.
+    async fn load(&self, h: &HeaderMap, now: i64) -> Result<Loaded, StoreError> {
+        let Some(value) = cookie::find(h, &self.session.cookie_name) else {
+            return Ok(Loaded {
+                presented: false,
+                live: None,
+            });
+        };
+        let live = match SessionKey::parse(value) {
+            Some(k) => self.store.load(&k, now).await?.map(|r| (k, r)),
+            None => None,
+        };
+        Ok(Loaded {
+            presented: true,
+            live,
+        })
+    }
+
+    /// Applies the upstream's patch and sets or deletes the cookie, following
+    /// Django's SessionMiddleware.process_response.
+    async fn finish(
+        &self,
+        loaded: &Loaded,
+        mut patch: Patch,
+        status: StatusCode,
+        out: &mut HeaderMap,
+    ) -> Result<(), FinishError> {
+        if status.is_server_error() {
+            return Ok(());
+        }
+        let save_every = self.session.save_every_request;
+        let mut current = loaded.live.as_ref().map(|(k, _)| *k);
+        if patch.flush {
+            if let Some(k) = current.take() {
+                self.store.delete(&k).await.map_err(FinishError::Store)?;
+            }
+            patch.flush = false;
+        }
+        let now = self.clock.now_ms();
+        let ctx = WriteCtx {
+            now,
+            policy: self.policy,
+            touch: save_every,
+        };
+        match current {
+            Some(key) => {
+                if patch.is_empty() && !save_every {
+                    return Ok(());
+                }
+                match self
+                    .store
+                    .apply(&key, &patch, ctx)
+                    .await
+                    .map_err(FinishError::Store)?
+                {
+                    Applied::Saved { key, record } => self.set_cookie(out, &key, &record, now),
+                    Applied::Unchanged => {}
+                    Applied::Missing => return Err(FinishError::Interrupted),
+                }
+            }
+            None => {
+                let mut record = Record::new_at(now);
+                record.apply_patch(&patch, now, &self.policy);
+                let keep = !record.data_is_empty()
+                    || patch.cycle
+                    || patch
+                        .expiry
+                        .is_some_and(|e| e != crate::session::Expiry::Default);
+                if keep {
+                    let key = self
+                        .store
+                        .create(record.clone())
+                        .await
+                        .map_err(FinishError::Store)?;
+                    self.set_cookie(out, &key, &record, now);
+                } else if loaded.presented {
+                    out.append(header::SET_COOKIE, cookie::delete(&self.session));
+                    headers::add_private(out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_cookie(&self, out: &mut HeaderMap, key: &SessionKey, record: &Record, now: i64) {
+        let max_age = (!record.expire_at_browser_close(&self.policy))
+            .then(|| record.expiry_age(now, &self.policy));
+        out.append(
+            header::SET_COOKIE,
+            cookie::set(&self.session, key.as_str(), max_age, now),
+        );
+        headers::add_private(out);
+    }
+
+    fn finish_error(&self, e: FinishError) -> Response<RespBody> {
+        match e {
+            FinishError::Interrupted => error_response(
+                StatusCode::BAD_REQUEST,
+                "the session was deleted by a concurrent request (logout or key change); its changes were not saved",
+            ),
+            FinishError::Store(e) => self.store_error(e),
+        }
+    }
+
+    fn store_error(&self, e: StoreError) -> Response<RespBody> {
+        tracing::warn!(error = %e, "session store failed");
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the session store is unavailable; try again shortly",
+        )
+    }
+
+    fn upstream_error(&self, route: &Route, e: UpstreamError) -> Response<RespBody> {
+        tracing::warn!(route = %route.cfg.name, error = %e, "upstream request failed");
+        let msg = match &e {
+            UpstreamError::Connect(_) => "upstream unreachable".to_string(),
+            UpstreamError::Failed(_) => "upstream failed to answer".to_string(),
+            UpstreamError::Timeout(d) => {
+                format!("upstream did not answer within {}s", d.as_secs_f64())
+            }
+            UpstreamError::BodyTooLarge(n) => format!("request body larger than {n} bytes"),
+        };
+        error_response(e.status(), &msg)
+    }
+
+    fn login_redirect(&self, route: &Route, method: &Method, uri: &Uri) -> Response<RespBody> {
+        if method != Method::GET && method != Method::HEAD {
+            return error_response(StatusCode::UNAUTHORIZED, "login required");
+        }
+        let next = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let enc = percent_encoding::utf8_percent_encode(next, NEXT_SET);
+        let sep = if route.cfg.login_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let location = format!("{}{}next={}", route.cfg.login_url, sep, enc);
+        let mut r = error_response(StatusCode::FOUND, "login required");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r
+    }
+
+    /// Sends the request to one of the route's upstreams.
+    async fn forward(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: ConnInfo,
+        host: Option<HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let h = &mut parts.headers;
+        h.insert(
+            &headers::X_FORWARDED_FOR,
+            HeaderValue::from_str(&conn.peer.ip().to_string()).expect("ip"),
+        );
+        h.insert(
+            &headers::X_FORWARDED_PROTO,
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        match &host {
+            Some(v) => {
+                h.insert(&headers::X_FORWARDED_HOST, v.clone());
+            }
+            None => {
+                h.remove(&headers::X_FORWARDED_HOST);
+            }
+        }
+        join_cookies(h);
+        let path = if route.cfg.strip_prefix {
+            route::strip_prefix(&route.cfg.path, parts.uri.path())
+        } else {
+            parts.uri.path()
+        };
+        let query = parts.uri.query();
+        parts.version = Version::HTTP_11;
+
+        let watch = BodyWatch::default();
+        let mut body = Some(body);
+        let now = self.clock.now_ms();
+        let mut last_err = None;
+        for i in route.upstream_order(now) {
+            let Some(b) = body.take().or_else(|| watch.take_back()) else {
+                break;
+            };
+            let up = &route.cfg.upstreams[i];
+            let mut uri = String::with_capacity(up.base.len() + up.path.len() + path.len() + 16);
+            uri.push_str(&up.base);
+            uri.push_str(&up.path);
+            uri.push_str(path);
+            if let Some(q) = query {
+                uri.push('?');
+                uri.push_str(q);
+            }
+            let uri: Uri = uri
+                .parse()
+                .map_err(|_| UpstreamError::Failed("request target not valid upstream".into()))?;
+            let mut req = Request::from_parts(parts.clone(), watch.wrap(b, self.max_body));
+            *req.uri_mut() = uri;
+            let hv = if route.cfg.preserve_host {
+                host.clone()
+            } else {
+                HeaderValue::from_str(up.authority.as_str()).ok()
+            };
+            if let Some(hv) = hv {
+                req.headers_mut().insert(header::HOST, hv);
+            }
+            match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+                Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
+                Ok(Ok(mut resp)) => {
+                    route.mark_up(i);
+                    headers::remove_hop_by_hop(resp.headers_mut());
+                    return Ok(resp);
+                }
+                Ok(Err(e)) => {
+                    if watch.exceeded() {
+                        return Err(UpstreamError::BodyTooLarge(self.max_body));
+                    }
+                    let what = upstream::describe(&e);
+                    if e.is_connect() {
+                        tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
+                        route.mark_down(i, now);
+                        last_err = Some(UpstreamError::Connect(what));
+                        continue;
+                    }
+                    return Err(UpstreamError::Failed(what));
+                }
+            }
+        }
+        Err(last_err
+            .unwrap_or_else(|| UpstreamError::Connect("no upstream accepted the request".into())))
+    }
+}
+
+/// Characters escaped in `?next=`: everything but unreserved and `/`.
+const NEXT_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// HTTP/2 clients may split cookies over several headers; an HTTP/1.1
+/// upstream expects one (RFC 9113 8.2.3).
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// A `Set-Cookie` from the upstream for the session cookie is dropped.
+fn drop_session_set_cookies(h: &mut HeaderMap, name: &str) {
+    if !h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .any(|v| cookie::set_cookie_names(v, name))
+    {
+        return;
+    }
+    let keep: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !cookie::set_cookie_names(v, name))
+        .cloned()
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for v in keep {
+        h.append(header::SET_COOKIE, v);
+    }
+}

@@ -1,0 +1,338 @@
+//! Listeners, TLS (ALPN `h2` and `http/1.1` on one port), the plain-HTTP
+//! redirect listener, the expiry sweep, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::proxy::{error_response, ConnInfo, Proxy, RespBody};
+use crate::session::Clock;
+use crate::store::{AnyStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Builds the rustls configuration from PEM text.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, ServerError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::Tls(format!("cannot read the certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(
+            "no certificate found in the cert file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| ServerError::Tls(format!("cannot read the private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(format!("certificate and key do not fit: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path)
+        .map_err(|e| ServerError::Tls(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+pub struct Server {
+    listener: TcpListener,
+    redirect: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    config: Config,
+    clock: Clock,
+}
+
+impl Server {
+    /// Opens the store, loads TLS material and binds the listeners (port 0
+    /// picks a free port: see [`Server::local_addr`]).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let store = AnyStore::open(&config.store).await?;
+        Server::bind_with(config, Arc::new(store), Clock::default(), None).await
+    }
+
+    /// Like [`Server::bind`] with a given store, clock and (for the demo)
+    /// in-memory TLS configuration.
+    pub async fn bind_with(
+        config: Config,
+        store: Arc<AnyStore>,
+        clock: Clock,
+        tls: Option<rustls::ServerConfig>,
+    ) -> Result<Server, ServerError> {
+        let tls = match (tls, &config.server.tls) {
+            (Some(t), _) => Some(t),
+            (None, Some(files)) => Some(tls_config(
+                &read(&files.cert, "certificate")?,
+                &read(&files.key, "private key")?,
+            )?),
+            (None, None) => None,
+        };
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        let listener = bind(config.server.listen).await?;
+        let redirect = match config.server.redirect_http {
+            Some(a) if tls.is_some() => Some(bind(a).await?),
+            _ => None,
+        };
+        let proxy = Arc::new(Proxy::new(&config, store, clock.clone()));
+        Ok(Server {
+            listener,
+            redirect,
+            tls: tls.map(|t| TlsAcceptor::from(Arc::new(t))),
+            proxy,
+            config,
+            clock,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    pub fn store(&self) -> Arc<AnyStore> {
+        self.proxy.store().clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets
+    /// in-flight requests finish within `shutdown_grace`, and flushes the store.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let addr = self.local_addr();
+        tracing::info!(%addr, url = %format!("{scheme}://{addr}/"), "sessiongate listening");
+        if let Some(r) = self.redirect_addr() {
+            tracing::info!(addr = %r, "redirecting plain HTTP to https");
+        }
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.server.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)));
+
+        let sweeper = spawn_sweeper(
+            self.proxy.store().clone(),
+            self.config.store.clear_expired_interval,
+            self.clock.clone(),
+        );
+
+        let redirect_port = addr.port();
+        let mut redirect = self.redirect;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                res = self.listener.accept() => {
+                    let (stream, peer) = match res {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            // Out of descriptors and the like: back off briefly.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    serve_conn(stream, peer, &self.tls, &self.proxy, &builder, &graceful, self.config.server.header_read_timeout);
+                }
+                res = accept_opt(&mut redirect) => {
+                    if let Ok((stream, _)) = res {
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), service_fn(move |req| async move {
+                                Ok::<_, std::convert::Infallible>(redirect_response(&req, redirect_port))
+                            }))
+                            .into_owned();
+                        tokio::spawn(graceful.watch(conn));
+                    }
+                }
+            }
+        }
+        drop(self.listener);
+        drop(redirect);
+        tracing::info!(grace = ?self.config.server.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
+        match tokio::time::timeout(self.config.server.shutdown_grace, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections closed"),
+            Err(_) => {
+                tracing::warn!("shutdown grace period over; closing the remaining connections")
+            }
+        }
+        if let Some(s) = sweeper {
+            s.abort();
+        }
+        self.proxy.store().flush().await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn accept_opt(l: &mut Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: &Option<TlsAcceptor>,
+    proxy: &Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    handshake_timeout: Duration,
+) {
+    let info = ConnInfo {
+        peer,
+        tls: tls.is_some(),
+    };
+    let proxy = proxy.clone();
+    let svc = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, info));
+    match tls {
+        None => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            tokio::spawn(graceful.watch(conn));
+        }
+        Some(acceptor) => {
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            // The handshake happens in the task; a connection still
+            // handshaking at shutdown is simply dropped.
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let tls =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
+    }
+}
+
+/// `308` to the same host and path over https (never a cookie).
+fn redirect_response(req: &Request<Incoming>, https_port: u16) -> Response<RespBody> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(crate::config::strip_port)
+        .unwrap_or("");
+    if host.is_empty() || host.bytes().any(|b| b <= 0x20 || b == b'/' || b == b'@') {
+        return error_response(StatusCode::BAD_REQUEST, "missing or invalid Host header");
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = if https_port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{https_port}{pq}")
+    };
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        b"moved to https\n",
+    ))));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn spawn_sweeper(
+    store: Arc<AnyStore>,
+    every: Duration,
+    clock: Clock,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if every.is_zero() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match store.clear_expired(clock.now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "expired sessions swept"),
+                Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+            }
+        }
+    }))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,133 @@
+//! Session keys: 32 characters from `[a-z0-9]`, drawn from the OS CSPRNG.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+pub const KEY_LEN: usize = 32;
+
+/// A session key. `Debug` never shows it: keys are secrets.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey([u8; KEY_LEN]);
+
+impl SessionKey {
+    /// Orders before every real key (range bounds in indexes).
+    pub const MIN: SessionKey = SessionKey([0; KEY_LEN]);
+
+    /// A fresh random key (rejection sampling keeps the 36 symbols uniform:
+    /// about 165 bits of entropy).
+    pub fn generate() -> SessionKey {
+        let mut out = [0u8; KEY_LEN];
+        let mut filled = 0;
+        let mut buf = [0u8; 48];
+        while filled < KEY_LEN {
+            getrandom::fill(&mut buf).expect("the OS random number generator failed");
+            for &b in &buf {
+                // 252 = 7 * 36: values above would bias the alphabet.
+                if b < 252 && filled < KEY_LEN {
+                    out[filled] = ALPHABET[(b % 36) as usize];
+                    filled += 1;
+                }
+            }
+        }
+        SessionKey(out)
+    }
+
+    /// Accepts exactly 32 characters of `[a-z0-9]`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<SessionKey> {
+        let b = s.as_bytes();
+        if b.len() != KEY_LEN
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return None;
+        }
+        let mut out = [0u8; KEY_LEN];
+        out.copy_from_slice(b);
+        Some(SessionKey(out))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// The non-secret identifier sent upstream as `X-Session-Id`: an HMAC of
+    /// the key, so it cannot be turned back into a cookie.
+    pub fn public_id(&self, secret: &[u8]) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
+        mac.update(b"sessiongate.session-id\0");
+        mac.update(&self.0);
+        let tag = mac.finalize().into_bytes();
+        let mut s = String::with_capacity(32);
+        for b in &tag[..16] {
+            use fmt::Write;
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn generated_keys_have_the_django_shape_and_differ() {
+        let mut seen = HashSet::new();
+        for _ in 0..1000 {
+            let k = SessionKey::generate();
+            let s = k.as_str();
+            assert_eq!(s.len(), 32);
+            assert!(s
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+            assert_eq!(SessionKey::parse(s), Some(k));
+            assert!(seen.insert(k));
+        }
+    }
+
+    #[test]
+    fn every_symbol_appears() {
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            seen.extend(SessionKey::generate().as_str().bytes());
+        }
+        assert_eq!(seen.len(), 36);
+    }
+
+    #[test]
+    fn parse_rejects_bad_shapes() {
+        assert!(SessionKey::parse("").is_none());
+        assert!(SessionKey::parse("abc").is_none());
+        assert!(SessionKey::parse(&"A".repeat(32)).is_none());
+        assert!(SessionKey::parse(&"a".repeat(33)).is_none());
+        assert!(SessionKey::parse(&format!("{}-", "a".repeat(31))).is_none());
+        assert!(SessionKey::parse(&"a".repeat(32)).is_some());
+    }
+
+    #[test]
+    fn public_id_is_stable_secret_dependent_and_not_the_key() {
+        let k = SessionKey::generate();
+        let a = k.public_id(b"0123456789abcdef0123456789abcdef");
+        assert_eq!(a, k.public_id(b"0123456789abcdef0123456789abcdef"));
+        assert_ne!(a, k.public_id(b"fedcba9876543210fedcba9876543210"));
+        assert_ne!(a, k.as_str());
+        assert_eq!(a.len(), 32);
+        assert!(!format!("{k:?}").contains(k.as_str()));
+    }
+}

@@ -1,0 +1,143 @@
+//! Session stores: one small async trait, one file per engine, and
+//! [`AnyStore`], the enum the proxy holds (static dispatch, no boxing).
+//!
+//! The contract every engine keeps (checked by `tests/store_conformance.rs`):
+//! - `load` never creates anything and never returns an expired record;
+//! - `create` writes a new record under a fresh random key that was unused;
+//! - `apply` changes the newest stored state atomically: concurrent patches
+//!   to different keys of one session all survive; a session that is gone
+//!   (flushed, cycled away, expired) is reported [`Applied::Missing`] and is
+//!   never brought back;
+//! - `delete` is idempotent; `clear_expired` removes what has expired and
+//!   says how many.
+
+pub mod memory;
+
+use std::future::Future;
+
+use crate::config::{Engine, StoreConfig};
+use crate::session::{Patch, Policy, Record, SessionKey};
+
+pub use memory::MemoryStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or failed; the request gets a 503.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// The store could not be opened at start.
+    #[error("cannot open the session store: {0}")]
+    Open(String),
+}
+
+/// What a write needs to know besides the patch.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteCtx {
+    pub now: i64,
+    pub policy: Policy,
+    /// Write (and refresh the expiry) even when the patch changes nothing
+    /// (`save_every_request`).
+    pub touch: bool,
+}
+
+/// The result of [`Store::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The patch was applied; the key is new when the patch cycled it.
+    Saved { key: SessionKey, record: Record },
+    /// The patch changed nothing and `touch` was off: nothing was written.
+    Unchanged,
+    /// The session no longer exists (deleted by a concurrent Flush or
+    /// Cycle-Key, or expired): nothing was written.
+    Missing,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// The live record for `key`, if any. Never creates.
+    fn load(
+        &self,
+        key: &SessionKey,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Writes `record` under a fresh random key and returns the key.
+    fn create(&self, record: Record)
+        -> impl Future<Output = Result<SessionKey, StoreError>> + Send;
+
+    /// Applies `patch` (including Cycle-Key, not Flush) to the newest state.
+    fn apply(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send;
+
+    /// Deletes the record; deleting an absent key is not an error.
+    fn delete(&self, key: &SessionKey) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes every expired record; returns how many.
+    fn clear_expired(&self, now: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Makes every acknowledged write durable (shutdown).
+    fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// The configured engine.
+pub enum AnyStore {
+    Memory(MemoryStore),
+}
+
+impl AnyStore {
+    /// Opens the engine the configuration names.
+    pub async fn open(c: &StoreConfig) -> Result<AnyStore, StoreError> {
+        match c.engine {
+            Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
+            other => Err(StoreError::Open(format!(
+                "engine {:?} is not available in this build yet; use \"memory\"",
+                other.name()
+            ))),
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self {
+            AnyStore::Memory(_) => Engine::Memory,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Memory($s) => $e,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, StoreError> {
+        dispatch!(self, s => s.load(key, now).await)
+    }
+    async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
+        dispatch!(self, s => s.create(record).await)
+    }
+    async fn apply(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> Result<Applied, StoreError> {
+        dispatch!(self, s => s.apply(key, patch, ctx).await)
+    }
+    async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete(key).await)
+    }
+    async fn clear_expired(&self, now: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.clear_expired(now).await)
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.flush().await)
+    }
+}
