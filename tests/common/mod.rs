@@ -169,14 +169,19 @@ shutdown_grace = "5s"
 
 [session]
 secret_key = "{SECRET}"
-cookie_secure = false
+{secure}
 {session_extra}
 
 [store]
 clear_expired_interval = "0s"
 
 {routes}
-"#
+"#,
+        secure = if session_extra.contains("cookie_secure") {
+            ""
+        } else {
+            "cookie_secure = false"
+        }
     )
 }
 
