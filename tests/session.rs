@@ -58,7 +58,7 @@ async fn new_visitor_gets_no_cookie_and_no_record() {
     assert_eq!(s.header("x-session-expire-at-browser-close"), Some("false"));
     let date = s.header("x-session-expiry-date").unwrap();
     assert!(date.ends_with('Z') && date.len() == 20, "{date}");
-    let sessiongate::store::AnyStore::Memory(m) = &*p.store;
+    let m = p.store.as_memory().unwrap();
     assert_eq!(
         m.len(),
         0,
@@ -136,7 +136,7 @@ async fn directives_never_reach_client_and_5xx_saves_nothing() {
         .headers
         .keys()
         .all(|k| !k.as_str().starts_with("x-session")));
-    let sessiongate::store::AnyStore::Memory(m) = &*p.store;
+    let m = p.store.as_memory().unwrap();
     assert_eq!(m.len(), 0, "nothing written on 5xx");
     let r = p.get("/ok", None).await;
     assert!(r
@@ -483,7 +483,7 @@ async fn expired_sessions_are_never_served() {
         "stale cookie deleted"
     );
     // The sweep removes both records.
-    let sessiongate::store::AnyStore::Memory(m) = &*p.store;
+    let m = p.store.as_memory().unwrap();
     use sessiongate::store::Store;
     assert_eq!(m.clear_expired(p.clock.now_ms()).await.unwrap(), 2);
     assert_eq!(m.len(), 0);

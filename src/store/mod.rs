@@ -11,14 +11,18 @@
 //! - `delete` is idempotent; `clear_expired` removes what has expired and
 //!   says how many.
 
+pub mod file;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 
 use crate::config::{Engine, StoreConfig};
 use crate::session::{Patch, Policy, Record, SessionKey};
 
+pub use file::FileStore;
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,6 +91,10 @@ pub trait Store: Send + Sync + 'static {
 /// The configured engine.
 pub enum AnyStore {
     Memory(MemoryStore),
+    /// `file`, and `cached_file` (the store keeps its own cache).
+    File(FileStore),
+    /// `redis`, and `cached_redis` (the store keeps its own cache).
+    Redis(RedisStore),
 }
 
 impl AnyStore {
@@ -94,16 +102,36 @@ impl AnyStore {
     pub async fn open(c: &StoreConfig) -> Result<AnyStore, StoreError> {
         match c.engine {
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
+            Engine::File | Engine::CachedFile => {
+                let path = c
+                    .path
+                    .as_deref()
+                    .ok_or_else(|| StoreError::Open("[store] path is required".into()))?;
+                Ok(AnyStore::File(
+                    FileStore::open(path, c.engine == Engine::CachedFile).await?,
+                ))
+            }
+            Engine::Redis | Engine::CachedRedis => {
+                let url = c
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
+                Ok(AnyStore::Redis(
+                    RedisStore::open(url, c.timeout, c.engine == Engine::CachedRedis).await?,
+                ))
+            }
             other => Err(StoreError::Open(format!(
-                "engine {:?} is not available in this build yet; use \"memory\"",
+                "engine {:?} is not available in this build yet",
                 other.name()
             ))),
         }
     }
 
-    pub fn engine(&self) -> Engine {
+    /// The memory engine, when that is what this is (tests, benches).
+    pub fn as_memory(&self) -> Option<&MemoryStore> {
         match self {
-            AnyStore::Memory(_) => Engine::Memory,
+            AnyStore::Memory(m) => Some(m),
+            _ => None,
         }
     }
 }
@@ -112,6 +140,8 @@ macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             AnyStore::Memory($s) => $e,
+            AnyStore::File($s) => $e,
+            AnyStore::Redis($s) => $e,
         }
     };
 }

@@ -1,0 +1,306 @@
+//! One conformance suite for every engine with a server side: the same
+//! tests, instantiated per engine by `conformance!`. Each engine provides an
+//! async constructor returning the store and a guard that keeps its
+//! resources (directory, server process) alive for the test.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use sessiongate::session::{Expiry, Patch, Policy, Record, SessionKey};
+use sessiongate::store::{AnyStore, Applied, MemoryStore, Store, WriteCtx};
+
+pub type Guard = Box<dyn Any + Send>;
+
+const POLICY: Policy = Policy {
+    cookie_age_secs: 3600,
+    expire_at_browser_close: false,
+    absolute_timeout_ms: 0,
+};
+/// A fixed "now" far from 0 (Unix ms).
+const T0: i64 = 1_800_000_000_000;
+
+fn ctx(now: i64) -> WriteCtx {
+    WriteCtx {
+        now,
+        policy: POLICY,
+        touch: false,
+    }
+}
+
+fn update(v: Value) -> Patch {
+    Patch {
+        update: v.as_object().unwrap().clone(),
+        has_update: true,
+        ..Patch::default()
+    }
+}
+
+fn record(v: Value, now: i64) -> Record {
+    let mut r = Record::new_at(now);
+    r.apply_patch(&update(v), now, &POLICY);
+    r
+}
+
+fn data(r: &Record) -> Value {
+    serde_json::from_slice(&r.data).unwrap()
+}
+
+pub async fn memory() -> (AnyStore, Guard) {
+    (AnyStore::Memory(MemoryStore::new()), Box::new(()))
+}
+
+pub async fn load_never_creates<S: Store>(s: &S) {
+    let k = SessionKey::generate();
+    assert!(s.load(&k, T0).await.unwrap().is_none());
+    assert!(s.load(&k, T0).await.unwrap().is_none());
+}
+
+pub async fn create_then_load<S: Store>(s: &S) {
+    let r = record(json!({"a": 1, "s": "é"}), T0);
+    let k = s.create(r.clone()).await.unwrap();
+    let got = s.load(&k, T0 + 1).await.unwrap().expect("stored");
+    assert_eq!(data(&got), json!({"a": 1, "s": "é"}));
+    assert_eq!(got.expires_at, T0 + 3_600_000);
+    assert_eq!(got.created, T0);
+    let k2 = s.create(r).await.unwrap();
+    assert_ne!(k, k2, "fresh keys");
+}
+
+pub async fn apply_merges_into_newest_state<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    let r = s
+        .apply(&k, &update(json!({"b": 2})), ctx(T0 + 1000))
+        .await
+        .unwrap();
+    match r {
+        Applied::Saved { key, record } => {
+            assert_eq!(key, k);
+            assert_eq!(data(&record), json!({"a": 1, "b": 2}));
+            assert_eq!(
+                record.expires_at,
+                T0 + 1000 + 3_600_000,
+                "expiry refreshed by a write"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let del = Patch {
+        delete: vec!["a".into()],
+        ..Patch::default()
+    };
+    s.apply(&k, &del, ctx(T0 + 2000)).await.unwrap();
+    let got = s.load(&k, T0 + 2000).await.unwrap().unwrap();
+    assert_eq!(data(&got), json!({"b": 2}));
+}
+
+pub async fn unchanged_patch_writes_nothing_unless_touch<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    let noop = Patch {
+        delete: vec!["absent".into()],
+        ..Patch::default()
+    };
+    assert_eq!(
+        s.apply(&k, &noop, ctx(T0 + 5000)).await.unwrap(),
+        Applied::Unchanged
+    );
+    assert_eq!(
+        s.load(&k, T0).await.unwrap().unwrap().expires_at,
+        T0 + 3_600_000
+    );
+    let touch = WriteCtx {
+        touch: true,
+        ..ctx(T0 + 5000)
+    };
+    assert!(matches!(
+        s.apply(&k, &Patch::default(), touch).await.unwrap(),
+        Applied::Saved { .. }
+    ));
+    assert_eq!(
+        s.load(&k, T0).await.unwrap().unwrap().expires_at,
+        T0 + 5000 + 3_600_000
+    );
+}
+
+pub async fn deleted_session_is_missing_and_never_resurrected<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    s.delete(&k).await.unwrap();
+    s.delete(&k).await.unwrap(); // idempotent
+    assert_eq!(
+        s.apply(&k, &update(json!({"late": 1})), ctx(T0))
+            .await
+            .unwrap(),
+        Applied::Missing
+    );
+    assert!(s.load(&k, T0).await.unwrap().is_none(), "no resurrection");
+    assert_eq!(
+        s.apply(&SessionKey::generate(), &update(json!({"x": 1})), ctx(T0))
+            .await
+            .unwrap(),
+        Applied::Missing
+    );
+}
+
+pub async fn cycle_moves_data_to_a_new_key<S: Store>(s: &S) {
+    let k = s.create(record(json!({"cart": [1]}), T0)).await.unwrap();
+    let p = Patch {
+        cycle: true,
+        ..update(json!({"user": "ann"}))
+    };
+    let Applied::Saved { key, record } = s.apply(&k, &p, ctx(T0 + 10)).await.unwrap() else {
+        panic!("cycle saves")
+    };
+    assert_ne!(key, k);
+    assert_eq!(data(&record), json!({"cart": [1], "user": "ann"}));
+    assert!(
+        s.load(&k, T0 + 10).await.unwrap().is_none(),
+        "old key deleted"
+    );
+    assert_eq!(
+        data(&s.load(&key, T0 + 10).await.unwrap().unwrap()),
+        json!({"cart": [1], "user": "ann"})
+    );
+    assert_eq!(
+        s.apply(&k, &update(json!({"x": 1})), ctx(T0 + 20))
+            .await
+            .unwrap(),
+        Applied::Missing
+    );
+}
+
+pub async fn expiry_is_enforced_and_swept<S: Store>(s: &S) {
+    let short = {
+        let mut r = record(json!({"a": 1}), T0);
+        r.expiry = Expiry::Seconds(10);
+        r.touch(T0, &POLICY);
+        r
+    };
+    let k_short = s.create(short).await.unwrap();
+    let k_long = s.create(record(json!({"b": 1}), T0)).await.unwrap();
+    assert!(s.load(&k_short, T0 + 9_000).await.unwrap().is_some());
+    assert!(
+        s.load(&k_short, T0 + 10_000).await.unwrap().is_none(),
+        "expired at its end"
+    );
+    assert_eq!(
+        s.apply(&k_short, &update(json!({"x": 1})), ctx(T0 + 11_000))
+            .await
+            .unwrap(),
+        Applied::Missing,
+        "an expired session is not written"
+    );
+    let swept = s.clear_expired(T0 + 20_000).await.unwrap();
+    assert!(swept <= 1, "only the expired one: {swept}");
+    assert!(
+        s.load(&k_long, T0 + 20_000).await.unwrap().is_some(),
+        "live one kept"
+    );
+    // Everything is gone once the long one expires too.
+    let later = T0 + 3_600_000 + 1;
+    s.clear_expired(later).await.unwrap();
+    assert!(s.load(&k_long, later).await.unwrap().is_none());
+}
+
+pub async fn forty_concurrent_disjoint_patches<S: Store>(s: Arc<S>) {
+    let k = s.create(record(json!({"start": 0}), T0)).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let p = update(json!({ format!("k{n}"): n }));
+            assert!(matches!(
+                s.apply(&k, &p, ctx(T0 + n)).await.unwrap(),
+                Applied::Saved { .. }
+            ));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = data(&s.load(&k, T0 + 100).await.unwrap().unwrap());
+    assert_eq!(got.as_object().unwrap().len(), 41, "{got}");
+}
+
+pub async fn replace_and_clear<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    let p = Patch {
+        replace: Some(json!({"r": 1}).as_object().unwrap().clone()),
+        ..Patch::default()
+    };
+    s.apply(&k, &p, ctx(T0)).await.unwrap();
+    assert_eq!(
+        data(&s.load(&k, T0).await.unwrap().unwrap()),
+        json!({"r": 1})
+    );
+    let p = Patch {
+        clear: true,
+        ..Patch::default()
+    };
+    s.apply(&k, &p, ctx(T0)).await.unwrap();
+    let got = s
+        .load(&k, T0)
+        .await
+        .unwrap()
+        .expect("an emptied session is kept");
+    assert_eq!(data(&got), json!({}));
+}
+
+/// Instantiates the whole suite for one engine constructor.
+macro_rules! conformance {
+    ($engine:ident, $ctor:path) => {
+        mod $engine {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn load_never_creates() {
+                let (s, _g) = $ctor().await;
+                super::load_never_creates(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn create_then_load() {
+                let (s, _g) = $ctor().await;
+                super::create_then_load(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn apply_merges_into_newest_state() {
+                let (s, _g) = $ctor().await;
+                super::apply_merges_into_newest_state(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unchanged_patch_writes_nothing_unless_touch() {
+                let (s, _g) = $ctor().await;
+                super::unchanged_patch_writes_nothing_unless_touch(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deleted_session_is_missing_and_never_resurrected() {
+                let (s, _g) = $ctor().await;
+                super::deleted_session_is_missing_and_never_resurrected(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cycle_moves_data_to_a_new_key() {
+                let (s, _g) = $ctor().await;
+                super::cycle_moves_data_to_a_new_key(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expiry_is_enforced_and_swept() {
+                let (s, _g) = $ctor().await;
+                super::expiry_is_enforced_and_swept(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn forty_concurrent_disjoint_patches() {
+                let (s, _g) = $ctor().await;
+                super::forty_concurrent_disjoint_patches(Arc::new(s)).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn replace_and_clear() {
+                let (s, _g) = $ctor().await;
+                super::replace_and_clear(&s).await;
+            }
+        }
+    };
+}
+
+conformance!(memory_engine, memory);
+// Further engines: one line each, e.g. `conformance!(file_engine, file);`
+// with `pub async fn file() -> (AnyStore, Guard)` above.
