@@ -31,6 +31,22 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The protocol a request asks to switch to, when it is a real HTTP/1.1
+/// upgrade (`Connection: upgrade` and an `Upgrade` header).
+pub fn upgrade_request(version: http::Version, h: &HeaderMap) -> Option<HeaderValue> {
+    if version != http::Version::HTTP_11 {
+        return None;
+    }
+    let proto = h.get(http::header::UPGRADE)?;
+    let asked = h.get_all(CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    asked.then(|| proto.clone())
+}
+
 /// Removes every header in the `X-Session` space; returns them in order.
 pub fn take_reserved(h: &mut HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
     if !h.keys().any(is_reserved) {

@@ -134,22 +134,59 @@ impl Proxy {
             }
         }
 
+        // A real upgrade (WebSocket): HTTP/1.1 with `Connection: upgrade`.
+        let upgrade = headers::upgrade_request(parts.version, &parts.headers);
+        let client_io = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+
         // Hygiene before anything is added: hop-by-hop names (including the
-        // ones the client nominated), then the reserved and forward names.
+        // ones the client nominated), then the reserved and forward names,
+        // then the session cookie, on every route.
         headers::remove_hop_by_hop(&mut parts.headers);
         headers::take_reserved(&mut parts.headers);
         for (name, _) in &route.cfg.forward {
             parts.headers.remove(name);
         }
-
-        if !route.cfg.session {
-            return match self.forward(route, parts, body, conn, host).await {
-                Ok(resp) => resp.map(Either::Left),
-                Err(e) => self.upstream_error(route, e),
-            };
+        if let Some(proto) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto.clone());
         }
-        let mut resp = self.serve_session(route, parts, body, conn, host).await;
-        headers::add_vary_cookie(resp.headers_mut());
+
+        let mut resp = if route.cfg.session {
+            let mut resp = self.serve_session(route, parts, body, conn, host).await;
+            headers::add_vary_cookie(resp.headers_mut());
+            resp
+        } else {
+            cookie::strip(&mut parts.headers, &self.session.cookie_name);
+            match self.forward(route, parts, body, conn, host).await {
+                Ok(mut resp) => {
+                    headers::take_reserved(resp.headers_mut());
+                    drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                    resp.map(Either::Left)
+                }
+                Err(e) => self.upstream_error(route, e),
+            }
+        };
+        *resp.version_mut() = Version::HTTP_11;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            match (
+                client_io,
+                resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>(),
+            ) {
+                (Some(client), Some(upstream)) => {
+                    tokio::spawn(tunnel(client, upstream));
+                }
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream switched protocols without an upgrade request",
+                    )
+                }
+            }
+        }
         resp
     }
 
@@ -459,7 +496,14 @@ impl Proxy {
                 Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
                 Ok(Ok(mut resp)) => {
                     route.mark_up(i);
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let proto = resp.headers().get(header::UPGRADE).cloned();
                     headers::remove_hop_by_hop(resp.headers_mut());
+                    if let (true, Some(proto)) = (switching, proto) {
+                        let h = resp.headers_mut();
+                        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        h.insert(header::UPGRADE, proto);
+                    }
                     return Ok(resp);
                 }
                 Ok(Err(e)) => {
@@ -479,6 +523,23 @@ impl Proxy {
         }
         Err(last_err
             .unwrap_or_else(|| UpstreamError::Connect("no upstream accepted the request".into())))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the
+/// upgraded upstream connection until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection closed");
     }
 }
 

@@ -29,17 +29,18 @@ impl Route {
     }
 
     /// The order in which to try upstreams for one request: round-robin
-    /// start, upstreams marked down moved to the end.
-    pub fn upstream_order(&self, now: i64) -> impl Iterator<Item = usize> + '_ {
+    /// start, upstreams marked down moved to the end (each tried once).
+    pub fn upstream_order(&self, now: i64) -> Vec<usize> {
         let n = self.cfg.upstreams.len();
-        let start = if n == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
-        };
-        let up = move |i: &usize| self.down_until[*i].load(Ordering::Relaxed) <= now;
-        let ring = move || (0..n).map(move |k| (start + k) % n);
-        ring().filter(up).chain(ring().filter(move |i| !up(i)))
+        if n == 1 {
+            return vec![0];
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let ring = (0..n).map(|k| (start + k) % n);
+        let (mut up, down): (Vec<usize>, Vec<usize>) =
+            ring.partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
+        up.extend(down);
+        up
     }
 
     pub fn mark_down(&self, i: usize, now: i64) {
@@ -163,14 +164,12 @@ mod tests {
     fn round_robin_skips_down_upstreams() {
         let r = router("[[route]]\nupstreams=[\"http://a:1\",\"http://b:1\",\"http://c:1\"]\n");
         let route = &r.routes[0];
-        let firsts: Vec<usize> = (0..3)
-            .map(|_| route.upstream_order(0).next().unwrap())
-            .collect();
+        let firsts: Vec<usize> = (0..3).map(|_| route.upstream_order(0)[0]).collect();
         assert_eq!(firsts, vec![0, 1, 2]);
         route.mark_down(1, 0);
-        let order: Vec<usize> = route.upstream_order(0).collect();
-        assert_eq!(order, vec![0, 2, 1], "down upstream tried last");
-        let order: Vec<usize> = route.upstream_order(FAIL_TIMEOUT_MS + 1).collect();
+        let order = route.upstream_order(0);
+        assert_eq!(order, vec![0, 2, 1], "down upstream tried last, once");
+        let order = route.upstream_order(FAIL_TIMEOUT_MS + 1);
         assert_eq!(order.len(), 3);
         assert_eq!(order[0], 1, "back after the fail timeout");
     }

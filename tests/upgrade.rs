@@ -1,0 +1,107 @@
+//! A real HTTP/1.1 upgrade (WebSocket-style) passes through the proxy:
+//! `Upgrade`/`Connection: upgrade` reach the upstream, its 101 reaches the
+//! client, and bytes then flow both ways.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream that accepts `Upgrade: echo` and then echoes every byte.
+async fn echo_upgrade_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    let asked = req.headers().get("upgrade").is_some_and(|v| v == "echo")
+                        && req.headers().get("connection").is_some_and(|v| {
+                            v.to_str().unwrap().to_ascii_lowercase().contains("upgrade")
+                        });
+                    if !asked {
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"plain",
+                        ))));
+                    }
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let io = on.await.unwrap();
+                        let mut io = TokioIo::new(io);
+                        let mut buf = [0u8; 64];
+                        loop {
+                            let n = io.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            io.write_all(&buf[..n]).await.unwrap();
+                        }
+                    });
+                    Ok(Response::builder()
+                        .status(StatusCode::SWITCHING_PROTOCOLS)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(Full::default())
+                        .unwrap())
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "connection closed in the head"
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test]
+async fn upgrade_passes_through_on_session_and_plain_routes() {
+    let up = echo_upgrade_upstream().await;
+    for session in [true, false] {
+        let routes = format!("[[route]]\nupstream = \"http://{up}\"\nsession = {session}\n");
+        let p = common::start(&common::config("", &routes)).await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+            .await
+            .expect("101 in time");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("upgrade: echo"), "{head}");
+        assert!(lower.contains("connection: upgrade"), "{head}");
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&buf, b"ping");
+        p.stop().await;
+    }
+}
