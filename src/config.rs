@@ -635,13 +635,22 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
                 .into(),
         );
     }
-    if !ss.cookie_path.starts_with('/') || ss.cookie_path.bytes().any(|b| b == b';' || b < 0x20) {
+    if !ss.cookie_path.starts_with('/')
+        || ss
+            .cookie_path
+            .bytes()
+            .any(|b| b == b';' || !(0x21..0x7f).contains(&b))
+    {
         return Err(format!(
             "[session] cookie_path: {:?} must start with \"/\"",
             ss.cookie_path
         ));
     }
-    if ss.cookie_domain.bytes().any(|b| b == b';' || b <= 0x20) {
+    if ss
+        .cookie_domain
+        .bytes()
+        .any(|b| b == b';' || !(0x21..0x7f).contains(&b))
+    {
         return Err(format!(
             "[session] cookie_domain: {:?} is not a domain",
             ss.cookie_domain
@@ -669,6 +678,13 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
     }
     if ss.cookie_age.0.as_secs() == 0 {
         return Err("[session] cookie_age: must be at least 1s".into());
+    }
+    const CENTURY: u64 = 100 * 365 * 86400;
+    if ss.cookie_age.0.as_secs() > CENTURY {
+        return Err("[session] cookie_age: must be at most 100 years".into());
+    }
+    if ss.absolute_timeout.0.as_secs() > CENTURY {
+        return Err("[session] absolute_timeout: must be at most 100 years".into());
     }
     let session = SessionConfig {
         cookie_name: name,
@@ -803,10 +819,25 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
     for (header, key) in r.forward {
         let hn = HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("forward: {header:?} is not a valid header name"))?;
-        if is_hop_by_hop(&hn) || hn == http::header::HOST || hn == http::header::COOKIE {
+        let reserved = is_hop_by_hop(&hn)
+            || hn.as_str().starts_with("x-session")
+            || hn.as_str().starts_with("x-forwarded-")
+            || [
+                http::header::HOST,
+                http::header::COOKIE,
+                http::header::CONTENT_LENGTH,
+                http::header::CONTENT_TYPE,
+                http::header::EXPECT,
+                http::header::AUTHORIZATION,
+            ]
+            .contains(&hn);
+        if reserved {
             return Err(format!(
-                "forward: {header:?} cannot be set from the session"
+                "forward: {header:?} cannot be set from the session (reserved or framing header)"
             ));
+        }
+        if forward.iter().any(|(n, _)| *n == hn) {
+            return Err(format!("forward: {header:?} is listed twice"));
         }
         forward.push((hn, key));
     }

@@ -54,6 +54,7 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode, DemoError> {
         std::path::Path::new("demo.toml"),
     )?;
     let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
+    let signals = crate::server::shutdown_signal().map_err(DemoError::App)?;
     let server = Server::bind_with(config, store, Clock::default(), Some(tls)).await?;
     let addr = server.local_addr();
     let host = if addr.ip().is_loopback() {
@@ -70,7 +71,7 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode, DemoError> {
     println!("  reload to see the visit count rise; log in, fill the cart, log out.");
     println!("  Ctrl-C stops it.");
     println!();
-    server.run(crate::server::shutdown_signal()).await?;
+    server.run(signals).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -118,6 +119,8 @@ session = false
 async fn serve_app(listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         tokio::spawn(async move {

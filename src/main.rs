@@ -108,11 +108,9 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let signals = sessiongate::server::shutdown_signal().context("install signal handlers")?;
     let server = Server::bind(config).await.context("start")?;
-    server
-        .run(sessiongate::server::shutdown_signal())
-        .await
-        .context("serve")?;
+    server.run(signals).await.context("serve")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -795,3 +795,131 @@ async fn forward_headers_are_safe() {
     assert_eq!(v, br#""bob\r\nX-Admin: 1\u0000 \u00e9""#);
     assert!(s.header("x-admin").is_none());
 }
+
+#[tokio::test]
+async fn path_tricks_cannot_bypass_login_required() {
+    let up = echo_directives().await;
+    let routes = format!(
+        "{}\n[[route]]\nname = \"account\"\npath = \"/account\"\nupstream = \"{}\"\nlogin_required = [\"user\"]\n[[route]]\nname = \"static\"\npath = \"/static\"\nupstream = \"{}\"\nsession = false\n",
+        route(&up, ""),
+        up.url(),
+        up.url()
+    );
+    let p = start(&config("", &routes)).await;
+    for trick in [
+        "/%61ccount",
+        "/x/../account",
+        "//account",
+        "/static/../account/x",
+        "/./account",
+    ] {
+        let r = p.get(trick, None).await;
+        assert_eq!(r.status, 302, "{trick}");
+        assert!(
+            r.header("location")
+                .unwrap()
+                .starts_with("/login?next=/account"),
+            "{trick}"
+        );
+    }
+    assert_eq!(
+        up.count(),
+        0,
+        "the upstream never saw an anonymous /account request"
+    );
+    // Normalised paths are what the upstream receives.
+    p.get("/a/./b//c/../d?q=1", None).await;
+    assert_eq!(
+        up.last().uri.path_and_query().unwrap().as_str(),
+        "/a/b/d?q=1"
+    );
+    assert_eq!(p.get("/../etc/passwd", None).await.status, 400);
+    assert_eq!(p.get("/bad%zzescape", None).await.status, 400);
+}
+
+#[tokio::test]
+async fn host_header_rules() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, p) = setup("").await;
+    for head in [
+        "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{head:?} -> {out}");
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn non_ascii_neighbour_cookie_does_not_hide_the_session() {
+    let (up, p) = setup("").await;
+    let key = with(&p, None, &[("update", r#"{"user":1}"#)]).await.key();
+    let req = p
+        .req(Method::GET, "/", None)
+        .header(
+            "cookie",
+            http::HeaderValue::from_bytes(format!("pref=caf\u{e9}; sessionid={key}").as_bytes())
+                .unwrap(),
+        )
+        .body(Default::default())
+        .unwrap();
+    p.send(req).await;
+    let s = up.last();
+    assert_eq!(s.session(), json!({"user": 1}));
+    let fwd = s.headers.get("cookie").unwrap().as_bytes();
+    assert_eq!(
+        fwd,
+        "pref=caf\u{e9}".as_bytes(),
+        "key stripped, neighbour kept byte for byte"
+    );
+}
+
+#[tokio::test]
+async fn clear_returns_to_the_global_expiry_like_django() {
+    let (up, p) = setup("").await;
+    let key = with(&p, None, &[("update", r#"{"a":1}"#), ("expiry", "0")])
+        .await
+        .key();
+    let r = with(&p, Some(&key), &[("clear", "1")]).await;
+    assert_eq!(
+        attr(&r.session_cookie().unwrap(), "max-age").as_deref(),
+        Some("1209600")
+    );
+    p.get("/", Some(&key)).await;
+    assert_eq!(
+        up.last().header("x-session-expire-at-browser-close"),
+        Some("false")
+    );
+}
+
+#[tokio::test]
+async fn far_future_expiry_date_is_rejected_not_a_crash() {
+    let (_up, p) = setup("").await;
+    let r = with(
+        &p,
+        None,
+        &[
+            ("update", r#"{"a":1}"#),
+            ("expiry", "9999-12-31T23:59:59-23:59"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert!(r.body.contains("X-Session-Expiry"), "{}", r.body);
+    let r = with(
+        &p,
+        None,
+        &[("update", r#"{"a":1}"#), ("expiry", "9999-12-31T23:59:59Z")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let c = r.session_cookie().unwrap();
+    assert!(attr(&c, "expires").unwrap().contains("9999"), "{c}");
+}

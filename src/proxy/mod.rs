@@ -3,6 +3,7 @@
 //! patch -> Set-Cookie -> respond.
 
 pub mod headers;
+pub mod path;
 pub mod route;
 pub mod upstream;
 
@@ -112,13 +113,38 @@ impl Proxy {
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
-        let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
-            Some(h) => Some(h.clone()),
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        if parts.method == Method::CONNECT {
+            return error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+        }
+        // The authority of the request target (HTTP/2 :authority, or an
+        // absolute-form target) wins over Host (RFC 9112 3.2.2).
+        let host: Option<HeaderValue> = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
         };
+        if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+            return error_response(StatusCode::BAD_REQUEST, "more than one Host header");
+        }
+        if host.is_none() && parts.version == Version::HTTP_11 {
+            return error_response(StatusCode::BAD_REQUEST, "missing Host header");
+        }
+        let normalized = match path::normalize(parts.uri.path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        if let Some(p) = normalized {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            let mut up = std::mem::take(&mut parts.uri).into_parts();
+            up.path_and_query = pq.parse().ok();
+            match Uri::from_parts(up) {
+                Ok(u) => parts.uri = u,
+                Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target"),
+            }
+        }
         let Some(route) = self.router.find(
             host.as_ref().and_then(|h| h.to_str().ok()),
             parts.uri.path(),
@@ -127,10 +153,14 @@ impl Proxy {
         };
         if let Some(len) = content_length(&parts.headers) {
             if len > self.max_body {
-                return error_response(
+                let mut r = error_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body larger than {} bytes", self.max_body),
                 );
+                if route.cfg.session {
+                    headers::add_vary_cookie(r.headers_mut());
+                }
+                return r;
             }
         }
 
@@ -291,8 +321,18 @@ impl Proxy {
                 live: None,
             });
         };
-        let live = match SessionKey::parse(value) {
-            Some(k) => self.store.load(&k, now).await?.map(|r| (k, r)),
+        let live = match SessionKey::parse_bytes(value) {
+            Some(k) => self
+                .store
+                .load(&k, now)
+                .await?
+                // absolute_timeout also holds for records written before it
+                // was configured.
+                .filter(|r| {
+                    self.policy.absolute_timeout_ms == 0
+                        || r.created + self.policy.absolute_timeout_ms > now
+                })
+                .map(|r| (k, r)),
             None => None,
         };
         Ok(Loaded {
@@ -439,7 +479,7 @@ impl Proxy {
         let h = &mut parts.headers;
         h.insert(
             &headers::X_FORWARDED_FOR,
-            HeaderValue::from_str(&conn.peer.ip().to_string()).expect("ip"),
+            HeaderValue::from_str(&conn.peer.ip().to_canonical().to_string()).expect("ip"),
         );
         h.insert(
             &headers::X_FORWARDED_PROTO,

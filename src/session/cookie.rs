@@ -7,66 +7,64 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 
 use crate::config::{SameSite, SessionConfig};
 
-/// The value of the first cookie called `name`, across every `Cookie`
-/// header in order (HTTP/2 may split them). Surrounding quotes are removed.
-pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    for h in headers.get_all(COOKIE) {
-        let Ok(s) = h.to_str() else { continue };
-        for pair in s.split(';') {
-            let pair = pair.trim_start_matches([' ', '\t']);
-            if let Some(rest) = pair.strip_prefix(name) {
-                if let Some(v) = rest.strip_prefix('=') {
-                    let v = v.trim_end_matches([' ', '\t']);
-                    let v = v
-                        .strip_prefix('"')
-                        .and_then(|x| x.strip_suffix('"'))
-                        .unwrap_or(v);
-                    return Some(v);
-                }
-            }
-        }
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
     }
-    None
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
 }
 
-/// Whether a `Cookie` header holds a cookie called `name` at all.
-fn has(s: &str, name: &str) -> bool {
-    s.split(';').any(|p| {
-        p.trim_start_matches([' ', '\t'])
-            .strip_prefix(name)
-            .is_some_and(|r| r.starts_with('='))
+/// The value of `pair` when it is the cookie called `name`.
+fn value_of<'a>(pair: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let pair = trim(pair);
+    let rest = pair.strip_prefix(name.as_bytes())?;
+    let v = rest.strip_prefix(b"=")?;
+    Some(match v {
+        [b'"', inner @ .., b'"'] => inner,
+        v => v,
     })
+}
+
+/// The value of the first cookie called `name`, across every `Cookie`
+/// header in order (HTTP/2 may split them). Surrounding quotes are removed.
+/// Works on bytes: another cookie holding non-ASCII bytes does not hide it.
+pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .flat_map(|h| h.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| value_of(pair, name))
 }
 
 /// Removes every cookie called `name` from the `Cookie` headers, keeping
 /// the others byte for byte. A header left empty is dropped.
 pub fn strip(headers: &mut HeaderMap, name: &str) {
-    let needs = headers
-        .get_all(COOKIE)
-        .iter()
-        .any(|h| h.to_str().map(|s| has(s, name)).unwrap_or(false));
-    if !needs {
+    let has = |v: &HeaderValue| {
+        v.as_bytes()
+            .split(|&b| b == b';')
+            .any(|p| value_of(p, name).is_some())
+    };
+    if !headers.get_all(COOKIE).iter().any(has) {
         return;
     }
     let values: Vec<HeaderValue> = headers.get_all(COOKIE).iter().cloned().collect();
     headers.remove(COOKIE);
     for v in values {
-        let Ok(s) = v.to_str() else {
-            headers.append(COOKIE, v);
-            continue;
-        };
-        if !has(s, name) {
+        if !has(&v) {
             headers.append(COOKIE, v);
             continue;
         }
-        let kept: Vec<&str> = s
-            .split(';')
-            .map(|p| p.trim_matches([' ', '\t']))
-            .filter(|p| !p.is_empty())
-            .filter(|p| !(p.strip_prefix(name).is_some_and(|r| r.starts_with('='))))
+        let kept: Vec<&[u8]> = v
+            .as_bytes()
+            .split(|&b| b == b';')
+            .map(trim)
+            .filter(|p| !p.is_empty() && value_of(p, name).is_none())
             .collect();
         if !kept.is_empty() {
-            if let Ok(hv) = HeaderValue::from_str(&kept.join("; ")) {
+            if let Ok(hv) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
                 headers.append(COOKIE, hv);
             }
         }
@@ -118,7 +116,9 @@ pub fn set(c: &SessionConfig, value: &str, max_age: Option<i64>, now_ms: i64) ->
     out.push_str(value);
     if let Some(age) = max_age {
         let age = age.max(0);
-        let expires = UNIX_EPOCH + Duration::from_secs((now_ms.max(0) / 1000) as u64 + age as u64);
+        let secs = (now_ms.max(0) / 1000).saturating_add(age);
+        let secs = secs.min(super::directives::MAX_COOKIE_SECS) as u64;
+        let expires = UNIX_EPOCH + Duration::from_secs(secs);
         out.push_str("; expires=");
         out.push_str(&httpdate::fmt_http_date(expires));
         out.push_str("; Max-Age=");
@@ -167,10 +167,22 @@ mod tests {
     #[test]
     fn finds_the_first_session_cookie() {
         let h = headers(&["a=1; sessionid=first; sessionid=second", "sessionid=third"]);
-        assert_eq!(find(&h, "sessionid"), Some("first"));
+        assert_eq!(find(&h, "sessionid"), Some(&b"first"[..]));
         let h = headers(&["xsessionid=no; a=1", "sessionid=\"quoted\""]);
-        assert_eq!(find(&h, "sessionid"), Some("quoted"));
+        assert_eq!(find(&h, "sessionid"), Some(&b"quoted"[..]));
         assert_eq!(find(&headers(&["a=1"]), "sessionid"), None);
+    }
+
+    #[test]
+    fn non_ascii_neighbours_do_not_hide_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"pref=caf\xc3\xa9; sessionid=k1; z=1").unwrap(),
+        );
+        assert_eq!(find(&h, "sessionid"), Some(&b"k1"[..]));
+        strip(&mut h, "sessionid");
+        assert_eq!(h.get(COOKIE).unwrap().as_bytes(), b"pref=caf\xc3\xa9; z=1");
     }
 
     #[test]

@@ -94,12 +94,16 @@ impl Patch {
     /// of `none` on a session without one changes nothing.
     pub fn apply_data(&self, data: &mut Map<String, Value>, expiry: &mut Expiry) -> bool {
         let mut modified = false;
+        // Django keeps the custom expiry inside the data, so clearing or
+        // replacing the data returns to the global expiry policy.
         if let Some(r) = &self.replace {
             *data = r.clone();
+            *expiry = Expiry::Default;
             modified = true;
         }
         if self.clear {
             data.clear();
+            *expiry = Expiry::Default;
             modified = true;
         }
         if self.has_update {
@@ -160,6 +164,12 @@ fn kind(v: &Value) -> &'static str {
 
 fn parse_key_list(v: &HeaderValue) -> Result<Vec<String>, DirectiveError> {
     let t = text(DELETE, v)?;
+    if t.starts_with('"') {
+        return match serde_json::from_str::<String>(t) {
+            Ok(k) => Ok(vec![k]),
+            Err(e) => Err(err(DELETE, format!("invalid JSON string: {e}"))),
+        };
+    }
     if t.starts_with('[') {
         return match serde_json::from_str::<Value>(t) {
             Ok(Value::Array(items)) => items
@@ -216,6 +226,11 @@ fn parse_expiry(v: &HeaderValue) -> Result<Expiry, DirectiveError> {
         });
     }
     match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+        // Cookie dates end with year 9999 (RFC 6265 / IMF-fixdate).
+        Ok(d) if d.unix_timestamp() > MAX_COOKIE_SECS => Err(err(
+            EXPIRY,
+            format!("{:?} is after the year 9999", truncate(t)),
+        )),
         Ok(d) => Ok(Expiry::At((d.unix_timestamp_nanos() / 1_000_000) as i64)),
         Err(_) => Err(err(
             EXPIRY,
@@ -226,6 +241,9 @@ fn parse_expiry(v: &HeaderValue) -> Result<Expiry, DirectiveError> {
         )),
     }
 }
+
+/// 9999-12-31T23:59:59Z, the last instant an IMF-fixdate can express.
+pub const MAX_COOKIE_SECS: i64 = 253_402_300_799;
 
 fn truncate(s: &str) -> &str {
     match s.char_indices().nth(64) {
@@ -288,6 +306,8 @@ mod tests {
         assert_eq!(p.delete, vec!["a", "b", "c"]);
         let p = parse(&[("x-session-delete", r#"["a,b", "c"]"#)]).unwrap();
         assert_eq!(p.delete, vec!["a,b", "c"]);
+        let p = parse(&[("x-session-delete", r#""a""#)]).unwrap();
+        assert_eq!(p.delete, vec!["a"]);
         assert!(parse(&[("x-session-delete", r#"[1]"#)]).is_err());
         let (_, _, modified) = run(
             &parse(&[("x-session-delete", "zz")]).unwrap(),
@@ -315,6 +335,11 @@ mod tests {
         assert_eq!(bad.header, EXPIRY);
         assert!(bad.to_string().starts_with("X-Session-Expiry: "));
         assert!(e("-5").is_err());
+        assert!(
+            e("9999-12-31T23:59:59-23:59").is_err(),
+            "past year 9999 in UTC"
+        );
+        assert!(e("9999-12-31T23:59:59Z").is_ok());
     }
 
     #[test]
@@ -350,6 +375,23 @@ mod tests {
         assert!(p.flush && p.cycle);
         assert!(parse(&[("x-session-new", "true")]).unwrap().is_empty());
         assert!(!parse(&[("x-session-clear", "0")]).unwrap().clear);
+    }
+
+    #[test]
+    fn clear_and_replace_return_to_the_global_expiry() {
+        let p = parse(&[("x-session-clear", "1")]).unwrap();
+        let mut m = Map::new();
+        let mut e = Expiry::BrowserClose;
+        p.apply_data(&mut m, &mut e);
+        assert_eq!(e, Expiry::Default);
+        let p = parse(&[("x-session-replace", "{}"), ("x-session-expiry", "60")]).unwrap();
+        let mut e = Expiry::BrowserClose;
+        p.apply_data(&mut m, &mut e);
+        assert_eq!(
+            e,
+            Expiry::Seconds(60),
+            "an Expiry in the same response still applies"
+        );
     }
 
     #[test]

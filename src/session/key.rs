@@ -37,7 +37,11 @@ impl SessionKey {
 
     /// Accepts exactly 32 characters of `[a-z0-9]`; anything else is `None`.
     pub fn parse(s: &str) -> Option<SessionKey> {
-        let b = s.as_bytes();
+        SessionKey::parse_bytes(s.as_bytes())
+    }
+
+    /// [`SessionKey::parse`] on raw cookie bytes.
+    pub fn parse_bytes(b: &[u8]) -> Option<SessionKey> {
         if b.len() != KEY_LEN
             || !b
                 .iter()
