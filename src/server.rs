@@ -78,7 +78,7 @@ impl Server {
     /// Opens the store, loads TLS material and binds the listeners (port 0
     /// picks a free port: see [`Server::local_addr`]).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let store = AnyStore::open(&config.store).await?;
+        let store = AnyStore::open(&config).await?;
         Server::bind_with(config, Arc::new(store), Clock::default(), None).await
     }
 

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, SessionConfig};
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
-use crate::store::{AnyStore, Applied, Store, StoreError, WriteCtx};
+use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
 use route::{Route, Router};
 use upstream::{BodyWatch, UpstreamClient, UpstreamError};
 
@@ -66,11 +66,14 @@ struct Loaded {
     presented: bool,
     /// The key and record when the cookie named a live session.
     live: Option<(SessionKey, Record)>,
+    /// signed_cookies: numbered chunk cookies the request carried.
+    chunks: Vec<usize>,
 }
 
 enum FinishError {
     Interrupted,
     Store(StoreError),
+    TooLarge(crate::store::signed::TooLarge),
 }
 
 impl Proxy {
@@ -190,7 +193,7 @@ impl Proxy {
             headers::add_vary_cookie(resp.headers_mut());
             resp
         } else {
-            cookie::strip(&mut parts.headers, &self.session.cookie_name);
+            self.strip_session_cookies(&mut parts.headers);
             match self.forward(route, parts, body, conn, host).await {
                 Ok(mut resp) => {
                     headers::take_reserved(resp.headers_mut());
@@ -233,7 +236,7 @@ impl Proxy {
             Ok(l) => l,
             Err(e) => return self.store_error(e),
         };
-        cookie::strip(&mut parts.headers, &self.session.cookie_name);
+        self.strip_session_cookies(&mut parts.headers);
 
         let needs_map = !route.cfg.login_required.is_empty() || !route.cfg.forward.is_empty();
         let map: Option<Map<String, Value>> = needs_map.then(|| {
@@ -315,10 +318,26 @@ impl Proxy {
     /// Finds the session cookie and loads its record. A cookie that is
     /// malformed, unknown or expired is never adopted.
     async fn load(&self, h: &HeaderMap, now: i64) -> Result<Loaded, StoreError> {
-        let Some(value) = cookie::find(h, &self.session.cookie_name) else {
+        let name = &self.session.cookie_name;
+        if let Some(codec) = self.store.as_signed() {
+            let chunks = signed::presented_chunks(h, name);
+            let token = signed::join(h, name);
+            let live = token
+                .as_ref()
+                .and_then(|t| t.as_deref())
+                .and_then(|t| codec.decode(t.as_bytes(), now))
+                .filter(|(_, r)| self.within_absolute(r, now));
+            return Ok(Loaded {
+                presented: token.is_some() || !chunks.is_empty(),
+                live,
+                chunks,
+            });
+        }
+        let Some(value) = cookie::find(h, name) else {
             return Ok(Loaded {
                 presented: false,
                 live: None,
+                chunks: Vec::new(),
             });
         };
         let live = match SessionKey::parse_bytes(value) {
@@ -326,19 +345,33 @@ impl Proxy {
                 .store
                 .load(&k, now)
                 .await?
-                // absolute_timeout also holds for records written before it
-                // was configured.
-                .filter(|r| {
-                    self.policy.absolute_timeout_ms == 0
-                        || r.created + self.policy.absolute_timeout_ms > now
-                })
+                .filter(|r| self.within_absolute(r, now))
                 .map(|r| (k, r)),
             None => None,
         };
         Ok(Loaded {
             presented: true,
             live,
+            chunks: Vec::new(),
         })
+    }
+
+    /// Removes the session cookie (and signed-cookie chunks) from what goes
+    /// upstream.
+    fn strip_session_cookies(&self, h: &mut HeaderMap) {
+        let name = &self.session.cookie_name;
+        cookie::strip(h, name);
+        if self.store.as_signed().is_some() {
+            for i in signed::presented_chunks(h, name) {
+                cookie::strip(h, &signed::chunk_name(name, i));
+            }
+        }
+    }
+
+    /// absolute_timeout also holds for records written before it was
+    /// configured (their stored end of life does not include it).
+    fn within_absolute(&self, r: &Record, now: i64) -> bool {
+        self.policy.absolute_timeout_ms == 0 || r.created + self.policy.absolute_timeout_ms > now
     }
 
     /// Applies the upstream's patch and sets or deletes the cookie, following
@@ -355,9 +388,12 @@ impl Proxy {
         }
         let save_every = self.session.save_every_request;
         let mut current = loaded.live.as_ref().map(|(k, _)| *k);
+        let codec = self.store.as_signed();
         if patch.flush {
             if let Some(k) = current.take() {
-                self.store.delete(&k).await.map_err(FinishError::Store)?;
+                if codec.is_none() {
+                    self.store.delete(&k).await.map_err(FinishError::Store)?;
+                }
             }
             patch.flush = false;
         }
@@ -372,13 +408,20 @@ impl Proxy {
                 if patch.is_empty() && !save_every {
                     return Ok(());
                 }
-                match self
-                    .store
-                    .apply(&key, &patch, ctx)
-                    .await
-                    .map_err(FinishError::Store)?
-                {
-                    Applied::Saved { key, record } => self.set_cookie(out, &key, &record, now),
+                let applied = match (codec, &loaded.live) {
+                    (Some(_), Some((_, record))) => {
+                        crate::store::apply_local(&key, record, &patch, ctx)
+                    }
+                    _ => self
+                        .store
+                        .apply(&key, &patch, ctx)
+                        .await
+                        .map_err(FinishError::Store)?,
+                };
+                match applied {
+                    Applied::Saved { key, record } => {
+                        self.set_cookie(out, loaded, &key, &record, now)?
+                    }
                     Applied::Unchanged => {}
                     Applied::Missing => return Err(FinishError::Interrupted),
                 }
@@ -392,14 +435,24 @@ impl Proxy {
                         .expiry
                         .is_some_and(|e| e != crate::session::Expiry::Default);
                 if keep {
-                    let key = self
-                        .store
-                        .create(record.clone())
-                        .await
-                        .map_err(FinishError::Store)?;
-                    self.set_cookie(out, &key, &record, now);
+                    let key = match codec {
+                        Some(_) => SessionKey::generate(),
+                        None => self
+                            .store
+                            .create(record.clone())
+                            .await
+                            .map_err(FinishError::Store)?,
+                    };
+                    self.set_cookie(out, loaded, &key, &record, now)?;
                 } else if loaded.presented {
                     out.append(header::SET_COOKIE, cookie::delete(&self.session));
+                    for &i in &loaded.chunks {
+                        let name = signed::chunk_name(&self.session.cookie_name, i);
+                        out.append(
+                            header::SET_COOKIE,
+                            cookie::delete_named(&self.session, &name),
+                        );
+                    }
                     headers::add_private(out);
                 }
             }
@@ -407,14 +460,43 @@ impl Proxy {
         Ok(())
     }
 
-    fn set_cookie(&self, out: &mut HeaderMap, key: &SessionKey, record: &Record, now: i64) {
+    fn set_cookie(
+        &self,
+        out: &mut HeaderMap,
+        loaded: &Loaded,
+        key: &SessionKey,
+        record: &Record,
+        now: i64,
+    ) -> Result<(), FinishError> {
         let max_age = (!record.expire_at_browser_close(&self.policy))
             .then(|| record.expiry_age(now, &self.policy));
-        out.append(
-            header::SET_COOKIE,
-            cookie::set(&self.session, key.as_str(), max_age, now),
-        );
+        let name = &self.session.cookie_name;
+        match self.store.as_signed() {
+            None => {
+                out.append(
+                    header::SET_COOKIE,
+                    cookie::set(&self.session, key.as_str(), max_age, now),
+                );
+            }
+            Some(codec) => {
+                let token = codec.encode(key, record);
+                let parts = signed::split(name, &token).map_err(FinishError::TooLarge)?;
+                for (i, value) in parts.iter().enumerate() {
+                    let n = signed::chunk_name(name, i);
+                    out.append(
+                        header::SET_COOKIE,
+                        cookie::set_named(&self.session, &n, value, max_age, now),
+                    );
+                }
+                // A shrunk session leaves no stale chunk behind.
+                for &i in loaded.chunks.iter().filter(|&&i| i >= parts.len()) {
+                    let n = signed::chunk_name(name, i);
+                    out.append(header::SET_COOKIE, cookie::delete_named(&self.session, &n));
+                }
+            }
+        }
         headers::add_private(out);
+        Ok(())
     }
 
     fn finish_error(&self, e: FinishError) -> Response<RespBody> {
@@ -424,6 +506,10 @@ impl Proxy {
                 "the session was deleted by a concurrent request (logout or key change); its changes were not saved",
             ),
             FinishError::Store(e) => self.store_error(e),
+            FinishError::TooLarge(e) => {
+                tracing::warn!(size = e.size, limit = e.limit, "session too large for signed cookies");
+                error_response(StatusCode::BAD_GATEWAY, &e.to_string())
+            }
         }
     }
 

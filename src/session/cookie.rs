@@ -71,18 +71,24 @@ pub fn strip(headers: &mut HeaderMap, name: &str) {
     }
 }
 
-/// Whether a `Set-Cookie` value sets the cookie called `name`.
+/// Whether a `Set-Cookie` value sets the cookie called `name`, or one of
+/// its numbered chunks (`name.1`, `name.2`, ... used by signed cookies).
 pub fn set_cookie_names(value: &HeaderValue, name: &str) -> bool {
-    let b = value.as_bytes();
-    let b = match b.iter().position(|&c| c != b' ' && c != b'\t') {
-        Some(i) => &b[i..],
-        None => return false,
+    let b = trim(value.as_bytes());
+    let Some(rest) = b.strip_prefix(name.as_bytes()) else {
+        return false;
     };
-    b.starts_with(name.as_bytes())
-        && b[name.len()..]
-            .iter()
-            .find(|&&c| c != b' ' && c != b'\t')
-            .is_some_and(|&c| c == b'=')
+    let rest = match rest.strip_prefix(b".") {
+        Some(r) => {
+            let digits = r.iter().take_while(|c| c.is_ascii_digit()).count();
+            if digits == 0 {
+                return false;
+            }
+            &r[digits..]
+        }
+        None => rest,
+    };
+    trim(rest).first() == Some(&b'=')
 }
 
 fn attributes(out: &mut String, c: &SessionConfig) {
@@ -110,8 +116,19 @@ fn attributes(out: &mut String, c: &SessionConfig) {
 /// cookie (no `Max-Age`, no `Expires`); otherwise `Expires` is `now + max_age`
 /// as an IMF-fixdate, so the two agree.
 pub fn set(c: &SessionConfig, value: &str, max_age: Option<i64>, now_ms: i64) -> HeaderValue {
-    let mut out = String::with_capacity(160);
-    out.push_str(&c.cookie_name);
+    set_named(c, &c.cookie_name, value, max_age, now_ms)
+}
+
+/// Like [`set`] for another cookie name (numbered chunk cookies).
+pub fn set_named(
+    c: &SessionConfig,
+    name: &str,
+    value: &str,
+    max_age: Option<i64>,
+    now_ms: i64,
+) -> HeaderValue {
+    let mut out = String::with_capacity(160 + value.len());
+    out.push_str(name);
     out.push('=');
     out.push_str(value);
     if let Some(age) = max_age {

@@ -154,17 +154,13 @@ impl Store for MemoryStore {
             self.remove(key);
             return Ok(Applied::Missing);
         }
-        let mut next = r.clone();
-        if !next.apply_patch(patch, ctx.now, &ctx.policy) && !ctx.touch {
-            return Ok(Applied::Unchanged);
+        let applied = super::apply_local(key, &r, patch, ctx);
+        if let Applied::Saved { record, .. } = &applied {
+            // Index under the map's shard lock, so a sweep cannot interleave.
+            self.index_move(key, Some(r.expires_at), Some(record.expires_at));
+            *r = record.clone();
         }
-        // Index under the map's shard lock, so a sweep cannot interleave.
-        self.index_move(key, Some(r.expires_at), Some(next.expires_at));
-        *r = next.clone();
-        Ok(Applied::Saved {
-            key: *key,
-            record: next,
-        })
+        Ok(applied)
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {

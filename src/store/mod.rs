@@ -14,15 +14,17 @@
 pub mod file;
 pub mod memory;
 pub mod redis;
+pub mod signed;
 
 use std::future::Future;
 
-use crate::config::{Engine, StoreConfig};
+use crate::config::{Config, Engine};
 use crate::session::{Patch, Policy, Record, SessionKey};
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+pub use signed::SignedCookies;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -95,12 +97,25 @@ pub enum AnyStore {
     File(FileStore),
     /// `redis`, and `cached_redis` (the store keeps its own cache).
     Redis(RedisStore),
+    /// `signed_cookies`: no server state; the proxy encodes and decodes
+    /// the session in the cookie (see [`AnyStore::as_signed`]).
+    Signed(SignedCookies),
 }
 
 impl AnyStore {
     /// Opens the engine the configuration names.
-    pub async fn open(c: &StoreConfig) -> Result<AnyStore, StoreError> {
+    pub async fn open(config: &Config) -> Result<AnyStore, StoreError> {
+        let c = &config.store;
         match c.engine {
+            Engine::SignedCookies => {
+                let s = &config.session;
+                Ok(AnyStore::Signed(SignedCookies::new(
+                    &s.cookie_name,
+                    &s.secret_key,
+                    &s.secret_key_fallbacks,
+                    c.encrypt,
+                )))
+            }
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
             Engine::File | Engine::CachedFile => {
                 let path = c
@@ -120,10 +135,14 @@ impl AnyStore {
                     RedisStore::open(url, c.timeout, c.engine == Engine::CachedRedis).await?,
                 ))
             }
-            other => Err(StoreError::Open(format!(
-                "engine {:?} is not available in this build yet",
-                other.name()
-            ))),
+        }
+    }
+
+    /// The signed-cookie codec, when that is the engine.
+    pub fn as_signed(&self) -> Option<&SignedCookies> {
+        match self {
+            AnyStore::Signed(s) => Some(s),
+            _ => None,
         }
     }
 
@@ -142,8 +161,26 @@ macro_rules! dispatch {
             AnyStore::Memory($s) => $e,
             AnyStore::File($s) => $e,
             AnyStore::Redis($s) => $e,
+            AnyStore::Signed($s) => $e,
         }
     };
+}
+
+/// Applies a patch to a record held in hand (the memory engine under its
+/// lock, the signed-cookie engine on the decoded cookie): Cycle-Key takes a
+/// fresh key; a patch that changes nothing is `Unchanged` unless `touch`.
+pub fn apply_local(key: &SessionKey, record: &Record, patch: &Patch, ctx: WriteCtx) -> Applied {
+    let mut next = record.clone();
+    let modified = next.apply_patch(patch, ctx.now, &ctx.policy);
+    if !modified && !ctx.touch && !patch.cycle {
+        return Applied::Unchanged;
+    }
+    let key = if patch.cycle {
+        SessionKey::generate()
+    } else {
+        *key
+    };
+    Applied::Saved { key, record: next }
 }
 
 impl Store for AnyStore {

@@ -208,8 +208,19 @@ pub async fn start(toml: &str) -> Proxy {
 }
 
 pub async fn start_config(config: Config) -> Proxy {
+    start_with(config, AnyStore::Memory(MemoryStore::new())).await
+}
+
+/// Starts the server with the engine its configuration names.
+pub async fn start_engine(toml: &str) -> Proxy {
+    let config = Config::parse(toml, std::path::Path::new("test.toml")).expect("valid test config");
+    let store = AnyStore::open(&config).await.expect("open the store");
+    start_with(config, store).await
+}
+
+pub async fn start_with(config: Config, store: AnyStore) -> Proxy {
     let clock = Clock::default();
-    let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
+    let store = Arc::new(store);
     let server = Server::bind_with(config, store.clone(), clock.clone(), None)
         .await
         .expect("bind");
@@ -258,6 +269,17 @@ impl Got {
             .into_iter()
             .find(|c| c.starts_with("sessionid="))
     }
+    /// `name=value` of every cookie this response set and did not delete,
+    /// ready for a `Cookie` header.
+    pub fn cookie_jar(&self) -> String {
+        self.set_cookies()
+            .iter()
+            .filter(|c| !c.contains("Max-Age=0"))
+            .map(|c| c.split(';').next().unwrap().to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The new session key the response set (panics when none).
     pub fn key(&self) -> String {
         let c = self.session_cookie().expect("a session Set-Cookie");

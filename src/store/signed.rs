@@ -1,0 +1,497 @@
+//! The `signed_cookies` engine: the session lives in the cookie itself.
+//!
+//! Token = base64url( payload || HMAC-SHA256(mac_key, name || 0 || payload) ),
+//! and with `encrypt = true` the signed bytes are sealed with AES-256-GCM
+//! (random 96-bit nonce, the cookie name as associated data):
+//! token = base64url( nonce || AES-256-GCM(enc_key, signed) ).
+//! Both keys are derived from `secret_key` (HMAC-SHA256 with a label);
+//! `secret_key_fallbacks` are tried in order for verification only. The MAC
+//! is checked with `ring::hmac::verify` (constant time).
+//!
+//! The payload carries the session key (so `X-Session-Id` works and changes
+//! on Cycle-Key), the creation and write times, the expiry setting and the
+//! server-side end of life, so `set_expiry` is honoured (Django's cookie
+//! backend ignores it: ticket 27775). There is no server state: a copied
+//! cookie stays valid until it expires, and concurrent requests do not merge.
+//!
+//! Tokens longer than one cookie are split by the proxy across numbered
+//! cookies (`name`, `name.1`, `name.2`, ...); see [`split`] and [`join`].
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderMap, COOKIE};
+use ring::{aead, hmac};
+
+use crate::session::{Expiry, Record, SessionKey};
+
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 1 + 32 + 8 * 3 + 1 + 8;
+const MAC_LEN: usize = 32;
+const NONCE_LEN: usize = 12;
+/// Each cookie's name + `=` + value stays within this many bytes.
+pub const MAX_COOKIE_BYTES: usize = 4096;
+/// At most this many cookies carry one session.
+pub const MAX_CHUNKS: usize = 10;
+
+struct Keys {
+    mac: hmac::Key,
+    enc: aead::LessSafeKey,
+}
+
+fn derive(secret: &[u8], label: &[u8]) -> [u8; 32] {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let tag = hmac::sign(&k, label);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+impl Keys {
+    fn new(secret: &[u8]) -> Keys {
+        let mac = hmac::Key::new(
+            hmac::HMAC_SHA256,
+            &derive(secret, b"sessiongate.signed_cookies.mac"),
+        );
+        let enc_key = derive(secret, b"sessiongate.signed_cookies.enc");
+        let enc = aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::AES_256_GCM, &enc_key).expect("32-byte AES key"),
+        );
+        Keys { mac, enc }
+    }
+}
+
+/// The token is larger than `MAX_CHUNKS` cookies can carry.
+#[derive(Debug, thiserror::Error)]
+#[error("the session is too large for signed cookies: {size} bytes encoded, at most {limit} fit in {MAX_CHUNKS} cookies")]
+pub struct TooLarge {
+    pub size: usize,
+    pub limit: usize,
+}
+
+pub struct SignedCookies {
+    name: String,
+    encrypt: bool,
+    /// The current key first, then the fallbacks.
+    keys: Vec<Keys>,
+}
+
+impl SignedCookies {
+    pub fn new(cookie_name: &str, secret: &[u8], fallbacks: &[Vec<u8>], encrypt: bool) -> Self {
+        let mut keys = vec![Keys::new(secret)];
+        keys.extend(fallbacks.iter().map(|f| Keys::new(f)));
+        SignedCookies {
+            name: cookie_name.to_string(),
+            encrypt,
+            keys,
+        }
+    }
+
+    fn mac(&self, k: &Keys, payload: &[u8]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&k.mac);
+        ctx.update(self.name.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(payload);
+        ctx.sign()
+    }
+
+    /// Encodes a session as one token (before splitting into cookies).
+    pub fn encode(&self, key: &SessionKey, r: &Record) -> String {
+        let mut buf = Vec::with_capacity(NONCE_LEN + HEADER_LEN + r.data.len() + MAC_LEN + 16);
+        if self.encrypt {
+            buf.extend_from_slice(&[0u8; NONCE_LEN]);
+        }
+        let start = buf.len();
+        buf.push(VERSION);
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(&r.created.to_le_bytes());
+        buf.extend_from_slice(&r.modified.to_le_bytes());
+        buf.extend_from_slice(&r.expires_at.to_le_bytes());
+        let (kind, value) = match r.expiry {
+            Expiry::Default => (0u8, 0i64),
+            Expiry::Seconds(n) => (1, n),
+            Expiry::BrowserClose => (2, 0),
+            Expiry::At(t) => (3, t),
+        };
+        buf.push(kind);
+        buf.extend_from_slice(&value.to_le_bytes());
+        buf.extend_from_slice(&r.data);
+        let tag = self.mac(&self.keys[0], &buf[start..]);
+        buf.extend_from_slice(tag.as_ref());
+        if self.encrypt {
+            let mut nonce = [0u8; NONCE_LEN];
+            getrandom::fill(&mut nonce).expect("the OS random number generator failed");
+            buf[..NONCE_LEN].copy_from_slice(&nonce);
+            let mut sealed = buf.split_off(NONCE_LEN);
+            self.keys[0]
+                .enc
+                .seal_in_place_append_tag(
+                    aead::Nonce::assume_unique_for_key(nonce),
+                    aead::Aad::from(self.name.as_bytes()),
+                    &mut sealed,
+                )
+                .expect("AES-GCM sealing of a small buffer");
+            buf.extend_from_slice(&sealed);
+        }
+        URL_SAFE_NO_PAD.encode(&buf)
+    }
+
+    /// Decodes a token: `None` when it is malformed, tampered with, made
+    /// with an unknown key, or expired at `now`.
+    pub fn decode(&self, token: &[u8], now: i64) -> Option<(SessionKey, Record)> {
+        let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+        for k in &self.keys {
+            let signed: Vec<u8>;
+            let signed_ref: &[u8] = if self.encrypt {
+                if raw.len() < NONCE_LEN + aead::AES_256_GCM.tag_len() {
+                    return None;
+                }
+                let nonce = aead::Nonce::try_assume_unique_for_key(&raw[..NONCE_LEN]).ok()?;
+                let mut ct = raw[NONCE_LEN..].to_vec();
+                match k
+                    .enc
+                    .open_in_place(nonce, aead::Aad::from(self.name.as_bytes()), &mut ct)
+                {
+                    Ok(plain) => {
+                        signed = plain.to_vec();
+                        &signed
+                    }
+                    Err(_) => continue,
+                }
+            } else {
+                &raw
+            };
+            if signed_ref.len() < HEADER_LEN + MAC_LEN {
+                return None;
+            }
+            let (payload, tag) = signed_ref.split_at(signed_ref.len() - MAC_LEN);
+            let mut ctx_bytes = Vec::with_capacity(self.name.len() + 1 + payload.len());
+            ctx_bytes.extend_from_slice(self.name.as_bytes());
+            ctx_bytes.push(0);
+            ctx_bytes.extend_from_slice(payload);
+            if hmac::verify(&k.mac, &ctx_bytes, tag).is_err() {
+                continue;
+            }
+            return parse_payload(payload, now);
+        }
+        None
+    }
+}
+
+/// Signed cookies keep no server state: the proxy decodes the cookie on
+/// load ([`SignedCookies::decode`]) and applies patches with
+/// [`super::apply_local`]. The trait methods are what "no server side"
+/// means for each operation.
+impl super::Store for SignedCookies {
+    async fn load(
+        &self,
+        _key: &SessionKey,
+        _now: i64,
+    ) -> Result<Option<Record>, super::StoreError> {
+        Ok(None)
+    }
+    async fn create(&self, _record: Record) -> Result<SessionKey, super::StoreError> {
+        Ok(SessionKey::generate())
+    }
+    async fn apply(
+        &self,
+        _key: &SessionKey,
+        _patch: &crate::session::Patch,
+        _ctx: super::WriteCtx,
+    ) -> Result<super::Applied, super::StoreError> {
+        Err(super::StoreError::Unavailable(
+            "signed cookies are patched in the proxy, not in a store".into(),
+        ))
+    }
+    async fn delete(&self, _key: &SessionKey) -> Result<(), super::StoreError> {
+        Ok(())
+    }
+    async fn clear_expired(&self, _now: i64) -> Result<u64, super::StoreError> {
+        Ok(0)
+    }
+}
+
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_le_bytes(a)
+}
+
+fn parse_payload(p: &[u8], now: i64) -> Option<(SessionKey, Record)> {
+    if p.len() < HEADER_LEN || p[0] != VERSION {
+        return None;
+    }
+    let key = SessionKey::parse_bytes(&p[1..33])?;
+    let created = i64_at(p, 33);
+    let modified = i64_at(p, 41);
+    let expires_at = i64_at(p, 49);
+    let value = i64_at(p, 58);
+    let expiry = match p[57] {
+        0 => Expiry::Default,
+        1 => Expiry::Seconds(value),
+        2 => Expiry::BrowserClose,
+        3 => Expiry::At(value),
+        _ => return None,
+    };
+    let data = &p[HEADER_LEN..];
+    // Written by us, so canonical; still refuse anything that is not an
+    // ASCII JSON object rather than send it upstream.
+    if !data.is_ascii() || crate::session::json::parse_object(data).is_none() {
+        return None;
+    }
+    let r = Record {
+        data: Bytes::copy_from_slice(data),
+        expiry,
+        created,
+        modified,
+        expires_at,
+    };
+    r.is_live(now).then_some((key, r))
+}
+
+/// The name of chunk `i` (0 is the base name).
+pub fn chunk_name(base: &str, i: usize) -> String {
+    if i == 0 {
+        base.to_string()
+    } else {
+        format!("{base}.{i}")
+    }
+}
+
+/// Splits a token into cookie values: the first is `<count>.<part>`, the
+/// rest plain parts, each cookie's `name=value` within [`MAX_COOKIE_BYTES`].
+pub fn split(base: &str, token: &str) -> Result<Vec<String>, TooLarge> {
+    let cap = |i: usize| MAX_COOKIE_BYTES - chunk_name(base, i).len() - 1;
+    // "N." prefix: N has at most two digits with MAX_CHUNKS = 10.
+    let first_cap = cap(0) - 3;
+    let limit = first_cap + (1..MAX_CHUNKS).map(cap).sum::<usize>();
+    if token.len() > limit {
+        return Err(TooLarge {
+            size: token.len(),
+            limit,
+        });
+    }
+    let mut parts = Vec::new();
+    let mut rest = token;
+    let mut i = 0;
+    while i == 0 || !rest.is_empty() {
+        let c = if i == 0 { first_cap } else { cap(i) };
+        let (a, b) = rest.split_at(c.min(rest.len()));
+        parts.push(a.to_string());
+        rest = b;
+        i += 1;
+    }
+    let n = parts.len();
+    parts[0] = format!("{n}.{}", parts[0]);
+    Ok(parts)
+}
+
+/// Reassembles a token from the request's cookies: `None` when the first
+/// cookie is absent; `Some(None)` when it is present but the set is
+/// malformed or incomplete.
+pub fn join(headers: &HeaderMap, base: &str) -> Option<Option<String>> {
+    let first = crate::session::cookie::find(headers, base)?;
+    let first = std::str::from_utf8(first).ok();
+    Some(first.and_then(|first| {
+        let (n, part) = first.split_once('.')?;
+        let n: usize = n.parse().ok()?;
+        if n == 0 || n > MAX_CHUNKS {
+            return None;
+        }
+        let mut token = part.to_string();
+        for i in 1..n {
+            let v = crate::session::cookie::find(headers, &chunk_name(base, i))?;
+            token.push_str(std::str::from_utf8(v).ok()?);
+        }
+        Some(token)
+    }))
+}
+
+/// The chunk numbers (>= 1) the request carried, for deleting leftovers.
+pub fn presented_chunks(headers: &HeaderMap, base: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for h in headers.get_all(COOKIE) {
+        for pair in h.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii_start();
+            let Some(rest) = pair.strip_prefix(base.as_bytes()) else {
+                continue;
+            };
+            let Some(rest) = rest.strip_prefix(b".") else {
+                continue;
+            };
+            let digits: Vec<u8> = rest
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .copied()
+                .collect();
+            if rest.get(digits.len()) == Some(&b'=') {
+                if let Some(i) = std::str::from_utf8(&digits)
+                    .ok()
+                    .and_then(|d| d.parse().ok())
+                {
+                    if i >= 1 && !out.contains(&i) {
+                        out.push(i);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Policy;
+    use http::HeaderValue;
+
+    const P: Policy = Policy {
+        cookie_age_secs: 3600,
+        expire_at_browser_close: false,
+        absolute_timeout_ms: 0,
+    };
+
+    fn rec(data: &str, now: i64) -> Record {
+        let mut r = Record::new_at(now);
+        r.data = Bytes::from(data.to_string());
+        r.touch(now, &P);
+        r
+    }
+
+    fn codec(encrypt: bool) -> SignedCookies {
+        SignedCookies::new(
+            "sessionid",
+            b"0123456789abcdef0123456789abcdef",
+            &[],
+            encrypt,
+        )
+    }
+
+    #[test]
+    fn round_trip_both_modes() {
+        for encrypt in [true, false] {
+            let c = codec(encrypt);
+            let k = SessionKey::generate();
+            let r = rec(r#"{"a":1}"#, 1000);
+            let t = c.encode(&k, &r);
+            let (k2, r2) = c.decode(t.as_bytes(), 1001).unwrap();
+            assert_eq!(k2, k);
+            assert_eq!(r2, r);
+        }
+    }
+
+    #[test]
+    fn encrypted_tokens_hide_the_data() {
+        let c = codec(true);
+        let t = c.encode(&SessionKey::generate(), &rec(r#"{"secret":"hunter2"}"#, 0));
+        let raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+        assert!(!raw.windows(7).any(|w| w == b"hunter2"));
+        let plain =
+            codec(false).encode(&SessionKey::generate(), &rec(r#"{"secret":"hunter2"}"#, 0));
+        let raw = URL_SAFE_NO_PAD.decode(&plain).unwrap();
+        assert!(
+            raw.windows(7).any(|w| w == b"hunter2"),
+            "signed only, as Django"
+        );
+    }
+
+    #[test]
+    fn tampering_truncation_and_foreign_keys_fail() {
+        for encrypt in [true, false] {
+            let c = codec(encrypt);
+            let t = c.encode(&SessionKey::generate(), &rec(r#"{"user":1}"#, 0));
+            let mut raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+            for i in [0, raw.len() / 2, raw.len() - 1] {
+                raw[i] ^= 1;
+                assert!(
+                    c.decode(URL_SAFE_NO_PAD.encode(&raw).as_bytes(), 1)
+                        .is_none(),
+                    "flip at {i}"
+                );
+                raw[i] ^= 1;
+            }
+            assert!(
+                c.decode(&t.as_bytes()[..t.len() - 4], 1).is_none(),
+                "truncated"
+            );
+            assert!(c.decode(b"not base64!!", 1).is_none());
+            let other = SignedCookies::new(
+                "sessionid",
+                b"another-secret-another-secret-xx",
+                &[],
+                encrypt,
+            );
+            assert!(other.decode(t.as_bytes(), 1).is_none(), "foreign key");
+            let renamed = SignedCookies::new(
+                "othername",
+                b"0123456789abcdef0123456789abcdef",
+                &[],
+                encrypt,
+            );
+            assert!(
+                renamed.decode(t.as_bytes(), 1).is_none(),
+                "bound to the cookie name"
+            );
+        }
+    }
+
+    #[test]
+    fn fallback_keys_verify_old_tokens() {
+        let old = SignedCookies::new("sessionid", b"old-secret-old-secret-old-secret", &[], true);
+        let t = old.encode(&SessionKey::generate(), &rec("{}", 0));
+        let rotated = SignedCookies::new(
+            "sessionid",
+            b"new-secret-new-secret-new-secret",
+            &[b"old-secret-old-secret-old-secret".to_vec()],
+            true,
+        );
+        assert!(rotated.decode(t.as_bytes(), 1).is_some());
+        let t2 = rotated.encode(&SessionKey::generate(), &rec("{}", 0));
+        assert!(
+            old.decode(t2.as_bytes(), 1).is_none(),
+            "new tokens use the new key"
+        );
+    }
+
+    #[test]
+    fn expiry_inside_the_payload_is_enforced() {
+        let c = codec(true);
+        let mut r = rec("{}", 0);
+        r.expiry = Expiry::Seconds(10);
+        r.touch(0, &P);
+        let t = c.encode(&SessionKey::generate(), &r);
+        assert!(c.decode(t.as_bytes(), 9_999).is_some());
+        assert!(c.decode(t.as_bytes(), 10_000).is_none());
+    }
+
+    #[test]
+    fn split_and_join() {
+        let big = "x".repeat(9000);
+        let parts = split("sessionid", &big).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert!(parts[0].starts_with("3."));
+        for (i, p) in parts.iter().enumerate() {
+            assert!(chunk_name("sessionid", i).len() + 1 + p.len() <= MAX_COOKIE_BYTES);
+        }
+        let mut h = HeaderMap::new();
+        let cookie: Vec<String> = parts
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, p)| format!("{}={p}", chunk_name("sessionid", i)))
+            .collect();
+        h.insert(COOKIE, HeaderValue::from_str(&cookie.join("; ")).unwrap());
+        assert_eq!(join(&h, "sessionid"), Some(Some(big.clone())));
+        assert_eq!(presented_chunks(&h, "sessionid"), vec![2, 1]);
+        // A missing chunk makes the set invalid.
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_str(&format!("sessionid={}", parts[0])).unwrap(),
+        );
+        assert_eq!(join(&h, "sessionid"), Some(None));
+        let small = split("sessionid", "abc").unwrap();
+        assert_eq!(small, vec!["1.abc"]);
+        assert!(split("sessionid", &"x".repeat(50_000)).is_err());
+    }
+}

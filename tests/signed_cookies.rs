@@ -1,0 +1,254 @@
+//! The signed_cookies engine end to end: the session lives in the cookie,
+//! signed (HMAC-SHA256) and by default encrypted (AES-256-GCM), split over
+//! numbered cookies when large.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use serde_json::json;
+
+async fn echo() -> Upstream {
+    upstream(|s| {
+        let mut b = reply();
+        for (n, v) in &s.headers {
+            if let Some(d) = n.as_str().strip_prefix("x-test-") {
+                b = b.header(format!("x-session-{d}"), v.clone());
+            }
+        }
+        b.body(Default::default()).unwrap()
+    })
+    .await
+}
+
+fn cfg(up: &Upstream, store_extra: &str, session_extra: &str) -> String {
+    config(session_extra, &route(up, "")).replace(
+        "[store]\n",
+        &format!("[store]\nengine = \"signed_cookies\"\n{store_extra}\n"),
+    )
+}
+
+/// One request with the given `Cookie` header and directives.
+async fn call(p: &Proxy, cookie: &str, ds: &[(&str, &str)]) -> Got {
+    let mut b = p.req(Method::GET, "/", None);
+    if !cookie.is_empty() {
+        b = b.header("cookie", cookie);
+    }
+    for (n, v) in ds {
+        b = b.header(format!("x-test-{n}"), *v);
+    }
+    p.send(b.body(Default::default()).unwrap()).await
+}
+
+#[tokio::test]
+async fn the_session_lives_in_the_cookie() {
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "", "")).await;
+    let r = call(
+        &p,
+        "",
+        &[("update", r#"{"user":"ann","secret":"hunter2"}"#)],
+    )
+    .await;
+    let jar = r.cookie_jar();
+    assert!(jar.starts_with("sessionid=1."), "{jar}");
+    assert!(!jar.contains("hunter2"), "encrypted by default");
+    let c = r.session_cookie().unwrap();
+    assert_eq!(attr(&c, "max-age").as_deref(), Some("1209600"));
+    call(&p, &jar, &[]).await;
+    let s = up.last();
+    assert_eq!(s.session(), json!({"user":"ann","secret":"hunter2"}));
+    assert_eq!(s.header("x-session-new"), Some("false"));
+    let id = s.header("x-session-id").unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(
+        s.header("cookie").is_none(),
+        "the session cookie never goes upstream"
+    );
+    // Cycle-Key changes the id, keeps the data.
+    let r = call(&p, &jar, &[("cycle-key", "1")]).await;
+    call(&p, &r.cookie_jar(), &[]).await;
+    assert_ne!(up.last().header("x-session-id").unwrap(), id);
+    assert_eq!(up.last().session()["user"], "ann");
+    // Flush deletes the cookie.
+    let r = call(&p, &jar, &[("flush", "1")]).await;
+    assert!(r.session_cookie().unwrap().contains("Max-Age=0"));
+}
+
+#[tokio::test]
+async fn tampered_truncated_or_foreign_cookies_are_new_sessions() {
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "", "")).await;
+    let jar = call(&p, "", &[("update", r#"{"admin":false}"#)])
+        .await
+        .cookie_jar();
+    let value = jar.strip_prefix("sessionid=").unwrap();
+    let mut flipped = value.as_bytes().to_vec();
+    let i = flipped.len() / 2;
+    flipped[i] = if flipped[i] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let other =
+        start_engine(&cfg(&up, "", "").replace(SECRET, "another-secret-another-secret-another"))
+            .await;
+    let foreign = call(&other, "", &[("update", r#"{"admin":true}"#)])
+        .await
+        .cookie_jar();
+    for bad in [
+        format!("sessionid={flipped}"),
+        format!("sessionid={}", &value[..value.len() - 3]),
+        "sessionid=1.garbage".to_string(),
+        "sessionid=nonsense".to_string(),
+        foreign,
+    ] {
+        let r = call(&p, &bad, &[]).await;
+        assert_eq!(up.last().header("x-session-new"), Some("true"), "{bad}");
+        assert_eq!(up.last().session(), json!({}));
+        assert!(
+            r.session_cookie().unwrap().contains("Max-Age=0"),
+            "bad cookie deleted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn fallback_keys_accept_old_cookies() {
+    let up = echo().await;
+    let old = start_engine(&cfg(&up, "", "")).await;
+    let jar = call(&old, "", &[("update", r#"{"n":1}"#)])
+        .await
+        .cookie_jar();
+    let new_secret = "brand-new-secret-brand-new-secret-xx";
+    let rotated = start_engine(
+        &cfg(&up, "", &format!("secret_key_fallbacks = [\"{SECRET}\"]")).replace(
+            &format!("secret_key = \"{SECRET}\""),
+            &format!("secret_key = \"{new_secret}\""),
+        ),
+    )
+    .await;
+    call(&rotated, &jar, &[]).await;
+    assert_eq!(
+        up.last().session(),
+        json!({"n": 1}),
+        "verified with the fallback"
+    );
+    let without = start_engine(&cfg(&up, "", "").replace(SECRET, new_secret)).await;
+    call(&without, &jar, &[]).await;
+    assert_eq!(
+        up.last().header("x-session-new"),
+        Some("true"),
+        "no fallback, no session"
+    );
+}
+
+#[tokio::test]
+async fn set_expiry_is_honoured_from_the_payload() {
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "", "")).await;
+    let r = call(&p, "", &[("update", r#"{"a":1}"#), ("expiry", "5")]).await;
+    assert_eq!(
+        attr(&r.session_cookie().unwrap(), "max-age").as_deref(),
+        Some("5")
+    );
+    let jar = r.cookie_jar();
+    p.clock.advance(Duration::from_secs(4));
+    call(&p, &jar, &[]).await;
+    assert_eq!(up.last().session(), json!({"a": 1}));
+    p.clock.advance(Duration::from_secs(2));
+    call(&p, &jar, &[]).await;
+    assert_eq!(
+        up.last().header("x-session-new"),
+        Some("true"),
+        "a replayed cookie past its expiry is refused"
+    );
+}
+
+#[tokio::test]
+async fn large_sessions_are_chunked_and_shrink_cleanly() {
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "encrypt = false", "")).await;
+    let big = "x".repeat(9000);
+    let r = call(&p, "", &[("update", &format!(r#"{{"big":"{big}"}}"#))]).await;
+    let set = r.set_cookies();
+    let names: Vec<&str> = set.iter().map(|c| c.split('=').next().unwrap()).collect();
+    assert_eq!(names, vec!["sessionid", "sessionid.1", "sessionid.2"]);
+    for c in &set {
+        let pair = c.split(';').next().unwrap();
+        assert!(pair.len() <= 4096, "name+value {} bytes", pair.len());
+    }
+    let jar = r.cookie_jar();
+    call(&p, &jar, &[]).await;
+    assert_eq!(up.last().session()["big"].as_str().unwrap().len(), 9000);
+    // Reordered chunks fail the MAC: a new session.
+    let parts: Vec<&str> = jar.split("; ").collect();
+    let v1 = parts[1].split_once('=').unwrap().1;
+    let v2 = parts[2].split_once('=').unwrap().1;
+    let swapped = format!("{}; sessionid.1={v2}; sessionid.2={v1}", parts[0]);
+    call(&p, &swapped, &[]).await;
+    assert_eq!(up.last().header("x-session-new"), Some("true"));
+    // A missing chunk too.
+    call(&p, &format!("{}; {}", parts[0], parts[1]), &[]).await;
+    assert_eq!(up.last().header("x-session-new"), Some("true"));
+    // Shrinking deletes the extra chunks.
+    let r = call(&p, &jar, &[("delete", "big"), ("update", r#"{"small":1}"#)]).await;
+    let set = r.set_cookies();
+    assert!(set[0].starts_with("sessionid=1."));
+    assert!(set
+        .iter()
+        .any(|c| c.starts_with("sessionid.1=") && c.contains("Max-Age=0")));
+    assert!(set
+        .iter()
+        .any(|c| c.starts_with("sessionid.2=") && c.contains("Max-Age=0")));
+    // Flush deletes every chunk.
+    let r = call(&p, &jar, &[("flush", "1")]).await;
+    let deleted: Vec<String> = r
+        .set_cookies()
+        .into_iter()
+        .filter(|c| c.contains("Max-Age=0"))
+        .map(|c| c.split('=').next().unwrap().to_string())
+        .collect();
+    assert_eq!(deleted, vec!["sessionid", "sessionid.1", "sessionid.2"]);
+}
+
+#[tokio::test]
+async fn a_session_too_large_is_a_502_and_the_old_one_stays() {
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "", "")).await;
+    let jar = call(&p, "", &[("update", r#"{"keep":1}"#)])
+        .await
+        .cookie_jar();
+    let huge = "y".repeat(60_000);
+    let r = call(&p, &jar, &[("update", &format!(r#"{{"huge":"{huge}"}}"#))]).await;
+    assert_eq!(r.status, 502);
+    assert!(
+        r.body.contains("too large") && r.body.contains("bytes"),
+        "{}",
+        r.body
+    );
+    assert!(r.set_cookies().is_empty(), "the old cookie is left alone");
+    call(&p, &jar, &[]).await;
+    assert_eq!(up.last().session(), json!({"keep": 1}));
+}
+
+#[tokio::test]
+async fn signed_only_mode_is_readable_but_still_verified() {
+    use base64::Engine as _;
+    let up = echo().await;
+    let p = start_engine(&cfg(&up, "encrypt = false", "")).await;
+    let jar = call(&p, "", &[("update", r#"{"visible":"yes"}"#)])
+        .await
+        .cookie_jar();
+    let token = jar.strip_prefix("sessionid=1.").unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains(r#""visible":"yes""#));
+    // Editing the readable data breaks the signature.
+    let edited = String::from_utf8_lossy(&raw)
+        .replace("yes", "no!")
+        .into_bytes();
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(edited);
+    call(&p, &format!("sessionid=1.{forged}"), &[]).await;
+    assert_eq!(up.last().header("x-session-new"), Some("true"));
+}
