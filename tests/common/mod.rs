@@ -378,3 +378,4 @@ pub fn attr(set_cookie: &str, name: &str) -> Option<String> {
         .find(|(k, _)| k == name)
         .map(|(_, v)| v)
 }
+pub mod e2e;

@@ -1,0 +1,359 @@
+//! The command line (SPEC 1) through the real binary: `check`, `run` (and
+//! the bare `--config` form), graceful shutdown on SIGTERM and SIGINT, and
+//! `clear-expired`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::e2e::*;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::mpsc;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sessiongate"));
+    c.env("RUST_LOG", "info").stdin(Stdio::null());
+    c
+}
+
+/// Runs a command that should finish on its own, bounded by [`LIMIT`].
+fn run_bounded(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sessiongate");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(out) => out.expect("wait for sessiongate"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("sessiongate did not exit within {LIMIT:?}");
+        }
+    }
+}
+
+fn check(dir: &Path, config_arg: &str) -> Output {
+    let mut c = bin();
+    c.current_dir(dir).args(["check", "--config", config_arg]);
+    run_bounded(c)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A valid plain-HTTP configuration on port 0 with one route.
+fn valid_config(upstream: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+tls = false
+shutdown_grace = "10s"
+
+[session]
+secret_key = "{SECRET}"
+cookie_secure = false
+
+[store]
+clear_expired_interval = "0s"
+
+[[route]]
+name = "app"
+upstream = "{upstream}"
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------
+// check
+// ---------------------------------------------------------------------------
+
+#[test]
+fn check_accepts_a_valid_file_and_prints_a_summary() {
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config("http://127.0.0.1:9000"));
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("app") && summary.contains("127.0.0.1:9000"),
+        "the summary names the route and its upstream: {summary:?}"
+    );
+}
+
+#[test]
+fn check_reports_an_unknown_key_with_file_line_and_column() {
+    let dir = TempDir::new("cli");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\n\n[session]\nsecret_key = \"{SECRET}\"\ncookie_secur = false\n\n[[route]]\nname = \"app\"\nupstream = \"http://127.0.0.1:9000\"\n"
+    );
+    assert_eq!(text.lines().nth(6), Some("cookie_secur = false"));
+    dir.write("sessiongate.toml", &text);
+    // A relative path: the message names the file exactly as given.
+    let out = check(dir.path(), "sessiongate.toml");
+    assert_eq!(out.status.code(), Some(2), "stdout: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.starts_with("sessiongate.toml:7:1: "), "{err:?}");
+    assert!(err.contains("cookie_secur"), "{err:?}");
+}
+
+#[test]
+fn check_names_the_route_of_a_validation_error() {
+    let dir = TempDir::new("cli");
+    let text = valid_config("http://127.0.0.1:9000").replace(
+        "name = \"app\"\nupstream = \"http://127.0.0.1:9000\"",
+        "name = \"api\"\nupstream = \"ftp://127.0.0.1:9000\"",
+    );
+    assert!(text.contains("ftp://"));
+    let path = dir.write("sessiongate.toml", &text);
+    let shown = path.to_str().unwrap();
+    let out = check(dir.path(), shown);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!("{shown}: route \"api\": ")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn check_rejects_a_host_prefixed_cookie_with_a_domain() {
+    let dir = TempDir::new("cli");
+    let text = valid_config("http://127.0.0.1:9000").replace(
+        "cookie_secure = false",
+        "cookie_secure = true\ncookie_name = \"__Host-sid\"\ncookie_domain = \"example.com\"",
+    );
+    let path = dir.write("sessiongate.toml", &text);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("__Host-"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_requires_a_secret_key() {
+    let dir = TempDir::new("cli");
+    let text =
+        valid_config("http://127.0.0.1:9000").replace(&format!("secret_key = \"{SECRET}\"\n"), "");
+    assert!(!text.contains("secret_key"));
+    let path = dir.write("sessiongate.toml", &text);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("secret_key"), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------
+// clear-expired
+// ---------------------------------------------------------------------------
+
+#[test]
+fn clear_expired_on_the_memory_engine_reports_zero() {
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config("http://127.0.0.1:9000"));
+    let mut c = bin();
+    c.args(["clear-expired", "--config", path.to_str().unwrap()]);
+    let out = run_bounded(c);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.lines().any(|l| l.starts_with("0 ")), "{text:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Serving and signals
+// ---------------------------------------------------------------------------
+
+/// The real binary serving; killed on drop if it is still running.
+struct Running {
+    child: Option<Child>,
+    pid: u32,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.trim_matches('"').parse().ok())
+}
+
+/// Starts `sessiongate ARGS` and waits for its "sessiongate listening" log line.
+async fn serve(args: &[&str]) -> Running {
+    let mut child = bin()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sessiongate");
+    let pipe = child.stderr.take().unwrap();
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let sink = lines.clone();
+    // Keeps draining stderr until the process exits, so it never blocks on it.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("sessiongate listening") {
+                if let (Some(a), Some(tx)) = (listening_addr(&line), tx.take()) {
+                    let _ = tx.send(a);
+                }
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut running = Running {
+        pid: child.id(),
+        child: Some(child),
+        addr: "0.0.0.0:0".parse().unwrap(),
+        stderr: lines,
+    };
+    match tokio::time::timeout(LIMIT, rx).await {
+        Ok(Ok(addr)) => running.addr = addr,
+        _ => panic!(
+            "no \"sessiongate listening addr=...\" line; stderr: {:?}",
+            running.stderr.lock().unwrap()
+        ),
+    }
+    running
+}
+
+impl Running {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{sig} {}", self.pid);
+    }
+
+    /// Waits for the process to exit, bounded by [`LIMIT`].
+    async fn exit_status(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("still running");
+        let waiting = tokio::task::spawn_blocking(move || child.wait());
+        match tokio::time::timeout(LIMIT, waiting).await {
+            Ok(r) => r.unwrap().expect("wait"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &self.pid.to_string()])
+                    .status();
+                panic!(
+                    "sessiongate did not exit; stderr: {:?}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> http::Uri {
+        format!("http://{}{path}", self.addr).parse().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn get(url: http::Uri) -> (http::StatusCode, Bytes) {
+    let resp = client::<Full<Bytes>>().get(url).await.expect("an answer");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_config_flag_serves_like_run() {
+    let up = upstream(|_| text("served")).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let mut s = serve(&["--config", path.to_str().unwrap()]).await;
+
+    let (status, body) = within("a request through the binary", get(s.url("/x"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"served");
+    assert_eq!(up.last().uri.path(), "/x");
+
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let gate = Gate::default();
+    let (arrived_tx, mut arrived_rx) = mpsc::unbounded_channel::<()>();
+    let g = gate.clone();
+    let up = upstream_async(move |_| {
+        let g = g.clone();
+        let arrived = arrived_tx.clone();
+        Box::pin(async move {
+            let _ = arrived.send(());
+            g.wait().await;
+            text("finished")
+        })
+    })
+    .await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+
+    let in_flight = tokio::spawn(get(s.url("/slow")));
+    within("the request to reach the upstream", arrived_rx.recv())
+        .await
+        .unwrap();
+
+    s.signal("TERM");
+    // The proxy stops accepting while the request is still held upstream.
+    wait_refused(s.addr).await;
+    assert!(!in_flight.is_finished());
+
+    gate.open();
+    let (status, body) = within("the in-flight response", in_flight).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"finished");
+    let code = s.exit_status().await;
+    assert_eq!(
+        code.code(),
+        Some(0),
+        "stderr: {:?}",
+        s.stderr.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_0() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    let (status, _) = within("a request", get(s.url("/"))).await;
+    assert_eq!(status, 200);
+
+    s.signal("INT");
+    let code = s.exit_status().await;
+    assert_eq!(
+        code.code(),
+        Some(0),
+        "stderr: {:?}",
+        s.stderr.lock().unwrap()
+    );
+}

@@ -1,0 +1,825 @@
+//! End-to-end proxy behaviour on plain HTTP (SPEC 2, 3.1 and 6): routing,
+//! header hygiene in both directions, body limits and streaming, upstream
+//! failures, timeouts and graceful shutdown. The real server runs on port 0
+//! in front of upstreams the tests script.
+
+mod common;
+
+use bytes::Bytes;
+use common::e2e::*;
+use common::*;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// A syntactically valid session key that names no session.
+const SOME_KEY: &str = "abcdefghijklmnopqrstuvwxyz012345";
+
+fn route_to(name: &str, up: &Upstream, extra: &str) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\nupstream = \"{}\"\n{extra}\n",
+        up.url()
+    )
+}
+
+/// GET `path` with the given request headers.
+async fn get_with(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut b = p.req(Method::GET, path, None);
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    within(
+        &format!("GET {path}"),
+        p.send(b.body(Full::default()).unwrap()),
+    )
+    .await
+}
+
+fn session_headers(h: &HeaderMap) -> Vec<String> {
+    h.keys()
+        .map(|k| k.as_str().to_string())
+        .filter(|k| k.starts_with("x-session"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Routing
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn no_route_is_a_one_line_404() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config(
+        "",
+        &route_to("app", &up, "host = \"app.example.com\""),
+    ))
+    .await;
+
+    let hit = get_with(&p, "/x", &[("host", "app.example.com")]).await;
+    assert_eq!(hit.status, 200, "the host route serves its own host");
+
+    let miss = get_with(&p, "/x", &[("host", "other.example.com")]).await;
+    assert_eq!(miss.status, StatusCode::NOT_FOUND);
+    assert_one_line(&miss.body);
+    assert!(
+        miss.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "{:?}",
+        miss.headers
+    );
+    assert_eq!(up.count(), 1, "the upstream never saw the unrouted request");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn host_then_longest_prefix_on_segment_boundaries() {
+    let root = upstream(|_| text("root")).await;
+    let app = upstream(|_| text("app")).await;
+    let admin = upstream(|_| text("admin")).await;
+    let vhost = upstream(|_| text("vhost")).await;
+    let routes = [
+        route_to("root", &root, ""),
+        route_to("app", &app, "path = \"/app\""),
+        route_to("admin", &admin, "path = \"/app/admin\""),
+        route_to("vhost", &vhost, "host = \"h.example.com\"\npath = \"/app\""),
+    ]
+    .concat();
+    let p = start(&config("", &routes)).await;
+
+    for (host, path, want) in [
+        (None, "/app/x", "app"),
+        (None, "/app", "app"),
+        (None, "/app/", "app"),
+        (None, "/apple", "root"),
+        (None, "/", "root"),
+        (None, "/app/admin/users", "admin"),
+        (None, "/app/administrator", "app"),
+        (Some("h.example.com"), "/app/x", "vhost"),
+        (Some("H.Example.COM:8443"), "/app/x", "vhost"),
+        (Some("other.example.com"), "/app/x", "app"),
+    ] {
+        let headers: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+        let r = get_with(&p, path, &headers).await;
+        assert_eq!(r.status, 200, "{host:?} {path}");
+        assert_eq!(r.body, want, "Host {host:?}, path {path}");
+    }
+    assert_eq!(
+        app.last().uri.path(),
+        "/app/x",
+        "no strip_prefix: the path is forwarded as is"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn strip_prefix_keeps_the_query() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config(
+        "",
+        &route_to("app", &up, "path = \"/app\"\nstrip_prefix = true"),
+    ))
+    .await;
+
+    assert_eq!(get_with(&p, "/app/x?a=1&b=two", &[]).await.status, 200);
+    let s = up.last();
+    assert_eq!(s.uri.path(), "/x");
+    assert_eq!(s.uri.query(), Some("a=1&b=two"));
+
+    assert_eq!(get_with(&p, "/app?q=1", &[]).await.status, 200);
+    let s = up.last();
+    assert_eq!(s.uri.path(), "/");
+    assert_eq!(s.uri.query(), Some("q=1"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn preserve_host_forwards_the_client_host_or_the_upstream_authority() {
+    let keep = upstream(|_| ok()).await;
+    let swap = upstream(|_| ok()).await;
+    let routes = [
+        route_to("keep", &keep, "path = \"/keep\"\npreserve_host = true"),
+        route_to("swap", &swap, "path = \"/swap\"\npreserve_host = false"),
+    ]
+    .concat();
+    let p = start(&config("", &routes)).await;
+    let host = [("host", "client.example:8080")];
+
+    assert_eq!(get_with(&p, "/keep/x", &host).await.status, 200);
+    assert_eq!(keep.last().header("host"), Some("client.example:8080"));
+
+    assert_eq!(get_with(&p, "/swap/x", &host).await.status, 200);
+    let upstream_authority = swap.addr.to_string();
+    assert_eq!(
+        swap.last().header("host"),
+        Some(upstream_authority.as_str())
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_set_by_the_proxy() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let r = get_with(
+        &p,
+        "/",
+        &[
+            ("host", "site.example:8080"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let s = up.last();
+    let xff: Vec<&str> = s
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(xff, vec!["127.0.0.1"], "the client-sent value is dropped");
+    assert_eq!(s.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(s.header("x-forwarded-host"), Some("site.example:8080"));
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Hop-by-hop headers
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_never_reach_the_upstream() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let r = raw_request(
+        p.addr,
+        "GET /hop HTTP/1.1\r\n\
+         Host: site.example\r\n\
+         Connection: keep-alive, X-Secret\r\n\
+         X-Secret: 1\r\n\
+         Keep-Alive: timeout=5\r\n\
+         TE: trailers\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         X-Normal: yes\r\n\
+         \r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = up.last();
+    for name in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(
+            s.header(name).is_none(),
+            "{name} reached the upstream: {:?}",
+            s.headers
+        );
+    }
+    for v in s.headers.get_all("connection") {
+        let v = v.to_str().unwrap().to_ascii_lowercase();
+        assert!(
+            !v.contains("x-secret"),
+            "client Connection forwarded: {v:?}"
+        );
+    }
+    assert_eq!(s.header("x-normal"), Some("yes"), "end-to-end headers pass");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn client_cannot_nominate_the_headers_the_proxy_adds() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let r = raw_request(
+        p.addr,
+        "GET / HTTP/1.1\r\n\
+         Host: site.example\r\n\
+         Connection: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, X-Session, X-Session-New\r\n\
+         \r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = up.last();
+    assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(s.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(s.header("x-forwarded-host"), Some("site.example"));
+    assert_eq!(s.header("x-session"), Some("{}"));
+    assert_eq!(s.header("x-session-new"), Some("true"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_never_reach_the_client() {
+    let up = upstream(|_| {
+        reply()
+            .header("connection", "X-Up-Secret")
+            .header("x-up-secret", "1")
+            .header("keep-alive", "timeout=5, max=100")
+            .header("proxy-connection", "keep-alive")
+            .header("x-normal", "yes")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap()
+    })
+    .await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let r = raw_request(
+        p.addr,
+        "GET / HTTP/1.1\r\nHost: site.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"ok");
+    for name in ["x-up-secret", "keep-alive", "proxy-connection"] {
+        assert!(r.header(name).is_none(), "{name} reached the client: {r:?}");
+    }
+    for v in r.all("connection") {
+        assert!(
+            !v.to_ascii_lowercase().contains("x-up-secret"),
+            "upstream Connection forwarded: {v:?}"
+        );
+    }
+    assert_eq!(r.header("x-normal"), Some("yes"));
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The X-Session space and the session cookie (SPEC 3.1)
+// ---------------------------------------------------------------------------
+
+const FORGED: [(&str, &str); 6] = [
+    ("x-session", r#"{"user_id": 1, "is_admin": true}"#),
+    ("x-session-id", "forged-id"),
+    ("x-session-update", r#"{"is_admin": true}"#),
+    ("x-session-new", "false"),
+    ("x-sessionfoo", "1"),
+    ("x-user", "admin"),
+];
+
+#[tokio::test]
+async fn client_session_headers_never_reach_a_session_route() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config(
+        "",
+        &route(&up, "forward = { \"X-User\" = \"username\" }"),
+    ))
+    .await;
+    let r = get_with(&p, "/", &FORGED).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.set_cookies().is_empty(),
+        "a client-sent directive is not applied: {:?}",
+        r.set_cookies()
+    );
+    let s = up.last();
+    // The proxy's own values replace the forged ones.
+    assert_eq!(s.header("x-session"), Some("{}"));
+    assert_eq!(s.header("x-session-id"), Some(""));
+    assert_eq!(s.header("x-session-new"), Some("true"));
+    assert_eq!(s.headers.get_all("x-session").iter().count(), 1);
+    assert!(s.header("x-session-update").is_none());
+    assert!(s.header("x-sessionfoo").is_none());
+    assert!(
+        s.header("x-user").is_none(),
+        "a forward header the session does not fill is absent, never the client's"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn client_session_headers_never_reach_a_sessionless_route() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, "session = false"))).await;
+    let r = get_with(&p, "/", &FORGED[..5]).await;
+    assert_eq!(r.status, 200);
+    let s = up.last();
+    assert_eq!(
+        session_headers(&s.headers),
+        Vec::<String>::new(),
+        "{:?}",
+        s.headers
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn forward_headers_from_the_client_are_dropped_even_when_the_session_has_the_key() {
+    let up = upstream(|s| {
+        if s.uri.path() == "/login" {
+            directives(&[("x-session-update", r#"{"username": "alice"}"#)])
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let p = start(&config(
+        "",
+        &route(&up, "forward = { \"X-User\" = \"username\" }"),
+    ))
+    .await;
+    let key = get_with(&p, "/login", &[]).await.key();
+    let cookie = format!("sessionid={key}");
+    let r = get_with(&p, "/", &[("cookie", &cookie), ("x-user", "mallory")]).await;
+    assert_eq!(r.status, 200);
+    let s = up.last();
+    let users: Vec<&str> = s
+        .headers
+        .get_all("x-user")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(users, vec!["alice"]);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn sessionless_route_adds_no_session_headers_and_sets_no_cookie() {
+    let up = upstream(|_| {
+        directives(&[
+            ("x-session-update", r#"{"user_id": 1}"#),
+            ("x-session-cycle-key", "1"),
+        ])
+    })
+    .await;
+    let p = start(&config("", &route(&up, "session = false"))).await;
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.set_cookies().is_empty(), "{:?}", r.set_cookies());
+    let s = up.last();
+    assert_eq!(
+        session_headers(&s.headers),
+        Vec::<String>::new(),
+        "no X-Session headers on a session = false route"
+    );
+    let sessiongate::store::AnyStore::Memory(m) = &*p.store else {
+        panic!("the harness uses the memory store")
+    };
+    assert_eq!(m.len(), 0, "no store access");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn sessionless_route_never_passes_upstream_session_headers_to_the_client() {
+    let up = upstream(|_| {
+        directives(&[
+            ("x-session-update", r#"{"user_id": 1}"#),
+            ("x-session-foo", "bar"),
+            ("x-sessionfoo", "1"),
+        ])
+    })
+    .await;
+    let p = start(&config("", &route(&up, "session = false"))).await;
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        session_headers(&r.headers),
+        Vec::<String>::new(),
+        "SPEC 3.1: upstream X-Session* headers never reach the client"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn session_route_never_passes_upstream_session_headers_to_the_client() {
+    let up = upstream(|_| directives(&[("x-session-update", r#"{"user_id": 1}"#)])).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.session_cookie().is_some());
+    assert_eq!(session_headers(&r.headers), Vec::<String>::new());
+    p.stop().await;
+}
+
+/// An upstream that logs in on `/login` and otherwise tries to set the
+/// session cookie itself next to an ordinary cookie.
+async fn cookie_setting_upstream() -> Upstream {
+    upstream(|s| {
+        if s.uri.path() == "/login" {
+            return directives(&[("x-session-update", r#"{"user_id": 1}"#)]);
+        }
+        reply()
+            .header(
+                "set-cookie",
+                "sessionid=evil0123456789abcdefghijklmnopq; Path=/",
+            )
+            .header("set-cookie", "theme=dark; Path=/")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn session_cookie_is_hidden_from_the_upstream_and_cannot_be_set_by_it() {
+    let up = cookie_setting_upstream().await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let key = get_with(&p, "/login", &[]).await.key();
+
+    let cookie = format!("a=1; sessionid={key}; b=2");
+    let r = get_with(&p, "/", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200);
+    let s = up.last();
+    assert_eq!(
+        s.session()["user_id"],
+        1,
+        "the session was loaded from the cookie"
+    );
+    assert_eq!(s.header("cookie"), Some("a=1; b=2"));
+    assert_eq!(
+        r.set_cookies(),
+        vec!["theme=dark; Path=/".to_string()],
+        "the upstream's sessionid Set-Cookie is dropped, the other passes"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn session_cookie_is_hidden_and_protected_on_a_sessionless_route_too() {
+    let up = cookie_setting_upstream().await;
+    let p = start(&config("", &route(&up, "session = false"))).await;
+    let cookie = format!("a=1; sessionid={SOME_KEY}; b=2");
+    let r = get_with(&p, "/static", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        up.last().header("cookie"),
+        Some("a=1; b=2"),
+        "SPEC 3.1: the session cookie is never forwarded upstream"
+    );
+    assert_eq!(
+        r.set_cookies(),
+        vec!["theme=dark; Path=/".to_string()],
+        "SPEC 3.1: a Set-Cookie for the session cookie from the upstream is dropped"
+    );
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Request bodies: the limit and streaming
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn content_length_over_the_limit_is_413_without_calling_the_upstream() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config_with(
+        "max_request_body = \"1KiB\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+
+    let big = within("413", p.post("/", None, &"x".repeat(1025))).await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_one_line(&big.body);
+    assert_eq!(up.count(), 0, "the upstream was not called");
+
+    // Decided on the declared length alone: 512 of the 2048 declared bytes
+    // are sent and the rest is held back, yet the answer comes at once.
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload"))
+        .header("content-length", "2048")
+        .body(body)
+        .unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    tx.send(Bytes::from(vec![b'z'; 512])).await.unwrap();
+    let resp = within("the 413 before the body is complete", resp)
+        .await
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    drop(tx);
+    assert_eq!(up.count(), 0, "the upstream was not called");
+
+    let fits = within("200", p.post("/", None, &"y".repeat(1024))).await;
+    assert_eq!(fits.status, 200, "exactly the limit is allowed");
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.last().body.len(), 1024);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_body_growing_over_the_limit_is_413() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config_with(
+        "max_request_body = \"1KiB\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    for _ in 0..3 {
+        within("send a chunk", tx.send(Bytes::from(vec![b'z'; 512])))
+            .await
+            .unwrap();
+    }
+    // The body has not ended: the proxy answers as soon as it passes 1 KiB.
+    let resp = within("the 413", resp).await.unwrap().expect("an answer");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_one_line(&String::from_utf8_lossy(&body));
+    drop(tx);
+    p.stop().await;
+}
+
+/// Reads `want` bytes from `rx` (the transport may split or merge chunks).
+async fn recv_exactly(rx: &mut mpsc::UnboundedReceiver<Bytes>, want: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        let c = rx.recv().await.expect("more data");
+        got.extend_from_slice(&c);
+    }
+    got
+}
+
+#[tokio::test]
+async fn request_body_is_streamed_to_the_upstream() {
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Bytes>();
+    let addr = streaming_upstream(move |req: Request<Incoming>| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut total = 0;
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.expect("body frame").into_data() {
+                    total += d.len();
+                    let _ = seen_tx.send(d);
+                }
+            }
+            Response::new(Full::new(Bytes::from(total.to_string())))
+        }
+    })
+    .await;
+    let p = start(&config(
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\n"),
+    ))
+    .await;
+
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+
+    tx.send(Bytes::from_static(b"first-chunk")).await.unwrap();
+    let first = within(
+        "the upstream to get the first chunk while the client holds the rest",
+        recv_exactly(&mut seen_rx, 11),
+    )
+    .await;
+    assert_eq!(first, b"first-chunk");
+
+    tx.send(Bytes::from_static(b"second")).await.unwrap();
+    drop(tx);
+    let resp = within("the response", resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"17");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn response_body_is_streamed_to_the_client() {
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
+    let addr = streaming_upstream(move |_req: Request<Incoming>| {
+        let senders_tx = senders_tx.clone();
+        async move {
+            let (tx, body) = chan_body();
+            tx.send(Bytes::from_static(b"head-chunk")).await.unwrap();
+            let _ = senders_tx.send(tx);
+            Response::new(body)
+        }
+    })
+    .await;
+    let p = start(&config(
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\n"),
+    ))
+    .await;
+
+    let c = client::<Full<Bytes>>();
+    let resp = within("the response head", c.get(p.url("/").parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rest = within("the upstream's body sender", senders_rx.recv())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let frame = within(
+            "the first chunk while the upstream holds the rest",
+            body.frame(),
+        )
+        .await
+        .expect("a frame")
+        .unwrap();
+        if let Ok(d) = frame.into_data() {
+            got.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(got, b"head-chunk");
+
+    rest.send(Bytes::from_static(b"-tail")).await.unwrap();
+    drop(rest);
+    let tail = within("the rest", body.collect()).await.unwrap().to_bytes();
+    assert_eq!(&tail[..], b"-tail");
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Upstream failures and timeouts
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    let dead = dead_addr().await;
+    let p = start(&config(
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{dead}\"\n"),
+    ))
+    .await;
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_one_line(&r.body);
+    assert!(r.set_cookies().is_empty());
+    let r = within("POST", p.post("/", None, "payload")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_one_line(&r.body);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn round_robin_skips_a_dead_upstream() {
+    let dead = dead_addr().await;
+    let alive = upstream(|s| text(&format!("got {}", String::from_utf8_lossy(&s.body)))).await;
+    let p = start(&config(
+        "",
+        &format!(
+            "[[route]]\nname = \"app\"\nupstreams = [\"http://{dead}\", \"{}\"]\n",
+            alive.url()
+        ),
+    ))
+    .await;
+    for i in 0..6 {
+        let r = if i % 2 == 0 {
+            get_with(&p, "/", &[]).await
+        } else {
+            within("POST", p.post("/", None, &format!("payload-{i}"))).await
+        };
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+        if i % 2 == 1 {
+            assert_eq!(r.body, format!("got payload-{i}"), "the body went along");
+        }
+    }
+    assert_eq!(alive.count(), 6, "the alive upstream got every request");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let up = upstream_async(move |_| {
+        let g = g.clone();
+        Box::pin(async move {
+            g.wait().await;
+            ok()
+        })
+    })
+    .await;
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_one_line(&r.body);
+    assert!(r.set_cookies().is_empty());
+    assert_eq!(up.count(), 1, "the request did reach the upstream");
+    gate.open();
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn client_that_never_finishes_its_head_is_dropped() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config_with(
+        "header_read_timeout = \"300ms\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    // EOF or a reset: either way the connection is gone.
+    assert!(closed.is_ok(), "the connection was still open after 5s");
+    assert_eq!(up.count(), 0, "the upstream was never called");
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Graceful shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn shutdown_refuses_new_connections_and_finishes_in_flight_requests() {
+    let gate = Gate::default();
+    let (arrived_tx, mut arrived_rx) = mpsc::unbounded_channel::<()>();
+    let g = gate.clone();
+    let up = upstream_async(move |_| {
+        let g = g.clone();
+        let arrived = arrived_tx.clone();
+        Box::pin(async move {
+            let _ = arrived.send(());
+            g.wait().await;
+            text("finished")
+        })
+    })
+    .await;
+    let mut p = start(&config("", &route(&up, ""))).await;
+    let url: http::Uri = p.url("/slow").parse().unwrap();
+    let in_flight = tokio::spawn(async move {
+        let resp = client::<Full<Bytes>>().get(url).await.expect("answer");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body)
+    });
+    within("the request to reach the upstream", arrived_rx.recv())
+        .await
+        .unwrap();
+
+    p.trigger_shutdown();
+    wait_refused(p.addr).await;
+    assert!(!in_flight.is_finished(), "the upstream still holds it");
+
+    gate.open();
+    let (status, body) = within("the in-flight response", in_flight).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"finished");
+    within("the server to stop", p.done.take().unwrap())
+        .await
+        .expect("server task");
+}

@@ -1,0 +1,198 @@
+//! End-to-end TLS (SPEC 2 `[server]`): ALPN `h2` and `http/1.1` on one port,
+//! HSTS, `X-Forwarded-Proto: https`, and the plain-HTTP redirect listener,
+//! with a self-signed certificate generated at run time.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::e2e::*;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use sessiongate::config::Config;
+use sessiongate::session::Clock;
+use sessiongate::store::{AnyStore, MemoryStore};
+use sessiongate::Server;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// A certificate for `localhost` written as PEM files in a fresh directory.
+struct Certs {
+    dir: TempDir,
+    der: CertificateDer<'static>,
+}
+
+fn certs() -> Certs {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = TempDir::new("tls");
+    dir.write("cert.pem", &ck.cert.pem());
+    dir.write("key.pem", &ck.signing_key.serialize_pem());
+    Certs {
+        dir,
+        der: ck.cert.der().clone(),
+    }
+}
+
+/// TLS configuration text for one route to `up`.
+fn tls_config(certs: &Certs, up: &Upstream, server_extra: &str) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls = true
+cert = "cert.pem"
+key = "key.pem"
+hsts = "1d"
+upstream_timeout = "10s"
+shutdown_grace = "5s"
+{server_extra}
+
+[session]
+secret_key = "{SECRET}"
+
+[store]
+clear_expired_interval = "0s"
+
+[[route]]
+name = "app"
+upstream = "{}"
+"#,
+        up.url()
+    );
+    // Relative cert and key paths resolve against the config file's directory.
+    Config::parse(&text, &certs.dir.join("sessiongate.toml")).expect("valid TLS config")
+}
+
+async fn connect(addr: SocketAddr, certs: &Certs, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    within(
+        "the TLS handshake",
+        TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("TLS handshake with the generated certificate")
+}
+
+fn alpn(s: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    s.get_ref().1.alpn_protocol().map(|p| p.to_vec())
+}
+
+fn assert_served_over_tls(resp: &http::Response<hyper::body::Incoming>, up: &Upstream) {
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()
+            .get("strict-transport-security")
+            .and_then(|v| v.to_str().ok()),
+        Some("max-age=86400")
+    );
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("https"));
+}
+
+#[tokio::test]
+async fn h2_is_negotiated_and_serves_with_hsts() {
+    let certs = certs();
+    let up = upstream(|_| text("over h2")).await;
+    let p = start_config(tls_config(&certs, &up, "")).await;
+
+    let tls = connect(p.addr, &certs, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://localhost:{}/h2", p.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within("the h2 response", send.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_served_over_tls(&resp, &up);
+    assert_eq!(up.last().uri.path(), "/h2");
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"over h2");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn http1_is_negotiated_when_only_http1_is_offered() {
+    let certs = certs();
+    let up = upstream(|_| text("over http/1.1")).await;
+    let p = start_config(tls_config(&certs, &up, "")).await;
+
+    let tls = connect(p.addr, &certs, &[b"http/1.1"]).await;
+    assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/h1")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within("the http/1.1 response", send.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_served_over_tls(&resp, &up);
+    assert_eq!(up.last().header("x-forwarded-host"), Some("localhost"));
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"over http/1.1");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn redirect_listener_answers_308_to_https() {
+    let certs = certs();
+    let up = upstream(|_| ok()).await;
+    let config = tls_config(&certs, &up, "redirect_http = \"127.0.0.1:0\"");
+    let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
+    let server = Server::bind_with(config, store, Clock::default(), None)
+        .await
+        .expect("bind");
+    let tls_port = server.local_addr().port();
+    let redirect = server.redirect_addr().expect("a redirect listener");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let r = raw_request(
+        redirect,
+        "GET /x?y=1 HTTP/1.1\r\nHost: example.com\r\nCookie: sessionid=abcdefghijklmnopqrstuvwxyz012345\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 308, "{r:?}");
+    let want = format!("https://example.com:{tls_port}/x?y=1");
+    assert_eq!(r.header("location"), Some(want.as_str()));
+    assert!(r.header("set-cookie").is_none(), "{r:?}");
+    assert_eq!(up.count(), 0, "a redirect never reaches the upstream");
+
+    let _ = stop.send(());
+    within("the server to stop", done)
+        .await
+        .unwrap()
+        .expect("server run");
+}
