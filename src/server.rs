@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
@@ -143,6 +144,9 @@ impl Server {
             tracing::info!(addr = %r, "redirecting plain HTTP to https");
         }
         let graceful = GracefulShutdown::new();
+        // Every connection task, so the ones still open when the grace
+        // period ends can be aborted before the store is flushed.
+        let mut conns: JoinSet<()> = JoinSet::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -178,7 +182,14 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    serve_conn(stream, peer, &self.tls, &self.proxy, &builder, &graceful, self.config.server.header_read_timeout);
+                    while conns.try_join_next().is_some() {}
+                    let ctx = ConnCtx {
+                        tls: &self.tls,
+                        proxy: &self.proxy,
+                        builder: &builder,
+                        handshake_timeout: self.config.server.header_read_timeout,
+                    };
+                    serve_conn(stream, peer, &ctx, &graceful, &mut conns);
                 }
                 res = accept_opt(&mut redirect) => {
                     if let Ok((stream, _)) = res {
@@ -187,7 +198,10 @@ impl Server {
                                 Ok::<_, std::convert::Infallible>(redirect_response(&req, redirect_port))
                             }))
                             .into_owned();
-                        tokio::spawn(graceful.watch(conn));
+                        let watched = graceful.watch(conn);
+                        conns.spawn(async move {
+                            let _ = watched.await;
+                        });
                     }
                 }
             }
@@ -198,9 +212,14 @@ impl Server {
         match tokio::time::timeout(self.config.server.shutdown_grace, graceful.shutdown()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => {
-                tracing::warn!("shutdown grace period over; closing the remaining connections")
+                tracing::warn!(
+                    open = conns.len(),
+                    "shutdown grace period over; closing the remaining connections"
+                );
+                conns.abort_all();
             }
         }
+        while conns.join_next().await.is_some() {}
         if let Some(s) = sweeper {
             s.abort();
         }
@@ -217,15 +236,27 @@ async fn accept_opt(l: &mut Option<TcpListener>) -> std::io::Result<(TcpStream, 
     }
 }
 
+/// What serving one accepted connection needs.
+struct ConnCtx<'a> {
+    tls: &'a Option<TlsAcceptor>,
+    proxy: &'a Arc<Proxy>,
+    builder: &'a auto::Builder<TokioExecutor>,
+    handshake_timeout: Duration,
+}
+
 fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: &Option<TlsAcceptor>,
-    proxy: &Arc<Proxy>,
-    builder: &auto::Builder<TokioExecutor>,
+    ctx: &ConnCtx<'_>,
     graceful: &GracefulShutdown,
-    handshake_timeout: Duration,
+    conns: &mut JoinSet<()>,
 ) {
+    let ConnCtx {
+        tls,
+        proxy,
+        builder,
+        handshake_timeout,
+    } = *ctx;
     let info = ConnInfo {
         peer,
         tls: tls.is_some(),
@@ -237,7 +268,10 @@ fn serve_conn(
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
-            tokio::spawn(graceful.watch(conn));
+            let watched = graceful.watch(conn);
+            conns.spawn(async move {
+                let _ = watched.await;
+            });
         }
         Some(acceptor) => {
             let acceptor = acceptor.clone();
@@ -245,7 +279,7 @@ fn serve_conn(
             // The handshake happens in the task; a connection still
             // handshaking at shutdown is simply dropped.
             let watcher = graceful.watcher();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let tls =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
