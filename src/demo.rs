@@ -62,15 +62,17 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode, DemoError> {
     } else {
         addr.ip().to_string()
     };
-    println!();
-    println!(
-        "  sessiongate demo is running: open https://{host}:{}/",
-        addr.port()
+    // One write, errors ignored: a closed stdout must not stop the demo.
+    let banner = format!(
+        "\n  sessiongate demo is running: open https://{host}:{port}/\n  (a self-signed certificate: accept the browser's warning once)\n  reload to see the visit count rise; log in, fill the cart, log out.\n  Ctrl-C stops it.\n\n",
+        port = addr.port()
     );
-    println!("  (a self-signed certificate: accept the browser's warning once)");
-    println!("  reload to see the visit count rise; log in, fill the cart, log out.");
-    println!("  Ctrl-C stops it.");
-    println!();
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
+    }
     server.run(signals).await?;
     Ok(ExitCode::SUCCESS)
 }
