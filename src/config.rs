@@ -450,6 +450,8 @@ pub struct Upstream {
     /// `http://host:port` as written (normalised, without a trailing slash).
     pub base: String,
     pub authority: http::uri::Authority,
+    /// `Host` for the upstream when `preserve_host = false`.
+    pub host_value: http::HeaderValue,
     /// Path prefix of the upstream URL ("" when none).
     pub path: String,
 }
@@ -894,9 +896,12 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
     while path.ends_with('/') {
         path.pop();
     }
+    let host_value = http::HeaderValue::from_str(authority.as_str())
+        .map_err(|_| format!("upstream: {u:?} has an invalid host"))?;
     Ok(Upstream {
         base: format!("http://{authority}"),
         authority,
+        host_value,
         path,
     })
 }

@@ -580,40 +580,59 @@ impl Proxy {
             }
         }
         join_cookies(h);
-        let path = if route.cfg.strip_prefix {
-            route::strip_prefix(&route.cfg.path, parts.uri.path())
-        } else {
-            parts.uri.path()
-        };
-        let query = parts.uri.query();
         parts.version = Version::HTTP_11;
+        // The request target without the upstream's own prefix: shared
+        // (no copy) when nothing is stripped.
+        let target: Option<http::uri::PathAndQuery> = if route.cfg.strip_prefix {
+            let path = route::strip_prefix(&route.cfg.path, parts.uri.path());
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            pq.parse().ok()
+        } else {
+            parts.uri.path_and_query().cloned()
+        };
+        let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
         let watch = BodyWatch::default();
         let mut body = Some(body);
         let now = self.clock.now_ms();
         let mut last_err = None;
-        for i in route.upstream_order(now) {
+        let order = route.upstream_order(now);
+        let mut parts = Some(parts);
+        for (n, &i) in order.iter().enumerate() {
             let Some(b) = body.take().or_else(|| watch.take_back()) else {
                 break;
             };
             let up = &route.cfg.upstreams[i];
-            let mut uri = String::with_capacity(up.base.len() + up.path.len() + path.len() + 16);
-            uri.push_str(&up.base);
-            uri.push_str(&up.path);
-            uri.push_str(path);
-            if let Some(q) = query {
-                uri.push('?');
-                uri.push_str(q);
-            }
-            let uri: Uri = uri
-                .parse()
+            let pq = if up.path.is_empty() {
+                target.clone()
+            } else {
+                format!("{}{}", up.path, target.as_str())
+                    .parse()
+                    .map_err(|_| {
+                        UpstreamError::Failed("request target not valid upstream".into())
+                    })?
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(up.authority.clone());
+            uri.path_and_query = Some(pq);
+            let uri = Uri::from_parts(uri)
                 .map_err(|_| UpstreamError::Failed("request target not valid upstream".into()))?;
-            let mut req = Request::from_parts(parts.clone(), watch.wrap(b, self.max_body));
+            // Only copy the head when another upstream may still need it.
+            let head = if n + 1 == order.len() {
+                parts.take().expect("parts kept until the last attempt")
+            } else {
+                parts.clone().expect("parts kept until the last attempt")
+            };
+            let mut req = Request::from_parts(head, watch.wrap(b, self.max_body));
             *req.uri_mut() = uri;
             let hv = if route.cfg.preserve_host {
                 host.clone()
             } else {
-                HeaderValue::from_str(up.authority.as_str()).ok()
+                Some(up.host_value.clone())
             };
             if let Some(hv) = hv {
                 req.headers_mut().insert(header::HOST, hv);

@@ -20,12 +20,43 @@ pub fn is_reserved(name: &HeaderName) -> bool {
     name.as_str().starts_with("x-session")
 }
 
-/// RFC 3339 in UTC, whole seconds.
+/// RFC 3339 in UTC, whole seconds (`YYYY-MM-DDTHH:MM:SSZ`), formatted
+/// directly (civil-from-days, H. Hinnant) since it is on every request.
+pub fn rfc3339_bytes(ms: i64) -> [u8; 20] {
+    let secs = ms
+        .div_euclid(1000)
+        .clamp(0, super::directives::MAX_COOKIE_SECS);
+    let days = secs.div_euclid(86400);
+    let sod = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, v: i64, width: usize| {
+        let mut v = v;
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, year, 4);
+    put(5, month, 2);
+    put(8, day, 2);
+    put(11, sod / 3600, 2);
+    put(14, sod / 60 % 60, 2);
+    put(17, sod % 60, 2);
+    out
+}
+
+/// [`rfc3339_bytes`] as a `String`.
 pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    String::from_utf8(rfc3339_bytes(ms).to_vec()).expect("ASCII")
 }
 
 /// What the upstream is told about the session of one request.
@@ -85,7 +116,7 @@ pub fn inject(
         HeaderValue::from_maybe_shared(data).unwrap_or_else(|_| HeaderValue::from_static("{}"));
     headers.insert(X_SESSION.clone(), data);
     let id = match view.key {
-        Some(k) => HeaderValue::from_str(&k.public_id(secret)).expect("hex"),
+        Some(k) => HeaderValue::from_bytes(&k.public_id_hex(secret)).expect("hex"),
         None => HeaderValue::from_static(""),
     };
     headers.insert(X_SESSION_ID.clone(), id);
@@ -95,7 +126,7 @@ pub fn inject(
     let date = super::expiry_date(expiry, created, now, policy);
     headers.insert(
         X_SESSION_EXPIRY_DATE.clone(),
-        HeaderValue::from_str(&rfc3339(date)).expect("ascii date"),
+        HeaderValue::from_bytes(&rfc3339_bytes(date)).expect("ascii date"),
     );
     headers.insert(
         X_SESSION_EXPIRE_AT_BROWSER_CLOSE.clone(),
@@ -111,6 +142,18 @@ mod tests {
     fn dates_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_893_456_000_999), "2030-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_827_696_000), "2000-02-29T12:34:56Z");
+        assert_eq!(rfc3339(253_402_300_799_000), "9999-12-31T23:59:59Z");
+        // Agrees with the time crate over a wide range.
+        let mut t: i64 = -86_400_000;
+        while t < 4_102_444_800_000 {
+            let want = time::OffsetDateTime::from_unix_timestamp(t.div_euclid(1000).max(0))
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            assert_eq!(rfc3339(t.max(0)), want, "{t}");
+            t += 7_777_777_777;
+        }
     }
 
     #[test]

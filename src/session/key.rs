@@ -66,16 +66,22 @@ impl SessionKey {
     /// The non-secret identifier sent upstream as `X-Session-Id`: an HMAC of
     /// the key, so it cannot be turned back into a cookie.
     pub fn public_id(&self, secret: &[u8]) -> String {
+        String::from_utf8(self.public_id_hex(secret).to_vec()).expect("hex is ASCII")
+    }
+
+    /// [`SessionKey::public_id`] as 32 hex bytes, without allocating.
+    pub fn public_id_hex(&self, secret: &[u8]) -> [u8; 32] {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
         mac.update(b"sessiongate.session-id\0");
         mac.update(&self.0);
         let tag = mac.finalize().into_bytes();
-        let mut s = String::with_capacity(32);
-        for b in &tag[..16] {
-            use fmt::Write;
-            let _ = write!(s, "{b:02x}");
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in tag[..16].iter().enumerate() {
+            out[2 * i] = HEX[(b >> 4) as usize];
+            out[2 * i + 1] = HEX[(b & 15) as usize];
         }
-        s
+        out
     }
 }
 
