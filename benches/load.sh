@@ -1,0 +1,632 @@
+#!/usr/bin/env bash
+# Load benchmark of sessiongate against nginx, in one command:
+#
+#     benches/load.sh
+#
+# What it does (everything on 127.0.0.1, ports chosen free, all stopped at exit):
+#  1. checks for curl, openssl, wrk, h2load (nghttp2-client) and nginx; when
+#     run as root with apt-get, installs the missing ones from Debian;
+#  2. builds sessiongate and the bundled backend (examples/bench_backend.rs)
+#     with --release;
+#  3. makes a self-signed certificate with openssl in a temporary directory;
+#  4. starts the backend: nginx serving a short body (its /write location adds
+#     `X-Session-Update: {"n": <counter>}`), or the bundled backend when nginx
+#     is missing (the nginx rows are then skipped, loudly);
+#  5. starts nginx as a plain proxy_pass reverse proxy to that backend with
+#     upstream keep-alive (plain HTTP, and TLS with HTTP/1.1 and h2), and two
+#     sessiongate processes (plain HTTP and TLS; memory store; `/static` is a
+#     `session = false` route, `/` a session route);
+#  6. gets a live session cookie from each sessiongate (one request to /write);
+#  7. runs every scenario round-robin, ROUNDS times DURATION seconds each, at
+#     CONNECTIONS connections (wrk for HTTP/1.1, h2load for h2), and reports
+#     the median requests/s, p50 and p99 latency;
+#  8. runs examples/mem_per_session.rs (resident bytes per stored session);
+#  9. prints a table and writes it, with the command, the machine, the date,
+#     the versions and the ratios, into BENCHMARKS.md between the
+#     "BEGIN load.sh" / "END load.sh" markers (the rest of the file is kept).
+#
+# Environment (all optional):
+#   DURATION=10      seconds per measurement
+#   ROUNDS=3         rounds over all scenarios (the median is reported)
+#   CONNECTIONS=64   concurrent connections
+#   THREADS=2        wrk / h2load threads
+#   WARMUP=2         seconds of discarded warm-up per scenario before round 1 (0: none)
+#   BACKEND=auto     auto | nginx | bundled
+#   INSTALL=1        0: never run apt-get
+#   MEM=1            0: skip the memory-per-session measurement
+#   MEM_SESSIONS=1000000
+#   OUT=BENCHMARKS.md  where to write the report ("-": do not write)
+#   KEEP=0           1: keep the temporary directory (configs, logs, raw output)
+#   CARGO_TARGET_DIR as for cargo
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-$ROOT/target}")
+export CARGO_TARGET_DIR="$TARGET_DIR"
+cd "$ROOT"
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+WARMUP=${WARMUP:-2}
+BACKEND=${BACKEND:-auto}
+INSTALL=${INSTALL:-1}
+MEM=${MEM:-1}
+MEM_SESSIONS=${MEM_SESSIONS:-1000000}
+OUT=${OUT:-$ROOT/BENCHMARKS.md}
+KEEP=${KEEP:-0}
+
+say() { printf '[load.sh] %s\n' "$*" >&2; }
+die() {
+    printf '[load.sh] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+warn_loud() {
+    printf '\n[load.sh] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
+    printf '[load.sh] !!! %s\n' "$@" >&2
+    printf '[load.sh] !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
+}
+
+int_in() { # name value min max
+    [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3 && $2 <= $4)) || die "$1=$2: expected an integer from $3 to $4"
+}
+int_in DURATION "$DURATION" 1 600
+int_in ROUNDS "$ROUNDS" 1 20
+int_in CONNECTIONS "$CONNECTIONS" 1 10000
+int_in THREADS "$THREADS" 1 64
+int_in WARMUP "$WARMUP" 0 60
+int_in MEM_SESSIONS "$MEM_SESSIONS" 1 100000000
+((THREADS <= CONNECTIONS)) || die "THREADS must not exceed CONNECTIONS"
+case $BACKEND in auto | nginx | bundled) ;; *) die "BACKEND=$BACKEND: expected auto, nginx or bundled" ;; esac
+
+COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND benches/load.sh"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sessiongate-load.XXXXXX")
+chmod 755 "$WORK"
+PIDS=()
+POLICY_RC_CREATED=0
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if ((${#PIDS[@]})); then
+        say "stopping ${#PIDS[@]} process(es) started by this script"
+        local pid
+        for pid in "${PIDS[@]}"; do
+            kill -TERM "$pid" 2>/dev/null || true
+        done
+        local i
+        for pid in "${PIDS[@]}"; do
+            for ((i = 0; i < 50; i++)); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            if kill -0 "$pid" 2>/dev/null; then
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+            wait "$pid" 2>/dev/null || true
+        done
+    fi
+    if ((POLICY_RC_CREATED)); then
+        rm -f /usr/sbin/policy-rc.d
+    fi
+    if [[ $KEEP == 1 ]]; then
+        say "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- tools
+
+NGINX_INSTALLED_BY_SCRIPT=0
+install_missing() {
+    local pkgs=("$@")
+    ((${#pkgs[@]})) || return 0
+    if [[ $INSTALL != 1 ]]; then
+        say "missing: ${pkgs[*]} (INSTALL=0: not installing)"
+        return 0
+    fi
+    if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
+        say "missing: ${pkgs[*]} (not root or no apt-get: cannot install them)"
+        return 0
+    fi
+    # Installing nginx must not start a system nginx on port 80: keep
+    # services from starting during the install unless a policy already says so.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        POLICY_RC_CREATED=1
+    fi
+    say "installing with apt-get: ${pkgs[*]}"
+    if ! timeout 600 apt-get update -qq >"$WORK/apt-update.log" 2>&1; then
+        say "apt-get update failed (see below); trying the install anyway"
+        tail -5 "$WORK/apt-update.log" >&2 || true
+    fi
+    if ! DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >"$WORK/apt-install.log" 2>&1; then
+        say "apt-get install failed:"
+        tail -10 "$WORK/apt-install.log" >&2 || true
+    fi
+    if ((POLICY_RC_CREATED)); then
+        rm -f /usr/sbin/policy-rc.d
+        POLICY_RC_CREATED=0
+    fi
+}
+
+NGINX_BIN=$(command -v nginx || true)
+[[ -z $NGINX_BIN && -x /usr/sbin/nginx ]] && NGINX_BIN=/usr/sbin/nginx
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+if [[ $BACKEND != bundled && -z $NGINX_BIN ]]; then
+    missing+=(nginx)
+fi
+install_missing "${missing[@]}"
+if [[ -z $NGINX_BIN ]]; then
+    NGINX_BIN=$(command -v nginx || true)
+    [[ -z $NGINX_BIN && -x /usr/sbin/nginx ]] && NGINX_BIN=/usr/sbin/nginx
+    if [[ -n $NGINX_BIN ]]; then
+        NGINX_INSTALLED_BY_SCRIPT=1
+    fi
+fi
+command -v curl >/dev/null || die "curl is required"
+command -v openssl >/dev/null || die "openssl is required"
+command -v wrk >/dev/null || die "wrk is required (Debian: apt-get install wrk)"
+HAVE_H2LOAD=1
+if ! command -v h2load >/dev/null; then
+    HAVE_H2LOAD=0
+    warn_loud "h2load not found (Debian: nghttp2-client): the h2 rows are SKIPPED"
+fi
+USE_NGINX=0
+if [[ $BACKEND != bundled ]]; then
+    if [[ -n $NGINX_BIN ]]; then
+        USE_NGINX=1
+    elif [[ $BACKEND == nginx ]]; then
+        die "BACKEND=nginx but nginx is not installed and could not be installed"
+    else
+        warn_loud "nginx is not installed and could not be installed:" \
+            "the bundled backend is used and the NGINX ROWS ARE SKIPPED" \
+            "(so there is no nginx reference to compare with)"
+    fi
+fi
+
+# ---------------------------------------------------------------- build
+
+say "building sessiongate and the bundled backend (--release, target dir $TARGET_DIR)"
+examples=(--example bench_backend)
+if [[ $MEM == 1 ]]; then
+    examples+=(--example mem_per_session)
+fi
+cargo build --release --bin sessiongate "${examples[@]}" >&2
+SG_BIN="$TARGET_DIR/release/sessiongate"
+BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
+MEM_BIN="$TARGET_DIR/release/examples/mem_per_session"
+[[ -x $SG_BIN && -x $BACKEND_BIN ]] || die "build products not found in $TARGET_DIR/release"
+
+# ---------------------------------------------------------------- ports, cert
+
+USED_PORTS=" "
+free_port() { # VAR: sets VAR to a port of 127.0.0.1 nothing listens on
+    local p i
+    for ((i = 0; i < 500; i++)); do
+        p=$((20000 + RANDOM % 40000))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS+="$p "
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "no free port found on 127.0.0.1"
+}
+free_port P_BACKEND
+free_port P_NGINX
+free_port P_NGINX_TLS
+free_port P_SG
+free_port P_SG_TLS
+
+say "self-signed certificate (openssl) in $WORK"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >"$WORK/openssl.log" 2>&1 ||
+    die "openssl could not make a certificate: $(tail -3 "$WORK/openssl.log")"
+
+# ---------------------------------------------------------------- servers
+
+BODY='hello from the backend\n'
+NGINX_USER=""
+[[ $(id -u) == 0 ]] && NGINX_USER="user root;" # the default user "nobody" may lack a group here
+
+nginx_conf() { # name, then the http{} body on stdin
+    local dir="$WORK/$1"
+    mkdir -p "$dir/tmp"
+    {
+        cat <<EOF
+$NGINX_USER
+worker_processes auto;
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+EOF
+        cat
+        echo "}"
+    } >"$dir/nginx.conf"
+    "$NGINX_BIN" -t -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" >"$dir/test.log" 2>&1 ||
+        die "nginx $1 config rejected: $(cat "$dir/test.log")"
+}
+
+start() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    PIDS+=($!)
+    say "started $name (pid $!)"
+}
+
+wait_http() { # name url pid
+    local i code
+    for ((i = 0; i < 100; i++)); do
+        code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "$2" 2>/dev/null || true)
+        [[ $code =~ ^[1-5][0-9][0-9]$ ]] && return 0
+        kill -0 "$3" 2>/dev/null || die "$1 exited at start: $(tail -5 "$WORK/$1.err" "$WORK/$1.out" 2>/dev/null)"
+        sleep 0.1
+    done
+    die "$1 did not answer on $2 within 10 s"
+}
+
+if ((USE_NGINX)); then
+    nginx_conf backend <<EOF
+    server {
+        listen 127.0.0.1:$P_BACKEND;
+        location / { return 200 "$BODY"; }
+        location /write {
+            add_header X-Session-Update '{"n": \$connection_requests}' always;
+            return 200 "$BODY";
+        }
+    }
+EOF
+    start backend "$NGINX_BIN" -p "$WORK/backend" -e "$WORK/backend/error.log" -c "$WORK/backend/nginx.conf"
+    BACKEND_KIND="nginx $("$NGINX_BIN" -v 2>&1 | sed 's/.*nginx\///')"
+else
+    start backend "$BACKEND_BIN" "127.0.0.1:$P_BACKEND"
+    BACKEND_KIND="bundled (examples/bench_backend.rs)"
+fi
+wait_http backend "http://127.0.0.1:$P_BACKEND/" "${PIDS[-1]}"
+
+if ((USE_NGINX)); then
+    nginx_conf proxy <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        listen 127.0.0.1:$P_NGINX_TLS ssl http2;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+    start nginx-proxy "$NGINX_BIN" -p "$WORK/proxy" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf"
+    wait_http nginx-proxy "http://127.0.0.1:$P_NGINX/" "${PIDS[-1]}"
+fi
+
+sg_conf() { # file listen tls-lines
+    cat >"$1" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+$3
+shutdown_grace = "1s"
+
+[session]
+secret_key = "sessiongate-load-benchmark-secret-0123456789"
+
+[store]
+engine = "memory"
+
+[[route]]
+name = "static"
+path = "/static"
+upstream = "http://127.0.0.1:$P_BACKEND"
+session = false
+
+[[route]]
+name = "app"
+path = "/"
+upstream = "http://127.0.0.1:$P_BACKEND"
+EOF
+    "$SG_BIN" check --config "$1" >"$1.check" 2>&1 || die "sessiongate check $1: $(cat "$1.check")"
+}
+sg_conf "$WORK/sg-plain.toml" "$P_SG" 'tls = false'
+sg_conf "$WORK/sg-tls.toml" "$P_SG_TLS" "tls = true
+cert = \"$WORK/cert.pem\"
+key = \"$WORK/key.pem\""
+start sessiongate "$SG_BIN" run --config "$WORK/sg-plain.toml"
+wait_http sessiongate "http://127.0.0.1:$P_SG/static/" "${PIDS[-1]}"
+start sessiongate-tls "$SG_BIN" run --config "$WORK/sg-tls.toml"
+wait_http sessiongate-tls "https://127.0.0.1:$P_SG_TLS/static/" "${PIDS[-1]}"
+
+# ---------------------------------------------------------------- a live session
+
+session_cookie() { # base-url -> "sessionid=KEY"
+    local base=$1 c1 c2 h
+    c1=$(curl -sk -D - -o /dev/null --max-time 5 "$base/write" |
+        tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(sessionid=[a-z0-9]\{32\}\);.*/\1/p' | head -1)
+    [[ -n $c1 ]] || die "no session cookie from $base/write"
+    # The cookie must name a live session: a write with it keeps the key...
+    c2=$(curl -sk -D - -o /dev/null --max-time 5 -H "Cookie: $c1" "$base/write" |
+        tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(sessionid=[a-z0-9]\{32\}\);.*/\1/p' | head -1)
+    [[ $c2 == "$c1" ]] || die "the session from $base was not kept (got a new key)"
+    # ...and a read with it answers 200 without writing.
+    h=$(curl -sk -D - -o /dev/null --max-time 5 -H "Cookie: $c1" "$base/" | tr -d '\r')
+    [[ $h == *" 200"* ]] || die "read path of $base did not answer 200"
+    [[ $h != *[Ss]et-[Cc]ookie* ]] || die "read path of $base wrote the session"
+    echo "$c1"
+}
+COOKIE=$(session_cookie "http://127.0.0.1:$P_SG")
+COOKIE_TLS=$(session_cookie "https://127.0.0.1:$P_SG_TLS")
+say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
+
+# ---------------------------------------------------------------- scenarios
+
+# id | label | tool | url | cookie
+SCEN=()
+SCEN+=("backend|backend directly|wrk|http://127.0.0.1:$P_BACKEND/|")
+if ((USE_NGINX)); then
+    SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
+fi
+SCEN+=("sg_static|sessiongate session=false route|wrk|http://127.0.0.1:$P_SG/static/|")
+SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
+SCEN+=("sg_write|sessiongate write every request|wrk|http://127.0.0.1:$P_SG/write|$COOKIE")
+SCEN+=("sg_tls_h1|sessiongate TLS HTTP/1.1 (read)|wrk|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
+if ((HAVE_H2LOAD)); then
+    SCEN+=("sg_tls_h2|sessiongate TLS h2 (read)|h2load|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
+fi
+if ((USE_NGINX)); then
+    SCEN+=("nginx_tls_h1|nginx proxy TLS HTTP/1.1|wrk|https://127.0.0.1:$P_NGINX_TLS/|")
+    if ((HAVE_H2LOAD)); then
+        SCEN+=("nginx_tls_h2|nginx proxy TLS h2|h2load|https://127.0.0.1:$P_NGINX_TLS/|")
+    fi
+fi
+
+for s in "${SCEN[@]}"; do
+    IFS='|' read -r id _ _ url cookie <<<"$s"
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 ${cookie:+-H "Cookie: $cookie"} "$url" || true)
+    [[ $code == 200 ]] || die "scenario $id: $url answered $code"
+done
+
+to_ms() { # wrk's "812.00us" / "1.23ms" / "1.02s" / "1.50m"
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n = n / 1000
+        else if (v ~ /ms$/) n = n
+        else if (v ~ /m$/) n = n * 60000
+        else if (v ~ /s$/) n = n * 1000
+        printf "%.3f", n
+    }'
+}
+
+# run_one id tool url cookie seconds raw-file -> "rps p50 p99 errors" on stdout
+run_one() {
+    local id=$1 tool=$2 url=$3 cookie=$4 secs=$5 raw=$6
+    if [[ $tool == wrk ]]; then
+        timeout $((secs + 60)) wrk -t "$THREADS" -c "$CONNECTIONS" -d "${secs}s" --latency --timeout 10s \
+            ${cookie:+-H "Cookie: $cookie"} "$url" >"$raw" 2>&1 || true
+        local rps p50 p99 non2xx sock
+        rps=$(awk '/^Requests\/sec:/ {print $2}' "$raw")
+        p50=$(awk '$1 == "50%" {print $2}' "$raw")
+        p99=$(awk '$1 == "99%" {print $2}' "$raw")
+        non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$raw")
+        sock=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$raw")
+        [[ -n $rps && -n $p50 && -n $p99 ]] || {
+            say "wrk gave no result for $id:"
+            cat "$raw" >&2
+            echo "0 0 0 1"
+            return
+        }
+        echo "$rps $(to_ms "$p50") $(to_ms "$p99") $((${non2xx:-0} + ${sock:-0}))"
+    else
+        local log="$raw.log"
+        timeout $((secs + 60)) h2load -c "$CONNECTIONS" -t "$THREADS" -m 1 -D "$secs" \
+            ${cookie:+-H "cookie: $cookie"} --log-file="$log" "$url" >"$raw" 2>&1 || true
+        local rps errs pcts
+        rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$raw")
+        errs=$(awk '/^requests:/ {print $10 + $12 + $14} /^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$raw" |
+            awk '{s += $1} END {print s + 0}')
+        [[ -n $rps && -s $log ]] || {
+            say "h2load gave no result for $id:"
+            cat "$raw" >&2
+            echo "0 0 0 1"
+            return
+        }
+        pcts=$(cut -f3 "$log" | sort -n | awk '{v[NR] = $1} END {
+            i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++; if (i50 < 1) i50 = 1
+            i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++; if (i99 < 1) i99 = 1
+            printf "%.3f %.3f", v[i50] / 1000, v[i99] / 1000 }')
+        rm -f "$log"
+        echo "$rps $pcts $errs"
+    fi
+}
+
+mkdir -p "$WORK/raw"
+n=${#SCEN[@]}
+total=$(((n * ROUNDS * DURATION) + (WARMUP > 0 ? n * WARMUP : 0)))
+say "$n scenarios x $ROUNDS rounds x ${DURATION}s at $CONNECTIONS connections (about ${total}s)"
+if ((WARMUP > 0)); then
+    for s in "${SCEN[@]}"; do
+        IFS='|' read -r id _ tool url cookie <<<"$s"
+        run_one "$id" "$tool" "$url" "$cookie" "$WARMUP" "$WORK/raw/$id.warmup" >/dev/null
+    done
+fi
+for ((r = 1; r <= ROUNDS; r++)); do
+    for s in "${SCEN[@]}"; do
+        IFS='|' read -r id label tool url cookie <<<"$s"
+        res=$(run_one "$id" "$tool" "$url" "$cookie" "$DURATION" "$WORK/raw/$id.$r")
+        echo "$res" >"$WORK/raw/$id.$r.res"
+        say "round $r/$ROUNDS  $(printf '%-36s' "$label") $(awk '{printf "%10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s", $1, $2, $3, $4}' <<<"$res")"
+    done
+done
+
+median() { # values...
+    printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {
+        if (NR == 0) { print 0; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+declare -A RPS P50 P99 ERR ALL
+for s in "${SCEN[@]}"; do
+    IFS='|' read -r id _ _ _ _ <<<"$s"
+    rps=() p50=() p99=() errs=0 all=""
+    for ((r = 1; r <= ROUNDS; r++)); do
+        read -r a b c d <"$WORK/raw/$id.$r.res"
+        rps+=("$a") p50+=("$b") p99+=("$c")
+        errs=$((errs + d))
+        all+="${all:+ / }$(printf '%.0f' "$a")"
+    done
+    RPS[$id]=$(median "${rps[@]}")
+    P50[$id]=$(median "${p50[@]}")
+    P99[$id]=$(median "${p99[@]}")
+    ERR[$id]=$errs
+    ALL[$id]=$all
+done
+
+# ---------------------------------------------------------------- memory
+
+MEM_OUT=""
+if [[ $MEM == 1 ]]; then
+    say "memory per session: $MEM_SESSIONS sessions in the memory store"
+    MEM_OUT=$("$MEM_BIN" "$MEM_SESSIONS" 2>&1) || die "mem_per_session failed: $MEM_OUT"
+fi
+
+# ---------------------------------------------------------------- report
+
+ratio() { # a b -> a/b with 2 decimals, or n/a
+    local a=${RPS[$1]:-} b=${RPS[$2]:-}
+    [[ -n $a && -n $b ]] || {
+        echo "n/a"
+        return
+    }
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
+}
+goal() { # value min -> met / NOT met
+    awk -v v="$1" -v m="$2" 'BEGIN { if (v == "n/a") print "n/a"; else if (v + 0 >= m) print "met"; else print "**NOT met**" }'
+}
+
+REPORT="$WORK/report.md"
+{
+    echo "<!-- BEGIN load.sh: generated by benches/load.sh; edits between these markers are overwritten -->"
+    echo "## Load benchmark (generated)"
+    echo
+    echo "- Command: \`$COMMAND\` (run from the repository root)"
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) memory, Linux $(uname -r)"
+    echo "- sessiongate: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -z $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] || echo ' + uncommitted changes in src/'), \`cargo build --release\`, memory store, 2 processes (plain HTTP and TLS), tokio default worker threads"
+    echo "- Backend: $BACKEND_KIND on 127.0.0.1, body \`hello from the backend\` (23 bytes); \`/write\` adds \`X-Session-Update: {\"n\": <counter>}\`"
+    if ((USE_NGINX)); then
+        echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')$( ((NGINX_INSTALLED_BY_SCRIPT)) && echo ' (installed by this run of the script)'), \`worker_processes auto\`, \`access_log off\`, proxy: \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection \"\"\`"
+    else
+        echo "- nginx: **not available: the nginx rows are skipped** (bundled backend used)"
+    fi
+    echo "- Load: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), $( ((HAVE_H2LOAD)) && h2load --version 2>&1 | head -1 || echo 'h2load: not available, h2 rows skipped'); $CONNECTIONS connections, $THREADS threads, h2load \`-m 1\` (one stream per connection); TLS: $(openssl version | awk '{print $1, $2}') self-signed P-256 certificate"
+    echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column; p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
+    echo
+    echo "| scenario | tool | req/s (median) | p50 ms | p99 ms | errors | req/s per round |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
+    for s in "${SCEN[@]}"; do
+        IFS='|' read -r id label tool _ _ <<<"$s"
+        printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s |\n' "$label" "$tool" "${RPS[$id]}" "${P50[$id]}" "${P99[$id]}" "${ERR[$id]}" "${ALL[$id]}"
+    done
+    echo
+    echo "| ratio (req/s) | value | goal (issue 5) |"
+    echo "| --- | ---: | --- |"
+    r=$(ratio sg_read nginx)
+    echo "| sessiongate read path / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
+    r=$(ratio sg_tls_h1 nginx)
+    echo "| sessiongate TLS HTTP/1.1 read / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
+    r=$(ratio sg_tls_h2 nginx)
+    echo "| sessiongate TLS h2 read / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
+    r=$(ratio sg_tls_h1 nginx_tls_h1)
+    echo "| sessiongate TLS HTTP/1.1 read / nginx TLS HTTP/1.1 proxy | $r | >= 1.0: $(goal "$r" 1.0) |"
+    r=$(ratio sg_tls_h2 nginx_tls_h2)
+    echo "| sessiongate TLS h2 read / nginx TLS h2 proxy | $r | >= 1.0: $(goal "$r" 1.0) |"
+    r=$(ratio sg_write sg_read)
+    echo "| sessiongate write / read | $r | >= 0.9: $(goal "$r" 0.9) |"
+    echo "| sessiongate TLS HTTP/1.1 / plain (read) | $(ratio sg_tls_h1 sg_read) | |"
+    echo "| sessiongate TLS h2 / plain HTTP/1.1 (read) | $(ratio sg_tls_h2 sg_read) | |"
+    echo "| sessiongate session=false / nginx plain proxy | $(ratio sg_static nginx) | |"
+    echo "| sessiongate read / session=false (cost of the session) | $(ratio sg_read sg_static) | |"
+    echo "| nginx plain proxy / backend directly | $(ratio nginx backend) | |"
+    echo
+    worst=""
+    for id in sg_read sg_write sg_tls_h1 sg_tls_h2; do
+        [[ -n ${P99[$id]:-} ]] || continue
+        awk -v v="${P99[$id]}" 'BEGIN { exit !(v >= 2.0) }' && worst+="${worst:+, }$id (${P99[$id]} ms)"
+    done
+    if [[ -z $worst ]]; then
+        echo "p99 under 2 ms at $CONNECTIONS connections (goal): met on every sessiongate row."
+    else
+        echo "p99 under 2 ms at $CONNECTIONS connections (goal): **NOT met** on $worst."
+    fi
+    if [[ -n $MEM_OUT ]]; then
+        echo
+        echo "### Memory per stored session (\`examples/mem_per_session.rs\`, $MEM_SESSIONS sessions)"
+        echo
+        echo '```'
+        echo "$MEM_OUT"
+        echo '```'
+        extra=$(awk -F: '/minus payload and 32-byte key/ {gsub(/ /, "", $2); print $2}' <<<"$MEM_OUT")
+        over=$(awk -F: '/bytes\/session, minus payload:/ {gsub(/ /, "", $2); print $2}' <<<"$MEM_OUT")
+        echo
+        echo "Overhead beyond the data: $over bytes/session counting the key as overhead, $extra without it; goal (issue 5): at most 300: $(awk -v v="$over" 'BEGIN { print (v <= 300) ? "met" : "**NOT met**" }')."
+    fi
+    echo "<!-- END load.sh -->"
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+echo
+
+if [[ $OUT != "-" ]]; then
+    if [[ -f $OUT ]] && grep -q '^<!-- BEGIN load.sh' "$OUT" && grep -q '^<!-- END load.sh' "$OUT"; then
+        awk -v report="$REPORT" '
+            /^<!-- BEGIN load.sh/ { while ((getline line < report) > 0) print line; skip = 1; next }
+            /^<!-- END load.sh/ { skip = 0; next }
+            !skip { print }' "$OUT" >"$WORK/out.md"
+        cat "$WORK/out.md" >"$OUT"
+    elif [[ -f $OUT ]]; then
+        {
+            echo
+            cat "$REPORT"
+        } >>"$OUT"
+    else
+        {
+            echo "# Benchmarks"
+            echo
+            cat "$REPORT"
+        } >"$OUT"
+    fi
+    say "wrote $OUT"
+fi
