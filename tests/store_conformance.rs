@@ -51,6 +51,37 @@ pub async fn memory() -> (AnyStore, Guard) {
     (AnyStore::Memory(MemoryStore::new()), Box::new(()))
 }
 
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+/// A `redis` store on its own `redis-server` (the guard kills it). Without
+/// `redis-server` outside CI, says SKIPPED and runs on the memory engine.
+pub async fn redis() -> (AnyStore, Guard) {
+    open_redis(false).await
+}
+
+pub async fn cached_redis() -> (AnyStore, Guard) {
+    open_redis(true).await
+}
+
+async fn open_redis(cached: bool) -> (AnyStore, Guard) {
+    let Some(server) = redis_server::RedisServer::start().await else {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED: this redis conformance test ran on the memory engine\n",
+        );
+        return memory().await;
+    };
+    let store = sessiongate::store::RedisStore::open(
+        &server.url(),
+        std::time::Duration::from_secs(5),
+        cached,
+    )
+    .await
+    .expect("open the redis store");
+    (AnyStore::Redis(store), Box::new(server))
+}
+
 pub async fn load_never_creates<S: Store>(s: &S) {
     let k = SessionKey::generate();
     assert!(s.load(&k, T0).await.unwrap().is_none());
@@ -302,5 +333,7 @@ macro_rules! conformance {
 }
 
 conformance!(memory_engine, memory);
+conformance!(redis_engine, redis);
+conformance!(cached_redis_engine, cached_redis);
 // Further engines: one line each, e.g. `conformance!(file_engine, file);`
 // with `pub async fn file() -> (AnyStore, Guard)` above.
