@@ -869,6 +869,7 @@ async fn rediss_urls_use_tls_and_verify_the_server() {
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, cert, key) = tls_files(&dir);
     let Some(redis) = RedisServer::start_tls(&cert, &key, &ca).await else {
+        let _ = std::fs::remove_dir_all(&dir);
         return;
     };
     let tls_url = format!("rediss://127.0.0.1:{}", redis.tls_port.unwrap());
