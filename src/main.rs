@@ -125,6 +125,10 @@ async fn clear_expired(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if matches!(config.store.engine, Engine::Redis | Engine::CachedRedis) {
+        println!("0 expired sessions deleted: Redis expires each session by itself (every write sets the key's TTL), so there is nothing to sweep");
+        return Ok(ExitCode::SUCCESS);
+    }
     if config.store.engine == Engine::SignedCookies {
         println!("0 expired sessions deleted: with signed_cookies every session lives in its browser's cookie and its expiry is checked on each request");
         return Ok(ExitCode::SUCCESS);

@@ -174,6 +174,37 @@ fn clear_expired_on_the_memory_engine_reports_zero() {
     assert!(text.lines().any(|l| l.starts_with("0 ")), "{text:?}");
 }
 
+#[test]
+fn clear_expired_explains_engines_without_a_sweep() {
+    for (engine, extra, why) in [
+        (
+            "redis",
+            "url = \"redis://127.0.0.1:1/0\"",
+            "Redis expires each session by itself",
+        ),
+        ("cached_redis", "url = \"redis://127.0.0.1:1/0\"", "TTL"),
+        ("signed_cookies", "", "lives in its browser's cookie"),
+    ] {
+        let dir = TempDir::new("cli");
+        let text = valid_config("http://127.0.0.1:9000").replace(
+            "[store]\n",
+            &format!("[store]\nengine = \"{engine}\"\n{extra}\n"),
+        );
+        assert!(text.contains(engine), "the config names the engine");
+        let path = dir.write("sessiongate.toml", &text);
+        let mut c = bin();
+        c.args(["clear-expired", "--config", path.to_str().unwrap()]);
+        let out = run_bounded(c);
+        assert_eq!(out.status.code(), Some(0), "{engine}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(
+            text.starts_with("0 expired sessions deleted: "),
+            "{engine}: {text:?}"
+        );
+        assert!(text.contains(why), "{engine}: {text:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Serving and signals
 // ---------------------------------------------------------------------------
