@@ -547,6 +547,8 @@ REPORT="$WORK/report.md"
     echo "- Backend: $BACKEND_KIND on 127.0.0.1, body \`hello from the backend\` (23 bytes); \`/write\` adds \`X-Session-Update: {\"n\": <counter>}\`"
     if ((USE_NGINX)); then
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')$( ((NGINX_INSTALLED_BY_SCRIPT)) && echo ' (installed by this run of the script)'), \`worker_processes auto\`, \`access_log off\`, proxy: \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection \"\"\`"
+    elif [[ $BACKEND == bundled ]]; then
+        echo "- nginx: not used (\`BACKEND=bundled\`): **the nginx rows are skipped**"
     else
         echo "- nginx: **not available: the nginx rows are skipped** (bundled backend used)"
     fi
