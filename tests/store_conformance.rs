@@ -82,6 +82,44 @@ async fn open_redis(cached: bool) -> (AnyStore, Guard) {
     (AnyStore::Redis(store), Box::new(server))
 }
 
+/// A `file` store in a fresh temporary directory (the guard removes it).
+pub async fn file() -> (AnyStore, Guard) {
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "sessiongate-conformance-{}-{}",
+        std::process::id(),
+        SessionKey::generate().as_str()
+    ));
+    let store = sessiongate::store::FileStore::open(&dir, false)
+        .await
+        .expect("open the file store");
+    (AnyStore::File(store), Box::new(RemoveDir(dir)))
+}
+
+/// A `cached_file` store in a fresh temporary directory (the guard removes it).
+pub async fn cached_file() -> (AnyStore, Guard) {
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "sessiongate-conformance-cached-{}-{}",
+        std::process::id(),
+        SessionKey::generate().as_str()
+    ));
+    let store = sessiongate::store::FileStore::open(&dir, true)
+        .await
+        .expect("open the cached_file store");
+    (AnyStore::File(store), Box::new(RemoveDir(dir)))
+}
+
 pub async fn load_never_creates<S: Store>(s: &S) {
     let k = SessionKey::generate();
     assert!(s.load(&k, T0).await.unwrap().is_none());
@@ -337,3 +375,5 @@ conformance!(redis_engine, redis);
 conformance!(cached_redis_engine, cached_redis);
 // Further engines: one line each, e.g. `conformance!(file_engine, file);`
 // with `pub async fn file() -> (AnyStore, Guard)` above.
+conformance!(file_engine, file);
+conformance!(cached_file_engine, cached_file);
