@@ -1,6 +1,12 @@
 //! The `memory` engine: a sharded hash map of records plus a sharded expiry
 //! index, so the sweep costs in proportion to what expired, not to what is
 //! stored.
+//!
+//! Records are kept compact ([`Slot`]): the data as an exact-size boxed
+//! slice (no spare capacity, no shared-buffer header), which keeps the
+//! overhead per stored session under 300 bytes at a million sessions (see
+//! BENCHMARKS.md). A load copies the data into a fresh buffer for the
+//! request, which costs less than keeping it shareable.
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
@@ -9,8 +15,45 @@ use std::sync::Mutex;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use bytes::Bytes;
+
 use super::{Applied, Store, StoreError, WriteCtx};
-use crate::session::{Patch, Record, SessionKey};
+use crate::session::{Expiry, Patch, Record, SessionKey};
+
+/// A stored record, compact.
+struct Slot {
+    data: Box<[u8]>,
+    expiry: Expiry,
+    created: i64,
+    modified: i64,
+    expires_at: i64,
+}
+
+impl Slot {
+    fn from_record(r: &Record) -> Slot {
+        Slot {
+            data: r.data.as_ref().into(),
+            expiry: r.expiry,
+            created: r.created,
+            modified: r.modified,
+            expires_at: r.expires_at,
+        }
+    }
+
+    fn to_record(&self) -> Record {
+        Record {
+            data: Bytes::copy_from_slice(&self.data),
+            expiry: self.expiry,
+            created: self.created,
+            modified: self.modified,
+            expires_at: self.expires_at,
+        }
+    }
+
+    fn is_live(&self, now: i64) -> bool {
+        self.expires_at > now
+    }
+}
 
 /// Keys are random and chosen by us, never by a client, so hashing need not
 /// resist collision attacks: a cheap mix of the key's bytes is enough.
@@ -45,7 +88,7 @@ impl BuildHasher for KeyHash {
 const INDEX_SHARDS: usize = 32;
 
 pub struct MemoryStore {
-    map: DashMap<SessionKey, Record, KeyHash>,
+    map: DashMap<SessionKey, Slot, KeyHash>,
     /// (expires_at, key) for every stored record, sharded by key.
     index: Vec<Mutex<BTreeSet<(i64, SessionKey)>>>,
 }
@@ -92,12 +135,12 @@ impl MemoryStore {
         }
     }
 
-    fn insert_fresh(&self, record: Record) -> SessionKey {
+    fn insert_fresh(&self, record: &Record) -> SessionKey {
         loop {
             let key = SessionKey::generate();
             if let Entry::Vacant(v) = self.map.entry(key) {
                 let exp = record.expires_at;
-                v.insert(record);
+                v.insert(Slot::from_record(record));
                 self.index_move(&key, None, Some(exp));
                 return key;
             }
@@ -107,7 +150,7 @@ impl MemoryStore {
     fn remove(&self, key: &SessionKey) -> Option<Record> {
         let (_, r) = self.map.remove(key)?;
         self.index_move(key, Some(r.expires_at), None);
-        Some(r)
+        Some(r.to_record())
     }
 }
 
@@ -117,11 +160,11 @@ impl Store for MemoryStore {
             .map
             .get(key)
             .filter(|r| r.is_live(now))
-            .map(|r| r.clone()))
+            .map(|r| r.to_record()))
     }
 
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
-        Ok(self.insert_fresh(record))
+        Ok(self.insert_fresh(&record))
     }
 
     async fn apply(
@@ -140,7 +183,7 @@ impl Store for MemoryStore {
                 return Ok(Applied::Missing);
             }
             record.apply_patch(patch, ctx.now, &ctx.policy);
-            let new_key = self.insert_fresh(record.clone());
+            let new_key = self.insert_fresh(&record);
             return Ok(Applied::Saved {
                 key: new_key,
                 record,
@@ -154,11 +197,11 @@ impl Store for MemoryStore {
             self.remove(key);
             return Ok(Applied::Missing);
         }
-        let applied = super::apply_local(key, &r, patch, ctx);
+        let applied = super::apply_local(key, &r.to_record(), patch, ctx);
         if let Applied::Saved { record, .. } = &applied {
             // Index under the map's shard lock, so a sweep cannot interleave.
             self.index_move(key, Some(r.expires_at), Some(record.expires_at));
-            *r = record.clone();
+            *r = Slot::from_record(record);
         }
         Ok(applied)
     }
