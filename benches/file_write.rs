@@ -222,9 +222,20 @@ async fn startup_child(dir: &Path, n: usize) {
         n as f64 / start.elapsed().as_secs_f64()
     );
     println!("ready {}", keys[0].as_str());
-    // Keep 64 writers busy: the kill lands in the middle of commits.
+    // Keep 64 writers busy until the kill, which lands in the middle of
+    // commits and checkpoints. Writer t alone updates keys t, t+64, ...,
+    // with a rising `n`, and reports each acknowledged update.
     let keys = Arc::new(keys);
-    rate(&store, &keys, 64, Kind::Update).await;
+    for t in 0..64 {
+        let (store, keys) = (store.clone(), keys.clone());
+        tokio::spawn(async move {
+            for n in 1u64.. {
+                let k = keys[(t + 64 * n as usize) % keys.len()];
+                store.apply(&k, &update(n), ctx()).await.unwrap();
+                println!("ack {} {n}", k.as_str());
+            }
+        });
+    }
     std::future::pending::<()>().await;
 }
 
@@ -236,16 +247,30 @@ async fn startup(n: usize) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     let key = SessionKey::parse(line.trim().strip_prefix("ready ").expect("ready line")).unwrap();
+    // The last acknowledged `n` of every updated session.
+    let acked = std::thread::spawn(move || {
+        let mut last = std::collections::HashMap::new();
+        let mut total = 0u64;
+        for line in std::io::BufRead::lines(out) {
+            let Ok(line) = line else { break };
+            let mut w = line.split_whitespace().skip(1);
+            if let (Some(k), Some(n)) = (w.next(), w.next()) {
+                let n: u64 = n.parse().unwrap();
+                let e = last.entry(k.to_string()).or_insert(0);
+                *e = n.max(*e);
+                total += 1;
+            }
+        }
+        (last, total)
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    let (acked, updates) = acked.join().unwrap();
     let size = std::fs::metadata(dir.join("sessions.redb")).unwrap().len();
     let log = std::fs::metadata(dir.join("sessions.wal")).unwrap().len();
     println!(
@@ -265,6 +290,24 @@ async fn startup(n: usize) {
             opened.as_secs_f64() * 1000.0,
             first.as_secs_f64() * 1000.0
         );
+        if !cached {
+            // Every acknowledged update is there (a later one that was in
+            // flight may be too).
+            for (k, n) in &acked {
+                let r = store
+                    .load(&SessionKey::parse(k).unwrap(), now_ms())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let data: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
+                let got = data["n"].as_u64().unwrap();
+                assert!(got >= *n, "acknowledged n={n} lost: found {got}");
+            }
+            println!(
+                "{updates} updates were acknowledged after the load; the last acknowledged state of each of the {} sessions they touched is there",
+                acked.len()
+            );
+        }
         store.flush().await.unwrap();
         drop(store);
     }

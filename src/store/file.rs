@@ -93,7 +93,7 @@ const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
 /// there are writes...
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// ...or when the log reaches this size.
-pub const CHECKPOINT_LOG_BYTES: u64 = 8 << 20;
+pub const CHECKPOINT_LOG_BYTES: u64 = 4 << 20;
 
 const FORMAT: u8 = 1;
 const HEADER_LEN: usize = 2 + 4 * 8;
@@ -287,13 +287,13 @@ type Opener = Box<dyn Fn() -> Result<(Database, Box<dyn LogFile>), String> + Sen
 /// checkpoints and empties the log. Returns the last sequence number.
 fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
     let started = Instant::now();
-    let mut replayed = 0u64;
+    let (mut replayed, mut skipped, mut found) = (0u64, 0u64, 0u64);
     let bytes = log
         .read_all()
         .map_err(|e| format!("cannot read the log {LOG_NAME}: {e}"))?;
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_quick_repair(true);
-    let last = {
+    let (checkpoint, last) = {
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let checkpoint = meta
             .get(CHECKPOINT_SEQ)
@@ -302,7 +302,9 @@ fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
         let mut t = Tables::open(&txn).map_err(|e| e.to_string())?;
         let mut last = checkpoint;
         for (seq, payload) in frames(&bytes) {
+            found += 1;
             if seq <= checkpoint {
+                skipped += 1;
                 continue; // already in redb (the log was not emptied)
             }
             if seq != last + 1 {
@@ -314,19 +316,22 @@ fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
         }
         meta.insert(CHECKPOINT_SEQ, last)
             .map_err(|e| e.to_string())?;
-        last
+        (checkpoint, last)
     };
     txn.commit().map_err(|e| e.to_string())?;
     if !bytes.is_empty() {
         log.truncate(0)
             .map_err(|e| format!("cannot empty the log {LOG_NAME}: {e}"))?;
     }
-    if replayed > 0 {
+    if !bytes.is_empty() {
         tracing::info!(
-            frames = replayed,
+            checkpoint,
+            replayed,
+            already_in_database = skipped,
+            out_of_sequence = found - skipped - replayed,
             log_bytes = bytes.len(),
             ms = started.elapsed().as_millis() as u64,
-            "session log replayed"
+            "session log recovered"
         );
     }
     Ok(last)
