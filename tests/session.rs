@@ -718,6 +718,51 @@ async fn flush_during_an_in_flight_request_gives_400_and_no_resurrection() {
 }
 
 #[tokio::test]
+async fn a_no_op_directive_after_a_concurrent_flush_is_not_interrupted() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (g, a) = (gate.clone(), arrived.clone());
+    let up = upstream_async(move |s| {
+        let (g, a) = (g.clone(), a.clone());
+        Box::pin(async move {
+            match s.uri.path() {
+                "/login" => directives(&[("x-session-update", r#"{"user":1}"#)]),
+                "/logout" => directives(&[("x-session-flush", "1")]),
+                // Pops a key the session does not have: Django's
+                // session.pop(k, None) leaves it unmodified, so no save.
+                "/slow-noop" => {
+                    a.notify_one();
+                    g.notified().await;
+                    directives(&[("x-session-delete", "absent")])
+                }
+                "/slow-pop" => {
+                    a.notify_one();
+                    g.notified().await;
+                    directives(&[("x-session-delete", "user")])
+                }
+                _ => ok(),
+            }
+        })
+    })
+    .await;
+    let p = Arc::new(start(&config("", &route(&up, ""))).await);
+    for (path, status) in [("/slow-noop", 200), ("/slow-pop", 400)] {
+        let key = p.get("/login", None).await.key();
+        let slow = {
+            let p = p.clone();
+            let key = key.clone();
+            tokio::spawn(async move { p.get(path, Some(&key)).await })
+        };
+        arrived.notified().await;
+        assert_eq!(p.get("/logout", Some(&key)).await.status, 200);
+        gate.notify_one();
+        let r = slow.await.unwrap();
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(r.set_cookies().is_empty(), "{path}");
+    }
+}
+
+#[tokio::test]
 async fn login_required_redirects_or_401_without_calling_upstream() {
     let (up, p) = {
         let up = echo_directives().await;

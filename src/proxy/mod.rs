@@ -356,6 +356,18 @@ impl Proxy {
         })
     }
 
+    /// Whether Django would have saved this session: the patch changes the
+    /// state the request loaded, cycles the key, or every request saves.
+    fn would_save(&self, loaded: &Loaded, patch: &Patch, now: i64) -> bool {
+        if patch.cycle || self.session.save_every_request {
+            return true;
+        }
+        match &loaded.live {
+            Some((_, record)) => record.clone().apply_patch(patch, now, &self.policy),
+            None => true,
+        }
+    }
+
     /// Removes the session cookie (and signed-cookie chunks) from what goes
     /// upstream.
     fn strip_session_cookies(&self, h: &mut HeaderMap) {
@@ -423,6 +435,11 @@ impl Proxy {
                         self.set_cookie(out, loaded, &key, &record, now)?
                     }
                     Applied::Unchanged => {}
+                    // Django raises SessionInterrupted only when it had
+                    // something to save: a response whose directives change
+                    // nothing in the session as this request loaded it (a
+                    // Delete of an absent key, say) is not interrupted.
+                    Applied::Missing if !self.would_save(loaded, &patch, now) => {}
                     Applied::Missing => return Err(FinishError::Interrupted),
                 }
             }
