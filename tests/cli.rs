@@ -225,7 +225,13 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 
 /// Starts `sessiongate ARGS` and waits for its "sessiongate listening" log line.
 async fn serve(args: &[&str]) -> Running {
+    serve_logging(args, "info").await
+}
+
+/// [`serve`] with another `RUST_LOG`.
+async fn serve_logging(args: &[&str], rust_log: &str) -> Running {
     let mut child = bin()
+        .env("RUST_LOG", rust_log)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -387,4 +393,56 @@ async fn sigint_exits_0() {
         "stderr: {:?}",
         s.stderr.lock().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_is_opt_in_and_never_carries_secrets() {
+    let up =
+        upstream(|_| directives(&[("x-session-update", r#"{"card":"4111-SECRET-DATA"}"#)])).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let mut s = serve_logging(
+        &["run", "--config", path.to_str().unwrap()],
+        "info,sessiongate::access=debug",
+    )
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let req = http::Request::get(s.url("/account/page?token=QUERY-SECRET"))
+        .header(
+            "cookie",
+            "sessionid=abcdefghijklmnopqrstuvwxyz012345; other=1",
+        )
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = within("a request", client.request(req)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    let key = set["sessionid=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+    let log = s.stderr.lock().unwrap().join("\n");
+    let line = log
+        .lines()
+        .find(|l| l.contains("sessiongate::access"))
+        .unwrap_or_else(|| panic!("an access line: {log}"));
+    assert!(
+        line.contains("path=/account/page") && line.contains("status=200"),
+        "{line}"
+    );
+    for secret in [
+        "QUERY-SECRET",
+        "abcdefghijklmnopqrstuvwxyz012345",
+        key.as_str(),
+        "SECRET-DATA",
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} must not be logged: {log}"
+        );
+    }
 }

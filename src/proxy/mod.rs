@@ -104,7 +104,29 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<RespBody>, Infallible> {
+        // Access log, off by default (RUST_LOG=info,sessiongate::access=debug):
+        // method, path without query, status, time to the response head.
+        // Never a cookie, a key or session data.
+        let access =
+            tracing::enabled!(target: "sessiongate::access", tracing::Level::DEBUG).then(|| {
+                (
+                    std::time::Instant::now(),
+                    req.method().clone(),
+                    req.uri().path().to_string(),
+                )
+            });
         let mut resp = self.serve(req, conn).await;
+        if let Some((start, method, path)) = access {
+            tracing::debug!(
+                target: "sessiongate::access",
+                peer = %conn.peer.ip(),
+                %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                ms = start.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
         if conn.tls {
             if let Some(h) = &self.hsts {
                 resp.headers_mut()

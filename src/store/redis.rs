@@ -281,7 +281,11 @@ fn parse_state(key: &str, fields: Vec<Value>) -> Option<Versioned> {
         })
     })();
     if parsed.is_none() {
-        tracing::warn!(key, "unreadable session record in redis: ignored");
+        // The Redis key holds the session key: never logged.
+        let _ = key;
+        tracing::warn!(
+            "unreadable session record in redis (another program's key, or damaged): ignored"
+        );
     }
     parsed
 }
