@@ -783,6 +783,10 @@ async fn login_required_redirects_or_401_without_calling_upstream() {
     assert_eq!(up.count(), 0, "the upstream is not called");
     let r = p.post("/admin/users", None, "x=1").await;
     assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Cookie realm=\"admin\", form-action=\"/accounts/login\", cookie-name=\"sessionid\"")
+    );
     let r = p
         .send(
             p.req(Method::HEAD, "/admin", None)

@@ -575,7 +575,19 @@ impl Proxy {
 
     fn login_redirect(&self, route: &Route, method: &Method, uri: &Uri) -> Response<RespBody> {
         if method != Method::GET && method != Method::HEAD {
-            return error_response(StatusCode::UNAUTHORIZED, "login required");
+            let mut r = error_response(StatusCode::UNAUTHORIZED, "login required");
+            // RFC 9110 requires a challenge with a 401; the "Cookie" scheme
+            // (draft-broyer-http-cookie-auth) names the login form and cookie.
+            let challenge = format!(
+                "Cookie realm=\"{}\", form-action=\"{}\", cookie-name=\"{}\"",
+                route.cfg.name.replace(['"', '\\'], ""),
+                route.cfg.login_url,
+                self.session.cookie_name
+            );
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return r;
         }
         let next = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let enc = percent_encoding::utf8_percent_encode(next, NEXT_SET);
