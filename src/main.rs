@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 
 use sessiongate::config::{Config, Engine};
 use sessiongate::store::{AnyStore, Store};
-use sessiongate::Server;
 
 const DEFAULT_CONFIG: &str = "config/sessiongate.toml";
 
@@ -59,6 +58,25 @@ fn main() -> ExitCode {
         };
     }
 
+    if let Command::Run = command {
+        let config = match load_or_exit(&config_path) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        // One worker per core (SESSIONGATE_WORKERS overrides).
+        let workers = std::env::var("SESSIONGATE_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        return match sessiongate::server::run_threaded(config, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sessiongate: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,7 +89,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match command {
-            Command::Run => run(&config_path).await,
+            Command::Run => unreachable!("served above"),
             Command::ClearExpired => clear_expired(&config_path).await,
             Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
             Command::Check => unreachable!(),
@@ -101,17 +119,6 @@ fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("{e}");
         ExitCode::from(2)
     })
-}
-
-async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let config = match load_or_exit(path) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    let signals = sessiongate::server::shutdown_signal().context("install signal handlers")?;
-    let server = Server::bind(config).await.context("start")?;
-    server.run(signals).await.context("serve")?;
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn clear_expired(path: &std::path::Path) -> anyhow::Result<ExitCode> {

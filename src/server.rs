@@ -36,6 +36,8 @@ pub enum ServerError {
     Tls(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot start a worker: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Builds the rustls configuration from PEM text.
@@ -91,14 +93,7 @@ impl Server {
         clock: Clock,
         tls: Option<rustls::ServerConfig>,
     ) -> Result<Server, ServerError> {
-        let tls = match (tls, &config.server.tls) {
-            (Some(t), _) => Some(t),
-            (None, Some(files)) => Some(tls_config(
-                &read(&files.cert, "certificate")?,
-                &read(&files.key, "private key")?,
-            )?),
-            (None, None) => None,
-        };
+        let tls = load_tls(&config, tls)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -137,12 +132,25 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish within `shutdown_grace`, and flushes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let addr = self.local_addr();
-        tracing::info!(%addr, url = %format!("{scheme}://{addr}/"), "sessiongate listening");
-        if let Some(r) = self.redirect_addr() {
-            tracing::info!(addr = %r, "redirecting plain HTTP to https");
+        announce(self.tls.is_some(), self.local_addr(), self.redirect_addr());
+        let store = self.proxy.store().clone();
+        let sweeper = spawn_sweeper(
+            store.clone(),
+            self.config.store.clear_expired_interval,
+            self.clock.clone(),
+        );
+        self.serve(shutdown).await;
+        if let Some(s) = sweeper {
+            s.abort();
         }
+        store.flush().await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// The accept loop until `shutdown`, then the bounded graceful stop.
+    async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let addr = self.local_addr();
         let graceful = GracefulShutdown::new();
         // Every connection task, so the ones still open when the grace
         // period ends can be aborted before the store is flushed.
@@ -157,12 +165,6 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(60)));
-
-        let sweeper = spawn_sweeper(
-            self.proxy.store().clone(),
-            self.config.store.clear_expired_interval,
-            self.clock.clone(),
-        );
 
         let redirect_port = addr.port();
         let mut redirect = self.redirect;
@@ -220,13 +222,165 @@ impl Server {
             }
         }
         while conns.join_next().await.is_some() {}
-        if let Some(s) = sweeper {
-            s.abort();
-        }
-        self.proxy.store().flush().await?;
-        tracing::info!("stopped");
-        Ok(())
     }
+}
+
+fn announce(tls: bool, addr: SocketAddr, redirect: Option<SocketAddr>) {
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(%addr, url = %format!("{scheme}://{addr}/"), "sessiongate listening");
+    if let Some(r) = redirect {
+        tracing::info!(addr = %r, "redirecting plain HTTP to https");
+    }
+}
+
+/// The TLS configuration: the one given, else the configured PEM files.
+fn load_tls(
+    config: &Config,
+    given: Option<rustls::ServerConfig>,
+) -> Result<Option<rustls::ServerConfig>, ServerError> {
+    Ok(match (given, &config.server.tls) {
+        (Some(t), _) => Some(t),
+        (None, Some(files)) => Some(tls_config(
+            &read(&files.cert, "certificate")?,
+            &read(&files.key, "private key")?,
+        )?),
+        (None, None) => None,
+    })
+}
+
+/// A listening socket with `SO_REUSEPORT`, so every worker can have its own
+/// on the same address and the kernel spreads connections among them.
+fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    let err = |source| ServerError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)?.into_std().map_err(err)
+}
+
+/// Serves `config` with one worker thread per core, each running its own
+/// single-threaded runtime, its own listener on the shared address and its
+/// own upstream connection pool, so a request and its upstream connection
+/// never leave one thread (a multi-threaded runtime sharing one pool
+/// measured half the throughput: BENCHMARKS.md). A small control runtime
+/// owns the store's background work, the signals and the expiry sweep. On
+/// SIGTERM/SIGINT every worker stops accepting and finishes within
+/// `shutdown_grace`; the store is flushed once, after all of them.
+pub fn run_threaded(config: Config, workers: usize) -> Result<(), ServerError> {
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sessiongate-control")
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let signals = {
+        let _ctx = control.enter();
+        shutdown_signal().map_err(ServerError::Runtime)?
+    };
+    let clock = Clock::default();
+    let workers = workers.max(1);
+    let (store, tls, listeners, redirect) = control.block_on(async {
+        let store = Arc::new(AnyStore::open(&config).await?);
+        let tls = load_tls(&config, None)?;
+        let first = bind_reuseport(config.server.listen)?;
+        let addr = first.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            listeners.push(bind_reuseport(addr)?);
+        }
+        let redirect = match (config.server.redirect_http, &tls) {
+            (Some(a), Some(_)) => {
+                let err = |source| ServerError::Bind { addr: a, source };
+                let l = TcpListener::bind(a).await.map_err(err)?;
+                Some(l.into_std().map_err(err)?)
+            }
+            _ => None,
+        };
+        Ok::<_, ServerError>((store, tls, listeners, redirect))
+    })?;
+    let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
+    announce(
+        tls.is_some(),
+        addr,
+        redirect.as_ref().and_then(|r| r.local_addr().ok()),
+    );
+    tracing::info!(workers, "one worker thread per core");
+    let sweeper = {
+        let _ctx = control.enter();
+        spawn_sweeper(
+            store.clone(),
+            config.store.clear_expired_interval,
+            clock.clone(),
+        )
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let acceptor = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
+    let mut redirect = redirect;
+    let mut handles = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let config = config.clone();
+        let store = store.clone();
+        let clock = clock.clone();
+        let acceptor = acceptor.clone();
+        let mut stopped = stopped.clone();
+        let redirect = if i == 0 { redirect.take() } else { None };
+        let handle = std::thread::Builder::new()
+            .name(format!("sessiongate-worker-{i}"))
+            .spawn(move || -> Result<(), ServerError> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ServerError::Runtime)?;
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(listener).map_err(ServerError::Runtime)?;
+                    let redirect = redirect
+                        .map(TcpListener::from_std)
+                        .transpose()
+                        .map_err(ServerError::Runtime)?;
+                    let proxy = Arc::new(Proxy::new(&config, store, clock.clone()));
+                    let server = Server {
+                        listener,
+                        redirect,
+                        tls: acceptor,
+                        proxy,
+                        config,
+                        clock,
+                    };
+                    server
+                        .serve(async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    Ok(())
+                })
+            })
+            .map_err(ServerError::Runtime)?;
+        handles.push(handle);
+    }
+    control.block_on(signals);
+    let _ = stop.send(true);
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "a worker failed"),
+            Err(_) => tracing::error!("a worker panicked"),
+        }
+    }
+    if let Some(s) = sweeper {
+        s.abort();
+    }
+    control.block_on(store.flush())?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 async fn accept_opt(l: &mut Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
