@@ -218,7 +218,7 @@ fn cookies(c: &mut Criterion) {
 
 fn headers(c: &mut Criterion) {
     let p = policy();
-    let secret = SECRET.as_bytes();
+    let ids = sessiongate::session::key::IdKey::new(SECRET.as_bytes());
     let key = SessionKey::generate();
     // The request head as the upstream would otherwise get it.
     let mut base = HeaderMap::new();
@@ -247,7 +247,7 @@ fn headers(c: &mut Criterion) {
         g.bench_function(format!("inject/{label}"), |b| {
             b.iter_batched_ref(
                 || base.clone(),
-                |h| inject(h, black_box(&view), NOW, &p, secret, &[], None),
+                |h| inject(h, black_box(&view), NOW, &p, &ids, &[], None),
                 BatchSize::SmallInput,
             )
         });
@@ -264,7 +264,7 @@ fn headers(c: &mut Criterion) {
     g.bench_function("inject/typical+forward", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| inject(h, black_box(&view), NOW, &p, secret, &forward, None),
+            |h| inject(h, black_box(&view), NOW, &p, &ids, &forward, None),
             BatchSize::SmallInput,
         )
     });
@@ -277,7 +277,7 @@ fn headers(c: &mut Criterion) {
     g.bench_function("inject/new_session", |b| {
         b.iter_batched_ref(
             || base.clone(),
-            |h| inject(h, black_box(&empty), NOW, &p, secret, &[], None),
+            |h| inject(h, black_box(&empty), NOW, &p, &ids, &[], None),
             BatchSize::SmallInput,
         )
     });

@@ -11,6 +11,8 @@ use common::*;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -730,6 +732,104 @@ async fn round_robin_skips_a_dead_upstream() {
         }
     }
     assert_eq!(alive.count(), 6, "the alive upstream got every request");
+    p.stop().await;
+}
+
+/// A raw HTTP/1.1 upstream that counts the connections it accepts and
+/// answers every request head with `ok` (`close`: with `Connection: close`,
+/// then hangs up). HEAD gets the head only, `/empty` a 204.
+async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let n = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let conn = if close { "Connection: close\r\n" } else { "" };
+                    let resp = if head.starts_with("HEAD ") {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\n")
+                    } else if head.starts_with("GET /empty ") {
+                        format!("HTTP/1.1 204 No Content\r\n{conn}\r\n")
+                    } else {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\nok")
+                    };
+                    if s.write_all(resp.as_bytes()).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let (addr, conns) = counting_upstream(false).await;
+    let p = start(&config(
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\nsession = false\n"),
+    ))
+    .await;
+    for i in 0..3 {
+        let r = get_with(&p, "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "GET {i}");
+        let r = within(
+            "HEAD",
+            p.send(
+                p.req(Method::HEAD, "/", None)
+                    .body(Full::default())
+                    .unwrap(),
+            ),
+        )
+        .await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, ""), "HEAD {i}");
+        let r = get_with(&p, "/empty", &[]).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "204 {i}");
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "nine sequential requests, bodies or none, share one upstream connection"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closes_is_never_reused() {
+    let (addr, conns) = counting_upstream(true).await;
+    let p = start(&config(
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\n"),
+    ))
+    .await;
+    for i in 0..5 {
+        let r = get_with(&p, "/", &[]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        5,
+        "one connection per request"
+    );
     p.stop().await;
 }
 

@@ -14,12 +14,16 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// anything, so a client cannot nominate a header the proxy sets.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(CONNECTION) {
+        // Usually only `keep-alive`, `close` or `upgrade`, which the fixed
+        // list covers: then nothing is collected or allocated.
         let nominated: Vec<HeaderName> = h
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !is_fixed_hop_by_hop(t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in nominated {
             h.remove(n);
@@ -29,6 +33,23 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     for n in fixed {
         h.remove(n);
     }
+}
+
+/// A connection token naming a header of the fixed hop-by-hop list, in any
+/// case.
+fn is_fixed_hop_by_hop(token: &str) -> bool {
+    [
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "connection",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+    ]
+    .iter()
+    .any(|n| token.eq_ignore_ascii_case(n))
 }
 
 /// The protocol a request asks to switch to, when it is a real HTTP/1.1

@@ -20,25 +20,42 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use crate::config::{Config, SessionConfig};
+use crate::session::key::IdKey;
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
 use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
 use route::{Route, Router};
-use upstream::{BodyWatch, UpstreamClient, UpstreamError};
+use upstream::{Pool, PooledBody, SendError, UpstreamBody, UpstreamError};
 
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+pub type RespBody = Either<PooledBody, Full<Bytes>>;
 
 /// What the server knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as sent in `X-Forwarded-For`, formatted once per
+    /// connection.
+    forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = peer.ip().to_canonical().to_string();
+        ConnInfo {
+            peer,
+            tls,
+            forwarded_for: HeaderValue::from_str(&ip).expect("an IP address is a header value"),
+        }
+    }
 }
 
 pub struct Proxy {
     router: Router,
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     store: Arc<AnyStore>,
     session: SessionConfig,
+    /// `secret_key` prepared for `X-Session-Id`.
+    ids: IdKey,
     policy: Policy,
     clock: Clock,
     max_body: u64,
@@ -79,11 +96,22 @@ enum FinishError {
 impl Proxy {
     pub fn new(config: &Config, store: Arc<AnyStore>, clock: Clock) -> Proxy {
         let s = &config.server;
+        let mut router = Router::new(config.routes.clone());
+        let mut pool = Pool::new(s.upstream_connect_timeout);
+        for route in &mut router.routes {
+            route.slots = route
+                .cfg
+                .upstreams
+                .iter()
+                .map(|u| pool.slot_for(&u.authority))
+                .collect();
+        }
         Proxy {
-            router: Router::new(config.routes.clone()),
-            client: upstream::client(s.upstream_connect_timeout),
+            router,
+            pool: Arc::new(pool),
             store,
             session: config.session.clone(),
+            ids: IdKey::new(&config.session.secret_key),
             policy: Policy::from_config(&config.session),
             clock,
             max_body: s.max_request_body,
@@ -115,7 +143,7 @@ impl Proxy {
                     req.uri().path().to_string(),
                 )
             });
-        let mut resp = self.serve(req, conn).await;
+        let mut resp = self.serve(req, &conn).await;
         if let Some((start, method, path)) = access {
             tracing::debug!(
                 target: "sessiongate::access",
@@ -136,7 +164,7 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<RespBody> {
+    async fn serve(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
@@ -250,7 +278,7 @@ impl Proxy {
         route: &Route,
         mut parts: http::request::Parts,
         body: Incoming,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         host: Option<HeaderValue>,
     ) -> Response<RespBody> {
         let now = self.clock.now_ms();
@@ -301,7 +329,7 @@ impl Proxy {
             &view,
             now,
             &self.policy,
-            &self.session.secret_key,
+            &self.ids,
             &route.cfg.forward,
             map.as_ref(),
         );
@@ -610,14 +638,11 @@ impl Proxy {
         route: &Route,
         mut parts: http::request::Parts,
         body: Incoming,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         host: Option<HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         let h = &mut parts.headers;
-        h.insert(
-            &headers::X_FORWARDED_FOR,
-            HeaderValue::from_str(&conn.peer.ip().to_canonical().to_string()).expect("ip"),
-        );
+        h.insert(&headers::X_FORWARDED_FOR, conn.forwarded_for.clone());
         h.insert(
             &headers::X_FORWARDED_PROTO,
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -646,16 +671,12 @@ impl Proxy {
         };
         let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-        let watch = BodyWatch::default();
-        let mut body = Some(body);
         let now = self.clock.now_ms();
         let mut last_err = None;
         let order = route.upstream_order(now);
         let mut parts = Some(parts);
+        let mut body = Some(UpstreamBody::new(body, self.max_body));
         for (n, &i) in order.iter().enumerate() {
-            let Some(b) = body.take().or_else(|| watch.take_back()) else {
-                break;
-            };
             let up = &route.cfg.upstreams[i];
             let pq = if up.path.is_empty() {
                 target.clone()
@@ -666,20 +687,15 @@ impl Proxy {
                         UpstreamError::Failed("request target not valid upstream".into())
                     })?
             };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(up.authority.clone());
-            uri.path_and_query = Some(pq);
-            let uri = Uri::from_parts(uri)
-                .map_err(|_| UpstreamError::Failed("request target not valid upstream".into()))?;
             // Only copy the head when another upstream may still need it.
             let head = if n + 1 == order.len() {
                 parts.take().expect("parts kept until the last attempt")
             } else {
                 parts.clone().expect("parts kept until the last attempt")
             };
-            let mut req = Request::from_parts(head, watch.wrap(b, self.max_body));
-            *req.uri_mut() = uri;
+            let Some(b) = body.take() else { break };
+            let mut req = Request::from_parts(head, b);
+            *req.uri_mut() = Uri::from(pq);
             let hv = if route.cfg.preserve_host {
                 host.clone()
             } else {
@@ -688,7 +704,9 @@ impl Proxy {
             if let Some(hv) = hv {
                 req.headers_mut().insert(header::HOST, hv);
             }
-            match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+            let sent =
+                tokio::time::timeout(self.upstream_timeout, self.pool.send(route.slots[i], req));
+            match sent.await {
                 Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
                 Ok(Ok(mut resp)) => {
                     route.mark_up(i);
@@ -702,18 +720,16 @@ impl Proxy {
                     }
                     return Ok(resp);
                 }
-                Ok(Err(e)) => {
-                    if watch.exceeded() {
-                        return Err(UpstreamError::BodyTooLarge(self.max_body));
-                    }
-                    let what = upstream::describe(&e);
-                    if e.is_connect() {
-                        tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
-                        route.mark_down(i, now);
-                        last_err = Some(UpstreamError::Connect(what));
-                        continue;
-                    }
-                    return Err(UpstreamError::Failed(what));
+                Ok(Err(SendError::Failed {
+                    body_too_large: true,
+                    ..
+                })) => return Err(UpstreamError::BodyTooLarge(self.max_body)),
+                Ok(Err(SendError::Failed { what, .. })) => return Err(UpstreamError::Failed(what)),
+                Ok(Err(SendError::Unreachable(what, b))) => {
+                    tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
+                    route.mark_down(i, now);
+                    last_err = Some(UpstreamError::Connect(what));
+                    body = Some(b);
                 }
             }
         }

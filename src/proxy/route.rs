@@ -10,6 +10,8 @@ use crate::config::RouteConfig;
 
 pub struct Route {
     pub cfg: RouteConfig,
+    /// Per upstream: its slot in the connection pool (set by the proxy).
+    pub slots: Vec<usize>,
     next: AtomicUsize,
     /// Per upstream: Unix ms until which it is skipped after a failure.
     down_until: Vec<AtomicI64>,
@@ -23,6 +25,7 @@ impl Route {
         let n = cfg.upstreams.len();
         Route {
             cfg,
+            slots: vec![0; n],
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| AtomicI64::new(0)).collect(),
         }

@@ -47,6 +47,21 @@ pub fn strip(headers: &mut HeaderMap, name: &str) {
             .split(|&b| b == b';')
             .any(|p| value_of(p, name).is_some())
     };
+    let mut all = headers.get_all(COOKIE).iter();
+    if let (Some(only), None) = (all.next(), all.next()) {
+        // The usual case: one Cookie header.
+        if !has(only) {
+            return;
+        }
+        let kept = without(only, name);
+        match kept.is_empty() {
+            true => headers.remove(COOKIE),
+            false => HeaderValue::from_bytes(&kept)
+                .ok()
+                .and_then(|v| headers.insert(COOKIE, v)),
+        };
+        return;
+    }
     if !headers.get_all(COOKIE).iter().any(has) {
         return;
     }
@@ -57,18 +72,30 @@ pub fn strip(headers: &mut HeaderMap, name: &str) {
             headers.append(COOKIE, v);
             continue;
         }
-        let kept: Vec<&[u8]> = v
-            .as_bytes()
-            .split(|&b| b == b';')
-            .map(trim)
-            .filter(|p| !p.is_empty() && value_of(p, name).is_none())
-            .collect();
+        let kept = without(&v, name);
         if !kept.is_empty() {
-            if let Ok(hv) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
+            if let Ok(hv) = HeaderValue::from_bytes(&kept) {
                 headers.append(COOKIE, hv);
             }
         }
     }
+}
+
+/// The cookies of one `Cookie` value other than `name`, joined by "; ".
+fn without(v: &HeaderValue, name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in v
+        .as_bytes()
+        .split(|&b| b == b';')
+        .map(trim)
+        .filter(|p| !p.is_empty() && value_of(p, name).is_none())
+    {
+        if !out.is_empty() {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(p);
+    }
+    out
 }
 
 /// Whether a `Set-Cookie` value sets the cookie called `name`, or one of

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
+use super::key::IdKey;
 use super::{json, Expiry, Policy, Record, SessionKey};
 
 pub static X_SESSION: HeaderName = HeaderName::from_static("x-session");
@@ -85,7 +86,7 @@ pub fn inject(
     view: &View<'_>,
     now: i64,
     policy: &Policy,
-    secret: &[u8],
+    ids: &IdKey,
     forward: &[(HeaderName, String)],
     data_map: Option<&Map<String, Value>>,
 ) {
@@ -116,7 +117,7 @@ pub fn inject(
         HeaderValue::from_maybe_shared(data).unwrap_or_else(|_| HeaderValue::from_static("{}"));
     headers.insert(X_SESSION.clone(), data);
     let id = match view.key {
-        Some(k) => HeaderValue::from_bytes(&k.public_id_hex(secret)).expect("hex"),
+        Some(k) => HeaderValue::from_bytes(&k.public_id_hex(ids)).expect("hex"),
         None => HeaderValue::from_static(""),
     };
     headers.insert(X_SESSION_ID.clone(), id);
@@ -169,7 +170,7 @@ mod tests {
             record: None,
             is_new: true,
         };
-        inject(&mut h, &view, 0, &p, b"k", &[], None);
+        inject(&mut h, &view, 0, &p, &IdKey::new(b"k"), &[], None);
         assert_eq!(h["x-session"], "{}");
         assert_eq!(h["x-session-id"], "");
         assert_eq!(h["x-session-new"], "true");

@@ -12,6 +12,26 @@ pub const KEY_LEN: usize = 32;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionKey([u8; KEY_LEN]);
 
+/// The secret prepared for [`SessionKey::public_id_hex`]: the HMAC key
+/// blocks and the fixed prefix are hashed once, at start-up, so a request
+/// pays for two SHA-256 blocks instead of four.
+#[derive(Clone)]
+pub struct IdKey(Hmac<Sha256>);
+
+impl IdKey {
+    pub fn new(secret: &[u8]) -> IdKey {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
+        mac.update(b"sessiongate.session-id\0");
+        IdKey(mac)
+    }
+}
+
+impl std::fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdKey(..)")
+    }
+}
+
 impl SessionKey {
     /// Orders before every real key (range bounds in indexes).
     pub const MIN: SessionKey = SessionKey([0; KEY_LEN]);
@@ -66,13 +86,12 @@ impl SessionKey {
     /// The non-secret identifier sent upstream as `X-Session-Id`: an HMAC of
     /// the key, so it cannot be turned back into a cookie.
     pub fn public_id(&self, secret: &[u8]) -> String {
-        String::from_utf8(self.public_id_hex(secret).to_vec()).expect("hex is ASCII")
+        String::from_utf8(self.public_id_hex(&IdKey::new(secret)).to_vec()).expect("hex is ASCII")
     }
 
     /// [`SessionKey::public_id`] as 32 hex bytes, without allocating.
-    pub fn public_id_hex(&self, secret: &[u8]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
-        mac.update(b"sessiongate.session-id\0");
+    pub fn public_id_hex(&self, ids: &IdKey) -> [u8; 32] {
+        let mut mac = ids.0.clone();
         mac.update(&self.0);
         let tag = mac.finalize().into_bytes();
         const HEX: &[u8; 16] = b"0123456789abcdef";
