@@ -37,6 +37,9 @@
 #   MEM_SESSIONS=1000000
 #   OUT=BENCHMARKS.md  where to write the report ("-": do not write)
 #   KEEP=0           1: keep the temporary directory (configs, logs, raw output)
+#   ONE_WORKER=1     0: skip the two one-worker rows (nginx worker_processes 1,
+#                    sessiongate SESSIONGATE_WORKERS=1), which show what the
+#                    worker count does on a machine the load generator shares
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -56,6 +59,7 @@ MEM=${MEM:-1}
 MEM_SESSIONS=${MEM_SESSIONS:-1000000}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 KEEP=${KEEP:-0}
+ONE_WORKER=${ONE_WORKER:-1}
 
 say() { printf '[load.sh] %s\n' "$*" >&2; }
 die() {
@@ -80,7 +84,7 @@ int_in MEM_SESSIONS "$MEM_SESSIONS" 1 100000000
 ((THREADS <= CONNECTIONS)) || die "THREADS must not exceed CONNECTIONS"
 case $BACKEND in auto | nginx | bundled) ;; *) die "BACKEND=$BACKEND: expected auto, nginx or bundled" ;; esac
 
-COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND benches/load.sh"
+COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER benches/load.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sessiongate-load.XXXXXX")
 chmod 755 "$WORK"
@@ -231,6 +235,8 @@ free_port P_NGINX
 free_port P_NGINX_TLS
 free_port P_SG
 free_port P_SG_TLS
+free_port P_NGINX1
+free_port P_SG1
 
 say "self-signed certificate (openssl) in $WORK"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -244,13 +250,13 @@ BODY='hello from the backend\n'
 NGINX_USER=""
 [[ $(id -u) == 0 ]] && NGINX_USER="user root;" # the default user "nobody" may lack a group here
 
-nginx_conf() { # name, then the http{} body on stdin
-    local dir="$WORK/$1"
+nginx_conf() { # name [worker_processes], then the http{} body on stdin
+    local dir="$WORK/$1" wp=${2:-auto}
     mkdir -p "$dir/tmp"
     {
         cat <<EOF
 $NGINX_USER
-worker_processes auto;
+worker_processes $wp;
 daemon off;
 master_process on;
 pid $dir/nginx.pid;
@@ -332,6 +338,25 @@ if ((USE_NGINX)); then
 EOF
     start nginx-proxy "$NGINX_BIN" -p "$WORK/proxy" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf"
     wait_http nginx-proxy "http://127.0.0.1:$P_NGINX/" "${PIDS[-1]}"
+    if [[ $ONE_WORKER == 1 ]]; then
+        nginx_conf proxy1 1 <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX1;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+        start nginx-proxy-1w "$NGINX_BIN" -p "$WORK/proxy1" -e "$WORK/proxy1/error.log" -c "$WORK/proxy1/nginx.conf"
+        wait_http nginx-proxy-1w "http://127.0.0.1:$P_NGINX1/" "${PIDS[-1]}"
+    fi
 fi
 
 sg_conf() { # file listen tls-lines
@@ -368,6 +393,11 @@ start sessiongate "$SG_BIN" run --config "$WORK/sg-plain.toml"
 wait_http sessiongate "http://127.0.0.1:$P_SG/static/" "${PIDS[-1]}"
 start sessiongate-tls "$SG_BIN" run --config "$WORK/sg-tls.toml"
 wait_http sessiongate-tls "https://127.0.0.1:$P_SG_TLS/static/" "${PIDS[-1]}"
+if [[ $ONE_WORKER == 1 ]]; then
+    sg_conf "$WORK/sg-1w.toml" "$P_SG1" 'tls = false'
+    start sessiongate-1w env SESSIONGATE_WORKERS=1 "$SG_BIN" run --config "$WORK/sg-1w.toml"
+    wait_http sessiongate-1w "http://127.0.0.1:$P_SG1/static/" "${PIDS[-1]}"
+fi
 
 # ---------------------------------------------------------------- a live session
 
@@ -388,6 +418,8 @@ session_cookie() { # base-url -> "sessionid=KEY"
 }
 COOKIE=$(session_cookie "http://127.0.0.1:$P_SG")
 COOKIE_TLS=$(session_cookie "https://127.0.0.1:$P_SG_TLS")
+COOKIE_1W=""
+[[ $ONE_WORKER == 1 ]] && COOKIE_1W=$(session_cookie "http://127.0.0.1:$P_SG1")
 say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # ---------------------------------------------------------------- scenarios
@@ -410,6 +442,12 @@ if ((USE_NGINX)); then
     if ((HAVE_H2LOAD)); then
         SCEN+=("nginx_tls_h2|nginx proxy TLS h2|h2load|https://127.0.0.1:$P_NGINX_TLS/|")
     fi
+    if [[ $ONE_WORKER == 1 ]]; then
+        SCEN+=("nginx_1w|nginx proxy_pass, worker_processes 1|wrk|http://127.0.0.1:$P_NGINX1/|")
+    fi
+fi
+if [[ $ONE_WORKER == 1 ]]; then
+    SCEN+=("sg_read_1w|sessiongate live session (read), 1 worker|wrk|http://127.0.0.1:$P_SG1/|$COOKIE_1W")
 fi
 
 for s in "${SCEN[@]}"; do
@@ -543,7 +581,7 @@ REPORT="$WORK/report.md"
     echo "- Command: \`$COMMAND\` (run from the repository root)"
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) memory, Linux $(uname -r)"
-    echo "- sessiongate: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -z $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] || echo ' + uncommitted changes in src/'), \`cargo build --release\`, memory store, 2 processes (plain HTTP and TLS), tokio default worker threads"
+    echo "- sessiongate: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -z $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] || echo ' + uncommitted changes in src/'), \`cargo build --release\`, memory store, 2 processes (plain HTTP and TLS), one worker thread per core unless a row says otherwise"
     echo "- Backend: $BACKEND_KIND on 127.0.0.1, body \`hello from the backend\` (23 bytes); \`/write\` adds \`X-Session-Update: {\"n\": <counter>}\`"
     if ((USE_NGINX)); then
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')$( ((NGINX_INSTALLED_BY_SCRIPT)) && echo ' (installed by this run of the script)'), \`worker_processes auto\`, \`access_log off\`, proxy: \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection \"\"\`"
@@ -581,9 +619,13 @@ REPORT="$WORK/report.md"
     echo "| sessiongate session=false / nginx plain proxy | $(ratio sg_static nginx) | |"
     echo "| sessiongate read / session=false (cost of the session) | $(ratio sg_read sg_static) | |"
     echo "| nginx plain proxy / backend directly | $(ratio nginx backend) | |"
+    if [[ $ONE_WORKER == 1 ]]; then
+        echo "| sessiongate read, 1 worker / nginx plain proxy, 1 worker | $(ratio sg_read_1w nginx_1w) | |"
+        echo "| sessiongate read, 1 worker / nginx plain proxy (auto) | $(ratio sg_read_1w nginx) | |"
+    fi
     echo
     worst=""
-    for id in sg_read sg_write sg_tls_h1 sg_tls_h2; do
+    for id in sg_read sg_write sg_tls_h1 sg_tls_h2 sg_read_1w; do
         [[ -n ${P99[$id]:-} ]] || continue
         awk -v v="${P99[$id]}" 'BEGIN { exit !(v >= 2.0) }' && worst+="${worst:+, }$id (${P99[$id]} ms)"
     done
