@@ -157,6 +157,26 @@ async fn preserve_host_forwards_the_client_host_or_the_upstream_authority() {
         swap.last().header("host"),
         Some(upstream_authority.as_str())
     );
+
+    // An HTTP/1.0 client may send no Host: the upstream still gets one.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /keep/old HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within("the HTTP/1.0 answer", s.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.0 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(keep.last().uri.path(), "/keep/old");
+    assert_eq!(
+        keep.last().header("host"),
+        Some(keep.addr.to_string().as_str())
+    );
     p.stop().await;
 }
 
@@ -830,6 +850,78 @@ async fn a_connection_the_upstream_closes_is_never_reused() {
         5,
         "one connection per request"
     );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_request() {
+    // The upstream answers an upload at once, without reading its body (as
+    // a 401 or a redirect would), and then only drains that connection; a
+    // GET on any other connection gets `ok`.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let n = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                        continue;
+                    };
+                    if buf.starts_with(b"POST ") {
+                        let early = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
+                        let _ = s.write_all(early).await;
+                        while let Ok(k) = s.read(&mut chunk).await {
+                            if k == 0 {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    buf.drain(..end + 4);
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = start(&config_with(
+        "upstream_timeout = \"5s\"",
+        "",
+        &format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\nsession = false\n"),
+    ))
+    .await;
+
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    tx.send(Bytes::from_static(b"first-chunk")).await.unwrap();
+    let resp = within("the early answer", resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let early = within("its body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&early[..], b"early");
+
+    // The upload's connection is still sending (the client holds its body
+    // open): a GET now must get a connection of its own, not wait behind it
+    // until upstream_timeout and fail with 504.
+    let r = get_with(&p, "/", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    drop(tx);
     p.stop().await;
 }
 

@@ -696,14 +696,13 @@ impl Proxy {
             let Some(b) = body.take() else { break };
             let mut req = Request::from_parts(head, b);
             *req.uri_mut() = Uri::from(pq);
-            let hv = if route.cfg.preserve_host {
-                host.clone()
-            } else {
-                Some(up.host_value.clone())
+            // preserve_host with no Host from the client (HTTP/1.0, or h2
+            // without :authority): the upstream's, as HTTP/1.1 requires one.
+            let hv = match (&host, route.cfg.preserve_host) {
+                (Some(h), true) => h.clone(),
+                _ => up.host_value.clone(),
             };
-            if let Some(hv) = hv {
-                req.headers_mut().insert(header::HOST, hv);
-            }
+            req.headers_mut().insert(header::HOST, hv);
             let sent =
                 tokio::time::timeout(self.upstream_timeout, self.pool.send(route.slots[i], req));
             match sent.await {

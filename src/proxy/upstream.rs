@@ -11,10 +11,11 @@
 //! back when its response body ends, without the extra task per request
 //! the general client spawns to wait for that moment (BENCHMARKS.md).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -22,8 +23,8 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,23 +32,36 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// come back).
 const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 
+/// An idle connection older than this is closed rather than reused: a
+/// firewall or NAT may have forgotten it without telling either end.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Keep-alive connections to the upstreams, one stack of idle ones per
 /// distinct address.
 pub struct Pool {
     slots: Vec<Slot>,
-    connect_timeout: Duration,
+    /// Resolves the name and connects, trying the addresses of a name
+    /// IPv6 and IPv4 side by side (happy eyeballs), within the timeout.
+    connector: HttpConnector,
 }
 
 struct Slot {
     authority: Authority,
-    idle: Mutex<Vec<SendRequest<UpstreamBody>>>,
+    /// The address as a URI, for the connector.
+    uri: http::Uri,
+    /// Ready connections, the most recently used at the back.
+    idle: Mutex<VecDeque<(Instant, SendRequest<UpstreamBody>)>>,
 }
 
 impl Pool {
     pub fn new(connect_timeout: Duration) -> Pool {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
         Pool {
             slots: Vec::new(),
-            connect_timeout,
+            connector,
         }
     }
 
@@ -56,14 +70,24 @@ impl Pool {
         if let Some(i) = self.slots.iter().position(|s| &s.authority == authority) {
             return i;
         }
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("an authority makes a URI");
         self.slots.push(Slot {
             authority: authority.clone(),
-            idle: Mutex::new(Vec::new()),
+            uri,
+            idle: Mutex::new(VecDeque::new()),
         });
         self.slots.len() - 1
     }
 
-    fn idle(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<SendRequest<UpstreamBody>>> {
+    fn idle(
+        &self,
+        slot: usize,
+    ) -> std::sync::MutexGuard<'_, VecDeque<(Instant, SendRequest<UpstreamBody>)>> {
         self.slots[slot]
             .idle
             .lock()
@@ -71,43 +95,34 @@ impl Pool {
     }
 
     /// An idle connection that is still open and ready, if there is one.
-    async fn reuse(&self, slot: usize) -> Option<SendRequest<UpstreamBody>> {
-        loop {
-            let mut sender = self.idle(slot).pop()?;
-            if sender.is_closed() {
-                continue;
+    /// Only ready connections are pooled, so none is waited for here.
+    fn reuse(&self, slot: usize) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.idle(slot);
+        while let Some((since, sender)) = idle.pop_back() {
+            if since.elapsed() > IDLE_TIMEOUT {
+                // Everything below it is older still.
+                idle.clear();
+                return None;
             }
-            // Given back when its response body ended: ready at once, or
-            // as soon as its connection task has seen that end.
-            if sender.is_ready() || sender.ready().await.is_ok() {
+            if sender.is_ready() {
                 return Some(sender);
             }
         }
+        None
     }
 
     /// A new connection to the slot's address, or why none could be made.
     async fn connect(&self, slot: usize) -> Result<SendRequest<UpstreamBody>, String> {
-        let authority = &self.slots[slot].authority;
-        let host = authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let port = authority.port_u16().unwrap_or(80);
-        let connect = TcpStream::connect((host, port));
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("connect to {authority}: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "connect to {authority}: no answer within {:?}",
-                    self.connect_timeout
-                ))
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let Slot { authority, uri, .. } = &self.slots[slot];
+        let mut connector = self.connector.clone();
+        let io = async {
+            std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+            connector.call(uri.clone()).await
+        }
+        .await
+        .map_err(|e| format!("connect to {authority}: {}", chain(&e)))?;
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| format!("connect to {authority}: {}", describe(&e)))?;
         tokio::spawn(async move {
@@ -118,13 +133,32 @@ impl Pool {
         Ok(sender)
     }
 
-    fn give_back(&self, slot: usize, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
+    /// Pools a connection whose response has been read. One still busy
+    /// (sending the rest of a request body the upstream answered early) is
+    /// pooled once it is ready, so no request ever waits behind another.
+    fn give_back(self: Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
+        if sender.is_ready() {
+            self.push_idle(slot, sender);
+        } else if !sender.is_closed() {
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    self.push_idle(slot, sender);
+                }
+            });
         }
+    }
+
+    fn push_idle(&self, slot: usize, sender: SendRequest<UpstreamBody>) {
+        let now = Instant::now();
         let mut idle = self.idle(slot);
+        while idle
+            .front()
+            .is_some_and(|(since, _)| now.duration_since(*since) > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
         if idle.len() < MAX_IDLE_PER_UPSTREAM {
-            idle.push(sender);
+            idle.push_back((now, sender));
         }
     }
 
@@ -138,7 +172,7 @@ impl Pool {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, SendError> {
         loop {
-            let (mut sender, reused) = match self.reuse(slot).await {
+            let (mut sender, reused) = match self.reuse(slot) {
                 Some(s) => (s, true),
                 None => match self.connect(slot).await {
                     Ok(s) => (s, false),
@@ -325,10 +359,8 @@ impl Body for UpstreamBody {
     }
 }
 
-/// A short description of a client error for logs and error bodies
-/// (no URL with credentials, no headers).
-pub fn describe(e: &hyper::Error) -> String {
-    use std::error::Error;
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -337,4 +369,10 @@ pub fn describe(e: &hyper::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// A short description of a client error for logs and error bodies
+/// (no URL with credentials, no headers).
+pub fn describe(e: &hyper::Error) -> String {
+    chain(e)
 }
