@@ -755,10 +755,21 @@ async fn round_robin_skips_a_dead_upstream() {
     p.stop().await;
 }
 
+/// What a raw upstream does after answering a request head.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    KeepAlive,
+    HangUp,
+    /// Read and discard everything else on the connection.
+    Drain,
+}
+
 /// A raw HTTP/1.1 upstream that counts the connections it accepts and
-/// answers every request head with `ok` (`close`: with `Connection: close`,
-/// then hangs up). HEAD gets the head only, `/empty` a 204.
-async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// answers each request head (request bodies are not read) with what
+/// `answer` gives for it.
+async fn raw_upstream(
+    answer: impl Fn(&str) -> (String, Then) + Copy + Send + 'static,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -779,15 +790,12 @@ async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsiz
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end + 4);
-                    let conn = if close { "Connection: close\r\n" } else { "" };
-                    let resp = if head.starts_with("HEAD ") {
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\n")
-                    } else if head.starts_with("GET /empty ") {
-                        format!("HTTP/1.1 204 No Content\r\n{conn}\r\n")
-                    } else {
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\nok")
-                    };
-                    if s.write_all(resp.as_bytes()).await.is_err() || close {
+                    let (resp, then) = answer(&head);
+                    if s.write_all(resp.as_bytes()).await.is_err() || then == Then::HangUp {
+                        return;
+                    }
+                    if then == Then::Drain {
+                        while matches!(s.read(&mut chunk).await, Ok(k) if k > 0) {}
                         return;
                     }
                 }
@@ -795,6 +803,23 @@ async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsiz
         }
     });
     (addr, conns)
+}
+
+/// Answers every request head with `ok` (`close`: with `Connection: close`,
+/// then hangs up). HEAD gets the head only, `/empty` a 204.
+async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    raw_upstream(move |head| {
+        let conn = if close { "Connection: close\r\n" } else { "" };
+        let resp = if head.starts_with("HEAD ") {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\n")
+        } else if head.starts_with("GET /empty ") {
+            format!("HTTP/1.1 204 No Content\r\n{conn}\r\n")
+        } else {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\nok")
+        };
+        (resp, if close { Then::HangUp } else { Then::KeepAlive })
+    })
+    .await
 }
 
 #[tokio::test]
@@ -858,43 +883,16 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_reques
     // The upstream answers an upload at once, without reading its body (as
     // a 401 or a redirect would), and then only drains that connection; a
     // GET on any other connection gets `ok`.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let n = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
-                        continue;
-                    };
-                    if buf.starts_with(b"POST ") {
-                        let early = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
-                        let _ = s.write_all(early).await;
-                        while let Ok(k) = s.read(&mut chunk).await {
-                            if k == 0 {
-                                return;
-                            }
-                        }
-                        return;
-                    }
-                    buf.drain(..end + 4);
-                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if s.write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let (addr, conns) = raw_upstream(|head| {
+        if head.starts_with("POST ") {
+            let early = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
+            (early.to_string(), Then::Drain)
+        } else {
+            let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            (ok.to_string(), Then::KeepAlive)
         }
-    });
+    })
+    .await;
     let p = start(&config_with(
         "upstream_timeout = \"5s\"",
         "",
