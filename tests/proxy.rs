@@ -766,9 +766,9 @@ enum Then {
 
 /// A raw HTTP/1.1 upstream that counts the connections it accepts and
 /// answers each request head (request bodies are not read) with what
-/// `answer` gives for it.
+/// `answer` gives for it and its index on its connection (0 for the first).
 async fn raw_upstream(
-    answer: impl Fn(&str) -> (String, Then) + Copy + Send + 'static,
+    answer: impl Fn(&str, usize) -> (String, Then) + Copy + Send + 'static,
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -780,6 +780,7 @@ async fn raw_upstream(
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 1024];
+                let mut index = 0;
                 loop {
                     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                         match s.read(&mut chunk).await {
@@ -790,7 +791,8 @@ async fn raw_upstream(
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end + 4);
-                    let (resp, then) = answer(&head);
+                    let (resp, then) = answer(&head, index);
+                    index += 1;
                     if s.write_all(resp.as_bytes()).await.is_err() || then == Then::HangUp {
                         return;
                     }
@@ -808,7 +810,7 @@ async fn raw_upstream(
 /// Answers every request head with `ok` (`close`: with `Connection: close`,
 /// then hangs up). HEAD gets the head only, `/empty` a 204.
 async fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    raw_upstream(move |head| {
+    raw_upstream(move |head, _| {
         let conn = if close { "Connection: close\r\n" } else { "" };
         let resp = if head.starts_with("HEAD ") {
             format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{conn}\r\n")
@@ -883,7 +885,7 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_reques
     // The upstream answers an upload at once, without reading its body (as
     // a 401 or a redirect would), and then only drains that connection; a
     // GET on any other connection gets `ok`.
-    let (addr, conns) = raw_upstream(|head| {
+    let (addr, conns) = raw_upstream(|head, _| {
         if head.starts_with("POST ") {
             let early = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
             (early.to_string(), Then::Drain)
@@ -920,6 +922,114 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_reques
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
     assert_eq!(conns.load(Ordering::SeqCst), 2);
     drop(tx);
+    p.stop().await;
+}
+
+/// A session-less route to `addr`.
+fn plain_route(addr: std::net::SocketAddr) -> String {
+    format!("[[route]]\nname = \"app\"\nupstream = \"http://{addr}\"\nsession = false\n")
+}
+
+#[tokio::test]
+async fn chunked_and_interim_responses_are_read_and_the_connection_reused() {
+    let (addr, conns) = raw_upstream(|head, _| {
+        let resp = if head.starts_with("GET /continue ") {
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nafter"
+        } else {
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n\
+             5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        };
+        (resp.to_string(), Then::KeepAlive)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    let r = get_with(&p, "/chunked", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello, world"));
+    assert_eq!(
+        r.headers.get("content-length"),
+        None,
+        "a conflicting length is dropped"
+    );
+    let r = get_with(&p, "/continue", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "after"));
+    let r = get_with(&p, "/chunked", &[]).await;
+    assert_eq!(r.body, "hello, world");
+    // The response with both framings was not trusted to end cleanly.
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_delimited_by_close_is_read_to_the_end() {
+    let (addr, conns) = raw_upstream(|_, _| {
+        let resp = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end";
+        (resp.to_string(), Then::HangUp)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    for _ in 0..2 {
+        let r = get_with(&p, "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "until the end"));
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "such a connection ends with its body"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn broken_upstream_responses_are_502() {
+    let (addr, _) = raw_upstream(|head, _| {
+        let resp = match head.split(' ').nth(1).unwrap_or_default() {
+            "/garbage" => "this is not HTTP\r\n\r\n",
+            "/lengths" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            "/switch" => "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+            _ => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        };
+        (resp.to_string(), Then::KeepAlive)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    for path in ["/garbage", "/lengths", "/switch"] {
+        let r = get_with(&p, path, &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_one_line(&r.body);
+    }
+    let r = get_with(&p, "/fine", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_closed_under_a_request_is_retried_only_when_safe() {
+    // Each connection answers its first request and hangs up on the second
+    // without a word, as an upstream whose keep-alive timeout fires just as
+    // the request arrives.
+    let (addr, conns) = raw_upstream(|_, index| match index {
+        0 => (
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_string(),
+            Then::KeepAlive,
+        ),
+        _ => (String::new(), Then::HangUp),
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    for i in 0..3 {
+        let r = get_with(&p, "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "GET {i}");
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        3,
+        "each GET after the first went again on a new connection"
+    );
+    // A POST may have been acted on before the connection dropped: never
+    // sent twice (RFC 9110 9.2.2).
+    let r = within("POST", p.post("/", None, "")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(conns.load(Ordering::SeqCst), 3);
     p.stop().await;
 }
 

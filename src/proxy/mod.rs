@@ -2,6 +2,7 @@
 //! request -> forward -> take the upstream's directives -> apply them as a
 //! patch -> Set-Cookie -> respond.
 
+mod h1;
 pub mod headers;
 pub mod path;
 pub mod route;

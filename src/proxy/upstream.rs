@@ -1,30 +1,38 @@
 //! The upstream side: a keep-alive pool of HTTP/1.1 connections per
-//! upstream address, the request body wrapper that enforces
-//! `max_request_body` while streaming, the response body that hands its
-//! connection back to the pool once read, and the errors that become
-//! 413/502/504.
+//! upstream address, the exchange on one of them, the request body wrapper
+//! that enforces `max_request_body` while streaming, the response body
+//! that hands its connection back to the pool once read, and the errors
+//! that become 413/502/504.
 //!
-//! The pool is hyper's low-level `client::conn::http1` with a stack of idle
-//! senders per address, rather than hyper-util's general-purpose client:
-//! under `sessiongate run` every worker thread has its own proxy and pool,
-//! so a checkout is an uncontended lock and a `pop`, and a connection goes
-//! back when its response body ends, without the extra task per request
-//! the general client spawns to wait for that moment (BENCHMARKS.md).
+//! Every worker thread has its own proxy and pool (`sessiongate run`), so a
+//! checkout is an uncontended lock and a `pop`. The exchange runs in the
+//! request's own task: the head is written, the response head read and
+//! parsed ([`super::h1`]), and a body that came with the head goes back to
+//! the client with the connection already returned to the pool. hyper's
+//! client connection, with its own task and channels per request, cost
+//! about a quarter of the proxy's instructions per request
+//! (BENCHMARKS.md); it still carries upgrade requests (WebSocket), each on
+//! a connection of its own, as the tunnel needs hyper's upgrade machinery.
 
 use std::collections::VecDeque;
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
 use tower_service::Service;
+
+use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,6 +43,9 @@ const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 /// An idle connection older than this is closed rather than reused: a
 /// firewall or NAT may have forgotten it without telling either end.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Read buffer growth (as hyper's).
+const READ_CHUNK: usize = 8192;
 
 /// Keep-alive connections to the upstreams, one stack of idle ones per
 /// distinct address.
@@ -49,8 +60,47 @@ struct Slot {
     authority: Authority,
     /// The address as a URI, for the connector.
     uri: http::Uri,
-    /// Ready connections, the most recently used at the back.
-    idle: Mutex<VecDeque<(Instant, SendRequest<UpstreamBody>)>>,
+    /// Open connections with nothing in flight, the most recently used at
+    /// the back.
+    idle: Mutex<VecDeque<(Instant, Conn)>>,
+}
+
+/// One connection to an upstream and its buffers.
+struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet consumed.
+    rbuf: BytesMut,
+    /// The request head being written.
+    wbuf: Vec<u8>,
+}
+
+impl Conn {
+    /// Reads what is available into `rbuf`; `Ok(0)` is the end of input.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        // `poll_read` (rather than `try_read`) lets tokio note that a short
+        // read drained the socket, so checking an idle connection later
+        // costs no system call.
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    }
+
+    /// Whether an idle connection is still open with nothing unread: the
+    /// upstream has not closed it (or sent anything) since its last
+    /// response, as far as the event loop has seen.
+    fn is_reusable(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readiness is not proof of data: look, without waiting.
+            Poll::Ready(Ok(())) => self.poll_fill(&mut cx).is_pending(),
+        }
+    }
 }
 
 impl Pool {
@@ -84,71 +134,43 @@ impl Pool {
         self.slots.len() - 1
     }
 
-    fn idle(
-        &self,
-        slot: usize,
-    ) -> std::sync::MutexGuard<'_, VecDeque<(Instant, SendRequest<UpstreamBody>)>> {
+    fn idle(&self, slot: usize) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Conn)>> {
         self.slots[slot]
             .idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An idle connection that is still open and ready, if there is one.
-    /// Only ready connections are pooled, so none is waited for here.
-    fn reuse(&self, slot: usize) -> Option<SendRequest<UpstreamBody>> {
+    /// An idle connection that is still open, if there is one.
+    fn reuse(&self, slot: usize) -> Option<Conn> {
         let mut idle = self.idle(slot);
-        while let Some((since, sender)) = idle.pop_back() {
+        while let Some((since, mut conn)) = idle.pop_back() {
             if since.elapsed() > IDLE_TIMEOUT {
                 // Everything below it is older still.
                 idle.clear();
                 return None;
             }
-            if sender.is_ready() {
-                return Some(sender);
+            if conn.is_reusable() {
+                return Some(conn);
             }
         }
         None
     }
 
-    /// A new connection to the slot's address, or why none could be made.
-    async fn connect(&self, slot: usize) -> Result<SendRequest<UpstreamBody>, String> {
+    /// A new TCP connection to the slot's address, or why none could be
+    /// made.
+    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, String> {
         let Slot { authority, uri, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
-        let io = async {
+        async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
         }
         .await
-        .map_err(|e| format!("connect to {authority}: {}", chain(&e)))?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| format!("connect to {authority}: {}", describe(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %describe(&e), "upstream connection closed");
-            }
-        });
-        Ok(sender)
+        .map_err(|e| format!("connect to {authority}: {}", chain(&e)))
     }
 
-    /// Pools a connection whose response has been read. One still busy
-    /// (sending the rest of a request body the upstream answered early) is
-    /// pooled once it is ready, so no request ever waits behind another.
-    fn give_back(self: Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
-        if sender.is_ready() {
-            self.push_idle(slot, sender);
-        } else if !sender.is_closed() {
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    self.push_idle(slot, sender);
-                }
-            });
-        }
-    }
-
-    fn push_idle(&self, slot: usize, sender: SendRequest<UpstreamBody>) {
+    fn push_idle(&self, slot: usize, conn: Conn) {
         let now = Instant::now();
         let mut idle = self.idle(slot);
         while idle
@@ -158,53 +180,324 @@ impl Pool {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE_PER_UPSTREAM {
-            idle.push_back((now, sender));
+            idle.push_back((now, conn));
         }
     }
 
     /// Sends `req` (origin-form target, `Host` set) on a pooled connection
-    /// to the slot's address, or on a new one. A request a reused
-    /// connection could not take (the upstream closed it meanwhile) is
-    /// sent again on another one: it never reached the upstream.
+    /// to the slot's address, or on a new one, and returns the response
+    /// once its head has arrived.
+    ///
+    /// A request without a body that a reused connection failed before any
+    /// byte of an answer (the upstream closed it while it sat idle) is sent
+    /// again on another connection when it cannot have been acted on: its
+    /// head could not be written, or its method is idempotent (RFC 9110
+    /// 9.2.2, as nginx's `proxy_next_upstream` does).
     pub async fn send(
         self: &Arc<Self>,
         slot: usize,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            return self.send_upgrade(slot, req).await;
+        }
+        let (parts, body) = req.into_parts();
+        let framing = if body.is_end_stream() {
+            SendFraming::None
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => SendFraming::Length(n),
+                None => SendFraming::Chunked,
+            }
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut body = Some(body);
         loop {
-            let (mut sender, reused) = match self.reuse(slot) {
-                Some(s) => (s, true),
-                None => match self.connect(slot).await {
-                    Ok(s) => (s, false),
-                    Err(what) => return Err(SendError::Unreachable(what, req.into_body())),
+            let (mut conn, reused) = match self.reuse(slot) {
+                Some(c) => (c, true),
+                None => match self.dial(slot).await {
+                    Ok(io) => (
+                        Conn {
+                            io: io.into_inner(),
+                            rbuf: BytesMut::new(),
+                            wbuf: Vec::with_capacity(1024),
+                        },
+                        false,
+                    ),
+                    Err(what) => {
+                        let body = body.take().expect("the body is kept until it is sent");
+                        return Err(SendError::Unreachable(what, body));
+                    }
                 },
             };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    let (parts, body) = resp.into_parts();
-                    let mut body = PooledBody {
-                        inner: body,
-                        back: (!upgrade).then(|| (self.clone(), slot, sender)),
-                    };
-                    if body.inner.is_end_stream() {
-                        body.give_back();
+            h1::encode_head(
+                &mut conn.wbuf,
+                &parts.method,
+                target,
+                &parts.headers,
+                framing,
+            );
+            let mut upload = match framing {
+                SendFraming::None => None,
+                _ => body.take().map(|b| Upload::new(b, framing)),
+            };
+            match exchange(&mut conn, &parts.method, &mut upload).await {
+                Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
+                Err(f) => {
+                    let retry = reused
+                        && framing == SendFraming::None
+                        && f.nothing_received
+                        && (f.head_unsent || parts.method.is_idempotent());
+                    if retry {
+                        tracing::debug!(error = %f.error, "a kept-alive upstream connection had closed; sending again on another");
+                        continue;
                     }
-                    return Ok(Response::from_parts(parts, body));
+                    return Err(SendError::Failed {
+                        body_too_large: matches!(f.error, ClientError::TooLarge),
+                        what: f.error.to_string(),
+                    });
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(r) if reused => req = r,
-                    _ => {
-                        let e = e.into_error();
-                        return Err(SendError::Failed {
-                            body_too_large: body_too_large(&e),
-                            what: describe(&e),
-                        });
-                    }
-                },
             }
         }
     }
+
+    /// The response around its body: one that came with the head is handed
+    /// over whole, the connection going back to the pool at once.
+    fn respond(
+        self: &Arc<Self>,
+        slot: usize,
+        mut conn: Conn,
+        upload: Option<Upload>,
+        answer: Answer,
+    ) -> Response<PooledBody> {
+        let Answer {
+            head,
+            framing,
+            reusable,
+        } = answer;
+        let body = match framing {
+            Framing::Length(n) if upload.is_none() && conn.rbuf.len() as u64 >= n => {
+                let data = conn.rbuf.split_to(n as usize).freeze();
+                if reusable && conn.rbuf.is_empty() {
+                    self.push_idle(slot, conn);
+                }
+                Inner::Whole(Some(data))
+            }
+            _ => Inner::Stream(Box::new(Streaming {
+                conn,
+                upload,
+                state: match framing {
+                    Framing::Length(0) => BodyState::Done,
+                    Framing::Length(n) => BodyState::Length(n),
+                    Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+                    Framing::Close => BodyState::Close,
+                },
+                reusable,
+                pool: self.clone(),
+                slot,
+            })),
+        };
+        let mut resp = Response::new(PooledBody(body));
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        resp
+    }
+
+    /// An upgrade request (WebSocket) goes over hyper's client on a new
+    /// connection of its own, which the tunnel then takes over.
+    async fn send_upgrade(
+        &self,
+        slot: usize,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let io = match self.dial(slot).await {
+            Ok(io) => io,
+            Err(what) => return Err(SendError::Unreachable(what, req.into_body())),
+        };
+        let failed = |e: hyper::Error| SendError::Failed {
+            body_too_large: body_too_large(&e),
+            what: chain(&e),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(failed)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %chain(&e), "upstream connection closed");
+            }
+        });
+        let resp = sender.send_request(req).await.map_err(failed)?;
+        Ok(resp.map(|b| PooledBody(Inner::Hyper(b))))
+    }
+}
+
+/// A response head and how its body is framed.
+struct Answer {
+    head: h1::Head,
+    framing: Framing,
+    /// The connection can carry another request after this one.
+    reusable: bool,
+}
+
+/// Why an exchange failed, and whether it could be tried again.
+struct Failure {
+    error: ClientError,
+    /// Not a byte of an answer arrived.
+    nothing_received: bool,
+    /// The request head was not (completely) written.
+    head_unsent: bool,
+}
+
+/// Writes the request head, then sends the body while waiting for the
+/// response head (an upstream may answer before the body is complete: the
+/// rest of the upload then goes on alongside the response body). Interim
+/// 1xx responses are skipped.
+async fn exchange(
+    conn: &mut Conn,
+    method: &Method,
+    upload: &mut Option<Upload>,
+) -> Result<Answer, Failure> {
+    let fail = |error: ClientError, nothing_received: bool, head_unsent: bool| Failure {
+        error,
+        nothing_received,
+        head_unsent,
+    };
+    {
+        let Conn { io, wbuf, .. } = &mut *conn;
+        tokio::io::AsyncWriteExt::write_all(io, wbuf)
+            .await
+            .map_err(|e| fail(e.into(), true, true))?;
+    }
+    let mut received = false;
+    let mut write_failed: Option<io::Error> = None;
+    let head = std::future::poll_fn(|cx| loop {
+        if let Some(up) = upload.as_mut() {
+            match up.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => *upload = None,
+                // The upstream may have answered and stopped reading: its
+                // answer, if one comes, wins over the write error.
+                Poll::Ready(Err(ClientError::Io(e))) => {
+                    write_failed = Some(e);
+                    *upload = None;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
+                Poll::Pending => {}
+            }
+        }
+        match h1::parse_head(&mut conn.rbuf) {
+            Ok(Some(head)) if head.status.is_informational() => {
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Poll::Ready(Err(fail(ClientError::Switched, false, false)));
+                }
+                continue;
+            }
+            Ok(Some(head)) => return Poll::Ready(Ok(head)),
+            Ok(None) => {}
+            Err(e) => return Poll::Ready(Err(fail(e.into(), false, false))),
+        }
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) => {
+                let e = match write_failed.take() {
+                    Some(e) => e.into(),
+                    None if received => ClientError::Closed("the end of the response head"),
+                    None => ClientError::Closed("answering"),
+                };
+                return Poll::Ready(Err(fail(e, !received, false)));
+            }
+            Ok(_) => received = true,
+            Err(e) => return Poll::Ready(Err(fail(e.into(), !received, false))),
+        }
+    })
+    .await?;
+    let mut head = head;
+    let (framing, reusable) = h1::response_framing(method, &mut head);
+    Ok(Answer {
+        head,
+        framing,
+        reusable: reusable && write_failed.is_none(),
+    })
+}
+
+/// A request body on its way to the upstream.
+struct Upload {
+    body: UpstreamBody,
+    chunked: bool,
+    /// Framed bytes not yet written, from `pos`.
+    out: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl Upload {
+    fn new(body: UpstreamBody, framing: SendFraming) -> Upload {
+        Upload {
+            body,
+            chunked: framing == SendFraming::Chunked,
+            out: Vec::new(),
+            pos: 0,
+            ended: false,
+        }
+    }
+
+    /// Writes the body frame by frame as the client sends it; ready when
+    /// all of it (and the last chunk) has been written.
+    fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        loop {
+            while self.pos < self.out.len() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                self.pos += n;
+            }
+            self.out.clear();
+            self.pos = 0;
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        self.out.extend_from_slice(h1::LAST_CHUNK);
+                    }
+                }
+                Some(Ok(frame)) => {
+                    // Trailers from the client are not forwarded.
+                    if let Ok(data) = frame.into_data() {
+                        if self.chunked && !data.is_empty() {
+                            h1::encode_chunk(&mut self.out, &data);
+                        } else {
+                            self.out.extend_from_slice(&data);
+                        }
+                    }
+                }
+                Some(Err(e)) if e.is::<TooLarge>() => {
+                    return Poll::Ready(Err(ClientError::TooLarge))
+                }
+                Some(Err(e)) => return Poll::Ready(Err(ClientError::Body(chain(&*e)))),
+            }
+        }
+    }
+}
+
+/// What went wrong talking to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the upstream closed the connection before {0}")]
+    Closed(&'static str),
+    #[error("reading the request body: {0}")]
+    Body(String),
+    #[error("request body over the limit")]
+    TooLarge,
+    #[error("the upstream switched protocols without an upgrade request")]
+    Switched,
 }
 
 /// Why [`Pool::send`] failed.
@@ -218,45 +511,154 @@ pub enum SendError {
 
 /// The upstream's response body; the connection goes back to the pool
 /// when the body has been read to its end.
-pub struct PooledBody {
-    inner: Incoming,
-    back: Option<(Arc<Pool>, usize, SendRequest<UpstreamBody>)>,
+pub struct PooledBody(Inner);
+
+enum Inner {
+    /// All of it arrived with the head (the connection is back already).
+    Whole(Option<Bytes>),
+    Stream(Box<Streaming>),
+    /// From an upgrade request's connection.
+    Hyper(Incoming),
 }
 
-impl PooledBody {
-    fn give_back(&mut self) {
-        if let Some((pool, slot, sender)) = self.back.take() {
-            pool.give_back(slot, sender);
+/// A response body still arriving (and maybe the rest of the request body
+/// still leaving) on its connection.
+struct Streaming {
+    conn: Conn,
+    upload: Option<Upload>,
+    state: BodyState,
+    reusable: bool,
+    pool: Arc<Pool>,
+    slot: usize,
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Close,
+    Done,
+}
+
+impl Streaming {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        loop {
+            if let Some(up) = self.upload.as_mut() {
+                match up.poll(&mut self.conn.io, cx) {
+                    Poll::Ready(Ok(())) => self.upload = None,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "request body after an early answer");
+                        self.upload = None;
+                        self.reusable = false;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            let rbuf = &mut self.conn.rbuf;
+            match &mut self.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(left) => {
+                    if !rbuf.is_empty() {
+                        let take = (*left).min(rbuf.len() as u64);
+                        let data = rbuf.split_to(take as usize).freeze();
+                        *left -= take;
+                        if *left == 0 {
+                            self.state = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(d) => match d.decode(rbuf)? {
+                    Decoded::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Decoded::End => {
+                        self.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Decoded::More => {}
+                },
+                BodyState::Close => {
+                    if !rbuf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(rbuf.split().freeze()))));
+                    }
+                }
+            }
+            match ready!(self.conn.poll_fill(cx)) {
+                Ok(0) if matches!(self.state, BodyState::Close) => {
+                    self.state = BodyState::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(ClientError::Closed(
+                        "the end of the response body",
+                    ))))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    /// The body has ended: the connection goes back when it is clean.
+    fn finish(self) {
+        if self.reusable && self.upload.is_none() && self.conn.rbuf.is_empty() {
+            self.pool.push_idle(self.slot, self.conn);
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // A broken body leaves a broken connection: not given back.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
+        match &mut this.0 {
+            Inner::Whole(data) => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Stream(s) => {
+                let res = s.poll_frame(cx);
+                let done = matches!(s.state, BodyState::Done);
+                let failed = matches!(res, Poll::Ready(Some(Err(_))));
+                if done || failed {
+                    // A broken body leaves a broken connection: closed.
+                    if let Inner::Stream(s) = std::mem::replace(&mut this.0, Inner::Whole(None)) {
+                        if done {
+                            s.finish();
+                        }
+                    }
+                }
+                res.map_err(Into::into)
+            }
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Whole(data) => data.as_ref().is_none_or(Bytes::is_empty),
+            Inner::Stream(s) => matches!(s.state, BodyState::Done),
+            Inner::Hyper(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Inner::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Stream(s) => match s.state {
+                BodyState::Length(n) => SizeHint::with_exact(n),
+                BodyState::Done => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
+            Inner::Hyper(body) => body.size_hint(),
+        }
     }
 }
 
@@ -369,10 +771,4 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
-}
-
-/// A short description of a client error for logs and error bodies
-/// (no URL with credentials, no headers).
-pub fn describe(e: &hyper::Error) -> String {
-    chain(e)
 }

@@ -1,0 +1,630 @@
+//! The HTTP/1.1 client side of the upstream exchange, without I/O: the
+//! request head as bytes, the response head parsed (by `httparse`, the
+//! parser hyper uses), how the response body is framed (RFC 9112 6.3), and
+//! the chunked decoder. [`super::upstream`] drives it over the pooled
+//! connections.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::{Method, StatusCode, Version};
+
+/// A response head larger than this is refused (hyper's default buffer
+/// limit is about 400 KB; nginx's `proxy_buffer_size` is 4-8 KB).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers accepted in a response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of trailer fields after the last chunk (they are dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Why an upstream's response could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid response head: {0}")]
+    Head(httparse::Error),
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid status code {0}")]
+    Status(u16),
+    #[error("invalid Content-Length")]
+    ContentLength,
+    #[error("invalid chunked framing: {0}")]
+    Chunked(&'static str),
+}
+
+/// How the request body goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFraming {
+    /// No body, and no framing header added.
+    None,
+    /// `Content-Length` (set to this value).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Writes the request head: request line, headers as given (names in
+/// lower case, as hyper sends them), then the framing header.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: SendFraming,
+) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if framing != SendFraming::None && name == CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        SendFraming::None => {}
+        SendFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        SendFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One chunk of a chunked request body: size line, data, CRLF.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let mut hex = [0u8; 16];
+    let mut i = hex.len();
+    let mut n = data.len();
+    loop {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A parsed response head, without its hop-by-hop fields: what they say
+/// about the connection and the framing is kept aside.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    /// The end-to-end fields. `Connection` is kept only when it nominates
+    /// other fields (for the caller's hop-by-hop removal).
+    pub headers: HeaderMap,
+    /// `Connection: close` was sent.
+    close: bool,
+    /// The last transfer coding, when `Transfer-Encoding` was sent.
+    transfer_coding: Option<TransferCoding>,
+    /// The `Content-Length`, checked (all values agree).
+    content_length: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferCoding {
+    Chunked,
+    Other,
+}
+
+/// Where a field sits in the head's bytes.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// Parses a complete response head off the front of `buf`, or returns
+/// `None` when more bytes are needed. Header values share the bytes read.
+pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut spans = [Span::default(); MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(ProtocolError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(ProtocolError::Head(e)),
+    };
+    if len > MAX_HEAD {
+        return Err(ProtocolError::HeadTooLarge);
+    }
+    let code = r.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Status(code))?;
+    let version = if r.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Offsets now, so the values can be slices of the frozen head below
+    // rather than copies.
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
+    let count = r.headers.len();
+    for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
+        *span = Span {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+        };
+    }
+    let bytes = buf.split_to(len).freeze();
+    let slice = |(at, len): (u32, u32)| &bytes[at as usize..(at + len) as usize];
+
+    let mut head = Head {
+        status,
+        version,
+        headers: HeaderMap::with_capacity(count),
+        close: false,
+        transfer_coding: None,
+        content_length: None,
+    };
+    for span in &spans[..count] {
+        let name = HeaderName::from_bytes(slice(span.name))
+            .map_err(|_| ProtocolError::Head(httparse::Error::HeaderName))?;
+        let raw = slice(span.value);
+        match name.as_str() {
+            "connection" => {
+                let mut nominates = false;
+                for t in raw.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        head.close = true;
+                    } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") {
+                        nominates = true;
+                    }
+                }
+                if !nominates {
+                    continue;
+                }
+            }
+            "transfer-encoding" => {
+                let last = raw.rsplit(|&b| b == b',').next().unwrap_or_default();
+                head.transfer_coding =
+                    Some(match last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                        true => TransferCoding::Chunked,
+                        false => TransferCoding::Other,
+                    });
+                continue;
+            }
+            "content-length" => {
+                let n = content_length(raw)?;
+                if head.content_length.is_some_and(|f| f != n) {
+                    return Err(ProtocolError::ContentLength);
+                }
+                head.content_length = Some(n);
+            }
+            n if is_hop_by_hop(n) => continue,
+            _ => {}
+        }
+        let value = HeaderValue::from_maybe_shared(
+            bytes.slice(span.value.0 as usize..(span.value.0 + span.value.1) as usize),
+        )
+        .map_err(|_| ProtocolError::Head(httparse::Error::HeaderValue))?;
+        head.headers.append(name, value);
+    }
+    Ok(Some(head))
+}
+
+/// The fixed hop-by-hop fields of a response (`Connection` is handled on
+/// its own).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "keep-alive" | "te" | "trailer" | "upgrade" | "proxy-connection" | "proxy-authorization"
+    )
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length` bytes (0: no body).
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// The body framing of a response to `method` (RFC 9112 6.3), and whether
+/// the connection can carry another request afterwards. A response with
+/// both `Transfer-Encoding` and `Content-Length` loses the latter.
+pub fn response_framing(method: &Method, head: &mut Head) -> (Framing, bool) {
+    let reusable = head.version == Version::HTTP_11 && !head.close;
+    let status = head.status.as_u16();
+    if method == Method::HEAD || (100..200).contains(&status) || status == 204 || status == 304 {
+        return (Framing::Length(0), reusable);
+    }
+    match (head.transfer_coding, head.content_length) {
+        (Some(coding), length) => {
+            let mut reusable = reusable;
+            if length.is_some() {
+                head.headers.remove(CONTENT_LENGTH);
+                reusable = false;
+            }
+            match coding {
+                TransferCoding::Chunked => (Framing::Chunked, reusable),
+                TransferCoding::Other => (Framing::Close, false),
+            }
+        }
+        (None, Some(n)) => (Framing::Length(n), reusable),
+        (None, None) => (Framing::Close, false),
+    }
+}
+
+/// One `Content-Length` field value: a decimal number, or a list of the
+/// same one.
+fn content_length(v: &[u8]) -> Result<u64, ProtocolError> {
+    let mut found: Option<u64> = None;
+    for part in v.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(ProtocolError::ContentLength);
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err(ProtocolError::ContentLength);
+        }
+        found = Some(n);
+    }
+    found.ok_or(ProtocolError::ContentLength)
+}
+
+/// Decodes a chunked body from a buffer that fills up over time.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What [`ChunkedDecoder::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The last chunk and the trailer section have been read.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl ChunkedDecoder {
+    /// Consumes framing from `buf` and returns the next piece of data, the
+    /// end, or that more input is needed. Trailer fields are dropped.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(ProtocolError::Chunked("chunk-size line too long"));
+                        }
+                        return Ok(Decoded::More);
+                    };
+                    let size = chunk_size(&buf[..nl])?;
+                    buf.advance(nl + 1);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    let data = buf.split_to(take as usize).freeze();
+                    self.state = if take == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(ProtocolError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                        if self.trailer_bytes + buf.len() > MAX_TRAILERS {
+                            return Err(ProtocolError::Chunked("trailer section too large"));
+                        }
+                        return Ok(Decoded::More);
+                    };
+                    if nl == 0 || buf[nl - 1] != b'\r' {
+                        return Err(ProtocolError::Chunked("bare LF in the trailer section"));
+                    }
+                    self.trailer_bytes += nl + 1;
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(ProtocolError::Chunked("trailer section too large"));
+                    }
+                    buf.advance(nl + 1);
+                    if nl == 1 {
+                        self.state = ChunkState::Done;
+                        return Ok(Decoded::End);
+                    }
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// `chunk-size [ chunk-ext ] CRLF`, given the line up to its LF.
+fn chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
+    let Some((&b'\r', line)) = line.split_last() else {
+        return Err(ProtocolError::Chunked("chunk-size line not ended by CRLF"));
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(ProtocolError::Chunked("invalid chunk size"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') || rest.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return Err(ProtocolError::Chunked("invalid chunk size"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        (n << 4) | u64::from((d as char).to_digit(16).expect("a hex digit"))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Result<Option<Head>, ProtocolError> {
+        parse_head(&mut BytesMut::from(raw))
+    }
+
+    #[test]
+    fn request_head_has_the_target_headers_and_framing() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("up:8080"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.insert("content-length", HeaderValue::from_static("99"));
+        let mut out = Vec::new();
+        encode_head(&mut out, &Method::POST, "/p?q", &h, SendFraming::Length(5));
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "POST /p?q HTTP/1.1\r\nhost: up:8080\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+        encode_head(&mut out, &Method::GET, "/", &h, SendFraming::None);
+        assert!(String::from_utf8(out.clone())
+            .unwrap()
+            .ends_with("content-length: 99\r\n\r\n"));
+        h.remove("content-length");
+        encode_head(&mut out, &Method::PUT, "/", &h, SendFraming::Chunked);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
+        let mut c = Vec::new();
+        encode_chunk(&mut c, &[b'x'; 26]);
+        assert_eq!(&c[..4], b"1a\r\n");
+        assert!(c.ends_with(b"x\r\n"));
+    }
+
+    #[test]
+    fn response_head_needs_all_of_it_and_keeps_the_rest() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nokNEXT";
+        for cut in 0..raw.len() - 6 {
+            assert!(head(&raw[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut buf = BytesMut::from(raw);
+        let h = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.version, Version::HTTP_11);
+        let xa: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(xa, ["1", "2"]);
+        assert_eq!(&buf[..], b"okNEXT");
+    }
+
+    #[test]
+    fn broken_response_heads_are_errors() {
+        assert!(head("garbage\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nbad header\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 099 Low\r\n\r\n").is_err());
+        assert!(head("HTTP/1.1 200 OK\r\nX: \x01\r\n\r\n").is_err());
+        let huge = format!("HTTP/1.1 200 OK\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert!(matches!(head(&huge), Err(ProtocolError::HeadTooLarge)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_of_the_head() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                   Transfer-Encoding: chunked\r\nTrailer: X\r\nUpgrade: h2c\r\nX-Kept: 1\r\n\r\n";
+        let h = head(raw).unwrap().unwrap();
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        let raw = "HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nX-Private: 1\r\n\r\n";
+        let h = head(raw).unwrap().unwrap();
+        assert_eq!(
+            h.headers["connection"], "close, X-Private",
+            "kept: it nominates a field"
+        );
+        assert!(h.close);
+    }
+
+    fn framing(method: Method, raw: &str) -> Result<(Framing, bool), ProtocolError> {
+        let mut h = head(raw)?.expect("a complete head");
+        Ok(response_framing(&method, &mut h))
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use Framing::*;
+        let g = Method::GET;
+        let cases: &[(&Method, &str, (Framing, bool))] = &[
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+                (Length(12), true),
+            ),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+                (Length(3), true),
+            ),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n",
+                (Length(3), false),
+            ),
+            (
+                &g,
+                "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n",
+                (Length(3), false),
+            ),
+            (&g, "HTTP/1.1 200 OK\r\n\r\n", (Close, false)),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                (Chunked, true),
+            ),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                (Chunked, true),
+            ),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                (Chunked, false),
+            ),
+            (
+                &g,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                (Close, false),
+            ),
+            (
+                &g,
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                (Length(0), true),
+            ),
+            (
+                &g,
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                (Length(0), true),
+            ),
+            (
+                &Method::HEAD,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                (Length(0), true),
+            ),
+        ];
+        for (m, raw, want) in cases {
+            assert_eq!(framing((*m).clone(), raw).unwrap(), *want, "{raw:?}");
+        }
+        for bad in ["5, 6", "-1", "0x5", "", "1 2", "99999999999999999999"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(framing(Method::GET, &raw).is_err(), "{bad:?}");
+        }
+        let two = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(framing(Method::GET, two).is_err());
+    }
+
+    /// Feeds `raw` to a decoder `step` bytes at a time; returns the data and
+    /// whatever followed the body.
+    fn dechunk(raw: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), ProtocolError> {
+        let mut d = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut out = Vec::new();
+        loop {
+            match d.decode(&mut buf)? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::End => {
+                    let mut rest = buf.to_vec();
+                    rest.extend_from_slice(&raw[fed..]);
+                    return Ok((out, rest));
+                }
+                Decoded::More if fed < raw.len() => {
+                    let end = (fed + step).min(raw.len());
+                    buf.extend_from_slice(&raw[fed..end]);
+                    fed = end;
+                }
+                Decoded::More => return Err(ProtocolError::Chunked("ran out of input")),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split() {
+        let raw = b"5\r\nhello\r\n1A;name=\"v\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0 ; last\r\nX-Trailer: 1\r\n\r\nNEXT";
+        for step in 1..raw.len() {
+            let (data, rest) = dechunk(raw, step).unwrap();
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert_eq!(rest, b"NEXT", "step {step}");
+        }
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_an_error() {
+        for bad in [
+            &b"x\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5 5\r\nhello\r\n0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\nX: 1\n\r\n",
+        ] {
+            assert!(
+                dechunk(bad, 64).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(dechunk(long.as_bytes(), 1 << 20).is_err());
+    }
+}
