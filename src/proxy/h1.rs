@@ -5,7 +5,7 @@
 //! connections.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Method, StatusCode, Version};
 
 /// A response head larger than this is refused (hyper's default buffer
@@ -44,22 +44,28 @@ pub enum SendFraming {
     Chunked,
 }
 
-/// Writes the request head: request line, headers as given (names in
-/// lower case, as hyper sends them), then the framing header.
+/// Writes the request head: request line, `Host`, the client's fields as
+/// given (names in lower case, as hyper sends them; its own `Host` and,
+/// when the proxy frames the body, `Content-Length` left out), the fields
+/// the proxy adds (already in wire form), then the framing field.
 pub fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
+    host: &[u8],
     headers: &HeaderMap,
+    added: &[u8],
     framing: SendFraming,
 ) {
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        if framing != SendFraming::None && name == CONTENT_LENGTH {
+        if name == HOST || (framing != SendFraming::None && name == CONTENT_LENGTH) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -67,6 +73,7 @@ pub fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(added);
     match framing {
         SendFraming::None => {}
         SendFraming::Length(n) => {
@@ -427,22 +434,49 @@ mod tests {
     #[test]
     fn request_head_has_the_target_headers_and_framing() {
         let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("up:8080"));
+        h.insert("host", HeaderValue::from_static("client.example"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
         h.insert("content-length", HeaderValue::from_static("99"));
+        let added = b"x-session: {}\r\n";
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::POST, "/p?q", &h, SendFraming::Length(5));
+        let post = Method::POST;
+        encode_head(
+            &mut out,
+            &post,
+            "/p?q",
+            b"up:8080",
+            &h,
+            added,
+            SendFraming::Length(5),
+        );
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
-            "POST /p?q HTTP/1.1\r\nhost: up:8080\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+            "POST /p?q HTTP/1.1\r\nhost: up:8080\r\nx-a: 1\r\nx-a: 2\r\n\
+             x-session: {}\r\ncontent-length: 5\r\n\r\n"
         );
-        encode_head(&mut out, &Method::GET, "/", &h, SendFraming::None);
+        encode_head(
+            &mut out,
+            &Method::GET,
+            "/",
+            b"up",
+            &h,
+            b"",
+            SendFraming::None,
+        );
         assert!(String::from_utf8(out.clone())
             .unwrap()
             .ends_with("content-length: 99\r\n\r\n"));
         h.remove("content-length");
-        encode_head(&mut out, &Method::PUT, "/", &h, SendFraming::Chunked);
+        encode_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            b"up",
+            &h,
+            b"",
+            SendFraming::Chunked,
+        );
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"));

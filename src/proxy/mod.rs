@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use crate::config::{Config, SessionConfig};
+use crate::session::headers::Added;
 use crate::session::key::IdKey;
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
 use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
@@ -28,6 +29,9 @@ use route::{Route, Router};
 use upstream::{Pool, PooledBody, SendError, UpstreamBody, UpstreamError};
 
 pub type RespBody = Either<PooledBody, Full<Bytes>>;
+
+/// Room for the fields the proxy adds to a request, beyond the session data.
+const ADDED_CAPACITY: usize = 384;
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -245,7 +249,17 @@ impl Proxy {
             resp
         } else {
             self.strip_session_cookies(&mut parts.headers);
-            match self.forward(route, parts, body, conn, host).await {
+            match self
+                .forward(
+                    route,
+                    parts,
+                    body,
+                    conn,
+                    host,
+                    Added::with_capacity(ADDED_CAPACITY),
+                )
+                .await
+            {
                 Ok(mut resp) => {
                     headers::take_reserved(resp.headers_mut());
                     drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
@@ -325,8 +339,10 @@ impl Proxy {
             record,
             is_new: loaded.live.is_none(),
         };
+        let data_len = view.record.map_or(0, |r| r.data.len());
+        let mut added = Added::with_capacity(ADDED_CAPACITY + data_len);
         sh::inject(
-            &mut parts.headers,
+            &mut added,
             &view,
             now,
             &self.policy,
@@ -335,7 +351,7 @@ impl Proxy {
             map.as_ref(),
         );
 
-        let resp = match self.forward(route, parts, body, conn, host).await {
+        let resp = match self.forward(route, parts, body, conn, host, added).await {
             Ok(r) => r,
             Err(e) => return self.upstream_error(route, e),
         };
@@ -633,7 +649,8 @@ impl Proxy {
         r
     }
 
-    /// Sends the request to one of the route's upstreams.
+    /// Sends the request to one of the route's upstreams, with the fields
+    /// the proxy adds (the session's, then `X-Forwarded-*`).
     async fn forward(
         &self,
         route: &Route,
@@ -641,20 +658,26 @@ impl Proxy {
         body: Incoming,
         conn: &ConnInfo,
         host: Option<HeaderValue>,
+        mut added: Added,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let h = &mut parts.headers;
-        h.insert(&headers::X_FORWARDED_FOR, conn.forwarded_for.clone());
-        h.insert(
+        // The client's own are dropped: the proxy's replace them.
+        for name in [
+            &headers::X_FORWARDED_FOR,
             &headers::X_FORWARDED_PROTO,
-            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            &headers::X_FORWARDED_HOST,
+        ] {
+            h.remove(name);
+        }
+        added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
+        static HTTPS: HeaderValue = HeaderValue::from_static("https");
+        static HTTP: HeaderValue = HeaderValue::from_static("http");
+        added.push_value(
+            &headers::X_FORWARDED_PROTO,
+            if conn.tls { &HTTPS } else { &HTTP },
         );
-        match &host {
-            Some(v) => {
-                h.insert(&headers::X_FORWARDED_HOST, v.clone());
-            }
-            None => {
-                h.remove(&headers::X_FORWARDED_HOST);
-            }
+        if let Some(v) = &host {
+            added.push_value(&headers::X_FORWARDED_HOST, v);
         }
         join_cookies(h);
         parts.version = Version::HTTP_11;
@@ -700,12 +723,13 @@ impl Proxy {
             // preserve_host with no Host from the client (HTTP/1.0, or h2
             // without :authority): the upstream's, as HTTP/1.1 requires one.
             let hv = match (&host, route.cfg.preserve_host) {
-                (Some(h), true) => h.clone(),
-                _ => up.host_value.clone(),
+                (Some(h), true) => h,
+                _ => &up.host_value,
             };
-            req.headers_mut().insert(header::HOST, hv);
-            let sent =
-                tokio::time::timeout(self.upstream_timeout, self.pool.send(route.slots[i], req));
+            let sent = tokio::time::timeout(
+                self.upstream_timeout,
+                self.pool.send(route.slots[i], req, hv, &added),
+            );
             match sent.await {
                 Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
                 Ok(Ok(mut resp)) => {

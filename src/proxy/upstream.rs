@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
+use crate::session::headers::Added;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -184,9 +185,9 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (origin-form target, `Host` set) on a pooled connection
-    /// to the slot's address, or on a new one, and returns the response
-    /// once its head has arrived.
+    /// Sends `req` (origin-form target) with `host` and the `added` fields
+    /// on a pooled connection to the slot's address, or on a new one, and
+    /// returns the response once its head has arrived.
     ///
     /// A request without a body that a reused connection failed before any
     /// byte of an answer (the upstream closed it while it sat idle) is sent
@@ -197,8 +198,13 @@ impl Pool {
         self: &Arc<Self>,
         slot: usize,
         req: Request<UpstreamBody>,
+        host: &HeaderValue,
+        added: &Added,
     ) -> Result<Response<PooledBody>, SendError> {
         if req.headers().contains_key(http::header::UPGRADE) {
+            let mut req = req;
+            req.headers_mut().insert(http::header::HOST, host.clone());
+            added.apply_to(req.headers_mut());
             return self.send_upgrade(slot, req).await;
         }
         let (parts, body) = req.into_parts();
@@ -234,7 +240,9 @@ impl Pool {
                 &mut conn.wbuf,
                 &parts.method,
                 target,
+                host.as_bytes(),
                 &parts.headers,
+                added.as_bytes(),
                 framing,
             );
             let mut upload = match framing {
@@ -386,7 +394,11 @@ async fn exchange(
                 Poll::Pending => {}
             }
         }
-        match h1::parse_head(&mut conn.rbuf) {
+        let parsed = match conn.rbuf.is_empty() {
+            true => Ok(None),
+            false => h1::parse_head(&mut conn.rbuf),
+        };
+        match parsed {
             Ok(Some(head)) if head.status.is_informational() => {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Poll::Ready(Err(fail(ClientError::Switched, false, false)));

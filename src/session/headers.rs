@@ -68,21 +68,97 @@ pub struct View<'a> {
     pub is_new: bool,
 }
 
-static TRUE: HeaderValue = HeaderValue::from_static("true");
-static FALSE: HeaderValue = HeaderValue::from_static("false");
-
-fn bool_value(b: bool) -> HeaderValue {
+fn bool_value(b: bool) -> &'static [u8] {
     if b {
-        TRUE.clone()
+        b"true"
     } else {
-        FALSE.clone()
+        b"false"
+    }
+}
+
+/// Request fields the proxy adds, already in their wire form
+/// (`name: value\r\n` each), so they go into the upstream request head
+/// without passing through the request's header map (an insertion there
+/// hashes the name, may grow the map, and copies the value).
+#[derive(Debug, Default, Clone)]
+pub struct Added {
+    buf: Vec<u8>,
+}
+
+impl Added {
+    pub fn with_capacity(bytes: usize) -> Added {
+        Added {
+            buf: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Adds a field; a value that is not a valid field value (a control
+    /// character other than HTAB) is refused and `false` returned.
+    pub fn push(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        // No early exit, so the check runs over whole vectors of bytes.
+        let valid = value.iter().fold(true, |ok, &b| {
+            ok & (((b >= 0x20) & (b != 0x7f)) | (b == b'\t'))
+        });
+        if valid {
+            self.put(name, value);
+        }
+        valid
+    }
+
+    /// Adds a field whose value is already a valid header value.
+    pub fn push_value(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.put(name, value.as_bytes());
+    }
+
+    fn put(&mut self, name: &HeaderName, value: &[u8]) {
+        self.buf.extend_from_slice(name.as_str().as_bytes());
+        self.buf.extend_from_slice(b": ");
+        self.buf.extend_from_slice(value);
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// The fields as they are sent.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The fields, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.buf
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r")?;
+                let at = line.iter().position(|&b| b == b':')?;
+                let name = std::str::from_utf8(&line[..at]).ok()?;
+                Some((name, &line[at + 2..]))
+            })
+    }
+
+    /// Inserts the fields into a header map (replacing fields of the same
+    /// name), for a request hyper sends.
+    pub fn apply_to(&self, h: &mut HeaderMap) {
+        for (name, value) in self.iter() {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+    }
+
+    pub fn to_map(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        self.apply_to(&mut h);
+        h
     }
 }
 
 /// Adds the `X-Session*` headers and the route's `forward` headers.
 /// `data_map` is the parsed session data when the caller already has it.
 pub fn inject(
-    headers: &mut HeaderMap,
+    out: &mut Added,
     view: &View<'_>,
     now: i64,
     policy: &Policy,
@@ -90,49 +166,62 @@ pub fn inject(
     forward: &[(HeaderName, String)],
     data_map: Option<&Map<String, Value>>,
 ) {
+    let empty = Bytes::from_static(super::EMPTY_DATA);
     let (data, expiry, created) = match view.record {
-        Some(r) => (r.data.clone(), r.expiry, r.created),
-        None => (Bytes::from_static(super::EMPTY_DATA), Expiry::Default, now),
+        Some(r) => (&r.data, r.expiry, r.created),
+        None => (&empty, Expiry::Default, now),
     };
     if !forward.is_empty() {
         let parsed;
         let map = match data_map {
             Some(m) => m,
             None => {
-                parsed = json::parse_object(&data).unwrap_or_default();
+                parsed = json::parse_object(data).unwrap_or_default();
                 &parsed
             }
         };
         for (name, key) in forward {
             if let Some(v) = map.get(key) {
-                if let Ok(hv) = HeaderValue::from_maybe_shared(Bytes::from(json::forward_value(v)))
-                {
-                    headers.insert(name.clone(), hv);
-                }
+                out.push(name, &json::forward_value(v));
             }
         }
     }
     // Stored data is ASCII JSON by construction; fall back to {} if not.
-    let data =
-        HeaderValue::from_maybe_shared(data).unwrap_or_else(|_| HeaderValue::from_static("{}"));
-    headers.insert(X_SESSION.clone(), data);
-    let id = match view.key {
-        Some(k) => HeaderValue::from_bytes(&k.public_id_hex(ids)).expect("hex"),
-        None => HeaderValue::from_static(""),
+    if !out.push(&X_SESSION, data) {
+        out.push(&X_SESSION, b"{}");
+    }
+    match view.key {
+        Some(k) => out.push(&X_SESSION_ID, &k.public_id_hex(ids)),
+        None => out.push(&X_SESSION_ID, b""),
     };
-    headers.insert(X_SESSION_ID.clone(), id);
-    headers.insert(X_SESSION_NEW.clone(), bool_value(view.is_new));
+    out.push(&X_SESSION_NEW, bool_value(view.is_new));
     let age = super::expiry_age(expiry, created, now, policy);
-    headers.insert(X_SESSION_EXPIRY_AGE.clone(), HeaderValue::from(age));
+    out.push(&X_SESSION_EXPIRY_AGE, itoa(age, &mut [0; 20]));
     let date = super::expiry_date(expiry, created, now, policy);
-    headers.insert(
-        X_SESSION_EXPIRY_DATE.clone(),
-        HeaderValue::from_bytes(&rfc3339_bytes(date)).expect("ascii date"),
-    );
-    headers.insert(
-        X_SESSION_EXPIRE_AT_BROWSER_CLOSE.clone(),
+    out.push(&X_SESSION_EXPIRY_DATE, &rfc3339_bytes(date));
+    out.push(
+        &X_SESSION_EXPIRE_AT_BROWSER_CLOSE,
         bool_value(super::expire_at_browser_close(expiry, policy)),
     );
+}
+
+/// A signed decimal number, without allocating.
+fn itoa(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    let mut m = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
 }
 
 #[cfg(test)]
@@ -164,18 +253,41 @@ mod tests {
             expire_at_browser_close: false,
             absolute_timeout_ms: 0,
         };
-        let mut h = HeaderMap::new();
         let view = View {
             key: None,
             record: None,
             is_new: true,
         };
-        inject(&mut h, &view, 0, &p, &IdKey::new(b"k"), &[], None);
+        let mut added = Added::default();
+        inject(&mut added, &view, 0, &p, &IdKey::new(b"k"), &[], None);
+        let h = added.to_map();
         assert_eq!(h["x-session"], "{}");
         assert_eq!(h["x-session-id"], "");
         assert_eq!(h["x-session-new"], "true");
         assert_eq!(h["x-session-expiry-age"], "60");
         assert_eq!(h["x-session-expiry-date"], "1970-01-01T00:01:00Z");
         assert_eq!(h["x-session-expire-at-browser-close"], "false");
+    }
+
+    #[test]
+    fn added_fields_are_wire_form_and_refuse_control_characters() {
+        let mut a = Added::default();
+        assert!(a.push(&X_SESSION_ID, b"abc"));
+        assert!(a.push(&X_SESSION, b"{\"a\": \"\t\xe9\"}"));
+        assert!(!a.push(&X_SESSION_NEW, b"bad\r\nx-injected: 1"));
+        assert!(!a.push(&X_SESSION_NEW, b"nul\0"));
+        assert_eq!(
+            a.as_bytes(),
+            b"x-session-id: abc\r\nx-session: {\"a\": \"\t\xe9\"}\r\n"
+        );
+        let pairs: Vec<_> = a.iter().collect();
+        assert_eq!(pairs[0], ("x-session-id", &b"abc"[..]));
+        assert_eq!(a.to_map().len(), 2);
+        assert_eq!(itoa(-1209600, &mut [0; 20]), b"-1209600");
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(
+            itoa(i64::MIN, &mut [0; 20]),
+            i64::MIN.to_string().as_bytes()
+        );
     }
 }
