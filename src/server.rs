@@ -160,7 +160,8 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.server.header_read_timeout)
-            .keep_alive(true);
+            .keep_alive(true)
+            .writev(false);
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -33,17 +33,17 @@ impl Route {
 
     /// The order in which to try upstreams for one request: round-robin
     /// start, upstreams marked down moved to the end (each tried once).
-    pub fn upstream_order(&self, now: i64) -> Vec<usize> {
+    pub fn upstream_order(&self, now: i64) -> std::borrow::Cow<'static, [usize]> {
         let n = self.cfg.upstreams.len();
         if n == 1 {
-            return vec![0];
+            return std::borrow::Cow::Borrowed(&[0]);
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let ring = (0..n).map(|k| (start + k) % n);
         let (mut up, down): (Vec<usize>, Vec<usize>) =
             ring.partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
         up.extend(down);
-        up
+        std::borrow::Cow::Owned(up)
     }
 
     pub fn mark_down(&self, i: usize, now: i64) {
