@@ -1033,6 +1033,169 @@ async fn a_kept_alive_connection_closed_under_a_request_is_retried_only_when_saf
     p.stop().await;
 }
 
+/// An upstream that answers a request as soon as its head arrives with
+/// `resp` (and `extra` bytes of body after it, written while it reads),
+/// then reads the request body to its last chunk and reports what it got.
+async fn early_answer_upstream(
+    resp: &'static str,
+    extra: usize,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                let end = loop {
+                    if let Some(e) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break e;
+                    }
+                    match rd.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                buf.drain(..end + 4);
+                // Answer and read at the same time.
+                tokio::spawn(async move {
+                    wr.write_all(resp.as_bytes()).await.unwrap();
+                    wr.write_all(&vec![b'r'; extra]).await.unwrap();
+                });
+                while !buf.ends_with(b"0\r\n\r\n") {
+                    match rd.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let _ = tx.send(buf);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Posts "first", reads the whole early answer, then sends "second" and
+/// ends the body; returns the answer and what the upstream received.
+async fn upload_after_early_answer(resp: &'static str) -> (u16, String, String) {
+    let (addr, mut got) = early_answer_upstream(resp, 0).await;
+    let p = start(&config_with(
+        "upstream_timeout = \"5s\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let resp = within("the early answer", resp).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let answer = within("its body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    // The answer has ended; only now does the client finish its upload.
+    tx.send(Bytes::from_static(b"second")).await.unwrap();
+    drop(tx);
+    let seen = within("the upstream to get the whole body", got.recv())
+        .await
+        .unwrap();
+    p.stop().await;
+    (
+        status,
+        String::from_utf8_lossy(&answer).to_string(),
+        String::from_utf8_lossy(&seen).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn an_upload_goes_on_after_an_early_answer_has_ended() {
+    let (status, answer, seen) =
+        upload_after_early_answer("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly").await;
+    assert_eq!((status, answer.as_str()), (200, "early"));
+    assert_eq!(seen, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
+    let (status, answer, seen) =
+        upload_after_early_answer("HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").await;
+    assert_eq!((status, answer.as_str()), (202, ""));
+    assert_eq!(seen, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
+}
+
+#[tokio::test]
+async fn a_large_upload_and_a_large_early_answer_do_not_wait_for_each_other() {
+    // More than the socket buffers hold either way: the client sends all of
+    // its body before it reads anything, and the upstream writes all of its
+    // answer while it reads. The proxy must keep both moving.
+    const SIZE: usize = 16 << 20;
+    let (addr, mut got) = early_answer_upstream(
+        Box::leak(format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_boxed_str()),
+        SIZE,
+    )
+    .await;
+    let p = start(&config_with(
+        "upstream_timeout = \"10s\"\nmax_request_body = \"64MiB\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/upload")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    for _ in 0..SIZE / (64 * 1024) {
+        within(
+            "the client to send its body",
+            tx.send(Bytes::from(vec![b'q'; 64 * 1024])),
+        )
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let seen = within("the upstream to get the whole body", got.recv())
+        .await
+        .unwrap();
+    assert!(seen.ends_with(b"0\r\n\r\n"));
+    let resp = within("the answer", resp).await.unwrap().unwrap();
+    let answer = within("its body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(answer.len(), SIZE);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn trailers_of_a_chunked_answer_reach_an_http2_client() {
+    let (addr, _) = raw_upstream(|_, _| {
+        let resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    2\r\nok\r\n0\r\nX-Checksum: abc\r\nX-Session-Flush: 1\r\n\r\n";
+        (resp.to_string(), Then::KeepAlive)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = within("the answer", c.get(p.url("/").parse().unwrap()))
+        .await
+        .unwrap();
+    let body = within("its body", resp.into_body().collect())
+        .await
+        .unwrap();
+    let trailers = body.trailers().cloned().expect("trailers");
+    assert_eq!(trailers.get("x-checksum").unwrap(), "abc");
+    assert!(
+        trailers.get("x-session-flush").is_none(),
+        "never a session directive"
+    );
+    assert_eq!(&body.to_bytes()[..], b"ok");
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn slow_upstream_is_504() {
     let gate = Gate::default();

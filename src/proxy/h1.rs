@@ -313,6 +313,7 @@ fn content_length(v: &[u8]) -> Result<u64, ProtocolError> {
 pub struct ChunkedDecoder {
     state: ChunkState,
     trailer_bytes: usize,
+    trailers: Option<HeaderMap>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -329,8 +330,9 @@ enum ChunkState {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
     Data(Bytes),
-    /// The last chunk and the trailer section have been read.
-    End,
+    /// The last chunk and the trailer section have been read, with the
+    /// trailer fields that may be passed on.
+    End(Option<HeaderMap>),
     /// More bytes are needed.
     More,
 }
@@ -393,15 +395,43 @@ impl ChunkedDecoder {
                     if self.trailer_bytes > MAX_TRAILERS {
                         return Err(ProtocolError::Chunked("trailer section too large"));
                     }
-                    buf.advance(nl + 1);
                     if nl == 1 {
+                        buf.advance(2);
                         self.state = ChunkState::Done;
-                        return Ok(Decoded::End);
+                        return Ok(Decoded::End(self.trailers.take()));
                     }
+                    let line = buf.split_to(nl + 1);
+                    self.trailer_field(&line[..nl - 1])?;
                 }
-                ChunkState::Done => return Ok(Decoded::End),
+                ChunkState::Done => return Ok(Decoded::End(None)),
             }
         }
+    }
+}
+
+impl ChunkedDecoder {
+    /// Keeps one trailer field unless it is about the message's framing,
+    /// routing or the connection (RFC 9110 6.5.1), a session directive, or
+    /// a cookie: those never reach the client from a trailer.
+    fn trailer_field(&mut self, line: &[u8]) -> Result<(), ProtocolError> {
+        let invalid = ProtocolError::Chunked("invalid trailer field");
+        let at = line.iter().position(|&b| b == b':').ok_or(invalid)?;
+        let name = HeaderName::from_bytes(&line[..at])
+            .map_err(|_| ProtocolError::Chunked("invalid trailer field name"))?;
+        let value = HeaderValue::from_bytes(line[at + 1..].trim_ascii())
+            .map_err(|_| ProtocolError::Chunked("invalid trailer field value"))?;
+        let dropped = crate::config::is_hop_by_hop(&name)
+            || crate::session::headers::is_reserved(&name)
+            || matches!(
+                name.as_str(),
+                "content-length" | "host" | "set-cookie" | "content-encoding" | "content-type"
+            );
+        if !dropped {
+            self.trailers
+                .get_or_insert_with(HeaderMap::new)
+                .append(name, value);
+        }
+        Ok(())
     }
 }
 
@@ -617,7 +647,7 @@ mod tests {
         loop {
             match d.decode(&mut buf)? {
                 Decoded::Data(b) => out.extend_from_slice(&b),
-                Decoded::End => {
+                Decoded::End(_) => {
                     let mut rest = buf.to_vec();
                     rest.extend_from_slice(&raw[fed..]);
                     return Ok((out, rest));
@@ -640,6 +670,29 @@ mod tests {
             assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
             assert_eq!(rest, b"NEXT", "step {step}");
         }
+    }
+
+    #[test]
+    fn trailer_fields_are_kept_unless_they_are_about_framing_or_the_session() {
+        let raw = b"1\r\na\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 9\r\n\
+                    X-Session-Update: {}\r\nSet-Cookie: a=b\r\nX-Checksum:  abc \r\n\r\n";
+        let mut d = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&raw[..]);
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"a"))
+        );
+        let Decoded::End(Some(t)) = d.decode(&mut buf).unwrap() else {
+            panic!("trailers expected")
+        };
+        let kept: Vec<_> = t
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(kept, ["grpc-status=0", "x-checksum=abc"]);
+        let mut d = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&b"0\r\nno colon\r\n\r\n"[..]);
+        assert!(d.decode(&mut buf).is_err());
     }
 
     #[test]

@@ -28,8 +28,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
@@ -75,16 +77,24 @@ struct Conn {
     wbuf: Vec<u8>,
 }
 
+/// Reads what is available into `rbuf`; `Ok(0)` is the end of input.
+fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    rbuf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if rbuf.capacity() - rbuf.len() < 1024 {
+        rbuf.reserve(READ_CHUNK);
+    }
+    // `poll_read` (rather than `try_read`) lets tokio note that a short
+    // read drained the socket, so checking an idle connection later costs
+    // no system call.
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, rbuf)
+}
+
 impl Conn {
-    /// Reads what is available into `rbuf`; `Ok(0)` is the end of input.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        // `poll_read` (rather than `try_read`) lets tokio note that a short
-        // read drained the socket, so checking an idle connection later
-        // costs no system call.
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        poll_fill(&mut self.io, &mut self.rbuf, cx)
     }
 
     /// Whether an idle connection is still open with nothing unread: the
@@ -270,11 +280,12 @@ impl Pool {
     }
 
     /// The response around its body: one that came with the head is handed
-    /// over whole, the connection going back to the pool at once.
+    /// over whole, the connection going back to the pool at once. An upload
+    /// still going on continues in a task of its own.
     fn respond(
         self: &Arc<Self>,
         slot: usize,
-        mut conn: Conn,
+        conn: Conn,
         upload: Option<Upload>,
         answer: Answer,
     ) -> Response<PooledBody> {
@@ -283,19 +294,27 @@ impl Pool {
             framing,
             reusable,
         } = answer;
+        let Conn { io, mut rbuf, wbuf } = conn;
+        let io = match upload {
+            None => ReadIo::Whole(io),
+            Some(upload) => {
+                let (rd, wr) = io.into_split();
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(finish_upload(upload, wr, rx, self.clone(), slot));
+                ReadIo::Half(rd, tx)
+            }
+        };
         let body = match framing {
-            Framing::Length(n) if upload.is_none() && conn.rbuf.len() as u64 >= n => {
-                let data = conn.rbuf.split_to(n as usize).freeze();
-                if reusable && conn.rbuf.is_empty() {
-                    self.push_idle(slot, conn);
-                }
+            Framing::Length(n) if rbuf.len() as u64 >= n => {
+                let data = rbuf.split_to(n as usize).freeze();
+                release(self, slot, io, rbuf, wbuf, reusable);
                 Inner::Whole(Some(data))
             }
             _ => Inner::Stream(Box::new(Streaming {
-                conn,
-                upload,
+                io,
+                rbuf,
+                wbuf,
                 state: match framing {
-                    Framing::Length(0) => BodyState::Done,
                     Framing::Length(n) => BodyState::Length(n),
                     Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
                     Framing::Close => BodyState::Close,
@@ -360,7 +379,7 @@ struct Failure {
 
 /// Writes the request head, then sends the body while waiting for the
 /// response head (an upstream may answer before the body is complete: the
-/// rest of the upload then goes on alongside the response body). Interim
+/// rest of the upload then goes on in a task of its own). Interim
 /// 1xx responses are skipped.
 async fn exchange(
     conn: &mut Conn,
@@ -455,7 +474,11 @@ impl Upload {
 
     /// Writes the body frame by frame as the client sends it; ready when
     /// all of it (and the last chunk) has been written.
-    fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+    fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ClientError>> {
         loop {
             while self.pos < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
@@ -533,16 +556,28 @@ enum Inner {
     Hyper(Incoming),
 }
 
-/// A response body still arriving (and maybe the rest of the request body
-/// still leaving) on its connection.
+/// A response body still arriving on its connection.
 struct Streaming {
-    conn: Conn,
-    upload: Option<Upload>,
+    io: ReadIo,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
     state: BodyState,
     reusable: bool,
     pool: Arc<Pool>,
     slot: usize,
 }
+
+/// What a response body is read from: the whole connection, or its read
+/// half while the rest of an early-answered upload goes on in a task of its
+/// own (which gets the read half back, to pool the connection, when the
+/// response has ended cleanly).
+enum ReadIo {
+    Whole(TcpStream),
+    Half(OwnedReadHalf, oneshot::Sender<ReadBack>),
+}
+
+/// The read side of a connection handed back to its upload task.
+type ReadBack = (OwnedReadHalf, BytesMut, Vec<u8>);
 
 enum BodyState {
     Length(u64),
@@ -557,18 +592,7 @@ impl Streaming {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
         loop {
-            if let Some(up) = self.upload.as_mut() {
-                match up.poll(&mut self.conn.io, cx) {
-                    Poll::Ready(Ok(())) => self.upload = None,
-                    Poll::Ready(Err(e)) => {
-                        tracing::debug!(error = %e, "request body after an early answer");
-                        self.upload = None;
-                        self.reusable = false;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            let rbuf = &mut self.conn.rbuf;
+            let rbuf = &mut self.rbuf;
             match &mut self.state {
                 BodyState::Done => return Poll::Ready(None),
                 BodyState::Length(left) => {
@@ -584,9 +608,9 @@ impl Streaming {
                 }
                 BodyState::Chunked(d) => match d.decode(rbuf)? {
                     Decoded::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Decoded::End => {
+                    Decoded::End(trailers) => {
                         self.state = BodyState::Done;
-                        return Poll::Ready(None);
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                     }
                     Decoded::More => {}
                 },
@@ -596,7 +620,11 @@ impl Streaming {
                     }
                 }
             }
-            match ready!(self.conn.poll_fill(cx)) {
+            let filled = match &mut self.io {
+                ReadIo::Whole(io) => poll_fill(io, &mut self.rbuf, cx),
+                ReadIo::Half(io, _) => poll_fill(io, &mut self.rbuf, cx),
+            };
+            match ready!(filled) {
                 Ok(0) if matches!(self.state, BodyState::Close) => {
                     self.state = BodyState::Done;
                     return Poll::Ready(None);
@@ -614,9 +642,54 @@ impl Streaming {
 
     /// The body has ended: the connection goes back when it is clean.
     fn finish(self) {
-        if self.reusable && self.upload.is_none() && self.conn.rbuf.is_empty() {
-            self.pool.push_idle(self.slot, self.conn);
+        let Streaming {
+            io,
+            rbuf,
+            wbuf,
+            reusable,
+            pool,
+            slot,
+            ..
+        } = self;
+        release(&pool, slot, io, rbuf, wbuf, reusable);
+    }
+}
+
+/// A connection whose response has been read: pooled when it can carry
+/// another request and nothing unexpected follows; with an upload still
+/// going, its task decides once the upload is done.
+fn release(pool: &Pool, slot: usize, io: ReadIo, rbuf: BytesMut, wbuf: Vec<u8>, reusable: bool) {
+    if !reusable || !rbuf.is_empty() {
+        return;
+    }
+    match io {
+        ReadIo::Whole(io) => pool.push_idle(slot, Conn { io, rbuf, wbuf }),
+        ReadIo::Half(rd, back) => {
+            let _ = back.send((rd, rbuf, wbuf));
         }
+    }
+}
+
+/// Sends the rest of a request body the upstream answered before it had
+/// all of it, apart from the response (which may end first, or wait for
+/// the client to finish sending before it is read: RFC 9112 9.5 has the
+/// client keep sending). The connection is pooled when both ended cleanly.
+async fn finish_upload(
+    mut upload: Upload,
+    mut wr: OwnedWriteHalf,
+    back: oneshot::Receiver<ReadBack>,
+    pool: Arc<Pool>,
+    slot: usize,
+) {
+    if let Err(e) = std::future::poll_fn(|cx| upload.poll(&mut wr, cx)).await {
+        tracing::debug!(error = %e, "request body after an early answer");
+        return;
+    }
+    let Ok((rd, rbuf, wbuf)) = back.await else {
+        return;
+    };
+    if let Ok(io) = rd.reunite(wr) {
+        pool.push_idle(slot, Conn { io, rbuf, wbuf });
     }
 }
 
