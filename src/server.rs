@@ -161,7 +161,13 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.server.header_read_timeout)
             .keep_alive(true)
-            .writev(false);
+            // One write per response head and short body.
+            .writev(false)
+            // A request in flight is not watched for the client going
+            // away: it runs to its end and its session changes are saved,
+            // as a Django view's are (and a client may half-close and still
+            // read the answer). This also spares a read buffer per request.
+            .half_close(true);
         builder
             .http2()
             .timer(TokioTimer::new())

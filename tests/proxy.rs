@@ -1224,6 +1224,53 @@ async fn slow_upstream_is_504() {
 }
 
 #[tokio::test]
+async fn a_client_that_goes_away_mid_request_loses_no_session_change() {
+    // Django runs the view to the end and saves the session even when the
+    // browser has gone; so does the proxy with what the upstream answers.
+    use sessiongate::store::Store;
+    let gate = Gate::default();
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel::<()>();
+    let g = gate.clone();
+    let up = upstream_async(move |seen| {
+        let g = g.clone();
+        let arrived_tx = arrived_tx.clone();
+        Box::pin(async move {
+            if seen.uri.path() == "/slow" {
+                let _ = arrived_tx.send(());
+                g.wait().await;
+                return directives(&[("X-Session-Update", r#"{"cart": 1}"#)]);
+            }
+            directives(&[("X-Session-Update", r#"{"user": "a"}"#)])
+        })
+    })
+    .await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let key = p.get("/login", None).await.key();
+
+    let mut client = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let req = format!("GET /slow HTTP/1.1\r\nHost: app\r\nCookie: sessionid={key}\r\n\r\n");
+    client.write_all(req.as_bytes()).await.unwrap();
+    within("the upstream to get the request", arrived.recv())
+        .await
+        .unwrap();
+    drop(client);
+    gate.open();
+
+    let k = sessiongate::session::SessionKey::parse(&key).unwrap();
+    within("the upstream's change to be saved", async {
+        loop {
+            let r = p.store.load(&k, p.clock.now_ms()).await.unwrap().unwrap();
+            if String::from_utf8_lossy(&r.data).contains("cart") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test]
 async fn client_that_never_finishes_its_head_is_dropped() {
     let up = upstream(|_| ok()).await;
     let p = start(&config_with(

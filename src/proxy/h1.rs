@@ -194,7 +194,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     let mut head = Head {
         status,
         version,
-        headers: HeaderMap::with_capacity(count),
+        // Room for what the proxy adds (Vary, Set-Cookie, Cache-Control)
+        // without growing the map.
+        headers: HeaderMap::with_capacity(count + 4),
         close: false,
         transfer_coding: None,
         content_length: None,

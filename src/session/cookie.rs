@@ -1,6 +1,7 @@
 //! The session cookie: finding it in `Cookie` headers, removing it from what
 //! goes upstream, and writing `Set-Cookie` as Django's `set_cookie` does.
 
+use std::fmt::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderValue, COOKIE};
@@ -163,13 +164,21 @@ pub fn set_named(
         let secs = (now_ms.max(0) / 1000).saturating_add(age);
         let secs = secs.min(super::directives::MAX_COOKIE_SECS) as u64;
         let expires = UNIX_EPOCH + Duration::from_secs(secs);
-        out.push_str("; expires=");
-        out.push_str(&httpdate::fmt_http_date(expires));
-        out.push_str("; Max-Age=");
-        out.push_str(&age.to_string());
+        // Written in place: no intermediate strings on every saving request.
+        let _ = write!(
+            out,
+            "; expires={}; Max-Age={age}",
+            httpdate::HttpDate::from(expires)
+        );
     }
     attributes(&mut out, c);
-    HeaderValue::from_str(&out).expect("cookie parts are validated ASCII")
+    into_value(out)
+}
+
+/// A built cookie line as a header value, without copying it.
+fn into_value(out: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out.into_bytes()))
+        .expect("cookie parts are validated ASCII")
 }
 
 /// `Set-Cookie` that deletes the cookie: empty value, `Max-Age=0`, `Expires`
@@ -184,7 +193,7 @@ pub fn delete_named(c: &SessionConfig, name: &str) -> HeaderValue {
     out.push_str(name);
     out.push_str("=\"\"; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0");
     attributes(&mut out, c);
-    HeaderValue::from_str(&out).expect("cookie parts are validated ASCII")
+    into_value(out)
 }
 
 #[cfg(test)]
