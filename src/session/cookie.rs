@@ -54,6 +54,11 @@ pub fn strip(headers: &mut HeaderMap, name: &str) {
         if !has(only) {
             return;
         }
+        if !only.as_bytes().contains(&b';') {
+            // The session cookie is the only one: nothing to copy.
+            headers.remove(COOKIE);
+            return;
+        }
         let kept = without(only, name);
         match kept.is_empty() {
             true => headers.remove(COOKIE),
@@ -251,6 +256,14 @@ mod tests {
         let mut h = headers(&["a=1;b=2"]);
         strip(&mut h, "sessionid");
         assert_eq!(h.get(COOKIE).unwrap(), "a=1;b=2", "untouched when absent");
+        for only in [" sessionid=k ", "sessionid=\"k\""] {
+            let mut h = headers(&[only]);
+            strip(&mut h, "sessionid");
+            assert!(h.get(COOKIE).is_none(), "{only}: header dropped");
+        }
+        let mut h = headers(&["sessionidx=k"]);
+        strip(&mut h, "sessionid");
+        assert_eq!(h.get(COOKIE).unwrap(), "sessionidx=k", "another name kept");
     }
 
     #[test]
