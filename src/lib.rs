@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod timer;
 
 pub use config::Config;
 pub use server::Server;

@@ -158,7 +158,8 @@ impl Server {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            // Coarse: checked every 100 ms, no tokio timer per request.
+            .timer(self.proxy.timer().clone())
             .header_read_timeout(self.config.server.header_read_timeout)
             .keep_alive(true)
             // One write per response head and short body.
@@ -175,7 +176,6 @@ impl Server {
 
         let redirect_port = addr.port();
         let mut redirect = self.redirect;
-        let _anchor = AbortOnDrop(tokio::spawn(timer_anchor()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -230,32 +230,6 @@ impl Server {
             }
         }
         while conns.join_next().await.is_some() {}
-    }
-}
-
-/// Keeps a timer due within [`ANCHOR_PERIOD`] on this runtime at all times.
-///
-/// Every request arms timers far in the future (the header-read timeout,
-/// the upstream timeout). When no earlier timer is pending, tokio wakes its
-/// own driver for each one (an eventfd write, then an extra `epoll_wait`),
-/// which measured at about one extra syscall and wakeup per five requests
-/// under load. With a periodic timer always pending sooner, arming those
-/// timers is a plain insertion into the timer wheel.
-async fn timer_anchor() {
-    let mut tick = tokio::time::interval(ANCHOR_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-    }
-}
-
-const ANCHOR_PERIOD: Duration = Duration::from_millis(250);
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -25,6 +25,7 @@ use crate::session::headers::Added;
 use crate::session::key::IdKey;
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
 use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
+use crate::timer::Wheel;
 use route::{Route, Router};
 use upstream::{Pool, PooledBody, SendError, UpstreamBody, UpstreamError};
 
@@ -65,6 +66,8 @@ pub struct Proxy {
     clock: Clock,
     max_body: u64,
     upstream_timeout: Duration,
+    /// This worker's coarse timers (upstream timeout, header-read timeout).
+    timer: Wheel,
     hsts: Option<HeaderValue>,
 }
 
@@ -121,6 +124,7 @@ impl Proxy {
             clock,
             max_body: s.max_request_body,
             upstream_timeout: s.upstream_timeout,
+            timer: Wheel::new(),
             hsts: (!s.hsts.is_zero()).then(|| {
                 HeaderValue::from_str(&format!("max-age={}", s.hsts.as_secs())).expect("ascii")
             }),
@@ -129,6 +133,12 @@ impl Proxy {
 
     pub fn store(&self) -> &Arc<AnyStore> {
         &self.store
+    }
+
+    /// The timers of this proxy's worker, for the server's header-read
+    /// timeout.
+    pub fn timer(&self) -> &Wheel {
+        &self.timer
     }
 
     /// Serves one request. Never fails: every error is a response.
@@ -726,7 +736,7 @@ impl Proxy {
                 (Some(h), true) => h,
                 _ => &up.host_value,
             };
-            let sent = tokio::time::timeout(
+            let sent = self.timer.timeout(
                 self.upstream_timeout,
                 self.pool.send(route.slots[i], req, hv, &added),
             );

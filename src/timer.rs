@@ -1,0 +1,348 @@
+//! Coarse timers for the per-request timeouts of one worker.
+//!
+//! Every request arms two timeouts that almost never fire: hyper's
+//! header-read timeout for the next request on the connection, and the
+//! upstream timeout. With tokio's timers each one is a clock read, an
+//! insertion into and removal from the timer wheel, and (for hyper's) a
+//! boxed future: about 1,700 instructions per request, 5% of the read
+//! path. Here a timer is a slot in a small table checked by one ticker
+//! task every [`TICK`], as nginx checks its timers once per event-loop
+//! turn: arming costs an uncontended lock and a waker clone.
+//!
+//! The price is precision: a timeout fires between its duration and its
+//! duration plus two ticks (0.2 s) after it was armed, never before.
+//! Durations here are seconds (`header_read_timeout`, `upstream_timeout`).
+//!
+//! The clock is tokio's, so tests that pause time drive these timers too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How often due timers are checked.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// The timers of one worker. Cloning shares them.
+#[derive(Clone)]
+pub struct Wheel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Time at the last tick (or at the last `now()` while no ticker runs).
+    now: Instant,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// A ticker task is running for this wheel.
+    ticking: bool,
+}
+
+struct Slot {
+    /// The moment the slot is due: its deadline plus one tick, since a
+    /// deadline may have been taken from a clock up to a tick old.
+    due: Instant,
+    waker: Option<Waker>,
+    used: bool,
+    generation: u32,
+}
+
+/// The error of [`Wheel::timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+impl Default for Wheel {
+    fn default() -> Self {
+        Wheel::new()
+    }
+}
+
+impl Wheel {
+    pub fn new() -> Wheel {
+        Wheel {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    now: Instant::now(),
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    ticking: false,
+                }),
+            }),
+        }
+    }
+
+    /// The current time, at most one tick old while timers are armed.
+    pub fn now(&self) -> Instant {
+        let mut st = self.inner.lock();
+        if !st.ticking {
+            st.now = Instant::now();
+        }
+        st.now
+    }
+
+    /// A timer that fires `duration` from now (plus at most two ticks).
+    pub fn sleep(&self, duration: Duration) -> Sleep {
+        self.sleep_until(self.now() + duration)
+    }
+
+    pub fn sleep_until(&self, deadline: Instant) -> Sleep {
+        Sleep {
+            inner: self.inner.clone(),
+            due: deadline + TICK,
+            slot: None,
+            fired: false,
+        }
+    }
+
+    /// `fut`, or [`Elapsed`] when it has not finished within `duration`.
+    pub async fn timeout<F: Future>(
+        &self,
+        duration: Duration,
+        fut: F,
+    ) -> Result<F::Output, Elapsed> {
+        let mut sleep = self.sleep(duration);
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(v));
+            }
+            match Pin::new(&mut sleep).poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Timers armed and not yet dropped (for tests).
+    pub fn armed(&self) -> usize {
+        self.inner.lock().slots.iter().filter(|s| s.used).count()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the table consistent (every
+        // change is a single field write), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One timer of a [`Wheel`]. Not armed until first polled.
+pub struct Sleep {
+    inner: Arc<Inner>,
+    due: Instant,
+    /// Index and generation of the slot, once armed.
+    slot: Option<(u32, u32)>,
+    fired: bool,
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.fired {
+            return Poll::Ready(());
+        }
+        let mut st = this.inner.lock();
+        if !st.ticking {
+            st.now = Instant::now();
+        }
+        if st.now >= this.due {
+            if let Some((i, _)) = this.slot.take() {
+                st.release(i);
+            }
+            this.fired = true;
+            return Poll::Ready(());
+        }
+        match this.slot {
+            Some((i, g)) if st.slots[i as usize].generation == g => {
+                let slot = &mut st.slots[i as usize];
+                match &slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+            }
+            _ => {
+                let slot = Slot {
+                    due: this.due,
+                    waker: Some(cx.waker().clone()),
+                    used: true,
+                    generation: 0,
+                };
+                let i = match st.free.pop() {
+                    Some(i) => {
+                        let s = &mut st.slots[i as usize];
+                        let generation = s.generation;
+                        *s = Slot { generation, ..slot };
+                        i
+                    }
+                    None => {
+                        st.slots.push(slot);
+                        (st.slots.len() - 1) as u32
+                    }
+                };
+                this.slot = Some((i, st.slots[i as usize].generation));
+                if !st.ticking {
+                    st.ticking = true;
+                    drop(st);
+                    tokio::spawn(ticker(Arc::downgrade(&this.inner)));
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some((i, g)) = self.slot {
+            let mut st = self.inner.lock();
+            if st.slots[i as usize].generation == g {
+                st.release(i);
+            }
+        }
+    }
+}
+
+impl hyper::rt::Sleep for Sleep {}
+
+impl State {
+    fn release(&mut self, i: u32) {
+        let s = &mut self.slots[i as usize];
+        s.used = false;
+        s.waker = None;
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(i);
+    }
+}
+
+/// Wakes the due timers of a wheel every tick, while the wheel exists.
+async fn ticker(wheel: Weak<Inner>) {
+    /// Marks the wheel as without a ticker when this task ends, even by
+    /// its runtime shutting down, so the next timer starts another.
+    struct Stopped(Weak<Inner>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if let Some(inner) = self.0.upgrade() {
+                inner.lock().ticking = false;
+            }
+        }
+    }
+    let _stopped = Stopped(wheel.clone());
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut due = Vec::new();
+    loop {
+        every.tick().await;
+        let Some(inner) = wheel.upgrade() else { return };
+        {
+            let mut st = inner.lock();
+            let now = Instant::now();
+            st.now = now;
+            for s in st.slots.iter_mut().filter(|s| s.used && s.due <= now) {
+                due.extend(s.waker.take());
+            }
+        }
+        for w in due.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// hyper's timer for the HTTP/1 header-read timeout.
+impl hyper::rt::Timer for Wheel {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Wheel::sleep(self, duration))
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Wheel::sleep_until(self, Instant::from_std(deadline)))
+    }
+
+    fn now(&self) -> std::time::Instant {
+        Wheel::now(self).into_std()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_after_its_duration_and_within_two_ticks() {
+        let wheel = Wheel::new();
+        let start = Instant::now();
+        wheel.sleep(Duration::from_secs(3)).await;
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+        assert!(took <= Duration::from_secs(3) + 2 * TICK, "{took:?}");
+        assert_eq!(wheel.armed(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_passes_the_value_through_or_elapses() {
+        let wheel = Wheel::new();
+        let quick = wheel
+            .timeout(Duration::from_secs(1), async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                7
+            })
+            .await;
+        assert_eq!(quick, Ok(7));
+        assert_eq!(wheel.armed(), 0, "the finished timeout's slot is freed");
+        let slow = wheel
+            .timeout(Duration::from_secs(1), std::future::pending::<()>())
+            .await;
+        assert_eq!(slow, Err(Elapsed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_timer_frees_its_slot_for_the_next() {
+        let wheel = Wheel::new();
+        for _ in 0..100 {
+            let r = wheel
+                .timeout(Duration::from_secs(5), tokio::task::yield_now())
+                .await;
+            assert_eq!(r, Ok(()));
+        }
+        assert_eq!(wheel.armed(), 0);
+        assert!(wheel.inner.lock().slots.len() <= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_wheel_does_not_date_new_timers_from_its_creation() {
+        let wheel = Wheel::new();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let r = wheel
+            .timeout(
+                Duration::from_secs(10),
+                tokio::time::sleep(Duration::from_secs(5)),
+            )
+            .await;
+        assert_eq!(r, Ok(()), "a timer armed an hour after the wheel was made");
+    }
+
+    #[test]
+    fn a_runtime_that_ends_leaves_the_wheel_usable_by_the_next() {
+        let wheel = Wheel::new();
+        for _ in 0..2 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let r =
+                rt.block_on(wheel.timeout(Duration::from_secs(1), std::future::pending::<()>()));
+            assert_eq!(r, Err(Elapsed));
+        }
+    }
+}
