@@ -45,6 +45,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dur(pub Duration);
 
+/// The longest duration a setting may hold (about 31,700 years): far beyond any
+/// use, and far from overflowing the clock arithmetic it feeds.
+const MAX_DURATION_SECS: u64 = 1_000_000_000_000;
+
 /// Parses a duration string; also used for CLI flags and tests.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -74,7 +78,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     let secs = value * unit_secs;
-    if !secs.is_finite() || secs > 1e12 {
+    if !secs.is_finite() || secs > MAX_DURATION_SECS as f64 {
         return Err(format!("invalid duration {s:?}: too large"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -92,9 +96,13 @@ impl<'de> Deserialize<'de> for Dur {
                 if v < 0 {
                     return Err(E::custom("a duration cannot be negative"));
                 }
-                Ok(Dur(Duration::from_secs(v as u64)))
+                self.visit_u64(v as u64)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
+                // The same bound as for strings.
+                if v > MAX_DURATION_SECS {
+                    return Err(E::custom(format!("invalid duration {v}: too large")));
+                }
                 Ok(Dur(Duration::from_secs(v)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
@@ -967,6 +975,28 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn integer_durations_have_the_strings_bound() {
+        let text = |v: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\nupstream_timeout = {v}\n\n[session]\nsecret_key = \"{SECRET}\"\n\n{ROUTE}"
+            )
+        };
+        let c = parse(&text("1000000000000")).unwrap();
+        assert_eq!(
+            c.server.upstream_timeout,
+            Duration::from_secs(1_000_000_000_000)
+        );
+        for v in ["1000000000001", "9223372036854775807"] {
+            let e = parse(&text(v)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("test.toml:4:") && e.contains("too large"),
+                "{e}"
+            );
+        }
+        assert!(parse_duration("1000000000001s").is_err());
     }
 
     #[test]

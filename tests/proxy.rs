@@ -1214,8 +1214,15 @@ async fn slow_upstream_is_504() {
         &route(&up, ""),
     ))
     .await;
+    let asked = std::time::Instant::now();
     let r = get_with(&p, "/", &[]).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    // A lower bound only: the timeout may fire late, never early.
+    let waited = asked.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(300),
+        "504 after {waited:?}"
+    );
     assert_one_line(&r.body);
     assert!(r.set_cookies().is_empty());
     assert_eq!(up.count(), 1, "the request did reach the upstream");
@@ -1279,6 +1286,8 @@ async fn client_that_never_finishes_its_head_is_dropped() {
         &route(&up, ""),
     ))
     .await;
+    // Before connecting: the server's clock starts after its accept.
+    let sent = std::time::Instant::now();
     let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut rest = Vec::new();
@@ -1286,6 +1295,12 @@ async fn client_that_never_finishes_its_head_is_dropped() {
         tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     // EOF or a reset: either way the connection is gone.
     assert!(closed.is_ok(), "the connection was still open after 5s");
+    // A lower bound only: the timeout may fire late, never early.
+    let waited = sent.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(300),
+        "dropped after {waited:?}"
+    );
     assert_eq!(up.count(), 0, "the upstream was never called");
     p.stop().await;
 }
