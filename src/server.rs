@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +23,9 @@ use crate::config::Config;
 use crate::proxy::{error_response, ConnInfo, Proxy, RespBody};
 use crate::session::Clock;
 use crate::store::{AnyStore, Store, StoreError};
+
+mod drain;
+use drain::Drain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -151,7 +153,7 @@ impl Server {
     /// The accept loop until `shutdown`, then the bounded graceful stop.
     async fn serve(self, shutdown: impl Future<Output = ()>) {
         let addr = self.local_addr();
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
         // Every connection task, so the ones still open when the grace
         // period ends can be aborted before the store is flushed.
         let mut conns: JoinSet<()> = JoinSet::new();
@@ -199,7 +201,7 @@ impl Server {
                         builder: &builder,
                         handshake_timeout: self.config.server.header_read_timeout,
                     };
-                    serve_conn(stream, peer, &ctx, &graceful, &mut conns);
+                    serve_conn(stream, peer, &ctx, &drain, &mut conns);
                 }
                 res = accept_opt(&mut redirect) => {
                     if let Ok((stream, _)) = res {
@@ -208,7 +210,7 @@ impl Server {
                                 Ok::<_, std::convert::Infallible>(redirect_response(&req, redirect_port))
                             }))
                             .into_owned();
-                        let watched = graceful.watch(conn);
+                        let watched = drain.watch(conn);
                         conns.spawn(async move {
                             let _ = watched.await;
                         });
@@ -219,7 +221,9 @@ impl Server {
         drop(self.listener);
         drop(redirect);
         tracing::info!(grace = ?self.config.server.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
-        match tokio::time::timeout(self.config.server.shutdown_grace, graceful.shutdown()).await {
+        drain.start();
+        let all_closed = async { while conns.join_next().await.is_some() {} };
+        match tokio::time::timeout(self.config.server.shutdown_grace, all_closed).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => {
                 tracing::warn!(
@@ -410,7 +414,7 @@ fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: &ConnCtx<'_>,
-    graceful: &GracefulShutdown,
+    drain: &Drain,
     conns: &mut JoinSet<()>,
 ) {
     let ConnCtx {
@@ -427,7 +431,7 @@ fn serve_conn(
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
-            let watched = graceful.watch(conn);
+            let watched = drain.watch(conn);
             conns.spawn(async move {
                 let _ = watched.await;
             });
@@ -437,7 +441,7 @@ fn serve_conn(
             let builder = builder.clone();
             // The handshake happens in the task; a connection still
             // handshaking at shutdown is simply dropped.
-            let watcher = graceful.watcher();
+            let drain = drain.clone();
             conns.spawn(async move {
                 let tls =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -454,7 +458,7 @@ fn serve_conn(
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .into_owned();
-                let _ = watcher.watch(conn).await;
+                let _ = drain.watch(conn).await;
             });
         }
     }

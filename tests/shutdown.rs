@@ -1,5 +1,6 @@
 //! Graceful shutdown bounded by `shutdown_grace`: a request still running
-//! when the grace period ends is cut off, and the server stops anyway.
+//! when the grace period ends is cut off, and the server stops anyway; idle
+//! keep-alive connections are closed at once rather than waited on.
 
 mod common;
 
@@ -45,4 +46,57 @@ async fn requests_past_the_grace_period_are_cut_off() {
         r.is_err(),
         "the stuck request was cut off, not answered: {r:?}"
     );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(|_| ok()).await;
+    // A grace period far longer than the test's bound: waiting on the idle
+    // connections instead of closing them would fail it.
+    let toml =
+        config("", &route(&up, "")).replace("shutdown_grace = \"5s\"", "shutdown_grace = \"60s\"");
+    assert!(toml.contains("shutdown_grace = \"60s\""));
+    let mut p = start(&toml).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before the answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        idle.push(s);
+    }
+    p.trigger_shutdown();
+    let done = p.done.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("the server stops without waiting on idle connections")
+        .unwrap();
+    for mut s in idle {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("the idle connection is closed");
+        assert!(
+            n.is_err() || rest.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
 }
