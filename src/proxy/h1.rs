@@ -31,6 +31,8 @@ pub enum ProtocolError {
     ContentLength,
     #[error("invalid chunked framing: {0}")]
     Chunked(&'static str),
+    #[error("Transfer-Encoding in an HTTP/1.0 response")]
+    TransferEncodingInHttp10,
 }
 
 /// How the request body goes upstream.
@@ -220,20 +222,31 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
                 }
             }
             "transfer-encoding" => {
-                let last = raw.rsplit(|&b| b == b',').next().unwrap_or_default();
-                head.transfer_coding =
-                    Some(match last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                        true => TransferCoding::Chunked,
-                        false => TransferCoding::Other,
-                    });
+                // The last coding named (empty list elements are allowed,
+                // RFC 9110 5.6.1); a field naming none is not chunked.
+                let last = raw
+                    .rsplit(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .find(|c| !c.is_empty());
+                head.transfer_coding = Some(match last {
+                    Some(c) if c.eq_ignore_ascii_case(b"chunked") => TransferCoding::Chunked,
+                    _ => TransferCoding::Other,
+                });
                 continue;
             }
             "content-length" => {
                 let n = content_length(raw)?;
+                let repeated = head.content_length.is_some();
                 if head.content_length.is_some_and(|f| f != n) {
                     return Err(ProtocolError::ContentLength);
                 }
                 head.content_length = Some(n);
+                // One field with the number, whatever list or repetition
+                // of it the upstream sent.
+                if !repeated {
+                    head.headers.append(CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                continue;
             }
             n if is_hop_by_hop(n) => continue,
             _ => {}
@@ -243,6 +256,10 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
         )
         .map_err(|_| ProtocolError::Head(httparse::Error::HeaderValue))?;
         head.headers.append(name, value);
+    }
+    // RFC 9112 6.1: the framing of such a message is faulty.
+    if head.version == Version::HTTP_10 && head.transfer_coding.is_some() {
+        return Err(ProtocolError::TransferEncodingInHttp10);
     }
     Ok(Some(head))
 }
@@ -346,10 +363,11 @@ impl ChunkedDecoder {
         loop {
             match self.state {
                 ChunkState::Size => {
-                    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(ProtocolError::Chunked("chunk-size line too long"));
-                        }
+                    let nl = buf.iter().position(|&b| b == b'\n');
+                    if nl.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                        return Err(ProtocolError::Chunked("chunk-size line too long"));
+                    }
+                    let Some(nl) = nl else {
                         return Ok(Decoded::More);
                     };
                     let size = chunk_size(&buf[..nl])?;
@@ -443,14 +461,21 @@ fn chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
         return Err(ProtocolError::Chunked("chunk-size line not ended by CRLF"));
     };
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
+    // Leading zeros do not count towards the 16 digits a u64 holds.
+    let zeros = line[..digits].iter().take_while(|&&b| b == b'0').count();
+    if digits == 0 || digits - zeros > 16 {
         return Err(ProtocolError::Chunked("invalid chunk size"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    // Only spaces and tabs (BWS) before an extension.
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest[0] == b';') || rest.iter().any(|&b| b == b'\r' || b == b'\n') {
         return Err(ProtocolError::Chunked("invalid chunk size"));
     }
-    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+    Ok(line[zeros..digits].iter().fold(0u64, |n, &d| {
         (n << 4) | u64::from((d as char).to_digit(16).expect("a hex digit"))
     }))
 }
@@ -706,6 +731,9 @@ mod tests {
             b"5 5\r\nhello\r\n0\r\n\r\n",
             b"11111111111111111\r\n",
             b"0\r\nX: 1\n\r\n",
+            // Only spaces and tabs may come between the size and `;`.
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
         ] {
             assert!(
                 dechunk(bad, 64).is_err(),
@@ -713,7 +741,52 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        let long = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
-        assert!(dechunk(long.as_bytes(), 1 << 20).is_err());
+        let long = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(
+            dechunk(long.as_bytes(), 1 << 20).is_err(),
+            "line and LF in one read"
+        );
+        assert!(
+            dechunk(long.as_bytes(), 64).is_err(),
+            "line over several reads"
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_allow_what_rfc_9112_allows() {
+        for (raw, want) in [
+            (&b"00000000000000000005\r\nhello\r\n0\r\n\r\n"[..], "hello"),
+            (b"5 \t;ext=\"v\"\r\nhello\r\n0\r\n\r\n", "hello"),
+            (b"5\r\nhello\r\n000\r\n\r\n", "hello"),
+        ] {
+            let (out, _) = dechunk(raw, 3).unwrap();
+            assert_eq!(out, want.as_bytes(), "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn framing_fields_are_read_as_lists() {
+        let te = |v: &str| {
+            head(&format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: {v}\r\n\r\n"
+            ))
+            .unwrap()
+            .unwrap()
+            .transfer_coding
+        };
+        assert_eq!(te("chunked,"), Some(TransferCoding::Chunked));
+        assert_eq!(te("gzip, chunked , ,"), Some(TransferCoding::Chunked));
+        assert_eq!(te("chunked, gzip"), Some(TransferCoding::Other));
+        assert_eq!(te(","), Some(TransferCoding::Other));
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\nContent-Length: 7\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.content_length, Some(7));
+        let all: Vec<_> = h.headers.get_all(CONTENT_LENGTH).iter().collect();
+        assert_eq!(all, ["7"], "one field with the number");
+        assert!(matches!(
+            head("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(ProtocolError::TransferEncodingInHttp10)
+        ));
     }
 }
