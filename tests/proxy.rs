@@ -759,6 +759,9 @@ async fn round_robin_skips_a_dead_upstream() {
 #[derive(Clone, Copy, PartialEq)]
 enum Then {
     KeepAlive,
+    /// Answer only after this many milliseconds (a slow upstream), then
+    /// keep the connection.
+    Late(u64),
     HangUp,
     /// Read and discard everything else on the connection.
     Drain,
@@ -793,6 +796,9 @@ async fn raw_upstream(
                     buf.drain(..end + 4);
                     let (resp, then) = answer(&head, index);
                     index += 1;
+                    if let Then::Late(ms) = then {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
                     if s.write_all(resp.as_bytes()).await.is_err() || then == Then::HangUp {
                         return;
                     }
@@ -922,6 +928,158 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_reques
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
     assert_eq!(conns.load(Ordering::SeqCst), 2);
     drop(tx);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_answered_before_its_upload_ended_is_never_reused() {
+    // A naive keep-alive upstream answers a POST before reading its body,
+    // then takes the unread rest for its next request and refuses it, late.
+    // Had the proxy pooled the connection once the upload ended, the next
+    // request would get that refusal for its answer.
+    let (addr, conns) = raw_upstream(|head, _| {
+        if head.starts_with("POST ") {
+            let early = "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
+            (early.to_string(), Then::KeepAlive)
+        } else if head.starts_with("GET /next ") {
+            let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            (ok.to_string(), Then::KeepAlive)
+        } else {
+            let bad = "HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nbad";
+            (bad.to_string(), Then::Late(300))
+        }
+    })
+    .await;
+    let p = start(&config_with(
+        "upstream_timeout = \"5s\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url("/login")).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    tx.send(Bytes::from_static(b"x")).await.unwrap();
+    let resp = within("the early answer", resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 401);
+    let _ = within("its body", resp.into_body().collect()).await;
+    tx.send(Bytes::from_static(b"rest\r\n\r\n")).await.unwrap();
+    drop(tx);
+    // Time for the upload to end (and, before the fix, for the connection
+    // to go back to the pool while the upstream is still slow to refuse).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let r = get_with(&p, "/next", &[]).await;
+    assert_eq!(
+        (
+            r.status.as_u16(),
+            r.body.as_str(),
+            conns.load(Ordering::SeqCst)
+        ),
+        (200, "ok", 2),
+        "the next request must not get the answer to the unread upload"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_silent_in_the_middle_of_a_body_is_given_up_after_upstream_timeout() {
+    // Head and 3 of 10 bytes, then nothing, the connection held open.
+    let (addr, _) = raw_upstream(|_, _| {
+        let part = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc";
+        (part.to_string(), Then::Drain)
+    })
+    .await;
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    // Before the request: the proxy's wait starts after it.
+    let asked = std::time::Instant::now();
+    let resp = within(
+        "the head",
+        client::<Full<Bytes>>().get(p.url("/").parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = within("the cut-off body", resp.into_body().collect()).await;
+    assert!(body.is_err(), "a truncated body must not look complete");
+    // A lower bound only: the timeout may fire late, never early.
+    let waited = asked.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(300),
+        "{waited:?}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn framing_fields_in_unusual_but_valid_forms_are_understood() {
+    let (addr, _) = raw_upstream(|head, _| {
+        let resp = if head.starts_with("GET /te ") {
+            // An empty list element (RFC 9110 5.6.1): still chunked.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else if head.starts_with("GET /list ") {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"
+        };
+        (resp.to_string(), Then::KeepAlive)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    let r = get_with(&p, "/te", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello"));
+    for path in ["/list", "/twice"] {
+        let r = raw_request(
+            p.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let lengths: Vec<_> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(lengths, ["2"], "{path}: {:?}", r.headers);
+        assert_eq!(r.body, b"ok");
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn expect_is_not_forwarded() {
+    // The proxy has already answered `100 Continue` and sends the body at
+    // once; an old upstream could refuse the field with a 417 (nginx drops
+    // it too).
+    let (addr, _) = raw_upstream(|head, _| {
+        let expect = head.to_ascii_lowercase().contains("\r\nexpect:");
+        let body = if expect { "expect" } else { "none" };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (resp, Then::Drain)
+    })
+    .await;
+    let p = start(&config("", &plain_route(addr))).await;
+    let r = raw_request(
+        p.addr,
+        "POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    // `100 Continue` from the proxy, then the answer (raw_request reads
+    // the first head only).
+    assert_eq!(r.status, 100);
+    let rest = String::from_utf8_lossy(&r.body);
+    assert!(
+        rest.starts_with("HTTP/1.1 200 OK\r\n") && rest.ends_with("\r\n\r\nnone"),
+        "{rest}"
+    );
     p.stop().await;
 }
 

@@ -105,7 +105,12 @@ impl Proxy {
     pub fn new(config: &Config, store: Arc<AnyStore>, clock: Clock) -> Proxy {
         let s = &config.server;
         let mut router = Router::new(config.routes.clone());
-        let mut pool = Pool::new(s.upstream_connect_timeout);
+        let timer = Wheel::new();
+        let mut pool = Pool::new(
+            s.upstream_connect_timeout,
+            s.upstream_timeout,
+            timer.clone(),
+        );
         for route in &mut router.routes {
             route.slots = route
                 .cfg
@@ -124,7 +129,7 @@ impl Proxy {
             clock,
             max_body: s.max_request_body,
             upstream_timeout: s.upstream_timeout,
-            timer: Wheel::new(),
+            timer,
             hsts: (!s.hsts.is_zero()).then(|| {
                 HeaderValue::from_str(&format!("max-age={}", s.hsts.as_secs())).expect("ascii")
             }),
@@ -671,11 +676,15 @@ impl Proxy {
         mut added: Added,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let h = &mut parts.headers;
-        // The client's own are dropped: the proxy's replace them.
+        // The client's own X-Forwarded-* are dropped: the proxy's replace
+        // them. So is `Expect`, as nginx does: the client already had its
+        // `100 Continue` from this proxy, which sends the body without
+        // waiting, and an old upstream may refuse the field with a 417.
         for name in [
             &headers::X_FORWARDED_FOR,
             &headers::X_FORWARDED_PROTO,
             &headers::X_FORWARDED_HOST,
+            &header::EXPECT,
         ] {
             h.remove(name);
         }

@@ -36,6 +36,7 @@ use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
 use crate::session::headers::Added;
+use crate::timer::{Sleep, Wheel};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,6 +58,10 @@ pub struct Pool {
     /// Resolves the name and connects, trying the addresses of a name
     /// IPv6 and IPv4 side by side (happy eyeballs), within the timeout.
     connector: HttpConnector,
+    /// The longest wait between two reads of a response body (nginx's
+    /// `proxy_read_timeout`), on the worker's timers.
+    read_timeout: Duration,
+    timer: Wheel,
 }
 
 struct Slot {
@@ -115,7 +120,7 @@ impl Conn {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Pool {
+    pub fn new(connect_timeout: Duration, read_timeout: Duration, timer: Wheel) -> Pool {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -123,6 +128,8 @@ impl Pool {
         Pool {
             slots: Vec::new(),
             connector,
+            read_timeout,
+            timer,
         }
     }
 
@@ -294,14 +301,18 @@ impl Pool {
             framing,
             reusable,
         } = answer;
+        // An upstream that answered before it had the whole body may read
+        // the rest as its next request (a naive server answering 401 or a
+        // redirect early): the connection is never reused (as nginx does).
+        let reusable = reusable && upload.is_none();
         let Conn { io, mut rbuf, wbuf } = conn;
         let io = match upload {
             None => ReadIo::Whole(io),
             Some(upload) => {
                 let (rd, wr) = io.into_split();
                 let (tx, rx) = oneshot::channel();
-                tokio::spawn(finish_upload(upload, wr, rx, self.clone(), slot));
-                ReadIo::Half(rd, tx)
+                tokio::spawn(finish_upload(upload, wr, rx));
+                ReadIo::Half { rd, _over: tx }
             }
         };
         let body = match framing {
@@ -322,6 +333,7 @@ impl Pool {
                 reusable,
                 pool: self.clone(),
                 slot,
+                idle: None,
             })),
         };
         let mut resp = Response::new(PooledBody(body));
@@ -508,6 +520,14 @@ impl Upload {
                             self.out.extend_from_slice(&data);
                         }
                     }
+                    // A body of known length is over with its last byte:
+                    // no need to wait for the client's next move to say so.
+                    if self.body.is_end_stream() {
+                        self.ended = true;
+                        if self.chunked {
+                            self.out.extend_from_slice(h1::LAST_CHUNK);
+                        }
+                    }
                 }
                 Some(Err(e)) if e.is::<TooLarge>() => {
                     return Poll::Ready(Err(ClientError::TooLarge))
@@ -533,6 +553,8 @@ pub enum ClientError {
     TooLarge,
     #[error("the upstream switched protocols without an upgrade request")]
     Switched,
+    #[error("the upstream sent nothing more of the response body for {0:?}")]
+    ReadTimeout(Duration),
 }
 
 /// Why [`Pool::send`] failed.
@@ -565,19 +587,21 @@ struct Streaming {
     reusable: bool,
     pool: Arc<Pool>,
     slot: usize,
+    /// Armed while waiting for the next bytes of the body.
+    idle: Option<Sleep>,
 }
 
 /// What a response body is read from: the whole connection, or its read
 /// half while the rest of an early-answered upload goes on in a task of its
-/// own (which gets the read half back, to pool the connection, when the
-/// response has ended cleanly).
+/// own (which keeps the write half open until the response is over: the
+/// dropped sender tells it).
 enum ReadIo {
     Whole(TcpStream),
-    Half(OwnedReadHalf, oneshot::Sender<ReadBack>),
+    Half {
+        rd: OwnedReadHalf,
+        _over: oneshot::Sender<()>,
+    },
 }
-
-/// The read side of a connection handed back to its upload task.
-type ReadBack = (OwnedReadHalf, BytesMut, Vec<u8>);
 
 enum BodyState {
     Length(u64),
@@ -622,9 +646,22 @@ impl Streaming {
             }
             let filled = match &mut self.io {
                 ReadIo::Whole(io) => poll_fill(io, &mut self.rbuf, cx),
-                ReadIo::Half(io, _) => poll_fill(io, &mut self.rbuf, cx),
+                ReadIo::Half { rd, .. } => poll_fill(rd, &mut self.rbuf, cx),
             };
-            match ready!(filled) {
+            let Poll::Ready(filled) = filled else {
+                let pool = &self.pool;
+                let idle = self
+                    .idle
+                    .get_or_insert_with(|| pool.timer.sleep(pool.read_timeout));
+                if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
+                    return Poll::Ready(Some(Err(ClientError::ReadTimeout(
+                        self.pool.read_timeout,
+                    ))));
+                }
+                return Poll::Pending;
+            };
+            self.idle = None;
+            match filled {
                 Ok(0) if matches!(self.state, BodyState::Close) => {
                     self.state = BodyState::Done;
                     return Poll::Ready(None);
@@ -664,33 +701,27 @@ fn release(pool: &Pool, slot: usize, io: ReadIo, rbuf: BytesMut, wbuf: Vec<u8>, 
     }
     match io {
         ReadIo::Whole(io) => pool.push_idle(slot, Conn { io, rbuf, wbuf }),
-        ReadIo::Half(rd, back) => {
-            let _ = back.send((rd, rbuf, wbuf));
-        }
+        // Never reusable (see `respond`).
+        ReadIo::Half { .. } => {}
     }
 }
 
 /// Sends the rest of a request body the upstream answered before it had
 /// all of it, apart from the response (which may end first, or wait for
 /// the client to finish sending before it is read: RFC 9112 9.5 has the
-/// client keep sending). The connection is pooled when both ended cleanly.
+/// client keep sending, and an upstream that answered `202` early may
+/// still want the rest). The write half is kept open until the response
+/// is over too; then the connection is closed, as it is never reused.
 async fn finish_upload(
     mut upload: Upload,
     mut wr: OwnedWriteHalf,
-    back: oneshot::Receiver<ReadBack>,
-    pool: Arc<Pool>,
-    slot: usize,
+    response: oneshot::Receiver<()>,
 ) {
     if let Err(e) = std::future::poll_fn(|cx| upload.poll(&mut wr, cx)).await {
         tracing::debug!(error = %e, "request body after an early answer");
         return;
     }
-    let Ok((rd, rbuf, wbuf)) = back.await else {
-        return;
-    };
-    if let Ok(io) = rd.reunite(wr) {
-        pool.push_idle(slot, Conn { io, rbuf, wbuf });
-    }
+    let _ = response.await;
 }
 
 impl Body for PooledBody {
