@@ -242,11 +242,15 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
                 }
                 head.content_length = Some(n);
                 // One field with the number, whatever list or repetition
-                // of it the upstream sent.
-                if !repeated {
-                    head.headers.append(CONTENT_LENGTH, HeaderValue::from(n));
+                // of it the upstream sent (the usual plain number is kept
+                // as it came, without a copy).
+                if repeated {
+                    continue;
                 }
-                continue;
+                if raw.contains(&b',') {
+                    head.headers.append(CONTENT_LENGTH, HeaderValue::from(n));
+                    continue;
+                }
             }
             n if is_hop_by_hop(n) => continue,
             _ => {}
