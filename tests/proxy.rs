@@ -908,18 +908,8 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_another_reques
     ))
     .await;
 
-    let (tx, body) = chan_body();
-    let req = Request::post(p.url("/upload")).body(body).unwrap();
-    let c = client::<ChanBody>();
-    let resp = tokio::spawn(async move { c.request(req).await });
-    tx.send(Bytes::from_static(b"first-chunk")).await.unwrap();
-    let resp = within("the early answer", resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
-    let early = within("its body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
-    assert_eq!(&early[..], b"early");
+    let (tx, status, early) = post_with_early_answer(&p, "/upload", b"first-chunk").await;
+    assert_eq!((status, &early[..]), (200, &b"early"[..]));
 
     // The upload's connection is still sending (the client holds its body
     // open): a GET now must get a connection of its own, not wait behind it
@@ -956,14 +946,8 @@ async fn a_connection_answered_before_its_upload_ended_is_never_reused() {
         &plain_route(addr),
     ))
     .await;
-    let (tx, body) = chan_body();
-    let req = Request::post(p.url("/login")).body(body).unwrap();
-    let c = client::<ChanBody>();
-    let resp = tokio::spawn(async move { c.request(req).await });
-    tx.send(Bytes::from_static(b"x")).await.unwrap();
-    let resp = within("the early answer", resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 401);
-    let _ = within("its body", resp.into_body().collect()).await;
+    let (tx, status, _) = post_with_early_answer(&p, "/login", b"x").await;
+    assert_eq!(status, 401);
     tx.send(Bytes::from_static(b"rest\r\n\r\n")).await.unwrap();
     drop(tx);
     // Time for the upload to end (and, before the fix, for the connection
@@ -1081,6 +1065,28 @@ async fn expect_is_not_forwarded() {
         "{rest}"
     );
     p.stop().await;
+}
+
+/// Starts a POST to `path` whose body the client holds open, sends `first`
+/// and reads the whole answer the upstream gives before the body ends.
+/// Returns the sender of the rest of the body, the status and the answer.
+async fn post_with_early_answer(
+    p: &Proxy,
+    path: &str,
+    first: &'static [u8],
+) -> (mpsc::Sender<Bytes>, u16, Bytes) {
+    let (tx, body) = chan_body();
+    let req = Request::post(p.url(path)).body(body).unwrap();
+    let c = client::<ChanBody>();
+    let resp = tokio::spawn(async move { c.request(req).await });
+    tx.send(Bytes::from_static(first)).await.unwrap();
+    let resp = within("the early answer", resp).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let answer = within("its body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    (tx, status, answer)
 }
 
 /// A session-less route to `addr`.
@@ -1246,17 +1252,7 @@ async fn upload_after_early_answer(resp: &'static str) -> (u16, String, String) 
         &plain_route(addr),
     ))
     .await;
-    let (tx, body) = chan_body();
-    let req = Request::post(p.url("/upload")).body(body).unwrap();
-    let c = client::<ChanBody>();
-    let resp = tokio::spawn(async move { c.request(req).await });
-    tx.send(Bytes::from_static(b"first")).await.unwrap();
-    let resp = within("the early answer", resp).await.unwrap().unwrap();
-    let status = resp.status().as_u16();
-    let answer = within("its body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let (tx, status, answer) = post_with_early_answer(&p, "/upload", b"first").await;
     // The answer has ended; only now does the client finish its upload.
     tx.send(Bytes::from_static(b"second")).await.unwrap();
     drop(tx);
