@@ -440,11 +440,13 @@ fn serve_conn(
             let acceptor = acceptor.clone();
             let builder = builder.clone();
             // The handshake happens in the task; a connection still
-            // handshaking at shutdown is simply dropped.
+            // handshaking when the drain starts is dropped (it has no
+            // request yet), not waited on.
             let drain = drain.clone();
             conns.spawn(async move {
-                let tls =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let tls = tokio::select! {
+                    r = handshake => match r {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -454,7 +456,9 @@ fn serve_conn(
                             tracing::debug!(%peer, "TLS handshake timed out");
                             return;
                         }
-                    };
+                    },
+                    () = drain.started() => return,
+                };
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .into_owned();

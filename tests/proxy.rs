@@ -1001,6 +1001,140 @@ async fn an_upstream_silent_in_the_middle_of_a_body_is_given_up_after_upstream_t
 }
 
 #[tokio::test]
+async fn an_early_answer_read_with_the_last_body_bytes_still_closes_the_connection() {
+    use std::io::{Read, Write};
+    // The early answer and the last bytes of the upload become readable in
+    // the same wakeup of the proxy: the answer must still count as early.
+    // A naive upstream (blocking threads, off the test runtime): answers a
+    // POST as soon as it has the head, when told to, never reading the body.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
+    let seen_tx = Arc::new(std::sync::Mutex::new(Some(seen_tx)));
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Arc::new(std::sync::Mutex::new(go_rx));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let n = conns.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            n.fetch_add(1, Ordering::SeqCst);
+            let (seen_tx, go_rx) = (seen_tx.clone(), go_rx.clone());
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let resp = if head.starts_with("POST ") {
+                        if let Some(t) = seen_tx.lock().unwrap().take() {
+                            let _ = t.send(());
+                        }
+                        go_rx.lock().unwrap().recv().unwrap();
+                        "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+                    } else if head.starts_with("GET /next ") {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nunread-upload!"
+                    };
+                    if s.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = start(&config_with(
+        "upstream_timeout = \"5s\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let rest = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut c = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\nx",
+            rest.len() + 1
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    within("the upstream gets the head", seen_rx).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Both the rest of the body and the early answer become readable before
+    // the proxy (on this thread) runs again: one wakeup sees both.
+    assert_eq!(c.try_write(rest.as_bytes()).unwrap(), rest.len());
+    go_tx.send(()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = within("the 401", c.read(&mut b)).await.unwrap();
+        assert!(k > 0);
+        got.extend_from_slice(&b[..k]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let r = get_with(&p, "/next", &[]).await;
+    assert_eq!(
+        (
+            r.status.as_u16(),
+            r.body.as_str(),
+            conns.load(Ordering::SeqCst)
+        ),
+        (200, "ok", 2),
+        "the next request must not get the answer to the unread upload"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_slow_to_read_is_not_cut_off_by_the_body_read_timeout() {
+    const N: usize = 32 << 20;
+    let (addr, _) = raw_upstream(|_, _| {
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {N}\r\n\r\n{}",
+            "a".repeat(N)
+        );
+        (resp, Then::KeepAlive)
+    })
+    .await;
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let mut c = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Not reading: the proxy's buffers and the sockets fill up.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut all = Vec::new();
+    within("the whole answer", c.read_to_end(&mut all))
+        .await
+        .unwrap();
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(all.len() - body_at, N);
+    p.stop().await;
+}
+
+#[tokio::test]
 async fn framing_fields_in_unusual_but_valid_forms_are_understood() {
     let (addr, _) = raw_upstream(|head, _| {
         let resp = if head.starts_with("GET /te ") {
@@ -1240,6 +1374,47 @@ async fn early_answer_upstream(
         }
     });
     (addr, rx)
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_early_and_stops_reading_does_not_hold_the_upload_forever() {
+    // Answers 202 at once, then keeps the connection open without reading.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            held.push(s);
+        }
+    });
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"\nmax_request_body = \"1GiB\"",
+        "",
+        &plain_route(addr),
+    ))
+    .await;
+    let (tx, status, _) = post_with_early_answer(&p, "/upload", b"first").await;
+    assert_eq!(status, 202);
+    // The client goes on sending. Once the socket buffers are full the
+    // upload stalls; upstream_timeout after the answer ended, the proxy
+    // gives it up and the client's connection ends, so sending fails.
+    let sending = async move {
+        let chunk = Bytes::from(vec![b'u'; 1 << 20]);
+        while tx.send(chunk.clone()).await.is_ok() {}
+    };
+    within("the proxy to give up the stalled upload", sending).await;
+    p.stop().await;
 }
 
 /// Posts "first", reads the whole early answer, then sends "second" and

@@ -100,3 +100,57 @@ async fn idle_keep_alive_connections_are_closed_at_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn idle_h2_connections_close_at_once_and_in_flight_h2_requests_finish() {
+    use http_body_util::BodyExt;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (g, a) = (gate.clone(), arrived.clone());
+    let up = upstream_async(move |req| {
+        let (g, a) = (g.clone(), a.clone());
+        Box::pin(async move {
+            if req.uri.path() == "/slow" {
+                a.notify_one();
+                g.notified().await;
+            }
+            ok()
+        })
+    })
+    .await;
+    let toml =
+        config("", &route(&up, "")).replace("shutdown_grace = \"5s\"", "shutdown_grace = \"60s\"");
+    let mut p = start(&toml).await;
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    // One request done: an idle h2 connection in the pool.
+    let r = c.get(p.url("/").parse().unwrap()).await.unwrap();
+    r.into_body().collect().await.unwrap();
+    // Another client, one request in flight over h2.
+    let c2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let url: http::Uri = p.url("/slow").parse().unwrap();
+    let slow = tokio::spawn(async move {
+        let r = c2.get(url).await?;
+        let s = r.status();
+        let b = r.into_body().collect().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((s, b.to_bytes()))
+    });
+    arrived.notified().await;
+    p.trigger_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.notify_one();
+    let r = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "in-flight h2 request finished: {r:?}");
+    let done = p.done.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("idle h2 connections do not hold the shutdown for the grace period")
+        .unwrap();
+    drop(c);
+}

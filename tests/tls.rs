@@ -196,3 +196,32 @@ async fn redirect_listener_answers_308_to_https() {
         .unwrap()
         .expect("server run");
 }
+
+#[tokio::test]
+async fn a_client_silent_in_its_tls_handshake_does_not_hold_the_shutdown() {
+    let certs = certs();
+    let up = upstream(|_| ok()).await;
+    // Both far longer than the test's bound: waiting on the handshake
+    // instead of dropping it would fail it.
+    let mut config = tls_config(&certs, &up, "header_read_timeout = \"60s\"");
+    config.server.shutdown_grace = std::time::Duration::from_secs(60);
+    let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
+    let server = Server::bind_with(config, store, Clock::default(), None)
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    // Connected, never says a word; and a connection whose handshake is
+    // done (idle: closed at once by the drain), which shows the server runs.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let _idle = connect(addr, &certs, &[b"http/1.1"]).await;
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(10), done)
+        .await
+        .expect("the server stops without waiting on the silent handshake")
+        .unwrap()
+        .unwrap();
+}

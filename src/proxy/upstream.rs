@@ -311,7 +311,7 @@ impl Pool {
             Some(upload) => {
                 let (rd, wr) = io.into_split();
                 let (tx, rx) = oneshot::channel();
-                tokio::spawn(finish_upload(upload, wr, rx));
+                tokio::spawn(finish_upload(upload, wr, rx, self.clone()));
                 ReadIo::Half { rd, _over: tx }
             }
         };
@@ -412,19 +412,6 @@ async fn exchange(
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
     let head = std::future::poll_fn(|cx| loop {
-        if let Some(up) = upload.as_mut() {
-            match up.poll(&mut conn.io, cx) {
-                Poll::Ready(Ok(())) => *upload = None,
-                // The upstream may have answered and stopped reading: its
-                // answer, if one comes, wins over the write error.
-                Poll::Ready(Err(ClientError::Io(e))) => {
-                    write_failed = Some(e);
-                    *upload = None;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
-                Poll::Pending => {}
-            }
-        }
         let parsed = match conn.rbuf.is_empty() {
             true => Ok(None),
             false => h1::parse_head(&mut conn.rbuf),
@@ -440,18 +427,38 @@ async fn exchange(
             Ok(None) => {}
             Err(e) => return Poll::Ready(Err(fail(e.into(), false, false))),
         }
-        match ready!(conn.poll_fill(cx)) {
-            Ok(0) => {
-                let e = match write_failed.take() {
-                    Some(e) => e.into(),
-                    None if received => ClientError::Closed("the end of the response head"),
-                    None => ClientError::Closed("answering"),
-                };
-                return Poll::Ready(Err(fail(e, !received, false)));
+        // What the upstream already sent is read before more of the body
+        // goes: an answer that came first is an early one.
+        if let Poll::Ready(filled) = conn.poll_fill(cx) {
+            match filled {
+                Ok(0) => {
+                    let e = match write_failed.take() {
+                        Some(e) => e.into(),
+                        None if received => ClientError::Closed("the end of the response head"),
+                        None => ClientError::Closed("answering"),
+                    };
+                    return Poll::Ready(Err(fail(e, !received, false)));
+                }
+                Ok(_) => received = true,
+                Err(e) => return Poll::Ready(Err(fail(e.into(), !received, false))),
             }
-            Ok(_) => received = true,
-            Err(e) => return Poll::Ready(Err(fail(e.into(), !received, false))),
+            continue;
         }
+        if let Some(up) = upload.as_mut() {
+            match up.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => *upload = None,
+                // The upstream may have answered and stopped reading: its
+                // answer, if one comes, wins over the write error.
+                Poll::Ready(Err(ClientError::Io(e))) => {
+                    write_failed = Some(e);
+                    *upload = None;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
+                Poll::Pending => return Poll::Pending,
+            }
+            continue;
+        }
+        return Poll::Pending;
     })
     .await?;
     let mut head = head;
@@ -710,18 +717,35 @@ fn release(pool: &Pool, slot: usize, io: ReadIo, rbuf: BytesMut, wbuf: Vec<u8>, 
 /// all of it, apart from the response (which may end first, or wait for
 /// the client to finish sending before it is read: RFC 9112 9.5 has the
 /// client keep sending, and an upstream that answered `202` early may
-/// still want the rest). The write half is kept open until the response
-/// is over too; then the connection is closed, as it is never reused.
+/// still want the rest). Once the response is over, the rest of the body
+/// gets `read_timeout` more, so an upstream that stops reading without
+/// closing cannot hold the task. The write half is kept open until the
+/// response is over too; then the connection is closed, never reused.
 async fn finish_upload(
     mut upload: Upload,
     mut wr: OwnedWriteHalf,
-    response: oneshot::Receiver<()>,
+    mut response: oneshot::Receiver<()>,
+    pool: Arc<Pool>,
 ) {
-    if let Err(e) = std::future::poll_fn(|cx| upload.poll(&mut wr, cx)).await {
+    let sent = std::future::poll_fn(|cx| upload.poll(&mut wr, cx));
+    let mut sent = std::pin::pin!(sent);
+    let (outcome, response_over) = tokio::select! {
+        r = &mut sent => (r, false),
+        _ = &mut response => match pool.timer.timeout(pool.read_timeout, sent).await {
+            Ok(r) => (r, true),
+            Err(_) => {
+                tracing::debug!("request body after an early answer: the upstream stopped reading");
+                return;
+            }
+        },
+    };
+    if let Err(e) = outcome {
         tracing::debug!(error = %e, "request body after an early answer");
         return;
     }
-    let _ = response.await;
+    if !response_over {
+        let _ = response.await;
+    }
 }
 
 impl Body for PooledBody {

@@ -51,10 +51,16 @@ impl Drain {
     pub fn watch<C: GracefulConnection>(&self, conn: C) -> Drained<C> {
         Drained {
             conn: Box::pin(conn),
-            shared: self.shared.clone(),
-            slot: None,
-            waker: None,
+            reg: Registration::new(self.shared.clone()),
             shut: false,
+        }
+    }
+
+    /// Ready once the drain has started: for work that should simply stop
+    /// then, such as a TLS handshake.
+    pub fn started(&self) -> Started {
+        Started {
+            reg: Registration::new(self.shared.clone()),
         }
     }
 
@@ -75,19 +81,54 @@ impl Drain {
     }
 }
 
-/// A connection watched by a [`Drain`].
-pub struct Drained<C> {
-    conn: Pin<Box<C>>,
+/// A task's place in a drain's waker table.
+struct Registration {
     shared: Arc<Shared>,
-    /// This connection's slot in the waker table, once registered.
+    /// The slot in the waker table, once registered.
     slot: Option<usize>,
     /// The waker registered, to notice a change without the lock.
     waker: Option<Waker>,
-    /// `graceful_shutdown` has been called.
-    shut: bool,
 }
 
-impl<C> Drained<C> {
+impl Registration {
+    fn new(shared: Arc<Shared>) -> Registration {
+        Registration {
+            shared,
+            slot: None,
+            waker: None,
+        }
+    }
+
+    /// Whether the drain has started; if not, the task of `cx` is woken
+    /// when it does.
+    fn poll_draining(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.shared.draining.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
+        {
+            let mut w = self.shared.lock();
+            let i = match self.slot {
+                Some(i) => i,
+                None => {
+                    let i = w.free.pop().unwrap_or_else(|| {
+                        w.slots.push(None);
+                        w.slots.len() - 1
+                    });
+                    self.slot = Some(i);
+                    i
+                }
+            };
+            w.slots[i] = Some(cx.waker().clone());
+        }
+        self.waker = Some(cx.waker().clone());
+        // A drain that started before the waker was in the table did not
+        // wake it: look again.
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
     fn release(&mut self) {
         if let Some(i) = self.slot.take() {
             let mut w = self.shared.lock();
@@ -98,12 +139,18 @@ impl<C> Drained<C> {
     }
 }
 
-impl<C: GracefulConnection> Drained<C> {
-    fn shut_down(&mut self) {
-        self.shut = true;
+impl Drop for Registration {
+    fn drop(&mut self) {
         self.release();
-        self.conn.as_mut().graceful_shutdown();
     }
+}
+
+/// A connection watched by a [`Drain`].
+pub struct Drained<C> {
+    conn: Pin<Box<C>>,
+    reg: Registration,
+    /// `graceful_shutdown` has been called.
+    shut: bool,
 }
 
 impl<C: GracefulConnection> Future for Drained<C> {
@@ -111,39 +158,27 @@ impl<C: GracefulConnection> Future for Drained<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
-        if !this.shut {
-            if this.shared.draining.load(Ordering::Acquire) {
-                this.shut_down();
-            } else if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                {
-                    let mut w = this.shared.lock();
-                    let i = match this.slot {
-                        Some(i) => i,
-                        None => {
-                            let i = w.free.pop().unwrap_or_else(|| {
-                                w.slots.push(None);
-                                w.slots.len() - 1
-                            });
-                            this.slot = Some(i);
-                            i
-                        }
-                    };
-                    w.slots[i] = Some(cx.waker().clone());
-                }
-                this.waker = Some(cx.waker().clone());
-                // A drain that started before the waker was in the table
-                // did not wake it: look again.
-                if this.shared.draining.load(Ordering::SeqCst) {
-                    this.shut_down();
-                }
-            }
+        if !this.shut && this.reg.poll_draining(cx) {
+            this.shut = true;
+            this.reg.release();
+            this.conn.as_mut().graceful_shutdown();
         }
         this.conn.as_mut().poll(cx)
     }
 }
 
-impl<C> Drop for Drained<C> {
-    fn drop(&mut self) {
-        self.release();
+/// Ready once the drain has started (see [`Drain::started`]).
+pub struct Started {
+    reg: Registration,
+}
+
+impl Future for Started {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.get_mut().reg.poll_draining(cx) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
     }
 }
