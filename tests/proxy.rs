@@ -953,16 +953,7 @@ async fn a_connection_answered_before_its_upload_ended_is_never_reused() {
     // Time for the upload to end (and, before the fix, for the connection
     // to go back to the pool while the upstream is still slow to refuse).
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let r = get_with(&p, "/next", &[]).await;
-    assert_eq!(
-        (
-            r.status.as_u16(),
-            r.body.as_str(),
-            conns.load(Ordering::SeqCst)
-        ),
-        (200, "ok", 2),
-        "the next request must not get the answer to the unread upload"
-    );
+    next_request_gets_its_own_answer(&p, &conns).await;
     p.stop().await;
 }
 
@@ -1089,16 +1080,7 @@ async fn an_early_answer_read_with_the_last_body_bytes_still_closes_the_connecti
         String::from_utf8_lossy(&got)
     );
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let r = get_with(&p, "/next", &[]).await;
-    assert_eq!(
-        (
-            r.status.as_u16(),
-            r.body.as_str(),
-            conns.load(Ordering::SeqCst)
-        ),
-        (200, "ok", 2),
-        "the next request must not get the answer to the unread upload"
-    );
+    next_request_gets_its_own_answer(&p, &conns).await;
     p.stop().await;
 }
 
@@ -1199,6 +1181,21 @@ async fn expect_is_not_forwarded() {
         "{rest}"
     );
     p.stop().await;
+}
+
+/// `GET /next` answers `ok` on a second upstream connection: the one of
+/// the early-answered upload was not lent to it.
+async fn next_request_gets_its_own_answer(p: &Proxy, conns: &AtomicUsize) {
+    let r = get_with(p, "/next", &[]).await;
+    assert_eq!(
+        (
+            r.status.as_u16(),
+            r.body.as_str(),
+            conns.load(Ordering::SeqCst)
+        ),
+        (200, "ok", 2),
+        "the next request must not get the answer to the unread upload"
+    );
 }
 
 /// Starts a POST to `path` whose body the client holds open, sends `first`
