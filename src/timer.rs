@@ -94,23 +94,15 @@ impl Wheel {
     }
 
     /// `fut`, or [`Elapsed`] when it has not finished within `duration`.
-    pub async fn timeout<F: Future>(
-        &self,
-        duration: Duration,
-        fut: F,
-    ) -> Result<F::Output, Elapsed> {
-        let mut sleep = self.sleep(duration);
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            match Pin::new(&mut sleep).poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
+    ///
+    /// A plain struct rather than an `async fn`: an `async fn` keeps its
+    /// argument and the pinned copy of it side by side, which doubled the
+    /// size of the upstream request future (and every move of it).
+    pub fn timeout<F: Future>(&self, duration: Duration, fut: F) -> Timeout<F> {
+        Timeout {
+            fut,
+            sleep: self.sleep(duration),
+        }
     }
 
     /// Timers armed and not yet dropped (for tests).
@@ -124,6 +116,30 @@ impl Inner {
         // A panic while holding the lock leaves the table consistent (every
         // change is a single field write), so a poisoned lock is used as is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Wheel::timeout`]: the future's output, or [`Elapsed`].
+    pub struct Timeout<F> {
+        #[pin]
+        fut: F,
+        sleep: Sleep,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match Pin::new(this.sleep).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod route;
 pub mod upstream;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,253 +148,274 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every error is a response.
-    pub async fn handle(
+    pub fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> Result<Response<RespBody>, Infallible> {
-        // Access log, off by default (RUST_LOG=info,sessiongate::access=debug):
-        // method, path without query, status, time to the response head.
-        // Never a cookie, a key or session data.
-        let access =
-            tracing::enabled!(target: "sessiongate::access", tracing::Level::DEBUG).then(|| {
-                (
-                    std::time::Instant::now(),
-                    req.method().clone(),
-                    req.uri().path().to_string(),
-                )
-            });
-        let mut resp = self.serve(req, &conn).await;
-        if let Some((start, method, path)) = access {
-            tracing::debug!(
-                target: "sessiongate::access",
-                peer = %conn.peer.ip(),
-                %method,
-                path = %path,
-                status = resp.status().as_u16(),
-                ms = start.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
-        }
-        if conn.tls {
-            if let Some(h) = &self.hsts {
-                resp.headers_mut()
-                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-            }
-        }
-        Ok(resp)
-    }
-
-    async fn serve(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<RespBody> {
-        let (mut parts, body) = req.into_parts();
-        if parts.method == Method::CONNECT {
-            return error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
-        }
-        // The authority of the request target (HTTP/2 :authority, or an
-        // absolute-form target) wins over Host (RFC 9112 3.2.2).
-        let host: Option<HeaderValue> = match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
-        };
-        if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
-            return error_response(StatusCode::BAD_REQUEST, "more than one Host header");
-        }
-        if host.is_none() && parts.version == Version::HTTP_11 {
-            return error_response(StatusCode::BAD_REQUEST, "missing Host header");
-        }
-        let normalized = match path::normalize(parts.uri.path()) {
-            Ok(std::borrow::Cow::Borrowed(_)) => None,
-            Ok(std::borrow::Cow::Owned(p)) => Some(p),
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
-        };
-        if let Some(p) = normalized {
-            let pq = match parts.uri.query() {
-                Some(q) => format!("{p}?{q}"),
-                None => p,
-            };
-            let mut up = std::mem::take(&mut parts.uri).into_parts();
-            up.path_and_query = pq.parse().ok();
-            match Uri::from_parts(up) {
-                Ok(u) => parts.uri = u,
-                Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target"),
-            }
-        }
-        let Some(route) = self.router.find(
-            host.as_ref().and_then(|h| h.to_str().ok()),
-            parts.uri.path(),
-        ) else {
-            return error_response(StatusCode::NOT_FOUND, "no route for this host and path");
-        };
-        if let Some(len) = content_length(&parts.headers) {
-            if len > self.max_body {
-                let mut r = error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("request body larger than {} bytes", self.max_body),
-                );
-                if route.cfg.session {
-                    headers::add_vary_cookie(r.headers_mut());
-                }
-                return r;
-            }
-        }
-
-        // A real upgrade (WebSocket): HTTP/1.1 with `Connection: upgrade`.
-        let upgrade = headers::upgrade_request(parts.version, &parts.headers);
-        let client_io = upgrade
-            .as_ref()
-            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-
-        // Hygiene before anything is added: hop-by-hop names (including the
-        // ones the client nominated), then the reserved and forward names,
-        // then the session cookie, on every route.
-        headers::remove_hop_by_hop(&mut parts.headers);
-        headers::take_reserved(&mut parts.headers);
-        for (name, _) in &route.cfg.forward {
-            parts.headers.remove(name);
-        }
-        if let Some(proto) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, proto.clone());
-        }
-
-        let mut resp = if route.cfg.session {
-            let mut resp = self.serve_session(route, parts, body, conn, host).await;
-            headers::add_vary_cookie(resp.headers_mut());
-            resp
-        } else {
-            self.strip_session_cookies(&mut parts.headers);
-            match self
-                .forward(
-                    route,
-                    parts,
-                    body,
-                    conn,
-                    host,
-                    Added::with_capacity(ADDED_CAPACITY),
-                )
-                .await
-            {
-                Ok(mut resp) => {
-                    headers::take_reserved(resp.headers_mut());
-                    drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
-                    resp.map(Either::Left)
-                }
-                Err(e) => self.upstream_error(route, e),
-            }
-        };
-        *resp.version_mut() = Version::HTTP_11;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            match (
-                client_io,
-                resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>(),
-            ) {
-                (Some(client), Some(upstream)) => {
-                    tokio::spawn(tunnel(client, upstream));
-                }
-                _ => {
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream switched protocols without an upgrade request",
+    ) -> impl Future<Output = Result<Response<RespBody>, Infallible>> {
+        // A block, not an `async fn`: the arguments are captured once
+        // instead of being copied into locals beside themselves, which
+        // keeps the request's future (moved whole at each step) smaller.
+        async move {
+            // Access log, off by default (RUST_LOG=info,sessiongate::access=debug):
+            // method, path without query, status, time to the response head.
+            // Never a cookie, a key or session data.
+            let access = tracing::enabled!(target: "sessiongate::access", tracing::Level::DEBUG)
+                .then(|| {
+                    (
+                        std::time::Instant::now(),
+                        req.method().clone(),
+                        req.uri().path().to_string(),
                     )
+                });
+            let mut resp = self.serve(req, &conn).await;
+            if let Some((start, method, path)) = access {
+                tracing::debug!(
+                    target: "sessiongate::access",
+                    peer = %conn.peer.ip(),
+                    %method,
+                    path = %path,
+                    status = resp.status().as_u16(),
+                    ms = start.elapsed().as_secs_f64() * 1000.0,
+                    "request"
+                );
+            }
+            if conn.tls {
+                if let Some(h) = &self.hsts {
+                    resp.headers_mut()
+                        .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
                 }
             }
+            Ok(resp)
         }
-        resp
     }
 
-    async fn serve_session(
-        &self,
-        route: &Route,
-        mut parts: http::request::Parts,
-        body: Incoming,
-        conn: &ConnInfo,
-        host: Option<HeaderValue>,
-    ) -> Response<RespBody> {
-        let now = self.clock.now_ms();
-        let loaded = match self.load(&parts.headers, now).await {
-            Ok(l) => l,
-            Err(e) => return self.store_error(e),
-        };
-        self.strip_session_cookies(&mut parts.headers);
+    fn serve<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        conn: &'a ConnInfo,
+    ) -> impl Future<Output = Response<RespBody>> + 'a {
+        // A block, not an `async fn`: the arguments are captured once
+        // instead of being copied into locals beside themselves, which
+        // keeps the request's future (moved whole at each step) smaller.
+        async move {
+            let (mut parts, body) = req.into_parts();
+            if parts.method == Method::CONNECT {
+                return error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+            }
+            // The authority of the request target (HTTP/2 :authority, or an
+            // absolute-form target) wins over Host (RFC 9112 3.2.2).
+            let host: Option<HeaderValue> = match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => parts.headers.get(header::HOST).cloned(),
+            };
+            if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+                return error_response(StatusCode::BAD_REQUEST, "more than one Host header");
+            }
+            if host.is_none() && parts.version == Version::HTTP_11 {
+                return error_response(StatusCode::BAD_REQUEST, "missing Host header");
+            }
+            let normalized = match path::normalize(parts.uri.path()) {
+                Ok(std::borrow::Cow::Borrowed(_)) => None,
+                Ok(std::borrow::Cow::Owned(p)) => Some(p),
+                Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+            };
+            if let Some(p) = normalized {
+                let pq = match parts.uri.query() {
+                    Some(q) => format!("{p}?{q}"),
+                    None => p,
+                };
+                let mut up = std::mem::take(&mut parts.uri).into_parts();
+                up.path_and_query = pq.parse().ok();
+                match Uri::from_parts(up) {
+                    Ok(u) => parts.uri = u,
+                    Err(_) => {
+                        return error_response(StatusCode::BAD_REQUEST, "invalid request target")
+                    }
+                }
+            }
+            let Some(route) = self.router.find(
+                host.as_ref().and_then(|h| h.to_str().ok()),
+                parts.uri.path(),
+            ) else {
+                return error_response(StatusCode::NOT_FOUND, "no route for this host and path");
+            };
+            if let Some(len) = content_length(&parts.headers) {
+                if len > self.max_body {
+                    let mut r = error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("request body larger than {} bytes", self.max_body),
+                    );
+                    if route.cfg.session {
+                        headers::add_vary_cookie(r.headers_mut());
+                    }
+                    return r;
+                }
+            }
 
-        let needs_map = !route.cfg.login_required.is_empty() || !route.cfg.forward.is_empty();
-        let map: Option<Map<String, Value>> = needs_map.then(|| {
-            loaded
-                .live
+            // A real upgrade (WebSocket): HTTP/1.1 with `Connection: upgrade`.
+            let upgrade = headers::upgrade_request(parts.version, &parts.headers);
+            let client_io = upgrade
                 .as_ref()
-                .map(|(_, r)| r.data_map())
-                .unwrap_or_default()
-        });
-        if let Some(m) = &map {
-            if let Some(missing) = route
-                .cfg
-                .login_required
-                .iter()
-                .find(|k| !m.contains_key(*k))
-            {
-                tracing::debug!(route = %route.cfg.name, key = %missing, "login required");
-                let mut resp = self.login_redirect(route, &parts.method, &parts.uri);
-                return match self
-                    .finish(&loaded, Patch::default(), resp.status(), resp.headers_mut())
+                .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+
+            // Hygiene before anything is added: hop-by-hop names (including the
+            // ones the client nominated), then the reserved and forward names,
+            // then the session cookie, on every route.
+            headers::remove_hop_by_hop(&mut parts.headers);
+            headers::take_reserved(&mut parts.headers);
+            for (name, _) in &route.cfg.forward {
+                parts.headers.remove(name);
+            }
+            if let Some(proto) = &upgrade {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, proto.clone());
+            }
+
+            let mut resp = if route.cfg.session {
+                let mut resp = self.serve_session(route, parts, body, conn, host).await;
+                headers::add_vary_cookie(resp.headers_mut());
+                resp
+            } else {
+                self.strip_session_cookies(&mut parts.headers);
+                match self
+                    .forward(
+                        route,
+                        parts,
+                        body,
+                        conn,
+                        host,
+                        Added::with_capacity(ADDED_CAPACITY),
+                    )
                     .await
                 {
-                    Ok(()) => resp,
-                    Err(e) => self.finish_error(e),
-                };
-            }
-        }
-
-        let (key, record) = match &loaded.live {
-            Some((k, r)) => (Some(k), Some(r)),
-            None => (None, None),
-        };
-        let view = sh::View {
-            key,
-            record,
-            is_new: loaded.live.is_none(),
-        };
-        let data_len = view.record.map_or(0, |r| r.data.len());
-        let mut added = Added::with_capacity(ADDED_CAPACITY + data_len);
-        sh::inject(
-            &mut added,
-            &view,
-            now,
-            &self.policy,
-            &self.ids,
-            &route.cfg.forward,
-            map.as_ref(),
-        );
-
-        let resp = match self.forward(route, parts, body, conn, host, added).await {
-            Ok(r) => r,
-            Err(e) => return self.upstream_error(route, e),
-        };
-        let (mut rparts, rbody) = resp.into_parts();
-        let directives = headers::take_reserved(&mut rparts.headers);
-        drop_session_set_cookies(&mut rparts.headers, &self.session.cookie_name);
-
-        let patch = if rparts.status.is_server_error() {
-            Patch::default()
-        } else {
-            match Patch::parse(directives.iter().map(|(n, v)| (n, v))) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(route = %route.cfg.name, header = e.header, problem = %e.problem, "invalid session directive from upstream");
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("invalid session directive from upstream: {e}"),
-                    );
+                    Ok(mut resp) => {
+                        headers::take_reserved(resp.headers_mut());
+                        drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                        resp.map(Either::Left)
+                    }
+                    Err(e) => self.upstream_error(route, e),
+                }
+            };
+            *resp.version_mut() = Version::HTTP_11;
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                match (
+                    client_io,
+                    resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>(),
+                ) {
+                    (Some(client), Some(upstream)) => {
+                        tokio::spawn(tunnel(client, upstream));
+                    }
+                    _ => {
+                        return error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream switched protocols without an upgrade request",
+                        )
+                    }
                 }
             }
-        };
-        match self
-            .finish(&loaded, patch, rparts.status, &mut rparts.headers)
-            .await
-        {
-            Ok(()) => Response::from_parts(rparts, Either::Left(rbody)),
-            Err(e) => self.finish_error(e),
+            resp
+        }
+    }
+
+    fn serve_session<'a>(
+        &'a self,
+        route: &'a Route,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: &'a ConnInfo,
+        host: Option<HeaderValue>,
+    ) -> impl Future<Output = Response<RespBody>> + 'a {
+        // A block, not an `async fn`: the arguments are captured once
+        // instead of being copied into locals beside themselves, which
+        // keeps the request's future (moved whole at each step) smaller.
+        async move {
+            let now = self.clock.now_ms();
+            let loaded = match self.load(&parts.headers, now).await {
+                Ok(l) => l,
+                Err(e) => return self.store_error(e),
+            };
+            self.strip_session_cookies(&mut parts.headers);
+
+            let needs_map = !route.cfg.login_required.is_empty() || !route.cfg.forward.is_empty();
+            let map: Option<Map<String, Value>> = needs_map.then(|| {
+                loaded
+                    .live
+                    .as_ref()
+                    .map(|(_, r)| r.data_map())
+                    .unwrap_or_default()
+            });
+            if let Some(m) = &map {
+                if let Some(missing) = route
+                    .cfg
+                    .login_required
+                    .iter()
+                    .find(|k| !m.contains_key(*k))
+                {
+                    tracing::debug!(route = %route.cfg.name, key = %missing, "login required");
+                    let mut resp = self.login_redirect(route, &parts.method, &parts.uri);
+                    return match self
+                        .finish(&loaded, Patch::default(), resp.status(), resp.headers_mut())
+                        .await
+                    {
+                        Ok(()) => resp,
+                        Err(e) => self.finish_error(e),
+                    };
+                }
+            }
+
+            let (key, record) = match &loaded.live {
+                Some((k, r)) => (Some(k), Some(r)),
+                None => (None, None),
+            };
+            let view = sh::View {
+                key,
+                record,
+                is_new: loaded.live.is_none(),
+            };
+            let data_len = view.record.map_or(0, |r| r.data.len());
+            let mut added = Added::with_capacity(ADDED_CAPACITY + data_len);
+            sh::inject(
+                &mut added,
+                &view,
+                now,
+                &self.policy,
+                &self.ids,
+                &route.cfg.forward,
+                map.as_ref(),
+            );
+
+            let resp = match self.forward(route, parts, body, conn, host, added).await {
+                Ok(r) => r,
+                Err(e) => return self.upstream_error(route, e),
+            };
+            let (mut rparts, rbody) = resp.into_parts();
+            let directives = headers::take_reserved(&mut rparts.headers);
+            drop_session_set_cookies(&mut rparts.headers, &self.session.cookie_name);
+
+            let patch = if rparts.status.is_server_error() {
+                Patch::default()
+            } else {
+                match Patch::parse(directives.iter().map(|(n, v)| (n, v))) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(route = %route.cfg.name, header = e.header, problem = %e.problem, "invalid session directive from upstream");
+                        return error_response(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("invalid session directive from upstream: {e}"),
+                        );
+                    }
+                }
+            };
+            match self
+                .finish(&loaded, patch, rparts.status, &mut rparts.headers)
+                .await
+            {
+                Ok(()) => Response::from_parts(rparts, Either::Left(rbody)),
+                Err(e) => self.finish_error(e),
+            }
         }
     }
 
@@ -666,118 +688,117 @@ impl Proxy {
 
     /// Sends the request to one of the route's upstreams, with the fields
     /// the proxy adds (the session's, then `X-Forwarded-*`).
-    async fn forward(
-        &self,
-        route: &Route,
+    fn forward<'a>(
+        &'a self,
+        route: &'a Route,
         mut parts: http::request::Parts,
         body: Incoming,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         host: Option<HeaderValue>,
         mut added: Added,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let h = &mut parts.headers;
-        // The client's own X-Forwarded-* are dropped: the proxy's replace
-        // them. So is `Expect`, as nginx does: the client already had its
-        // `100 Continue` from this proxy, which sends the body without
-        // waiting, and an old upstream may refuse the field with a 417.
-        for name in [
-            &headers::X_FORWARDED_FOR,
-            &headers::X_FORWARDED_PROTO,
-            &headers::X_FORWARDED_HOST,
-            &header::EXPECT,
-        ] {
-            h.remove(name);
-        }
-        added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
-        static HTTPS: HeaderValue = HeaderValue::from_static("https");
-        static HTTP: HeaderValue = HeaderValue::from_static("http");
-        added.push_value(
-            &headers::X_FORWARDED_PROTO,
-            if conn.tls { &HTTPS } else { &HTTP },
-        );
-        if let Some(v) = &host {
-            added.push_value(&headers::X_FORWARDED_HOST, v);
-        }
-        join_cookies(h);
-        parts.version = Version::HTTP_11;
-        // The request target without the upstream's own prefix: shared
-        // (no copy) when nothing is stripped.
-        let target: Option<http::uri::PathAndQuery> = if route.cfg.strip_prefix {
-            let path = route::strip_prefix(&route.cfg.path, parts.uri.path());
-            let pq = match parts.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
-            pq.parse().ok()
-        } else {
-            parts.uri.path_and_query().cloned()
-        };
-        let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-
-        let now = self.clock.now_ms();
-        let mut last_err = None;
-        let order = route.upstream_order(now);
-        let mut parts = Some(parts);
-        let mut body = Some(UpstreamBody::new(body, self.max_body));
-        for (n, &i) in order.iter().enumerate() {
-            let up = &route.cfg.upstreams[i];
-            let pq = if up.path.is_empty() {
-                target.clone()
-            } else {
-                format!("{}{}", up.path, target.as_str())
-                    .parse()
-                    .map_err(|_| {
-                        UpstreamError::Failed("request target not valid upstream".into())
-                    })?
-            };
-            // Only copy the head when another upstream may still need it.
-            let head = if n + 1 == order.len() {
-                parts.take().expect("parts kept until the last attempt")
-            } else {
-                parts.clone().expect("parts kept until the last attempt")
-            };
-            let Some(b) = body.take() else { break };
-            let mut req = Request::from_parts(head, b);
-            *req.uri_mut() = Uri::from(pq);
-            // preserve_host with no Host from the client (HTTP/1.0, or h2
-            // without :authority): the upstream's, as HTTP/1.1 requires one.
-            let hv = match (&host, route.cfg.preserve_host) {
-                (Some(h), true) => h,
-                _ => &up.host_value,
-            };
-            let sent = self.timer.timeout(
-                self.upstream_timeout,
-                self.pool.send(route.slots[i], req, hv, &added),
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + 'a {
+        // A block, not an `async fn`: the arguments are captured once
+        // instead of being copied into locals beside themselves, which
+        // keeps the request's future (moved whole at each step) smaller.
+        async move {
+            let h = &mut parts.headers;
+            // The client's own X-Forwarded-* are dropped: the proxy's replace
+            // them. So is `Expect`, as nginx does: the client already had its
+            // `100 Continue` from this proxy, which sends the body without
+            // waiting, and an old upstream may refuse the field with a 417.
+            for name in [
+                &headers::X_FORWARDED_FOR,
+                &headers::X_FORWARDED_PROTO,
+                &headers::X_FORWARDED_HOST,
+                &header::EXPECT,
+            ] {
+                h.remove(name);
+            }
+            added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
+            static HTTPS: HeaderValue = HeaderValue::from_static("https");
+            static HTTP: HeaderValue = HeaderValue::from_static("http");
+            added.push_value(
+                &headers::X_FORWARDED_PROTO,
+                if conn.tls { &HTTPS } else { &HTTP },
             );
-            match sent.await {
-                Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
-                Ok(Ok(mut resp)) => {
-                    route.mark_up(i);
-                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    let proto = resp.headers().get(header::UPGRADE).cloned();
-                    headers::remove_hop_by_hop(resp.headers_mut());
-                    if let (true, Some(proto)) = (switching, proto) {
-                        let h = resp.headers_mut();
-                        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                        h.insert(header::UPGRADE, proto);
+            if let Some(v) = &host {
+                added.push_value(&headers::X_FORWARDED_HOST, v);
+            }
+            join_cookies(h);
+            parts.version = Version::HTTP_11;
+            // The request target without the upstream's own prefix: shared
+            // (no copy) when nothing is stripped.
+            let target: Option<http::uri::PathAndQuery> = if route.cfg.strip_prefix {
+                let path = route::strip_prefix(&route.cfg.path, parts.uri.path());
+                let pq = match parts.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                };
+                pq.parse().ok()
+            } else {
+                parts.uri.path_and_query().cloned()
+            };
+            let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+            let now = self.clock.now_ms();
+            let mut last_err = None;
+            let order = route.upstream_order(now);
+            let mut body = Some(UpstreamBody::new(body, self.max_body));
+            for &i in order.iter() {
+                let up = &route.cfg.upstreams[i];
+                let pq = if up.path.is_empty() {
+                    target.clone()
+                } else {
+                    format!("{}{}", up.path, target.as_str())
+                        .parse()
+                        .map_err(|_| {
+                            UpstreamError::Failed("request target not valid upstream".into())
+                        })?
+                };
+                let Some(b) = body.take() else { break };
+                // preserve_host with no Host from the client (HTTP/1.0, or h2
+                // without :authority): the upstream's, as HTTP/1.1 requires one.
+                let hv = match (&host, route.cfg.preserve_host) {
+                    (Some(h), true) => h,
+                    _ => &up.host_value,
+                };
+                let sent = self.timer.timeout(
+                    self.upstream_timeout,
+                    self.pool.send(route.slots[i], &parts, &pq, b, hv, &added),
+                );
+                match sent.await {
+                    Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
+                    Ok(Ok(mut resp)) => {
+                        route.mark_up(i);
+                        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                        let proto = resp.headers().get(header::UPGRADE).cloned();
+                        headers::remove_hop_by_hop(resp.headers_mut());
+                        if let (true, Some(proto)) = (switching, proto) {
+                            let h = resp.headers_mut();
+                            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                            h.insert(header::UPGRADE, proto);
+                        }
+                        return Ok(resp);
                     }
-                    return Ok(resp);
-                }
-                Ok(Err(SendError::Failed {
-                    body_too_large: true,
-                    ..
-                })) => return Err(UpstreamError::BodyTooLarge(self.max_body)),
-                Ok(Err(SendError::Failed { what, .. })) => return Err(UpstreamError::Failed(what)),
-                Ok(Err(SendError::Unreachable(what, b))) => {
-                    tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
-                    route.mark_down(i, now);
-                    last_err = Some(UpstreamError::Connect(what));
-                    body = Some(b);
+                    Ok(Err(SendError::Failed {
+                        body_too_large: true,
+                        ..
+                    })) => return Err(UpstreamError::BodyTooLarge(self.max_body)),
+                    Ok(Err(SendError::Failed { what, .. })) => {
+                        return Err(UpstreamError::Failed(what))
+                    }
+                    Ok(Err(SendError::Unreachable(what, b))) => {
+                        tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
+                        route.mark_down(i, now);
+                        last_err = Some(UpstreamError::Connect(what));
+                        body = Some(b);
+                    }
                 }
             }
+            Err(last_err.unwrap_or_else(|| {
+                UpstreamError::Connect("no upstream accepted the request".into())
+            }))
         }
-        Err(last_err
-            .unwrap_or_else(|| UpstreamError::Connect("no upstream accepted the request".into())))
     }
 }
 

@@ -214,17 +214,21 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         slot: usize,
-        req: Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        target: &http::uri::PathAndQuery,
+        body: UpstreamBody,
         host: &HeaderValue,
         added: &Added,
     ) -> Result<Response<PooledBody>, SendError> {
-        if req.headers().contains_key(http::header::UPGRADE) {
-            let mut req = req;
+        if parts.headers.contains_key(http::header::UPGRADE) {
+            let mut req = Request::from_parts(parts.clone(), body);
+            *req.uri_mut() = http::Uri::from(target.clone());
             req.headers_mut().insert(http::header::HOST, host.clone());
             added.apply_to(req.headers_mut());
-            return self.send_upgrade(slot, req).await;
+            // Boxed: hyper's handshake makes this future large, and it is
+            // rare; inline it would enlarge every request's future.
+            return Box::pin(self.send_upgrade(slot, req)).await;
         }
-        let (parts, body) = req.into_parts();
         let framing = if body.is_end_stream() {
             SendFraming::None
         } else {
@@ -233,7 +237,6 @@ impl Pool {
                 None => SendFraming::Chunked,
             }
         };
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut body = Some(body);
         loop {
             let (mut conn, reused) = match self.reuse(slot) {
@@ -256,7 +259,7 @@ impl Pool {
             h1::encode_head(
                 &mut conn.wbuf,
                 &parts.method,
-                target,
+                target.as_str(),
                 host.as_bytes(),
                 &parts.headers,
                 added.as_bytes(),

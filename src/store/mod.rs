@@ -158,10 +158,13 @@ impl AnyStore {
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
-            AnyStore::Memory($s) => $e,
-            AnyStore::File($s) => $e,
-            AnyStore::Redis($s) => $e,
-            AnyStore::Signed($s) => $e,
+            AnyStore::Memory($s) => $e.await,
+            AnyStore::File($s) => $e.await,
+            // Boxed: a Redis call's future is about 2 KB, and inline it
+            // would make every request's future (and each move of it) that
+            // much larger, whatever the engine.
+            AnyStore::Redis($s) => Box::pin($e).await,
+            AnyStore::Signed($s) => $e.await,
         }
     };
 }
@@ -185,10 +188,10 @@ pub fn apply_local(key: &SessionKey, record: &Record, patch: &Patch, ctx: WriteC
 
 impl Store for AnyStore {
     async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, StoreError> {
-        dispatch!(self, s => s.load(key, now).await)
+        dispatch!(self, s => s.load(key, now))
     }
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
-        dispatch!(self, s => s.create(record).await)
+        dispatch!(self, s => s.create(record))
     }
     async fn apply(
         &self,
@@ -196,15 +199,15 @@ impl Store for AnyStore {
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, StoreError> {
-        dispatch!(self, s => s.apply(key, patch, ctx).await)
+        dispatch!(self, s => s.apply(key, patch, ctx))
     }
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
-        dispatch!(self, s => s.delete(key).await)
+        dispatch!(self, s => s.delete(key))
     }
     async fn clear_expired(&self, now: i64) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.clear_expired(now).await)
+        dispatch!(self, s => s.clear_expired(now))
     }
     async fn flush(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.flush().await)
+        dispatch!(self, s => s.flush())
     }
 }
