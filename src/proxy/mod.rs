@@ -148,6 +148,7 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every error is a response.
+    #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     pub fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -190,6 +191,7 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     fn serve<'a>(
         &'a self,
         req: Request<Incoming>,
@@ -320,6 +322,7 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     fn serve_session<'a>(
         &'a self,
         route: &'a Route,
@@ -688,6 +691,7 @@ impl Proxy {
 
     /// Sends the request to one of the route's upstreams, with the fields
     /// the proxy adds (the session's, then `X-Forwarded-*`).
+    #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     fn forward<'a>(
         &'a self,
         route: &'a Route,
