@@ -744,9 +744,8 @@ impl Proxy {
             };
             let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-            let now = self.clock.now_ms();
             let mut last_err = None;
-            let order = route.upstream_order(now);
+            let order = route.upstream_order(|| self.clock.now_ms());
             let mut body = Some(UpstreamBody::new(body, self.max_body));
             for &i in order.iter() {
                 let up = &route.cfg.upstreams[i];
@@ -793,7 +792,7 @@ impl Proxy {
                     }
                     Ok(Err(SendError::Unreachable(what, b))) => {
                         tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
-                        route.mark_down(i, now);
+                        route.mark_down(i, self.clock.now_ms());
                         last_err = Some(UpstreamError::Connect(what));
                         body = Some(b);
                     }
