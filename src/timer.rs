@@ -93,7 +93,9 @@ impl Wheel {
         }
     }
 
-    /// `fut`, or [`Elapsed`] when it has not finished within `duration`.
+    /// `fut`, or [`Elapsed`] when it has not finished within `duration`,
+    /// counted from this call (as `tokio::time::timeout`), not from the
+    /// first poll.
     ///
     /// A plain struct rather than an `async fn`: an `async fn` keeps its
     /// argument and the pinned copy of it side by side, which doubled the

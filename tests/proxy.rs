@@ -755,6 +755,44 @@ async fn round_robin_skips_a_dead_upstream() {
     p.stop().await;
 }
 
+#[tokio::test]
+async fn failover_sends_the_next_upstream_its_own_target_and_the_body() {
+    let dead = dead_addr().await;
+    let alive = upstream(|_| ok()).await;
+    let p = start(&config(
+        "",
+        &format!(
+            "[[route]]\nname = \"api\"\npath = \"/api\"\nstrip_prefix = true\nupstreams = [\"http://{dead}\", \"{}/base\"]\n",
+            alive.url()
+        ),
+    ))
+    .await;
+    // The first request of a new route starts with the first upstream: the
+    // dead one, then the next, which has a path of its own.
+    let req = p
+        .req(Method::POST, "/api/x?q=1", None)
+        .header("x-forwarded-for", "6.6.6.6")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let r = within("POST", p.send(req)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = alive.last();
+    assert_eq!(
+        s.uri.path(),
+        "/base/x",
+        "prefix stripped, upstream path added"
+    );
+    assert_eq!(s.uri.query(), Some("q=1"));
+    assert_eq!(
+        &s.body[..],
+        b"payload",
+        "the body went to the next upstream"
+    );
+    assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(alive.count(), 1);
+    p.stop().await;
+}
+
 /// What a raw upstream does after answering a request head.
 #[derive(Clone, Copy, PartialEq)]
 enum Then {

@@ -18,6 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An upstream that accepts `Upgrade: echo` and then echoes every byte.
 async fn echo_upgrade_upstream() -> std::net::SocketAddr {
+    echo_upgrade_upstream_at(None).await
+}
+
+/// The same, switching protocols only for requests to `path` when given.
+async fn echo_upgrade_upstream_at(path: Option<&'static str>) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -25,7 +30,8 @@ async fn echo_upgrade_upstream() -> std::net::SocketAddr {
             let (stream, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
                 let svc = service_fn(|mut req: Request<Incoming>| async move {
-                    let asked = req.headers().get("upgrade").is_some_and(|v| v == "echo")
+                    let asked = path.is_none_or(|p| req.uri().path() == p)
+                        && req.headers().get("upgrade").is_some_and(|v| v == "echo")
                         && req.headers().get("connection").is_some_and(|v| {
                             v.to_str().unwrap().to_ascii_lowercase().contains("upgrade")
                         });
@@ -104,4 +110,33 @@ async fn upgrade_passes_through_on_session_and_plain_routes() {
         assert_eq!(&buf, b"ping");
         p.stop().await;
     }
+}
+
+#[tokio::test]
+async fn upgrade_fails_over_to_the_next_upstream_and_its_path() {
+    let dead = common::e2e::dead_addr().await;
+    let up = echo_upgrade_upstream_at(Some("/base/ws")).await;
+    let routes = format!(
+        "[[route]]\npath = \"/chat\"\nstrip_prefix = true\nupstreams = [\"http://{dead}\", \"http://{up}/base\"]\n"
+    );
+    let p = common::start(&common::config("", &routes)).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // The route's first request tries the dead upstream first.
+    s.write_all(
+        b"GET /chat/ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+        .await
+        .expect("101 in time");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    p.stop().await;
 }

@@ -876,3 +876,21 @@ fn drop_session_set_cookies(h: &mut HeaderMap, name: &str) {
         h.append(header::SET_COOKIE, v);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One request's future is moved whole into hyper's dispatcher on every
+    /// request, so its size is a cost per request: 8,480 bytes before
+    /// a005228, about 2,900 after (BENCHMARKS.md). A bound, so that it does
+    /// not creep back unnoticed.
+    #[test]
+    fn the_future_of_a_request_stays_small() {
+        fn output_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = output_size(Proxy::handle);
+        assert!(size <= 4096, "the request future is {size} bytes");
+    }
+}
