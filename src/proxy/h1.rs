@@ -793,4 +793,121 @@ mod tests {
             Err(ProtocolError::TransferEncodingInHttp10)
         ));
     }
+
+    /// A small deterministic generator (xorshift64), so the property tests
+    /// below need no extra crate and fail the same way on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        /// `bytes` with one to three bytes replaced at random.
+        fn mutate(&mut self, bytes: &[u8]) -> Vec<u8> {
+            let mut out = bytes.to_vec();
+            for _ in 0..1 + self.below(3) {
+                let i = self.below(out.len());
+                out[i] = self.next() as u8;
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn chunked_decoding_does_not_depend_on_how_the_bytes_arrive() {
+        let mut rng = Rng(0x5e55_1096_a7e0_0001);
+        for case in 0..3000 {
+            let mut raw = Vec::new();
+            let mut want = Vec::new();
+            for _ in 0..rng.below(5) {
+                let n = 1 + rng.below(40);
+                let data: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let size = match rng.below(3) {
+                    0 => format!("{n:x}"),
+                    1 => format!("{n:04X}"),
+                    _ => format!("{n:x} ;ext=\"v\""),
+                };
+                raw.extend_from_slice(size.as_bytes());
+                raw.extend_from_slice(b"\r\n");
+                raw.extend_from_slice(&data);
+                raw.extend_from_slice(b"\r\n");
+                want.extend_from_slice(&data);
+            }
+            raw.extend_from_slice(b"0\r\n");
+            if rng.below(2) == 0 {
+                raw.extend_from_slice(b"X-Trailer: 1\r\n");
+            }
+            raw.extend_from_slice(b"\r\nNEXT");
+            let step = 1 + rng.below(raw.len());
+            assert_eq!(
+                dechunk(&raw, step).unwrap(),
+                (want, b"NEXT".to_vec()),
+                "case {case}, step {step}"
+            );
+            // Damaged framing: never a panic, and the same outcome whether
+            // it arrives whole or in pieces.
+            let bad = rng.mutate(&raw);
+            let step = 1 + rng.below(bad.len());
+            let whole = dechunk(&bad, bad.len());
+            let split = dechunk(&bad, step);
+            match (&whole, &split) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "case {case}, step {step}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("case {case}, step {step}: whole {whole:?}, split {split:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_response_head_is_never_refused_for_arriving_in_pieces() {
+        let fields = [
+            "Content-Length: 12",
+            "Transfer-Encoding: chunked",
+            "Connection: keep-alive",
+            "Connection: close, x-hop",
+            "X-Hop: 1",
+            "Date: Sun, 29 Nov 2026 16:00:00 GMT",
+            "Set-Cookie: a=b; Path=/",
+            "X-Session-Update: {\"n\": 1}",
+            "X-Empty:",
+            "x-folded-ok:  spaced value ",
+        ];
+        let mut rng = Rng(0x4ead_0000_0000_0001);
+        for case in 0..3000 {
+            let mut raw = String::from(match rng.below(3) {
+                0 => "HTTP/1.1 200 OK\r\n",
+                1 => "HTTP/1.0 404 Not Found\r\n",
+                _ => "HTTP/1.1 204 \r\n",
+            });
+            for _ in 0..rng.below(6) {
+                raw.push_str(fields[rng.below(fields.len())]);
+                raw.push_str("\r\n");
+            }
+            raw.push_str("\r\n");
+            let raw = if rng.below(2) == 0 {
+                raw.into_bytes()
+            } else {
+                rng.mutate(raw.as_bytes())
+            };
+            // Whatever the bytes, no panic; when the whole head parses,
+            // every shorter prefix asks for more instead of failing.
+            let whole = parse_head(&mut BytesMut::from(&raw[..]));
+            if let Ok(Some(_)) = whole {
+                for cut in 0..raw.len() {
+                    let part = parse_head(&mut BytesMut::from(&raw[..cut]));
+                    assert!(
+                        matches!(part, Ok(None)),
+                        "case {case}: prefix of {cut} bytes gave {part:?} for {:?}",
+                        String::from_utf8_lossy(&raw)
+                    );
+                }
+            }
+        }
+    }
 }
