@@ -217,6 +217,24 @@ struct Running {
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
+#[test]
+fn a_port_in_use_is_named_once_with_a_hint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut c = bin();
+    c.args(["demo", "--listen", &addr]);
+    let out = run_bounded(c);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("sessiongate: "))
+        .unwrap_or_else(|| panic!("an error line: {err}"));
+    assert_eq!(line.matches(addr.as_str()).count(), 1, "{line}");
+    assert_eq!(line.matches("in use").count(), 1, "{line}");
+    assert!(line.contains("--listen 127.0.0.1:0"), "{line}");
+}
+
 fn listening_addr(line: &str) -> Option<SocketAddr> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
