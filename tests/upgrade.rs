@@ -84,30 +84,38 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8(head).unwrap()
 }
 
+/// Asks the proxy to upgrade `path` to the echo protocol, checks the 101
+/// and one echoed message, and returns the 101's head.
+async fn upgrade_and_echo(p: &common::Proxy, path: &str) -> String {
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+        .await
+        .expect("101 in time");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    head
+}
+
 #[tokio::test]
 async fn upgrade_passes_through_on_session_and_plain_routes() {
     let up = echo_upgrade_upstream().await;
     for session in [true, false] {
         let routes = format!("[[route]]\nupstream = \"http://{up}\"\nsession = {session}\n");
         let p = common::start(&common::config("", &routes)).await;
-        let mut s = TcpStream::connect(p.addr).await.unwrap();
-        s.write_all(b"GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-            .await
-            .unwrap();
-        let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
-            .await
-            .expect("101 in time");
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let head = upgrade_and_echo(&p, "/ws").await;
         let lower = head.to_ascii_lowercase();
         assert!(lower.contains("upgrade: echo"), "{head}");
         assert!(lower.contains("connection: upgrade"), "{head}");
-        s.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
-            .await
-            .expect("echo in time")
-            .unwrap();
-        assert_eq!(&buf, b"ping");
         p.stop().await;
     }
 }
@@ -120,23 +128,7 @@ async fn upgrade_fails_over_to_the_next_upstream_and_its_path() {
         "[[route]]\npath = \"/chat\"\nstrip_prefix = true\nupstreams = [\"http://{dead}\", \"http://{up}/base\"]\n"
     );
     let p = common::start(&common::config("", &routes)).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
     // The route's first request tries the dead upstream first.
-    s.write_all(
-        b"GET /chat/ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
-        .await
-        .expect("101 in time");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
-        .await
-        .expect("echo in time")
-        .unwrap();
-    assert_eq!(&buf, b"ping");
+    upgrade_and_echo(&p, "/chat/ws").await;
     p.stop().await;
 }
