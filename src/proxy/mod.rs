@@ -516,6 +516,10 @@ impl Proxy {
             }
             patch.flush = false;
         }
+        if current.is_some() && patch.is_empty() && !save_every {
+            // The read path: nothing to write, not even a clock to read.
+            return Ok(());
+        }
         let now = self.clock.now_ms();
         let ctx = WriteCtx {
             now,
@@ -524,9 +528,6 @@ impl Proxy {
         };
         match current {
             Some(key) => {
-                if patch.is_empty() && !save_every {
-                    return Ok(());
-                }
                 let applied = match (codec, &loaded.live) {
                     (Some(_), Some((_, record))) => {
                         crate::store::apply_local(&key, record, &patch, ctx)
