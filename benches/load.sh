@@ -13,13 +13,18 @@
 #     `X-Session-Update: {"n": <counter>}`), or the bundled backend when nginx
 #     is missing (the nginx rows are then skipped, loudly);
 #  5. starts nginx as a plain proxy_pass reverse proxy to that backend with
-#     upstream keep-alive (plain HTTP, and TLS with HTTP/1.1 and h2), and two
-#     sessiongate processes (plain HTTP and TLS; memory store; `/static` is a
-#     `session = false` route, `/` a session route);
+#     upstream keep-alive (plain HTTP, and TLS with HTTP/1.1 and h2), a second
+#     nginx that also sends the nine request headers sessiongate adds on the
+#     read path (X-Session*, X-Forwarded-*: the same work for the backend), and
+#     two sessiongate processes (plain HTTP and TLS; memory store; `/static` is
+#     a `session = false` route, `/` a session route);
 #  6. gets a live session cookie from each sessiongate (one request to /write);
 #  7. runs every scenario round-robin, ROUNDS times DURATION seconds each, at
 #     CONNECTIONS connections (wrk for HTTP/1.1, h2load for h2), and reports
-#     the median requests/s, p50 and p99 latency;
+#     the median requests/s, p50 and p99 latency, and the CPU time (user +
+#     system, from /proc) the proxy's and the backend's processes spent per
+#     request: on a machine the load generator, the backend and the proxy
+#     share, requests/s follows the sum of the three;
 #  8. runs examples/mem_per_session.rs (resident bytes per stored session);
 #  9. prints a table and writes it, with the command, the machine, the date,
 #     the versions and the ratios, into BENCHMARKS.md between the
@@ -236,6 +241,7 @@ free_port P_NGINX_TLS
 free_port P_SG
 free_port P_SG_TLS
 free_port P_NGINX1
+free_port P_NGINX_HDR
 free_port P_SG1
 
 say "self-signed certificate (openssl) in $WORK"
@@ -317,6 +323,16 @@ else
 fi
 wait_http backend "http://127.0.0.1:$P_BACKEND/" "${PIDS[-1]}"
 
+# The processes whose CPU time is counted: nginx's workers (children of the
+# master started above), or the process itself.
+workers_of() { # pid -> its child processes, or itself when it has none
+    local kids
+    kids=$(pgrep -P "$1" | tr '\n' ' ')
+    echo "${kids:-$1}"
+}
+declare -A CPU_PIDS
+BACKEND_PIDS=$(workers_of "${PIDS[-1]}")
+
 if ((USE_NGINX)); then
     nginx_conf proxy <<EOF
     upstream backend {
@@ -338,6 +354,40 @@ if ((USE_NGINX)); then
 EOF
     start nginx-proxy "$NGINX_BIN" -p "$WORK/proxy" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf"
     wait_http nginx-proxy "http://127.0.0.1:$P_NGINX/" "${PIDS[-1]}"
+    CPU_PIDS[nginx]=$(workers_of "${PIDS[-1]}")
+    CPU_PIDS[nginx_tls_h1]=${CPU_PIDS[nginx]}
+    CPU_PIDS[nginx_tls_h2]=${CPU_PIDS[nginx]}
+    # The request headers sessiongate's read path sends for the benchmark
+    # session, with values of the same length: the backend parses the same,
+    # only the proxy's work differs.
+    SG_EXPIRY_DATE=$(date -u -d '+14 days' '+%Y-%m-%dT%H:%M:%SZ')
+    nginx_conf proxyhdr <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_HDR;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Session '{"n":1}';
+            proxy_set_header X-Session-Id 0123456789abcdef0123456789abcdef;
+            proxy_set_header X-Session-New false;
+            proxy_set_header X-Session-Expiry-Age 1209600;
+            proxy_set_header X-Session-Expiry-Date $SG_EXPIRY_DATE;
+            proxy_set_header X-Session-Expire-At-Browser-Close false;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+        }
+    }
+EOF
+    start nginx-proxy-hdr "$NGINX_BIN" -p "$WORK/proxyhdr" -e "$WORK/proxyhdr/error.log" -c "$WORK/proxyhdr/nginx.conf"
+    wait_http nginx-proxy-hdr "http://127.0.0.1:$P_NGINX_HDR/" "${PIDS[-1]}"
+    CPU_PIDS[nginx_hdr]=$(workers_of "${PIDS[-1]}")
     if [[ $ONE_WORKER == 1 ]]; then
         nginx_conf proxy1 1 <<EOF
     upstream backend {
@@ -356,6 +406,7 @@ EOF
 EOF
         start nginx-proxy-1w "$NGINX_BIN" -p "$WORK/proxy1" -e "$WORK/proxy1/error.log" -c "$WORK/proxy1/nginx.conf"
         wait_http nginx-proxy-1w "http://127.0.0.1:$P_NGINX1/" "${PIDS[-1]}"
+        CPU_PIDS[nginx_1w]=$(workers_of "${PIDS[-1]}")
     fi
 fi
 
@@ -391,12 +442,18 @@ cert = \"$WORK/cert.pem\"
 key = \"$WORK/key.pem\""
 start sessiongate "$SG_BIN" run --config "$WORK/sg-plain.toml"
 wait_http sessiongate "http://127.0.0.1:$P_SG/static/" "${PIDS[-1]}"
+CPU_PIDS[sg_static]=${PIDS[-1]}
+CPU_PIDS[sg_read]=${PIDS[-1]}
+CPU_PIDS[sg_write]=${PIDS[-1]}
 start sessiongate-tls "$SG_BIN" run --config "$WORK/sg-tls.toml"
 wait_http sessiongate-tls "https://127.0.0.1:$P_SG_TLS/static/" "${PIDS[-1]}"
+CPU_PIDS[sg_tls_h1]=${PIDS[-1]}
+CPU_PIDS[sg_tls_h2]=${PIDS[-1]}
 if [[ $ONE_WORKER == 1 ]]; then
     sg_conf "$WORK/sg-1w.toml" "$P_SG1" 'tls = false'
     start sessiongate-1w env SESSIONGATE_WORKERS=1 "$SG_BIN" run --config "$WORK/sg-1w.toml"
     wait_http sessiongate-1w "http://127.0.0.1:$P_SG1/static/" "${PIDS[-1]}"
+    CPU_PIDS[sg_read_1w]=${PIDS[-1]}
 fi
 
 # ---------------------------------------------------------------- a live session
@@ -429,6 +486,7 @@ SCEN=()
 SCEN+=("backend|backend directly|wrk|http://127.0.0.1:$P_BACKEND/|")
 if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
+    SCEN+=("nginx_hdr|nginx proxy_pass + sessiongate's 9 request headers|wrk|http://127.0.0.1:$P_NGINX_HDR/|")
 fi
 SCEN+=("sg_static|sessiongate session=false route|wrk|http://127.0.0.1:$P_SG/static/|")
 SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
@@ -467,12 +525,34 @@ to_ms() { # wrk's "812.00us" / "1.23ms" / "1.02s" / "1.50m"
     }'
 }
 
-# run_one id tool url cookie seconds raw-file -> "rps p50 p99 errors" on stdout
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # pids... -> user + system clock ticks of those processes, all threads
+    local p v t=0
+    for p in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+per_request() { # ticks requests -> microseconds of CPU per request, or -1
+    awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else print -1 }'
+}
+
+# run_one id tool url cookie seconds raw-file
+#   -> "rps p50 p99 errors proxy-cpu backend-cpu" on stdout (CPU: µs per
+#      request of the scenario's proxy processes and of the backend's; -1 when
+#      there is no proxy)
 run_one() {
     local id=$1 tool=$2 url=$3 cookie=$4 secs=$5 raw=$6
+    local proxy_pids=${CPU_PIDS[$id]:-} p0 b0 p1 b1 done_n
+    # shellcheck disable=SC2086 # pid lists
+    p0=$(cpu_ticks $proxy_pids) b0=$(cpu_ticks $BACKEND_PIDS)
     if [[ $tool == wrk ]]; then
         timeout $((secs + 60)) wrk -t "$THREADS" -c "$CONNECTIONS" -d "${secs}s" --latency --timeout 10s \
             ${cookie:+-H "Cookie: $cookie"} "$url" >"$raw" 2>&1 || true
+        # shellcheck disable=SC2086
+        p1=$(cpu_ticks $proxy_pids) b1=$(cpu_ticks $BACKEND_PIDS)
+        done_n=$(awk '/ requests in / {print $1}' "$raw")
         local rps p50 p99 non2xx sock
         rps=$(awk '/^Requests\/sec:/ {print $2}' "$raw")
         p50=$(awk '$1 == "50%" {print $2}' "$raw")
@@ -482,14 +562,17 @@ run_one() {
         [[ -n $rps && -n $p50 && -n $p99 ]] || {
             say "wrk gave no result for $id:"
             cat "$raw" >&2
-            echo "0 0 0 1"
+            echo "0 0 0 1 -1 -1"
             return
         }
-        echo "$rps $(to_ms "$p50") $(to_ms "$p99") $((${non2xx:-0} + ${sock:-0}))"
+        echo "$rps $(to_ms "$p50") $(to_ms "$p99") $((${non2xx:-0} + ${sock:-0})) $(cpu_of "$proxy_pids")"
     else
         local log="$raw.log"
         timeout $((secs + 60)) h2load -c "$CONNECTIONS" -t "$THREADS" -m 1 -D "$secs" \
             ${cookie:+-H "cookie: $cookie"} --log-file="$log" "$url" >"$raw" 2>&1 || true
+        # shellcheck disable=SC2086
+        p1=$(cpu_ticks $proxy_pids) b1=$(cpu_ticks $BACKEND_PIDS)
+        done_n=$(awk '/^requests:/ {print $6}' "$raw")
         local rps errs pcts
         rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$raw")
         errs=$(awk '/^requests:/ {print $10 + $12 + $14} /^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$raw" |
@@ -497,7 +580,7 @@ run_one() {
         [[ -n $rps && -s $log ]] || {
             say "h2load gave no result for $id:"
             cat "$raw" >&2
-            echo "0 0 0 1"
+            echo "0 0 0 1 -1 -1"
             return
         }
         pcts=$(cut -f3 "$log" | sort -n | awk '{v[NR] = $1} END {
@@ -505,7 +588,14 @@ run_one() {
             i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++; if (i99 < 1) i99 = 1
             printf "%.3f %.3f", v[i50] / 1000, v[i99] / 1000 }')
         rm -f "$log"
-        echo "$rps $pcts $errs"
+        echo "$rps $pcts $errs $(cpu_of "$proxy_pids")"
+    fi
+}
+cpu_of() { # proxy-pids (uses p0 p1 b0 b1 done_n of run_one) -> "proxy-cpu backend-cpu"
+    if [[ -n $1 ]]; then
+        echo "$(per_request $((p1 - p0)) "${done_n:-0}") $(per_request $((b1 - b0)) "${done_n:-0}")"
+    else
+        echo "-1 $(per_request $((b1 - b0)) "${done_n:-0}")"
     fi
 }
 
@@ -524,7 +614,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         IFS='|' read -r id label tool url cookie <<<"$s"
         res=$(run_one "$id" "$tool" "$url" "$cookie" "$DURATION" "$WORK/raw/$id.$r")
         echo "$res" >"$WORK/raw/$id.$r.res"
-        say "round $r/$ROUNDS  $(printf '%-36s' "$label") $(awk '{printf "%10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s", $1, $2, $3, $4}' <<<"$res")"
+        say "round $r/$ROUNDS  $(printf '%-36s' "$label") $(awk '{printf "%10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s  CPU/req proxy %s backend %s us", $1, $2, $3, $4, ($5 < 0 ? "-" : $5), $6}' <<<"$res")"
     done
 done
 
@@ -534,13 +624,13 @@ median() { # values...
         if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-declare -A RPS P50 P99 ERR ALL
+declare -A RPS P50 P99 ERR ALL PCPU BCPU
 for s in "${SCEN[@]}"; do
     IFS='|' read -r id _ _ _ _ <<<"$s"
-    rps=() p50=() p99=() errs=0 all=""
+    rps=() p50=() p99=() pcpu=() bcpu=() errs=0 all=""
     for ((r = 1; r <= ROUNDS; r++)); do
-        read -r a b c d <"$WORK/raw/$id.$r.res"
-        rps+=("$a") p50+=("$b") p99+=("$c")
+        read -r a b c d e f <"$WORK/raw/$id.$r.res"
+        rps+=("$a") p50+=("$b") p99+=("$c") pcpu+=("${e:--1}") bcpu+=("${f:--1}")
         errs=$((errs + d))
         all+="${all:+ / }$(printf '%.0f' "$a")"
     done
@@ -549,6 +639,8 @@ for s in "${SCEN[@]}"; do
     P99[$id]=$(median "${p99[@]}")
     ERR[$id]=$errs
     ALL[$id]=$all
+    PCPU[$id]=$(median "${pcpu[@]}")
+    BCPU[$id]=$(median "${bcpu[@]}")
 done
 
 # ---------------------------------------------------------------- memory
@@ -593,12 +685,16 @@ REPORT="$WORK/report.md"
     echo "- Load: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), $( ((HAVE_H2LOAD)) && h2load --version 2>&1 | head -1 || echo 'h2load: not available, h2 rows skipped'); $CONNECTIONS connections, $THREADS threads, h2load \`-m 1\` (one stream per connection); TLS: $(openssl version | awk '{print $1, $2}') self-signed P-256 certificate"
     echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column; p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
     echo
-    echo "| scenario | tool | req/s (median) | p50 ms | p99 ms | errors | req/s per round |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
+    echo "| scenario | tool | req/s (median) | p50 ms | p99 ms | errors | proxy CPU µs/req | backend CPU µs/req | req/s per round |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     for s in "${SCEN[@]}"; do
         IFS='|' read -r id label tool _ _ <<<"$s"
-        printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s |\n' "$label" "$tool" "${RPS[$id]}" "${P50[$id]}" "${P99[$id]}" "${ERR[$id]}" "${ALL[$id]}"
+        pc=${PCPU[$id]}
+        awk -v v="$pc" 'BEGIN { exit !(v < 0) }' && pc="-"
+        printf '| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s | %s |\n' "$label" "$tool" "${RPS[$id]}" "${P50[$id]}" "${P99[$id]}" "${ERR[$id]}" "$pc" "${BCPU[$id]}" "${ALL[$id]}"
     done
+    echo
+    echo "CPU columns: user + system time of the proxy's processes (nginx's workers, or the sessiongate process with all its threads) and of the backend's, from \`/proc/<pid>/stat\` around each run, divided by the requests it completed (median of the rounds). The load generator's share is not shown; with everything on $(nproc) cores, requests/s follows the sum."
     echo
     echo "| ratio (req/s) | value | goal (issue 5) |"
     echo "| --- | ---: | --- |"
@@ -614,6 +710,8 @@ REPORT="$WORK/report.md"
     echo "| sessiongate TLS h2 read / nginx TLS h2 proxy | $r | >= 1.0: $(goal "$r" 1.0) |"
     r=$(ratio sg_write sg_read)
     echo "| sessiongate write / read | $r | >= 0.9: $(goal "$r" 0.9) |"
+    echo "| sessiongate read / nginx proxy sending the same 9 request headers (like for like) | $(ratio sg_read nginx_hdr) | |"
+    echo "| nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides) | $(ratio nginx_hdr nginx) | |"
     echo "| sessiongate TLS HTTP/1.1 / plain (read) | $(ratio sg_tls_h1 sg_read) | |"
     echo "| sessiongate TLS h2 / plain HTTP/1.1 (read) | $(ratio sg_tls_h2 sg_read) | |"
     echo "| sessiongate session=false / nginx plain proxy | $(ratio sg_static nginx) | |"
@@ -623,6 +721,17 @@ REPORT="$WORK/report.md"
         echo "| sessiongate read, 1 worker / nginx plain proxy, 1 worker | $(ratio sg_read_1w nginx_1w) | |"
         echo "| sessiongate read, 1 worker / nginx plain proxy (auto) | $(ratio sg_read_1w nginx) | |"
     fi
+    echo
+    cpu_ratio() { # table id id -> a/b of PCPU or BCPU, or n/a
+        local -n t=$1
+        awk -v a="${t[$2]:--1}" -v b="${t[$3]:--1}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "n/a" }'
+    }
+    echo "| CPU per request (median) | ratio |"
+    echo "| --- | ---: |"
+    echo "| proxy: sessiongate read / nginx plain proxy | $(cpu_ratio PCPU sg_read nginx) |"
+    echo "| proxy: sessiongate read / nginx with the 9 headers | $(cpu_ratio PCPU sg_read nginx_hdr) |"
+    echo "| backend: behind sessiongate read / behind nginx plain proxy | $(cpu_ratio BCPU sg_read nginx) |"
+    echo "| backend: behind nginx with the 9 headers / behind nginx plain proxy | $(cpu_ratio BCPU nginx_hdr nginx) |"
     echo
     worst=""
     for id in sg_read sg_write sg_tls_h1 sg_tls_h2 sg_read_1w; do
