@@ -45,6 +45,12 @@
 #   ONE_WORKER=1     0: skip the two one-worker rows (nginx worker_processes 1,
 #                    sessiongate SESSIONGATE_WORKERS=1), which show what the
 #                    worker count does on a machine the load generator shares
+#   ONLY=""          scenario ids to run, space-separated (for example
+#                    ONLY="nginx nginx_hdr sg_read" with more ROUNDS, to settle
+#                    a few percent between two rows); ratios of rows not run
+#                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
+#                    sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
+#                    nginx_1w sg_read_1w
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -65,6 +71,7 @@ MEM_SESSIONS=${MEM_SESSIONS:-1000000}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 KEEP=${KEEP:-0}
 ONE_WORKER=${ONE_WORKER:-1}
+ONLY=${ONLY:-}
 
 say() { printf '[load.sh] %s\n' "$*" >&2; }
 die() {
@@ -89,7 +96,7 @@ int_in MEM_SESSIONS "$MEM_SESSIONS" 1 100000000
 ((THREADS <= CONNECTIONS)) || die "THREADS must not exceed CONNECTIONS"
 case $BACKEND in auto | nginx | bundled) ;; *) die "BACKEND=$BACKEND: expected auto, nginx or bundled" ;; esac
 
-COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER benches/load.sh"
+COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER${ONLY:+ ONLY=\"$ONLY\"} benches/load.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sessiongate-load.XXXXXX")
 chmod 755 "$WORK"
@@ -222,10 +229,15 @@ MEM_BIN="$TARGET_DIR/release/examples/mem_per_session"
 # ---------------------------------------------------------------- ports, cert
 
 USED_PORTS=" "
+# Below the kernel's ephemeral range: a port in it can be taken as the source
+# port of an outgoing connection (wrk's, a proxy's) between the check and the
+# bind, which made a server fail to start now and then.
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 12000)) || EPHEMERAL_LOW=60000
 free_port() { # VAR: sets VAR to a port of 127.0.0.1 nothing listens on
     local p i
     for ((i = 0; i < 500; i++)); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
         [[ $USED_PORTS == *" $p "* ]] && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             USED_PORTS+="$p "
@@ -506,6 +518,15 @@ if ((USE_NGINX)); then
 fi
 if [[ $ONE_WORKER == 1 ]]; then
     SCEN+=("sg_read_1w|sessiongate live session (read), 1 worker|wrk|http://127.0.0.1:$P_SG1/|$COOKIE_1W")
+fi
+
+if [[ -n $ONLY ]]; then
+    picked=()
+    for s in "${SCEN[@]}"; do
+        [[ " $ONLY " == *" ${s%%|*} "* ]] && picked+=("$s")
+    done
+    ((${#picked[@]})) || die "ONLY=$ONLY: none of these scenarios is available here"
+    SCEN=("${picked[@]}")
 fi
 
 for s in "${SCEN[@]}"; do
