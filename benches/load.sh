@@ -45,12 +45,15 @@
 #   ONE_WORKER=1     0: skip the two one-worker rows (nginx worker_processes 1,
 #                    sessiongate SESSIONGATE_WORKERS=1), which show what the
 #                    worker count does on a machine the load generator shares
+#   PINNED=1         0: skip the two pinned rows (sessiongate with
+#                    SESSIONGATE_CPU_AFFINITY=auto, nginx with
+#                    worker_cpu_affinity auto): each worker on a CPU of its own
 #   ONLY=""          scenario ids to run, space-separated (for example
 #                    ONLY="nginx nginx_hdr sg_read" with more ROUNDS, to settle
 #                    a few percent between two rows); ratios of rows not run
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
 #                    sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
-#                    nginx_1w sg_read_1w
+#                    nginx_1w sg_read_1w nginx_pin sg_read_pin
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -71,6 +74,7 @@ MEM_SESSIONS=${MEM_SESSIONS:-1000000}
 OUT=${OUT:-$ROOT/BENCHMARKS.md}
 KEEP=${KEEP:-0}
 ONE_WORKER=${ONE_WORKER:-1}
+PINNED=${PINNED:-1}
 ONLY=${ONLY:-}
 
 say() { printf '[load.sh] %s\n' "$*" >&2; }
@@ -96,7 +100,7 @@ int_in MEM_SESSIONS "$MEM_SESSIONS" 1 100000000
 ((THREADS <= CONNECTIONS)) || die "THREADS must not exceed CONNECTIONS"
 case $BACKEND in auto | nginx | bundled) ;; *) die "BACKEND=$BACKEND: expected auto, nginx or bundled" ;; esac
 
-COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER${ONLY:+ ONLY=\"$ONLY\"} benches/load.sh"
+COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER PINNED=$PINNED${ONLY:+ ONLY=\"$ONLY\"} benches/load.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sessiongate-load.XXXXXX")
 chmod 755 "$WORK"
@@ -254,6 +258,8 @@ free_port P_SG
 free_port P_SG_TLS
 free_port P_NGINX1
 free_port P_NGINX_HDR
+free_port P_NGINX_PIN
+free_port P_SG_PIN
 free_port P_SG1
 
 say "self-signed certificate (openssl) in $WORK"
@@ -268,13 +274,14 @@ BODY='hello from the backend\n'
 NGINX_USER=""
 [[ $(id -u) == 0 ]] && NGINX_USER="user root;" # the default user "nobody" may lack a group here
 
-nginx_conf() { # name [worker_processes], then the http{} body on stdin
-    local dir="$WORK/$1" wp=${2:-auto}
+nginx_conf() { # name [worker_processes [main-context directives]], then the http{} body on stdin
+    local dir="$WORK/$1" wp=${2:-auto} main=${3:-}
     mkdir -p "$dir/tmp"
     {
         cat <<EOF
 $NGINX_USER
 worker_processes $wp;
+$main
 daemon off;
 master_process on;
 pid $dir/nginx.pid;
@@ -420,6 +427,26 @@ EOF
         wait_http nginx-proxy-1w "http://127.0.0.1:$P_NGINX1/" "${PIDS[-1]}"
         CPU_PIDS[nginx_1w]=$(workers_of "${PIDS[-1]}")
     fi
+    if [[ $PINNED == 1 ]]; then
+        nginx_conf proxypin auto "worker_cpu_affinity auto;" <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_PIN;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+        start nginx-proxy-pin "$NGINX_BIN" -p "$WORK/proxypin" -e "$WORK/proxypin/error.log" -c "$WORK/proxypin/nginx.conf"
+        wait_http nginx-proxy-pin "http://127.0.0.1:$P_NGINX_PIN/" "${PIDS[-1]}"
+        CPU_PIDS[nginx_pin]=$(workers_of "${PIDS[-1]}")
+    fi
 fi
 
 sg_conf() { # file listen tls-lines
@@ -467,6 +494,12 @@ if [[ $ONE_WORKER == 1 ]]; then
     wait_http sessiongate-1w "http://127.0.0.1:$P_SG1/static/" "${PIDS[-1]}"
     CPU_PIDS[sg_read_1w]=${PIDS[-1]}
 fi
+if [[ $PINNED == 1 ]]; then
+    sg_conf "$WORK/sg-pin.toml" "$P_SG_PIN" 'tls = false'
+    start sessiongate-pin env SESSIONGATE_CPU_AFFINITY=auto "$SG_BIN" run --config "$WORK/sg-pin.toml"
+    wait_http sessiongate-pin "http://127.0.0.1:$P_SG_PIN/static/" "${PIDS[-1]}"
+    CPU_PIDS[sg_read_pin]=${PIDS[-1]}
+fi
 
 # ---------------------------------------------------------------- a live session
 
@@ -489,6 +522,8 @@ COOKIE=$(session_cookie "http://127.0.0.1:$P_SG")
 COOKIE_TLS=$(session_cookie "https://127.0.0.1:$P_SG_TLS")
 COOKIE_1W=""
 [[ $ONE_WORKER == 1 ]] && COOKIE_1W=$(session_cookie "http://127.0.0.1:$P_SG1")
+COOKIE_PIN=""
+[[ $PINNED == 1 ]] && COOKIE_PIN=$(session_cookie "http://127.0.0.1:$P_SG_PIN")
 say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # ---------------------------------------------------------------- scenarios
@@ -518,6 +553,12 @@ if ((USE_NGINX)); then
 fi
 if [[ $ONE_WORKER == 1 ]]; then
     SCEN+=("sg_read_1w|sessiongate live session (read), 1 worker|wrk|http://127.0.0.1:$P_SG1/|$COOKIE_1W")
+fi
+if [[ $PINNED == 1 ]]; then
+    if ((USE_NGINX)); then
+        SCEN+=("nginx_pin|nginx proxy_pass, worker_cpu_affinity auto|wrk|http://127.0.0.1:$P_NGINX_PIN/|")
+    fi
+    SCEN+=("sg_read_pin|sessiongate live session (read), SESSIONGATE_CPU_AFFINITY=auto|wrk|http://127.0.0.1:$P_SG_PIN/|$COOKIE_PIN")
 fi
 
 if [[ -n $ONLY ]]; then
@@ -742,6 +783,10 @@ REPORT="$WORK/report.md"
         echo "| sessiongate read, 1 worker / nginx plain proxy, 1 worker | $(ratio sg_read_1w nginx_1w) | |"
         echo "| sessiongate read, 1 worker / nginx plain proxy (auto) | $(ratio sg_read_1w nginx) | |"
     fi
+    if [[ $PINNED == 1 ]]; then
+        echo "| sessiongate read, workers pinned / nginx, workers pinned | $(ratio sg_read_pin nginx_pin) | |"
+        echo "| sessiongate read, workers pinned / nginx plain proxy | $(ratio sg_read_pin nginx) | |"
+    fi
     echo
     cpu_ratio() { # table id id -> a/b of PCPU or BCPU, or n/a
         local -n t=$1
@@ -760,9 +805,13 @@ REPORT="$WORK/report.md"
         awk -v v="${P99[$id]}" 'BEGIN { exit !(v >= 2.0) }' && worst+="${worst:+, }$id (${P99[$id]} ms)"
     done
     if [[ -z $worst ]]; then
-        echo "p99 under 2 ms at $CONNECTIONS connections (goal): met on every sessiongate row."
+        echo "p99 under 2 ms at $CONNECTIONS connections (goal): met on every sessiongate row with the default (unpinned) workers."
     else
-        echo "p99 under 2 ms at $CONNECTIONS connections (goal): **NOT met** on $worst."
+        echo "p99 under 2 ms at $CONNECTIONS connections (goal): **NOT met** on $worst (default, unpinned workers)."
+    fi
+    if [[ -n ${P99[sg_read_pin]:-} ]]; then
+        echo
+        echo "With each worker pinned to a CPU of its own (\`SESSIONGATE_CPU_AFFINITY=auto\`), the read path's p99 was ${P99[sg_read_pin]} ms: $(awk -v v="${P99[sg_read_pin]}" 'BEGIN { print (v < 2.0) ? "under 2 ms" : "**not** under 2 ms" }')$([[ -n ${P99[nginx_pin]:-} ]] && echo "; nginx with \`worker_cpu_affinity auto\`: ${P99[nginx_pin]} ms")."
     fi
     if [[ -n $MEM_OUT ]]; then
         echo

@@ -36,6 +36,19 @@ enum Command {
     },
 }
 
+/// An environment setting: `None` when unset, an error naming the variable
+/// when its value does not parse (never silently the default).
+fn env_setting<T>(
+    name: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    match std::env::var(name) {
+        Ok(v) => parse(&v).map(Some).map_err(|e| format!("{name}={e}")),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name}: not valid UTF-8")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -63,12 +76,27 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(code) => return code,
         };
-        // One worker per core (SESSIONGATE_WORKERS overrides).
-        let workers = std::env::var("SESSIONGATE_WORKERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        return match sessiongate::server::run_threaded(config, workers) {
+        // One worker per core (SESSIONGATE_WORKERS overrides), pinned when
+        // SESSIONGATE_CPU_AFFINITY=auto.
+        let tuning = env_setting("SESSIONGATE_WORKERS", |v| match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!("{v:?}: expected a whole number of at least 1")),
+        })
+        .and_then(|workers| {
+            let affinity = env_setting("SESSIONGATE_CPU_AFFINITY", str::parse)?;
+            Ok((workers, affinity))
+        });
+        let (workers, affinity) = match tuning {
+            Ok((w, a)) => (
+                w.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                a.unwrap_or_default(),
+            ),
+            Err(msg) => {
+                eprintln!("sessiongate: {msg}");
+                return ExitCode::from(2);
+            }
+        };
+        return match sessiongate::server::run_threaded(config, workers, affinity) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sessiongate: {e}");

@@ -276,6 +276,60 @@ fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError
     socket.listen(1024).map_err(err)?.into_std().map_err(err)
 }
 
+/// Whether [`run_threaded`] pins each worker thread to a CPU of its own
+/// (`SESSIONGATE_CPU_AFFINITY`), as nginx's `worker_cpu_affinity auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Affinity {
+    /// The scheduler places the workers (the default).
+    #[default]
+    Off,
+    /// Worker `i` runs only on the `i`-th CPU the process may use, when there
+    /// are at least as many such CPUs as workers.
+    Auto,
+}
+
+impl std::str::FromStr for Affinity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Affinity, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "0" | "" => Ok(Affinity::Off),
+            "auto" | "1" => Ok(Affinity::Auto),
+            _ => Err(format!("{s:?}: expected \"auto\" or \"off\"")),
+        }
+    }
+}
+
+/// The CPU for each worker under `affinity`: none when off, or when the
+/// process may use fewer CPUs than there are workers (two workers pinned to
+/// one CPU would only queue behind each other).
+fn worker_cpus(
+    affinity: Affinity,
+    workers: usize,
+    allowed: Option<Vec<core_affinity::CoreId>>,
+) -> Option<Vec<core_affinity::CoreId>> {
+    if affinity == Affinity::Off {
+        return None;
+    }
+    match allowed {
+        Some(cpus) if cpus.len() >= workers => Some(cpus.into_iter().take(workers).collect()),
+        Some(cpus) => {
+            tracing::warn!(
+                workers,
+                cpus = cpus.len(),
+                "SESSIONGATE_CPU_AFFINITY: fewer usable CPUs than workers; workers not pinned"
+            );
+            None
+        }
+        None => {
+            tracing::warn!(
+                "SESSIONGATE_CPU_AFFINITY: the usable CPUs cannot be read here; workers not pinned"
+            );
+            None
+        }
+    }
+}
+
 /// Serves `config` with one worker thread per core, each running its own
 /// single-threaded runtime, its own listener on the shared address and its
 /// own upstream connection pool, so a request and its upstream connection
@@ -283,8 +337,9 @@ fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError
 /// measured half the throughput: BENCHMARKS.md). A small control runtime
 /// owns the store's background work, the signals and the expiry sweep. On
 /// SIGTERM/SIGINT every worker stops accepting and finishes within
-/// `shutdown_grace`; the store is flushed once, after all of them.
-pub fn run_threaded(config: Config, workers: usize) -> Result<(), ServerError> {
+/// `shutdown_grace`; the store is flushed once, after all of them. With
+/// [`Affinity::Auto`] each worker is pinned to a CPU of its own.
+pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Result<(), ServerError> {
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("sessiongate-control")
@@ -326,6 +381,10 @@ pub fn run_threaded(config: Config, workers: usize) -> Result<(), ServerError> {
         redirect.as_ref().and_then(|r| r.local_addr().ok()),
     );
     tracing::info!(workers, "one worker thread per core");
+    // Read before any thread is pinned: the process's own CPU set.
+    let mut cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids())
+        .map(|c| c.into_iter().map(Some).collect::<Vec<_>>())
+        .unwrap_or_else(|| vec![None; workers]);
     let sweeper = {
         let _ctx = control.enter();
         spawn_sweeper(
@@ -345,9 +404,22 @@ pub fn run_threaded(config: Config, workers: usize) -> Result<(), ServerError> {
         let acceptor = acceptor.clone();
         let mut stopped = stopped.clone();
         let redirect = if i == 0 { redirect.take() } else { None };
+        let cpu = cpus[i].take();
         let handle = std::thread::Builder::new()
             .name(format!("sessiongate-worker-{i}"))
             .spawn(move || -> Result<(), ServerError> {
+                tracing::debug!(worker = i, "worker started");
+                if let Some(cpu) = cpu {
+                    if core_affinity::set_for_current(cpu) {
+                        tracing::info!(worker = i, cpu = cpu.id, "worker pinned");
+                    } else {
+                        tracing::warn!(
+                            worker = i,
+                            cpu = cpu.id,
+                            "could not pin the worker; it runs unpinned"
+                        );
+                    }
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -540,4 +612,36 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_values() {
+        for v in ["auto", "AUTO", "1", " auto "] {
+            assert_eq!(v.parse::<Affinity>(), Ok(Affinity::Auto), "{v:?}");
+        }
+        for v in ["off", "0", ""] {
+            assert_eq!(v.parse::<Affinity>(), Ok(Affinity::Off), "{v:?}");
+        }
+        assert!("on-cpu-0".parse::<Affinity>().is_err());
+    }
+
+    #[test]
+    fn worker_cpus_pins_only_with_a_cpu_for_every_worker() {
+        let ids = |v: &[usize]| {
+            v.iter()
+                .map(|&id| core_affinity::CoreId { id })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(worker_cpus(Affinity::Off, 2, Some(ids(&[0, 1]))), None);
+        assert_eq!(
+            worker_cpus(Affinity::Auto, 2, Some(ids(&[2, 5, 7]))),
+            Some(ids(&[2, 5]))
+        );
+        assert_eq!(worker_cpus(Affinity::Auto, 3, Some(ids(&[0, 1]))), None);
+        assert_eq!(worker_cpus(Affinity::Auto, 1, None), None);
+    }
 }

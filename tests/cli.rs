@@ -215,6 +215,8 @@ struct Running {
     pid: u32,
     addr: SocketAddr,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Notified after each new stderr line.
+    new_line: Arc<tokio::sync::Notify>,
 }
 
 #[test]
@@ -243,13 +245,13 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 
 /// Starts `sessiongate ARGS` and waits for its "sessiongate listening" log line.
 async fn serve(args: &[&str]) -> Running {
-    serve_logging(args, "info").await
+    serve_env(args, &[]).await
 }
 
-/// [`serve`] with another `RUST_LOG`.
-async fn serve_logging(args: &[&str], rust_log: &str) -> Running {
+/// [`serve`] with these environment variables (`RUST_LOG` is `info` unless given).
+async fn serve_env(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut child = bin()
-        .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -259,6 +261,8 @@ async fn serve_logging(args: &[&str], rust_log: &str) -> Running {
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let sink = lines.clone();
+    let new_line = Arc::new(tokio::sync::Notify::new());
+    let notify = new_line.clone();
     // Keeps draining stderr until the process exits, so it never blocks on it.
     std::thread::spawn(move || {
         let mut tx = Some(tx);
@@ -270,6 +274,7 @@ async fn serve_logging(args: &[&str], rust_log: &str) -> Running {
                 }
             }
             sink.lock().unwrap().push(line);
+            notify.notify_waiters();
         }
     });
     let mut running = Running {
@@ -277,6 +282,7 @@ async fn serve_logging(args: &[&str], rust_log: &str) -> Running {
         child: Some(child),
         addr: "0.0.0.0:0".parse().unwrap(),
         stderr: lines,
+        new_line,
     };
     match tokio::time::timeout(LIMIT, rx).await {
         Ok(Ok(addr)) => running.addr = addr,
@@ -312,6 +318,30 @@ impl Running {
                     self.stderr.lock().unwrap()
                 );
             }
+        }
+    }
+
+    /// Waits, bounded by [`LIMIT`], until `count` stderr lines contain `needle`.
+    async fn wait_for_lines(&self, needle: &str, count: usize) {
+        let seen = || {
+            let lines = self.stderr.lock().unwrap();
+            lines.iter().filter(|l| l.contains(needle)).count()
+        };
+        let wait = async {
+            loop {
+                // Created before the check: a line pushed in between still wakes it.
+                let next = self.new_line.notified();
+                if seen() >= count {
+                    return;
+                }
+                next.await;
+            }
+        };
+        if tokio::time::timeout(LIMIT, wait).await.is_err() {
+            panic!(
+                "{count} lines with {needle:?} expected; stderr: {:?}",
+                self.stderr.lock().unwrap()
+            );
         }
     }
 
@@ -419,9 +449,9 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
         upstream(|_| directives(&[("x-session-update", r#"{"card":"4111-SECRET-DATA"}"#)])).await;
     let dir = TempDir::new("cli");
     let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
-    let mut s = serve_logging(
+    let mut s = serve_env(
         &["run", "--config", path.to_str().unwrap()],
-        "info,sessiongate::access=debug",
+        &[("RUST_LOG", "info,sessiongate::access=debug")],
     )
     .await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -462,5 +492,184 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
             !log.contains(secret),
             "{secret:?} must not be logged: {log}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// worker tuning: SESSIONGATE_WORKERS, SESSIONGATE_CPU_AFFINITY
+// ---------------------------------------------------------------------------
+
+/// `Cpus_allowed_list` of each of `pid`'s worker threads.
+fn worker_cpu_lists(pid: u32) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc tasks") {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("sessiongate-wor") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("a Cpus_allowed_list line")
+            .trim()
+            .to_string();
+        lists.push(list);
+    }
+    lists
+}
+
+/// The CPUs this test process may run on, from `/proc/self/status`.
+fn usable_cpus() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    list.split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_affinity_auto_pins_each_worker_to_a_cpu_of_its_own() {
+    let up = upstream(|_| text("served")).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let cpus = usable_cpus();
+    let workers = cpus.min(2).to_string();
+    let mut s = serve_env(
+        &["run", "--config", path.to_str().unwrap()],
+        &[
+            ("SESSIONGATE_WORKERS", workers.as_str()),
+            ("SESSIONGATE_CPU_AFFINITY", "auto"),
+        ],
+    )
+    .await;
+    let (status, _) = within("a request through pinned workers", get(s.url("/x"))).await;
+    assert_eq!(status, 200);
+    s.wait_for_lines("worker pinned", workers.parse().unwrap())
+        .await;
+
+    let lists = worker_cpu_lists(s.pid);
+    assert_eq!(lists.len().to_string(), workers, "{lists:?}");
+    for l in &lists {
+        assert!(
+            l.parse::<usize>().is_ok(),
+            "a single CPU per worker: {lists:?}"
+        );
+    }
+    let mut distinct = lists.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), lists.len(), "one CPU each: {lists:?}");
+    let pinned = s
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("worker pinned"))
+        .count();
+    assert_eq!(pinned.to_string(), workers);
+
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_not_pinned_by_default_nor_when_cpus_are_fewer_than_workers() {
+    let up = upstream(|_| text("served")).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let config = path.to_str().unwrap();
+    let cpus = usable_cpus();
+    let log = ("RUST_LOG", "info,sessiongate::server=debug");
+
+    let mut s = serve_env(
+        &["run", "--config", config],
+        &[log, ("SESSIONGATE_WORKERS", "2")],
+    )
+    .await;
+    s.wait_for_lines("worker started", 2).await;
+    let lists = worker_cpu_lists(s.pid);
+    assert_eq!(lists.len(), 2, "{lists:?}");
+    if cpus > 1 {
+        assert!(
+            lists.iter().all(|l| l.parse::<usize>().is_err()),
+            "{lists:?}"
+        );
+    }
+    assert!(!s
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("worker pinned")));
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+
+    let more = cpus + 1;
+    let workers = more.to_string();
+    let mut s = serve_env(
+        &["run", "--config", config],
+        &[
+            log,
+            ("SESSIONGATE_WORKERS", workers.as_str()),
+            ("SESSIONGATE_CPU_AFFINITY", "auto"),
+        ],
+    )
+    .await;
+    s.wait_for_lines("fewer usable CPUs than workers", 1).await;
+    s.wait_for_lines("worker started", more).await;
+    let (status, _) = within("a request through unpinned workers", get(s.url("/x"))).await;
+    assert_eq!(status, 200);
+    if cpus > 1 {
+        let lists = worker_cpu_lists(s.pid);
+        assert!(
+            lists.iter().all(|l| l.parse::<usize>().is_err()),
+            "{lists:?}"
+        );
+    }
+    assert!(!s
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("worker pinned")));
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+}
+
+#[test]
+fn a_bad_worker_setting_is_an_error_naming_the_variable() {
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config("http://127.0.0.1:9"));
+    for (name, value, expected) in [
+        ("SESSIONGATE_WORKERS", "two", "SESSIONGATE_WORKERS=\"two\""),
+        ("SESSIONGATE_WORKERS", "0", "SESSIONGATE_WORKERS=\"0\""),
+        (
+            "SESSIONGATE_CPU_AFFINITY",
+            "pinned",
+            "SESSIONGATE_CPU_AFFINITY=\"pinned\"",
+        ),
+    ] {
+        let mut c = bin();
+        c.env(name, value)
+            .args(["run", "--config", path.to_str().unwrap()]);
+        let out = run_bounded(c);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}={value}: {}",
+            stderr(&out)
+        );
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{name}={value}: {err}");
+        assert!(!err.contains("sessiongate listening"), "{err}");
     }
 }
