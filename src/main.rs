@@ -36,13 +36,15 @@ enum Command {
     },
 }
 
-/// An environment setting: `None` when unset, an error naming the variable
-/// when its value does not parse (never silently the default).
+/// An environment setting: `None` when unset or blank (a `NAME=` left in a
+/// unit file or compose template), an error naming the variable when its
+/// value does not parse (never silently the default).
 fn env_setting<T>(
     name: &str,
     parse: impl FnOnce(&str) -> Result<T, String>,
 ) -> Result<Option<T>, String> {
     match std::env::var(name) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => parse(&v).map(Some).map_err(|e| format!("{name}={e}")),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name}: not valid UTF-8")),

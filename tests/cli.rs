@@ -18,7 +18,11 @@ use tokio::sync::mpsc;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sessiongate"));
-    c.env("RUST_LOG", "info").stdin(Stdio::null());
+    c.env("RUST_LOG", "info")
+        // Not inherited from the shell that runs the tests.
+        .env_remove("SESSIONGATE_WORKERS")
+        .env_remove("SESSIONGATE_CPU_AFFINITY")
+        .stdin(Stdio::null());
     c
 }
 
@@ -542,6 +546,8 @@ async fn cpu_affinity_auto_pins_each_worker_to_a_cpu_of_its_own() {
     let up = upstream(|_| text("served")).await;
     let dir = TempDir::new("cli");
     let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    // With one usable CPU the list reads the same pinned or not; the
+    // "worker pinned" lines still tell.
     let cpus = usable_cpus();
     let workers = cpus.min(2).to_string();
     let mut s = serve_env(
@@ -566,6 +572,7 @@ async fn cpu_affinity_auto_pins_each_worker_to_a_cpu_of_its_own() {
         );
     }
     let mut distinct = lists.clone();
+    distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), lists.len(), "one CPU each: {lists:?}");
     let pinned = s
@@ -590,9 +597,14 @@ async fn workers_are_not_pinned_by_default_nor_when_cpus_are_fewer_than_workers(
     let cpus = usable_cpus();
     let log = ("RUST_LOG", "info,sessiongate::server=debug");
 
+    // A blank value is the same as none.
     let mut s = serve_env(
         &["run", "--config", config],
-        &[log, ("SESSIONGATE_WORKERS", "2")],
+        &[
+            log,
+            ("SESSIONGATE_WORKERS", "2"),
+            ("SESSIONGATE_CPU_AFFINITY", " "),
+        ],
     )
     .await;
     s.wait_for_lines("worker started", 2).await;
@@ -672,4 +684,23 @@ fn a_bad_worker_setting_is_an_error_naming_the_variable() {
         assert!(err.contains(expected), "{name}={value}: {err}");
         assert!(!err.contains("sessiongate listening"), "{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_worker_count_means_the_default() {
+    let up = upstream(|_| text("served")).await;
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
+    let mut s = serve_env(
+        &["run", "--config", path.to_str().unwrap()],
+        &[("SESSIONGATE_WORKERS", "")],
+    )
+    .await;
+    let (status, body) = within("a request", get(s.url("/x"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"served");
+    let default = std::thread::available_parallelism().map_or(1, |n| n.get());
+    s.wait_for_lines(&format!("workers={default}"), 1).await;
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
 }
