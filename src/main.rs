@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use sessiongate::config::{Config, Engine};
+use sessiongate::server::Affinity;
 use sessiongate::store::{AnyStore, Store};
 
 const DEFAULT_CONFIG: &str = "config/sessiongate.toml";
@@ -51,6 +52,19 @@ fn env_setting<T>(
     }
 }
 
+/// The workers of `run`: one per CPU the process may use
+/// (`SESSIONGATE_WORKERS` overrides), pinned when
+/// `SESSIONGATE_CPU_AFFINITY=auto`. `check` reports them too.
+fn worker_settings() -> Result<(usize, Affinity), String> {
+    let workers = env_setting("SESSIONGATE_WORKERS", |v| match v.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{v:?}: expected a whole number of at least 1")),
+    })?
+    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let affinity = env_setting("SESSIONGATE_CPU_AFFINITY", str::parse)?.unwrap_or_default();
+    Ok((workers, affinity))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -62,10 +76,17 @@ fn main() -> ExitCode {
 
     if let Command::Check = command {
         return match Config::load(&config_path) {
-            Ok(c) => {
-                println!("{}", summary(&c));
-                ExitCode::SUCCESS
-            }
+            Ok(c) => match worker_settings() {
+                Ok((workers, affinity)) => {
+                    println!("{}", summary(&c));
+                    println!("workers {workers}, CPU affinity {affinity} (environment)");
+                    ExitCode::SUCCESS
+                }
+                Err(msg) => {
+                    eprintln!("sessiongate: {msg}");
+                    ExitCode::from(2)
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)
@@ -78,21 +99,8 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(code) => return code,
         };
-        // One worker per core (SESSIONGATE_WORKERS overrides), pinned when
-        // SESSIONGATE_CPU_AFFINITY=auto.
-        let tuning = env_setting("SESSIONGATE_WORKERS", |v| match v.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(format!("{v:?}: expected a whole number of at least 1")),
-        })
-        .and_then(|workers| {
-            let affinity = env_setting("SESSIONGATE_CPU_AFFINITY", str::parse)?;
-            Ok((workers, affinity))
-        });
-        let (workers, affinity) = match tuning {
-            Ok((w, a)) => (
-                w.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-                a.unwrap_or_default(),
-            ),
+        let (workers, affinity) = match worker_settings() {
+            Ok(w) => w,
             Err(msg) => {
                 eprintln!("sessiongate: {msg}");
                 return ExitCode::from(2);

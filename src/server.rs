@@ -288,6 +288,15 @@ pub enum Affinity {
     Auto,
 }
 
+impl std::fmt::Display for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Affinity::Off => "off",
+            Affinity::Auto => "auto",
+        })
+    }
+}
+
 impl std::str::FromStr for Affinity {
     type Err = String;
 

@@ -670,20 +670,49 @@ fn a_bad_worker_setting_is_an_error_naming_the_variable() {
             "SESSIONGATE_CPU_AFFINITY=\"pinned\"",
         ),
     ] {
-        let mut c = bin();
-        c.env(name, value)
-            .args(["run", "--config", path.to_str().unwrap()]);
-        let out = run_bounded(c);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{name}={value}: {}",
-            stderr(&out)
-        );
-        let err = stderr(&out);
-        assert!(err.contains(expected), "{name}={value}: {err}");
-        assert!(!err.contains("sessiongate listening"), "{err}");
+        for command in ["run", "check"] {
+            let mut c = bin();
+            c.env(name, value)
+                .args([command, "--config", path.to_str().unwrap()]);
+            let out = run_bounded(c);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command} with {name}={value}: {}",
+                stderr(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains(expected),
+                "{command} with {name}={value}: {err}"
+            );
+            assert!(!err.contains("sessiongate listening"), "{err}");
+        }
     }
+}
+
+#[test]
+fn check_reports_the_worker_settings() {
+    let dir = TempDir::new("cli");
+    let path = dir.write("sessiongate.toml", &valid_config("http://127.0.0.1:9000"));
+    let mut c = bin();
+    c.current_dir(dir.path())
+        .env("SESSIONGATE_WORKERS", "3")
+        .env("SESSIONGATE_CPU_AFFINITY", "auto")
+        .args(["check", "--config", path.to_str().unwrap()]);
+    let out = run_bounded(c);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        stdout(&out).contains("workers 3, CPU affinity auto"),
+        "{}",
+        stdout(&out)
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert!(
+        stdout(&out).contains("CPU affinity off"),
+        "the default: {}",
+        stdout(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
