@@ -325,17 +325,19 @@ impl Running {
         }
     }
 
+    /// How many stderr lines so far contain `needle`.
+    fn lines_with(&self, needle: &str) -> usize {
+        let lines = self.stderr.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
     /// Waits, bounded by [`LIMIT`], until `count` stderr lines contain `needle`.
     async fn wait_for_lines(&self, needle: &str, count: usize) {
-        let seen = || {
-            let lines = self.stderr.lock().unwrap();
-            lines.iter().filter(|l| l.contains(needle)).count()
-        };
         let wait = async {
             loop {
                 // Created before the check: a line pushed in between still wakes it.
                 let next = self.new_line.notified();
-                if seen() >= count {
+                if self.lines_with(needle) >= count {
                     return;
                 }
                 next.await;
@@ -575,17 +577,23 @@ async fn cpu_affinity_auto_pins_each_worker_to_a_cpu_of_its_own() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), lists.len(), "one CPU each: {lists:?}");
-    let pinned = s
-        .stderr
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("worker pinned"))
-        .count();
-    assert_eq!(pinned.to_string(), workers);
+    assert_eq!(s.lines_with("worker pinned").to_string(), workers);
 
     s.signal("TERM");
     assert_eq!(s.exit_status().await.code(), Some(0));
+}
+
+/// No worker of `s` is pinned: none logged a pin, and (when the process may
+/// use more than one CPU, so that the lists differ) each may run on several.
+fn assert_unpinned(s: &Running, cpus: usize) {
+    assert_eq!(s.lines_with("worker pinned"), 0);
+    if cpus > 1 {
+        let lists = worker_cpu_lists(s.pid);
+        assert!(
+            lists.iter().all(|l| l.parse::<usize>().is_err()),
+            "{lists:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,20 +616,8 @@ async fn workers_are_not_pinned_by_default_nor_when_cpus_are_fewer_than_workers(
     )
     .await;
     s.wait_for_lines("worker started", 2).await;
-    let lists = worker_cpu_lists(s.pid);
-    assert_eq!(lists.len(), 2, "{lists:?}");
-    if cpus > 1 {
-        assert!(
-            lists.iter().all(|l| l.parse::<usize>().is_err()),
-            "{lists:?}"
-        );
-    }
-    assert!(!s
-        .stderr
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("worker pinned")));
+    assert_eq!(worker_cpu_lists(s.pid).len(), 2);
+    assert_unpinned(&s, cpus);
     s.signal("TERM");
     assert_eq!(s.exit_status().await.code(), Some(0));
 
@@ -640,19 +636,7 @@ async fn workers_are_not_pinned_by_default_nor_when_cpus_are_fewer_than_workers(
     s.wait_for_lines("worker started", more).await;
     let (status, _) = within("a request through unpinned workers", get(s.url("/x"))).await;
     assert_eq!(status, 200);
-    if cpus > 1 {
-        let lists = worker_cpu_lists(s.pid);
-        assert!(
-            lists.iter().all(|l| l.parse::<usize>().is_err()),
-            "{lists:?}"
-        );
-    }
-    assert!(!s
-        .stderr
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("worker pinned")));
+    assert_unpinned(&s, cpus);
     s.signal("TERM");
     assert_eq!(s.exit_status().await.code(), Some(0));
 }
