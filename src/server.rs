@@ -397,9 +397,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
     );
     tracing::info!(workers, "one worker thread per core");
     // Read before any thread is pinned: the process's own CPU set.
-    let mut cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids())
-        .map(|c| c.into_iter().map(Some).collect::<Vec<_>>())
-        .unwrap_or_else(|| vec![None; workers]);
+    let cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids());
     let sweeper = {
         let _ctx = control.enter();
         spawn_sweeper(
@@ -419,7 +417,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
         let acceptor = acceptor.clone();
         let mut stopped = stopped.clone();
         let redirect = if i == 0 { redirect.take() } else { None };
-        let cpu = cpus[i].take();
+        let cpu = cpus.as_ref().map(|c| c[i]);
         let handle = std::thread::Builder::new()
             .name(format!("sessiongate-worker-{i}"))
             .spawn(move || -> Result<(), ServerError> {
