@@ -732,16 +732,38 @@ fi
 
 # ---------------------------------------------------------------- report
 
-ratio() { # a b -> a/b with 2 decimals, or n/a
-    local a=${RPS[$1]:-} b=${RPS[$2]:-}
-    [[ -n $a && -n $b ]] || {
+per_round() { # a b -> a/b of each round (the two rows ran seconds apart in it)
+    local r a b
+    for ((r = 1; r <= ROUNDS; r++)); do
+        read -r a _ <"$WORK/raw/$1.$r.res"
+        read -r b _ <"$WORK/raw/$2.$r.res"
+        awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.6f\n", a / b }'
+    done
+}
+ratio() { # a b -> median of the per-round ratios a/b, 2 decimals, or n/a
+    [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} ]] || {
         echo "n/a"
         return
     }
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
+    local v
+    mapfile -t v < <(per_round "$1" "$2")
+    ((${#v[@]})) || {
+        echo "n/a"
+        return
+    }
+    median "${v[@]}" | awk '{ printf "%.2f", $1 }'
+}
+spread() { # a b -> lowest-highest per-round ratio, or empty
+    [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} ]] || return 0
+    per_round "$1" "$2" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.2f-%.2f", lo, hi }'
 }
 goal() { # value min -> met / NOT met
     awk -v v="$1" -v m="$2" 'BEGIN { if (v == "n/a") print "n/a"; else if (v + 0 >= m) print "met"; else print "**NOT met**" }'
+}
+row() { # label a b [goal minimum]: one line of the ratio table
+    local v
+    v=$(ratio "$2" "$3")
+    echo "| $1 | $v | $(spread "$2" "$3") | ${4:+>= $4: $(goal "$v" "$4")} |"
 }
 
 REPORT="$WORK/report.md"
@@ -762,7 +784,7 @@ REPORT="$WORK/report.md"
         echo "- nginx: **not available: the nginx rows are skipped** (bundled backend used)"
     fi
     echo "- Load: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), $( ((HAVE_H2LOAD)) && h2load --version 2>&1 | head -1 || echo 'h2load: not available, h2 rows skipped'); $CONNECTIONS connections, $THREADS threads, h2load \`-m 1\` (one stream per connection); TLS: $(openssl version | awk '{print $1, $2}') self-signed P-256 certificate"
-    echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column; p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
+    echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column, and a ratio is the median over the rounds of the two rows' ratio within each round (they ran seconds apart in it, so a slow phase of the machine touches both), with the lowest and the highest round beside it; p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
     echo
     echo "| scenario | tool | req/s (median) | p50 ms | p99 ms | errors | proxy CPU µs/req | backend CPU µs/req | req/s per round |"
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
@@ -776,34 +798,28 @@ REPORT="$WORK/report.md"
     echo
     echo "CPU columns: user + system time of the proxy's processes (nginx's workers, or the sessiongate process with all its threads) and of the backend's, from \`/proc/<pid>/stat\` around each run, divided by the requests it completed (median of the rounds). The load generator's share is not shown; with everything on $(nproc) cores, requests/s follows the sum."
     echo
-    echo "| ratio (req/s) | value | goal (issue 5) |"
-    echo "| --- | ---: | --- |"
-    r=$(ratio sg_read nginx)
-    echo "| sessiongate read path / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
-    r=$(ratio sg_tls_h1 nginx)
-    echo "| sessiongate TLS HTTP/1.1 read / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
-    r=$(ratio sg_tls_h2 nginx)
-    echo "| sessiongate TLS h2 read / nginx plain proxy (plain HTTP) | $r | >= 1.0: $(goal "$r" 1.0) |"
-    r=$(ratio sg_tls_h1 nginx_tls_h1)
-    echo "| sessiongate TLS HTTP/1.1 read / nginx TLS HTTP/1.1 proxy | $r | >= 1.0: $(goal "$r" 1.0) |"
-    r=$(ratio sg_tls_h2 nginx_tls_h2)
-    echo "| sessiongate TLS h2 read / nginx TLS h2 proxy | $r | >= 1.0: $(goal "$r" 1.0) |"
-    r=$(ratio sg_write sg_read)
-    echo "| sessiongate write / read | $r | >= 0.9: $(goal "$r" 0.9) |"
-    echo "| sessiongate read / nginx proxy sending the same 9 request headers (like for like) | $(ratio sg_read nginx_hdr) | |"
-    echo "| nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides) | $(ratio nginx_hdr nginx) | |"
-    echo "| sessiongate TLS HTTP/1.1 / plain (read) | $(ratio sg_tls_h1 sg_read) | |"
-    echo "| sessiongate TLS h2 / plain HTTP/1.1 (read) | $(ratio sg_tls_h2 sg_read) | |"
-    echo "| sessiongate session=false / nginx plain proxy | $(ratio sg_static nginx) | |"
-    echo "| sessiongate read / session=false (cost of the session) | $(ratio sg_read sg_static) | |"
-    echo "| nginx plain proxy / backend directly | $(ratio nginx backend) | |"
+    echo "| ratio (req/s) | median of the per-round ratios | lowest-highest round | goal (issue 5) |"
+    echo "| --- | ---: | ---: | --- |"
+    row "sessiongate read path / nginx plain proxy (plain HTTP)" sg_read nginx 1.0
+    row "sessiongate TLS HTTP/1.1 read / nginx plain proxy (plain HTTP)" sg_tls_h1 nginx 1.0
+    row "sessiongate TLS h2 read / nginx plain proxy (plain HTTP)" sg_tls_h2 nginx 1.0
+    row "sessiongate TLS HTTP/1.1 read / nginx TLS HTTP/1.1 proxy" sg_tls_h1 nginx_tls_h1 1.0
+    row "sessiongate TLS h2 read / nginx TLS h2 proxy" sg_tls_h2 nginx_tls_h2 1.0
+    row "sessiongate write / read" sg_write sg_read 0.9
+    row "sessiongate read / nginx proxy sending the same 9 request headers (like for like)" sg_read nginx_hdr
+    row "nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides)" nginx_hdr nginx
+    row "sessiongate TLS HTTP/1.1 / plain (read)" sg_tls_h1 sg_read
+    row "sessiongate TLS h2 / plain HTTP/1.1 (read)" sg_tls_h2 sg_read
+    row "sessiongate session=false / nginx plain proxy" sg_static nginx
+    row "sessiongate read / session=false (cost of the session)" sg_read sg_static
+    row "nginx plain proxy / backend directly" nginx backend
     if [[ $ONE_WORKER == 1 ]]; then
-        echo "| sessiongate read, 1 worker / nginx plain proxy, 1 worker | $(ratio sg_read_1w nginx_1w) | |"
-        echo "| sessiongate read, 1 worker / nginx plain proxy (auto) | $(ratio sg_read_1w nginx) | |"
+        row "sessiongate read, 1 worker / nginx plain proxy, 1 worker" sg_read_1w nginx_1w
+        row "sessiongate read, 1 worker / nginx plain proxy (auto)" sg_read_1w nginx
     fi
     if [[ $PINNED == 1 ]]; then
-        echo "| sessiongate read, workers pinned / nginx, workers pinned | $(ratio sg_read_pin nginx_pin) | |"
-        echo "| sessiongate read, workers pinned / nginx plain proxy | $(ratio sg_read_pin nginx) | |"
+        row "sessiongate read, workers pinned / nginx, workers pinned" sg_read_pin nginx_pin
+        row "sessiongate read, workers pinned / nginx plain proxy" sg_read_pin nginx
     fi
     echo
     cpu_ratio() { # table id id -> a/b of PCPU or BCPU, or n/a
