@@ -740,7 +740,7 @@ per_round() { # a b -> a/b of each round (the two rows ran seconds apart in it)
         awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.6f\n", a / b }'
     done
 }
-ratio() { # a b -> median of the per-round ratios a/b, 2 decimals, or n/a
+ratio() { # a b -> median of the per-round ratios a/b, unrounded, or n/a
     [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} ]] || {
         echo "n/a"
         return
@@ -751,19 +751,22 @@ ratio() { # a b -> median of the per-round ratios a/b, 2 decimals, or n/a
         echo "n/a"
         return
     }
-    median "${v[@]}" | awk '{ printf "%.2f", $1 }'
+    median "${v[@]}"
 }
 spread() { # a b -> lowest-highest per-round ratio, or empty
     [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} ]] || return 0
-    per_round "$1" "$2" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.2f-%.2f", lo, hi }'
+    per_round "$1" "$2" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.3f-%.3f", lo, hi }'
 }
 goal() { # value min -> met / NOT met
     awk -v v="$1" -v m="$2" 'BEGIN { if (v == "n/a") print "n/a"; else if (v + 0 >= m) print "met"; else print "**NOT met**" }'
 }
 row() { # label a b [goal minimum]: one line of the ratio table
-    local v
+    local v shown
     v=$(ratio "$2" "$3")
-    echo "| $1 | $v | $(spread "$2" "$3") | ${4:+>= $4: $(goal "$v" "$4")} |"
+    shown=$v
+    [[ $v == n/a ]] || shown=$(awk -v v="$v" 'BEGIN { printf "%.3f", v }')
+    # The goal is judged on the unrounded median: 0.996 is not 1.0.
+    echo "| $1 | $shown | $(spread "$2" "$3") | ${4:+>= $4: $(goal "$v" "$4")} |"
 }
 
 REPORT="$WORK/report.md"
