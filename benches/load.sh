@@ -541,29 +541,33 @@ say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 # ---------------------------------------------------------------- scenarios
 
 # id | label | tool | url | cookie
+# The rows a goal compares run back to back (nginx then the read path, each
+# TLS pair), so that their per-round ratio sees the same machine.
 SCEN=()
 SCEN+=("backend|backend directly|wrk|http://127.0.0.1:$P_BACKEND/|")
 if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
+fi
+SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
+if ((USE_NGINX)); then
     SCEN+=("nginx_hdr|nginx proxy_pass + sessiongate's 9 request headers|wrk|http://127.0.0.1:$P_NGINX_HDR/|")
 fi
 SCEN+=("sg_static|sessiongate session=false route|wrk|http://127.0.0.1:$P_SG/static/|")
-SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
 SCEN+=("sg_write|sessiongate write every request|wrk|http://127.0.0.1:$P_SG/write|$COOKIE")
-SCEN+=("sg_tls_h1|sessiongate TLS HTTP/1.1 (read)|wrk|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
-if ((HAVE_H2LOAD)); then
-    SCEN+=("sg_tls_h2|sessiongate TLS h2 (read)|h2load|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
-fi
 if ((USE_NGINX)); then
     SCEN+=("nginx_tls_h1|nginx proxy TLS HTTP/1.1|wrk|https://127.0.0.1:$P_NGINX_TLS/|")
-    if ((HAVE_H2LOAD)); then
+fi
+SCEN+=("sg_tls_h1|sessiongate TLS HTTP/1.1 (read)|wrk|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
+if ((HAVE_H2LOAD)); then
+    if ((USE_NGINX)); then
         SCEN+=("nginx_tls_h2|nginx proxy TLS h2|h2load|https://127.0.0.1:$P_NGINX_TLS/|")
     fi
-    if [[ $ONE_WORKER == 1 ]]; then
-        SCEN+=("nginx_1w|nginx proxy_pass, worker_processes 1|wrk|http://127.0.0.1:$P_NGINX1/|")
-    fi
+    SCEN+=("sg_tls_h2|sessiongate TLS h2 (read)|h2load|https://127.0.0.1:$P_SG_TLS/|$COOKIE_TLS")
 fi
 if [[ $ONE_WORKER == 1 ]]; then
+    if ((USE_NGINX)); then
+        SCEN+=("nginx_1w|nginx proxy_pass, worker_processes 1|wrk|http://127.0.0.1:$P_NGINX1/|")
+    fi
     SCEN+=("sg_read_1w|sessiongate live session (read), 1 worker|wrk|http://127.0.0.1:$P_SG1/|$COOKIE_1W")
 fi
 if [[ $PINNED == 1 ]]; then
@@ -689,7 +693,14 @@ if ((WARMUP > 0)); then
     done
 fi
 for ((r = 1; r <= ROUNDS; r++)); do
-    for s in "${SCEN[@]}"; do
+    # Every other round runs the rows in reverse, so that neither row of a
+    # pair always comes first.
+    order=("${SCEN[@]}")
+    if ((r % 2 == 0)); then
+        order=()
+        for ((i = ${#SCEN[@]} - 1; i >= 0; i--)); do order+=("${SCEN[i]}"); done
+    fi
+    for s in "${order[@]}"; do
         IFS='|' read -r id label tool url cookie <<<"$s"
         res=$(run_one "$id" "$tool" "$url" "$cookie" "$DURATION" "$WORK/raw/$id.$r")
         echo "$res" >"$WORK/raw/$id.$r.res"
@@ -732,12 +743,16 @@ fi
 
 # ---------------------------------------------------------------- report
 
-per_round() { # a b -> a/b of each round (the two rows ran seconds apart in it)
+per_round() { # a b -> a/b of each round (a round whose b served nothing is left out, loudly)
     local r a b
     for ((r = 1; r <= ROUNDS; r++)); do
         read -r a _ <"$WORK/raw/$1.$r.res"
         read -r b _ <"$WORK/raw/$2.$r.res"
-        awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.6f\n", a / b }'
+        if awk -v b="$b" 'BEGIN { exit !(b > 0) }'; then
+            awk -v a="$a" -v b="$b" 'BEGIN { printf "%.6f\n", a / b }'
+        else
+            say "WARNING: round $r of $2 served no requests: $1 / $2 is over the other rounds"
+        fi
     done
 }
 ratio() { # a b -> median of the per-round ratios a/b, unrounded, or n/a
@@ -751,11 +766,13 @@ ratio() { # a b -> median of the per-round ratios a/b, unrounded, or n/a
         echo "n/a"
         return
     }
-    median "${v[@]}"
+    # Six decimals, not awk's six significant digits: 0.9999995 is not 1.
+    printf '%s\n' "${v[@]}" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR % 2) printf "%.6f", v[(NR + 1) / 2]; else printf "%.6f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 spread() { # a b -> lowest-highest per-round ratio, or empty
     [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} ]] || return 0
-    per_round "$1" "$2" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.3f-%.3f", lo, hi }'
+    per_round "$1" "$2" 2>/dev/null | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) printf "%.3f-%.3f", lo, hi }'
 }
 goal() { # value min -> met / NOT met
     awk -v v="$1" -v m="$2" 'BEGIN { if (v == "n/a") print "n/a"; else if (v + 0 >= m) print "met"; else print "**NOT met**" }'
@@ -787,7 +804,7 @@ REPORT="$WORK/report.md"
         echo "- nginx: **not available: the nginx rows are skipped** (bundled backend used)"
     fi
     echo "- Load: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), $( ((HAVE_H2LOAD)) && h2load --version 2>&1 | head -1 || echo 'h2load: not available, h2 rows skipped'); $CONNECTIONS connections, $THREADS threads, h2load \`-m 1\` (one stream per connection); TLS: $(openssl version | awk '{print $1, $2}') self-signed P-256 certificate"
-    echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column, and a ratio is the median over the rounds of the two rows' ratio within each round (they ran seconds apart in it, so a slow phase of the machine touches both), with the lowest and the highest round beside it; p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
+    echo "- Method: the scenarios run round-robin, $ROUNDS rounds of ${DURATION} s each$( ((WARMUP > 0)) && echo " after a ${WARMUP} s warm-up of each"); the table shows the median of the rounds for each column, and a req/s ratio is the median over the rounds of the two rows' ratio within each round, with the lowest and the highest round beside it (the rows a goal compares run back to back, and every other round runs the rows in reverse order, so a slow phase of the machine touches both rows of a pair); p50/p99 come from wrk \`--latency\` and from h2load's per-request log. The load generator, the backend and the proxies share the same $(nproc) cores."
     echo
     echo "| scenario | tool | req/s (median) | p50 ms | p99 ms | errors | proxy CPU µs/req | backend CPU µs/req | req/s per round |"
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
