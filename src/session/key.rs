@@ -247,7 +247,9 @@ mod tests {
         // More keys than cache slots, each asked for several times and
         // under both secrets in turn: evictions, hits and a secret change
         // on the same slot all happen.
-        let keys: Vec<SessionKey> = (0..200).map(|_| SessionKey::generate()).collect();
+        let keys: Vec<SessionKey> = (0..2 * ID_CACHE_SLOTS)
+            .map(|_| SessionKey::generate())
+            .collect();
         for round in 0..3 {
             for k in &keys {
                 for ids in [&one, &two, &one.clone()] {
