@@ -7,7 +7,8 @@
 #  1. checks for curl, openssl, wrk, h2load (nghttp2-client) and nginx; when
 #     run as root with apt-get, installs the missing ones from Debian;
 #  2. builds sessiongate and the bundled backend (examples/bench_backend.rs)
-#     with --release;
+#     with --release, and sessiongate again with profile-guided optimisation
+#     (scripts/build-pgo.sh, the build to deploy; BUILD=release skips it);
 #  3. makes a self-signed certificate with openssl in a temporary directory;
 #  4. starts the backend: nginx serving a short body (its /write location adds
 #     `X-Session-Update: {"n": <counter>}`), or the bundled backend when nginx
@@ -37,6 +38,10 @@
 #   THREADS=2        wrk / h2load threads
 #   WARMUP=2         seconds of discarded warm-up per scenario before round 1 (0: none)
 #   BACKEND=auto     auto | nginx | bundled
+#   BUILD=pgo        pgo: the sessiongate rows run the build of
+#                    scripts/build-pgo.sh, and one more row runs the read path
+#                    on the plain `cargo build --release` binary beside it;
+#                    release: every row runs the plain release build
 #   INSTALL=1        0: never run apt-get
 #   MEM=1            0: skip the memory-per-session measurement
 #   MEM_SESSIONS=1000000
@@ -52,7 +57,7 @@
 #                    ONLY="nginx nginx_hdr sg_read" with more ROUNDS, to settle
 #                    a few percent between two rows); ratios of rows not run
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
-#                    sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
+#                    sg_read_rel sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
@@ -68,6 +73,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 WARMUP=${WARMUP:-2}
 BACKEND=${BACKEND:-auto}
+BUILD=${BUILD:-pgo}
 INSTALL=${INSTALL:-1}
 MEM=${MEM:-1}
 MEM_SESSIONS=${MEM_SESSIONS:-1000000}
@@ -99,8 +105,9 @@ int_in WARMUP "$WARMUP" 0 60
 int_in MEM_SESSIONS "$MEM_SESSIONS" 1 100000000
 ((THREADS <= CONNECTIONS)) || die "THREADS must not exceed CONNECTIONS"
 case $BACKEND in auto | nginx | bundled) ;; *) die "BACKEND=$BACKEND: expected auto, nginx or bundled" ;; esac
+case $BUILD in pgo | release) ;; *) die "BUILD=$BUILD: expected pgo or release" ;; esac
 
-COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND ONE_WORKER=$ONE_WORKER PINNED=$PINNED${ONLY:+ ONLY=\"$ONLY\"} benches/load.sh"
+COMMAND="DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS THREADS=$THREADS WARMUP=$WARMUP BACKEND=$BACKEND BUILD=$BUILD ONE_WORKER=$ONE_WORKER PINNED=$PINNED${ONLY:+ ONLY=\"$ONLY\"} benches/load.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sessiongate-load.XXXXXX")
 chmod 755 "$WORK"
@@ -225,10 +232,23 @@ if [[ $MEM == 1 ]]; then
     examples+=(--example mem_per_session)
 fi
 cargo build --release --bin sessiongate "${examples[@]}" >&2
-SG_BIN="$TARGET_DIR/release/sessiongate"
+SG_REL_BIN="$TARGET_DIR/release/sessiongate"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
 MEM_BIN="$TARGET_DIR/release/examples/mem_per_session"
-[[ -x $SG_BIN && -x $BACKEND_BIN ]] || die "build products not found in $TARGET_DIR/release"
+[[ -x $SG_REL_BIN && -x $BACKEND_BIN ]] || die "build products not found in $TARGET_DIR/release"
+SG_BIN=$SG_REL_BIN
+BUILT=release
+if [[ $BUILD == pgo ]]; then
+    say "building sessiongate with profile-guided optimisation (scripts/build-pgo.sh)"
+    if PGO_BIN=$(INSTALL=$INSTALL "$ROOT/scripts/build-pgo.sh" 2> >(tee "$WORK/build-pgo.log" >&2)) &&
+        [[ -x $PGO_BIN ]]; then
+        SG_BIN=$PGO_BIN
+        BUILT=pgo
+    else
+        warn_loud "scripts/build-pgo.sh failed: EVERY sessiongate row runs the plain release build" \
+            "(the report says so; BUILD=release asks for that without trying)"
+    fi
+fi
 
 # ---------------------------------------------------------------- ports, cert
 
@@ -268,6 +288,7 @@ free_port P_NGINX_HDR
 free_port P_NGINX_PIN
 free_port P_SG_PIN
 free_port P_SG1
+free_port P_SG_REL
 
 say "self-signed certificate (openssl) in $WORK"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -500,6 +521,12 @@ start sessiongate-tls "$SG_BIN" run --config "$WORK/sg-tls.toml"
 wait_http sessiongate-tls "https://127.0.0.1:$P_SG_TLS/static/" "${PIDS[-1]}"
 CPU_PIDS[sg_tls_h1]=${PIDS[-1]}
 CPU_PIDS[sg_tls_h2]=${PIDS[-1]}
+if [[ $BUILT == pgo ]]; then
+    sg_conf "$WORK/sg-rel.toml" "$P_SG_REL" 'tls = false'
+    start sessiongate-release "$SG_REL_BIN" run --config "$WORK/sg-rel.toml"
+    wait_http sessiongate-release "http://127.0.0.1:$P_SG_REL/static/" "${PIDS[-1]}"
+    CPU_PIDS[sg_read_rel]=${PIDS[-1]}
+fi
 if [[ $ONE_WORKER == 1 ]]; then
     sg_conf "$WORK/sg-1w.toml" "$P_SG1" 'tls = false'
     start sessiongate-1w env SESSIONGATE_WORKERS=1 "$SG_BIN" run --config "$WORK/sg-1w.toml"
@@ -532,6 +559,8 @@ session_cookie() { # base-url -> "sessionid=KEY"
 }
 COOKIE=$(session_cookie "http://127.0.0.1:$P_SG")
 COOKIE_TLS=$(session_cookie "https://127.0.0.1:$P_SG_TLS")
+COOKIE_REL=""
+[[ $BUILT == pgo ]] && COOKIE_REL=$(session_cookie "http://127.0.0.1:$P_SG_REL")
 COOKIE_1W=""
 [[ $ONE_WORKER == 1 ]] && COOKIE_1W=$(session_cookie "http://127.0.0.1:$P_SG1")
 COOKIE_PIN=""
@@ -545,6 +574,9 @@ say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 # TLS pair), so that their per-round ratio sees the same machine.
 SCEN=()
 SCEN+=("backend|backend directly|wrk|http://127.0.0.1:$P_BACKEND/|")
+if [[ $BUILT == pgo ]]; then
+    SCEN+=("sg_read_rel|sessiongate live session (read), plain \`cargo build --release\`|wrk|http://127.0.0.1:$P_SG_REL/|$COOKIE_REL")
+fi
 if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
 fi
@@ -786,6 +818,13 @@ row() { # label a b [goal minimum]: one line of the ratio table
     echo "| $1 | $shown | $(spread "$2" "$3") | ${4:+>= $4: $(goal "$v" "$4")} |"
 }
 
+build_note() { # how the sessiongate rows were built
+    case $BUILD/$BUILT in
+    pgo/pgo) echo "profile-guided build of \`scripts/build-pgo.sh\` (the build to deploy; its training mix is in the script), and one read-path row on the plain \`cargo build --release\` binary" ;;
+    pgo/release) echo "**plain \`cargo build --release\`: \`scripts/build-pgo.sh\` failed, so no row runs the profile-guided build**" ;;
+    *) echo "plain \`cargo build --release\` (\`BUILD=release\`)" ;;
+    esac
+}
 REPORT="$WORK/report.md"
 {
     echo "<!-- BEGIN load.sh: generated by benches/load.sh; edits between these markers are overwritten -->"
@@ -794,7 +833,7 @@ REPORT="$WORK/report.md"
     echo "- Command: \`$COMMAND\` (run from the repository root)"
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) memory, Linux $(uname -r)"
-    echo "- sessiongate: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -z $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] || echo ' + uncommitted changes in src/'), \`cargo build --release\`, memory store, one process per kind of row (plain HTTP, TLS, one worker, pinned workers), one worker thread per core unless a row says otherwise"
+    echo "- sessiongate: commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -z $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] || echo ' + uncommitted changes in src/'), $(build_note), memory store, one process per kind of row (plain HTTP, TLS, one worker, pinned workers$([[ $BUILT == pgo ]] && echo ', plain release build')), one worker thread per core unless a row says otherwise"
     echo "- Backend: $BACKEND_KIND on 127.0.0.1, body \`hello from the backend\` (23 bytes); \`/write\` adds \`X-Session-Update: {\"n\": <counter>}\`"
     if ((USE_NGINX)); then
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')$( ((NGINX_INSTALLED_BY_SCRIPT)) && echo ' (installed by this run of the script)'), \`worker_processes auto\`, \`access_log off\`, proxy: \`proxy_pass\` to an upstream with \`keepalive 64\`, \`proxy_http_version 1.1\`, \`proxy_set_header Connection \"\"\`"
@@ -833,6 +872,10 @@ REPORT="$WORK/report.md"
     row "sessiongate session=false / nginx plain proxy" sg_static nginx
     row "sessiongate read / session=false (cost of the session)" sg_read sg_static
     row "nginx plain proxy / backend directly" nginx backend
+    if [[ $BUILT == pgo ]]; then
+        row "sessiongate read, PGO build / plain release build" sg_read sg_read_rel
+        row "sessiongate read, plain release build / nginx plain proxy" sg_read_rel nginx
+    fi
     if [[ $ONE_WORKER == 1 ]]; then
         row "sessiongate read, 1 worker / nginx plain proxy, 1 worker" sg_read_1w nginx_1w
         row "sessiongate read, 1 worker / nginx plain proxy (auto)" sg_read_1w nginx
