@@ -116,7 +116,10 @@ start() { # VAR log command...
 
 # ---------------------------------------------------------------- 1. instrumented build
 
-RAW="$WORK/raw"
+# A fixed path for the raw profiles: it is part of RUSTFLAGS, so a new path
+# each time would rebuild the instrumented binary each time.
+PROFILES="$TARGET_DIR/pgo-profiles"
+RAW="$PROFILES/raw"
 GEN_DIR="$TARGET_DIR/pgo-instrumented"
 say "1/3 instrumented build (-Cprofile-generate, target dir $GEN_DIR)"
 RUSTFLAGS="-Cprofile-generate=$RAW" CARGO_TARGET_DIR="$GEN_DIR" \
@@ -126,6 +129,7 @@ CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --example bench_backend >&2
 
 # ---------------------------------------------------------------- 2. training
 
+rm -rf "$RAW" # profiles of an earlier run, perhaps of an older build
 say "2/3 training: $REQUESTS requests per scenario"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
@@ -210,8 +214,6 @@ compgen -G "$RAW/*.profraw" >/dev/null || die "the instrumented build wrote no p
 
 # The merged profile is named by its hash: -Cprofile-use then changes with
 # it, and cargo rebuilds instead of keeping a build from an older profile.
-PROFILES="$TARGET_DIR/pgo-profiles"
-mkdir -p "$PROFILES"
 "$PROFDATA" merge -o "$WORK/merged.profdata" "$RAW" >&2
 SUM=$(sha256sum "$WORK/merged.profdata" | cut -c1-16)
 rm -f "$PROFILES"/*.profdata
