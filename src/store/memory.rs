@@ -7,6 +7,9 @@
 //! overhead per stored session under 300 bytes at a million sessions (see
 //! BENCHMARKS.md). A load copies the data into a fresh buffer for the
 //! request, which costs less than keeping it shareable.
+//!
+//! A patch is applied optimistically (see [`MemoryStore`]'s `apply`): the
+//! shard's write lock covers a comparison and a swap, not the JSON work.
 
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
@@ -53,6 +56,16 @@ impl Slot {
     fn is_live(&self, now: i64) -> bool {
         self.expires_at > now
     }
+
+    /// Whether this slot still holds `r`, field for field. Equal states are
+    /// interchangeable: a patch applied to either gives the same result.
+    fn holds(&self, r: &Record) -> bool {
+        *self.data == *r.data
+            && self.expiry == r.expiry
+            && self.created == r.created
+            && self.modified == r.modified
+            && self.expires_at == r.expires_at
+    }
 }
 
 /// Keys are random and chosen by us, never by a client, so hashing need not
@@ -86,6 +99,11 @@ impl BuildHasher for KeyHash {
 }
 
 const INDEX_SHARDS: usize = 32;
+
+/// How often [`MemoryStore::apply`] found the slot changed under it and
+/// applied the patch again (tests only).
+#[cfg(test)]
+static APPLY_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 pub struct MemoryStore {
     map: DashMap<SessionKey, Slot, KeyHash>,
@@ -189,21 +207,45 @@ impl Store for MemoryStore {
                 record,
             });
         }
-        let Some(mut r) = self.map.get_mut(key) else {
-            return Ok(Applied::Missing);
-        };
-        if !r.is_live(ctx.now) {
-            drop(r);
-            self.remove(key);
-            return Ok(Applied::Missing);
-        }
-        let applied = super::apply_local(key, &r.to_record(), patch, ctx);
-        if let Applied::Saved { record, .. } = &applied {
+        // Optimistic: read the newest state, apply the patch with no lock
+        // held, and swap the result in only if the slot is still what was
+        // read (else again, on the newer state). The shard's write lock is
+        // then held for a comparison and a swap, not for the JSON work: a
+        // worker thread that blocks on it blocks every connection it serves,
+        // and the holder may have been preempted.
+        loop {
+            let read = {
+                let Some(r) = self.map.get(key) else {
+                    return Ok(Applied::Missing);
+                };
+                r.is_live(ctx.now).then(|| r.to_record())
+            };
+            let Some(read) = read else {
+                if let Some((_, dead)) = self.map.remove_if(key, |_, r| !r.is_live(ctx.now)) {
+                    self.index_move(key, Some(dead.expires_at), None);
+                }
+                return Ok(Applied::Missing);
+            };
+            let applied = super::apply_local(key, &read, patch, ctx);
+            let Applied::Saved { record, .. } = &applied else {
+                return Ok(applied);
+            };
+            let next = Slot::from_record(record);
+            let Some(mut r) = self.map.get_mut(key) else {
+                return Ok(Applied::Missing);
+            };
+            if !r.holds(&read) {
+                #[cfg(test)]
+                APPLY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
             // Index under the map's shard lock, so a sweep cannot interleave.
-            self.index_move(key, Some(r.expires_at), Some(record.expires_at));
-            *r = Slot::from_record(record);
+            self.index_move(key, Some(r.expires_at), Some(next.expires_at));
+            let old = std::mem::replace(&mut *r, next);
+            drop(r);
+            drop(old); // freed outside the lock
+            return Ok(applied);
         }
-        Ok(applied)
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
@@ -227,5 +269,89 @@ impl Store for MemoryStore {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::session::Policy;
+
+    const POLICY: Policy = Policy {
+        cookie_age_secs: 3600,
+        expire_at_browser_close: false,
+        absolute_timeout_ms: 0,
+    };
+    const T0: i64 = 1_800_000_000_000;
+
+    fn update(v: Value) -> Patch {
+        Patch {
+            update: v.as_object().unwrap().clone(),
+            has_update: true,
+            ..Patch::default()
+        }
+    }
+
+    /// Four threads patch one session at once, each its own keys, with no
+    /// await point to take turns at: the patches race between reading the
+    /// slot and swapping it. None may be lost, and the race must have been
+    /// lost at least once (else this test would not test the retry).
+    #[test]
+    fn racing_patches_on_one_session_are_all_kept() {
+        const THREADS: usize = 4;
+        const EACH: usize = 300;
+        let store = Arc::new(MemoryStore::new());
+        let mut first = Record::new_at(T0);
+        first.apply_patch(&update(json!({"start": 0})), T0, &POLICY);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let key = rt.block_on(store.create(first)).unwrap();
+        let retries_before = APPLY_RETRIES.load(Ordering::Relaxed);
+        let start = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (store, start) = (store.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    start.wait();
+                    for i in 0..EACH {
+                        let ctx = WriteCtx {
+                            now: T0 + i as i64,
+                            policy: POLICY,
+                            touch: false,
+                        };
+                        let patch = update(json!({ format!("t{t}-{i}"): i }));
+                        let got = rt.block_on(store.apply(&key, &patch, ctx)).unwrap();
+                        assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let stored = rt.block_on(store.load(&key, T0 + 1000)).unwrap().unwrap();
+        let data: Value = serde_json::from_slice(&stored.data).unwrap();
+        let obj = data.as_object().unwrap();
+        assert_eq!(obj.len(), 1 + THREADS * EACH, "patches lost");
+        for t in 0..THREADS {
+            for i in 0..EACH {
+                assert_eq!(obj[&format!("t{t}-{i}")], json!(i));
+            }
+        }
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+            assert!(
+                APPLY_RETRIES.load(Ordering::Relaxed) > retries_before,
+                "no patch ever found the slot changed: the race was not exercised"
+            );
+        }
     }
 }
