@@ -51,7 +51,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --bin sessiongate --example bench_backend >&2
+# Two commands: with the example in the same one, sessiongate would get the
+# dev-dependencies' features (tokio's test-util) that `cargo build --release`
+# does not give it.
+cargo build --release --bin sessiongate >&2
+cargo build --release --example bench_backend >&2
 SG="$TARGET_DIR/release/sessiongate"
 BACKEND="$TARGET_DIR/release/examples/bench_backend"
 

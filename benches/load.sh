@@ -17,8 +17,9 @@
 #     upstream keep-alive (plain HTTP, and TLS with HTTP/1.1 and h2), a second
 #     nginx that also sends the nine request headers sessiongate adds on the
 #     read path (X-Session*, X-Forwarded-*: the same work for the backend), and
-#     two sessiongate processes (plain HTTP and TLS; memory store; `/static` is
-#     a `session = false` route, `/` a session route);
+#     sessiongate processes (plain HTTP and TLS, and plain HTTP on the plain
+#     release build beside the PGO one; memory store; `/static` is a
+#     `session = false` route, `/` a session route);
 #  6. gets a live session cookie from each sessiongate (one request to /write);
 #  7. runs every scenario round-robin, ROUNDS times DURATION seconds each, at
 #     CONNECTIONS connections (wrk for HTTP/1.1, h2load for h2), and reports
@@ -57,7 +58,7 @@
 #                    ONLY="nginx nginx_hdr sg_read" with more ROUNDS, to settle
 #                    a few percent between two rows); ratios of rows not run
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
-#                    sg_read_rel sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
+#                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
@@ -231,14 +232,22 @@ examples=(--example bench_backend)
 if [[ $MEM == 1 ]]; then
     examples+=(--example mem_per_session)
 fi
-cargo build --release --bin sessiongate "${examples[@]}" >&2
+# sessiongate on its own: built in one command with the examples, it would get
+# the dev-dependencies' features too (tokio's test-util, whose clock takes a
+# lock on every read), which `cargo build --release` does not give it.
+cargo build --release --bin sessiongate >&2
+cargo build --release "${examples[@]}" >&2
 SG_REL_BIN="$TARGET_DIR/release/sessiongate"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
 MEM_BIN="$TARGET_DIR/release/examples/mem_per_session"
 [[ -x $SG_REL_BIN && -x $BACKEND_BIN ]] || die "build products not found in $TARGET_DIR/release"
 SG_BIN=$SG_REL_BIN
 BUILT=release
-if [[ $BUILD == pgo ]]; then
+WANT_SG=1
+if [[ -n $ONLY && " $ONLY " != *" sg_"* ]]; then
+    WANT_SG=0 # no sessiongate row: no PGO build either
+fi
+if [[ $BUILD == pgo && $WANT_SG == 1 ]]; then
     say "building sessiongate with profile-guided optimisation (scripts/build-pgo.sh)"
     if PGO_BIN=$(INSTALL=$INSTALL "$ROOT/scripts/build-pgo.sh" 2> >(tee "$WORK/build-pgo.log" >&2)) &&
         [[ -x $PGO_BIN ]]; then
@@ -571,16 +580,17 @@ say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # id | label | tool | url | cookie
 # The rows a goal compares run back to back (nginx then the read path, each
-# TLS pair), so that their per-round ratio sees the same machine.
+# TLS pair), so that their per-round ratio sees the same machine; the read
+# path on the plain release build follows the PGO one.
 SCEN=()
 SCEN+=("backend|backend directly|wrk|http://127.0.0.1:$P_BACKEND/|")
-if [[ $BUILT == pgo ]]; then
-    SCEN+=("sg_read_rel|sessiongate live session (read), plain \`cargo build --release\`|wrk|http://127.0.0.1:$P_SG_REL/|$COOKIE_REL")
-fi
 if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
 fi
 SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
+if [[ $BUILT == pgo ]]; then
+    SCEN+=("sg_read_rel|sessiongate live session (read), plain \`cargo build --release\`|wrk|http://127.0.0.1:$P_SG_REL/|$COOKIE_REL")
+fi
 if ((USE_NGINX)); then
     SCEN+=("nginx_hdr|nginx proxy_pass + sessiongate's 9 request headers|wrk|http://127.0.0.1:$P_NGINX_HDR/|")
 fi

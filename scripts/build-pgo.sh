@@ -4,15 +4,18 @@
 #     scripts/build-pgo.sh          # prints the binary's path when done
 #
 # Three steps, about five minutes on two cores:
-#   1. builds sessiongate with `-Cprofile-generate` (target/pgo-instrumented);
+#   1. builds sessiongate with `-Cprofile-generate` (target/pgo-instrumented;
+#      for the host target explicitly, so build scripts and proc-macros are not
+#      instrumented);
 #   2. runs it, with the default workers, in front of the bundled backend
 #      (examples/bench_backend.rs, built without instrumentation), plain HTTP
 #      and TLS, and sends it a training mix with curl: the `session = false`
 #      route, reads with a live session cookie, writes (X-Session-Update),
 #      new sessions, requests without a session, form POSTs, and over TLS
 #      HTTP/1.1 and h2 reads and writes;
-#   3. merges the profile with llvm-profdata and builds sessiongate again with
-#      `-Cprofile-use` (target/pgo/release/sessiongate).
+#   3. merges the profile with llvm-profdata (target/pgo-profiles, with the raw
+#      profiles of the last run) and builds sessiongate again with
+#      `-Cprofile-use`, and copies the binary to target/pgo/sessiongate.
 # The release profile's settings (fat LTO, one codegen unit) apply to both
 # builds. Nothing else in the tree changes: `cargo build --release` stays an
 # ordinary build.
@@ -22,9 +25,14 @@
 # rustup when it is missing, unless INSTALL=0), else `llvm-profdata-<major>`
 # or `llvm-profdata` on PATH when its LLVM major version is rustc's.
 #
+# RUSTFLAGS from the environment are kept (the PGO flags are added to them);
+# rustflags from .cargo/config.toml files are not, as with any RUSTFLAGS.
+# CARGO_ENCODED_RUSTFLAGS, which would make cargo ignore RUSTFLAGS, is refused.
+#
 # Environment: REQUESTS (training requests per scenario, default 20000),
-# INSTALL (0: never call rustup), KEEP=1 (keep the logs and raw profiles),
-# CARGO_TARGET_DIR as for cargo.
+# INSTALL (0: never call rustup), KEEP=1 (keep the temporary directory with
+# the training's configuration, certificate and logs), CARGO_TARGET_DIR as
+# for cargo (a path without spaces).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,9 +49,20 @@ die() {
 }
 [[ $REQUESTS =~ ^[0-9]+$ ]] && ((REQUESTS >= 1000 && REQUESTS <= 10000000)) ||
     die "REQUESTS=$REQUESTS: expected an integer from 1000 to 10000000"
-for tool in cargo rustc curl openssl; do
+for tool in cargo rustc curl openssl sha256sum; do
     command -v "$tool" >/dev/null || die "$tool is required"
 done
+# curl sends the training in parallel transfers: -Z (7.66) and
+# --no-progress-meter (7.67).
+CURL_VERSION=$(curl --version | sed -n '1s/^curl \([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p')
+read -r CURL_MAJOR CURL_MINOR <<<"${CURL_VERSION:-0 0}"
+((CURL_MAJOR > 7 || (CURL_MAJOR == 7 && CURL_MINOR >= 67))) ||
+    die "curl 7.67 or newer is required (found: $(curl --version | head -1))"
+[[ -z ${CARGO_ENCODED_RUSTFLAGS:-} ]] ||
+    die "CARGO_ENCODED_RUSTFLAGS is set: cargo would ignore the PGO flags; unset it (RUSTFLAGS is kept)"
+[[ $TARGET_DIR != *[[:space:]]* ]] ||
+    die "the target directory '$TARGET_DIR' has a space in its path, which RUSTFLAGS cannot carry"
+USER_RUSTFLAGS=${RUSTFLAGS:-}
 
 # ---------------------------------------------------------------- llvm-profdata
 
@@ -108,10 +127,10 @@ start() { # VAR log command...
             printf -v "$var" '%s' "$url"
             return 0
         fi
-        kill -0 "${PIDS[-1]}" 2>/dev/null || die "$1 exited: $(tail -5 "$log")"
+        kill -0 "${PIDS[-1]}" 2>/dev/null || die "$var ($1) exited: $(tail -5 "$log")"
         sleep 0.1
     done
-    die "$1 did not start within 10 s: $(tail -5 "$log")"
+    die "$var ($1) did not start within 10 s: $(tail -5 "$log")"
 }
 
 # ---------------------------------------------------------------- 1. instrumented build
@@ -122,8 +141,8 @@ PROFILES="$TARGET_DIR/pgo-profiles"
 RAW="$PROFILES/raw"
 GEN_DIR="$TARGET_DIR/pgo-instrumented"
 say "1/3 instrumented build (-Cprofile-generate, target dir $GEN_DIR)"
-RUSTFLAGS="-Cprofile-generate=$RAW" CARGO_TARGET_DIR="$GEN_DIR" \
-    cargo build --release --bin sessiongate >&2
+RUSTFLAGS="$USER_RUSTFLAGS -Cprofile-generate=$RAW" CARGO_TARGET_DIR="$GEN_DIR" \
+    cargo build --release --target "$HOST" --bin sessiongate >&2
 say "building the bundled backend (not instrumented, target dir $TARGET_DIR)"
 CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --example bench_backend >&2
 
@@ -165,18 +184,19 @@ sg_conf "$WORK/plain.toml" 'tls = false'
 sg_conf "$WORK/tls.toml" "tls = true
 cert = \"$WORK/cert.pem\"
 key = \"$WORK/key.pem\""
-SG_GEN="$GEN_DIR/release/sessiongate"
-start PLAIN "$WORK/sg-plain.log" "$SG_GEN" run --config "$WORK/plain.toml"
-start TLS "$WORK/sg-tls.log" "$SG_GEN" run --config "$WORK/tls.toml"
+SG_GEN="$GEN_DIR/$HOST/release/sessiongate"
+# RUST_LOG=info: the URL is read from the "listening" line of the log.
+start PLAIN "$WORK/sg-plain.log" env RUST_LOG=info "$SG_GEN" run --config "$WORK/plain.toml"
+start TLS "$WORK/sg-tls.log" env RUST_LOG=info "$SG_GEN" run --config "$WORK/tls.toml"
 
 cookie_of() { # url curl-options...: the session cookie a /write sets
     local url=$1
     shift
-    curl -sS "$@" -o /dev/null -D - "$url/write" |
+    curl -sS --max-time 10 "$@" -o /dev/null -D - "$url/write" |
         sed -n 's/^[Ss]et-[Cc]ookie: *sessionid=\([^;]*\);.*/\1/p' | head -1
 }
-C_PLAIN=$(cookie_of "$PLAIN")
-C_TLS=$(cookie_of "$TLS" -k)
+C_PLAIN=$(cookie_of "$PLAIN") || die "no answer from $PLAIN/write"
+C_TLS=$(cookie_of "$TLS" -k) || die "no answer from $TLS/write"
 [[ -n $C_PLAIN && -n $C_TLS ]] || die "no session cookie from the training servers"
 
 # Sends n requests, 32 at a time on reused connections, and checks that all
@@ -204,7 +224,7 @@ train "TLS h2 write" "$((N / 2))" "$TLS/write" -k --http2 -b "sessionid=$C_TLS"
 
 # The profile is written when the instrumented processes exit.
 for pid in "${PIDS[@]:1}"; do
-    kill -TERM "$pid"
+    kill -TERM "$pid" 2>/dev/null || die "the instrumented sessiongate (pid $pid) had already exited"
     wait "$pid" || die "the instrumented sessiongate did not exit cleanly (status $?)"
 done
 PIDS=("${PIDS[0]}")
@@ -221,9 +241,11 @@ PROFILE="$PROFILES/sessiongate-$SUM.profdata"
 mv "$WORK/merged.profdata" "$PROFILE"
 USE_DIR="$TARGET_DIR/pgo"
 say "3/3 optimised build (-Cprofile-use=$PROFILE, target dir $USE_DIR)"
-RUSTFLAGS="-Cprofile-use=$PROFILE -Cllvm-args=-pgo-warn-missing-function=false" \
-    CARGO_TARGET_DIR="$USE_DIR" cargo build --release --bin sessiongate >&2
-BIN="$USE_DIR/release/sessiongate"
-[[ -x $BIN ]] || die "the optimised build left no binary at $BIN"
+RUSTFLAGS="$USER_RUSTFLAGS -Cprofile-use=$PROFILE -Cllvm-args=-pgo-warn-missing-function=false" \
+    CARGO_TARGET_DIR="$USE_DIR" cargo build --release --target "$HOST" --bin sessiongate >&2
+BUILT="$USE_DIR/$HOST/release/sessiongate"
+[[ -x $BUILT ]] || die "the optimised build left no binary at $BUILT"
+BIN="$USE_DIR/sessiongate"
+cp "$BUILT" "$BIN.tmp" && mv "$BIN.tmp" "$BIN"
 say "done: $BIN"
 echo "$BIN"

@@ -100,10 +100,16 @@ impl BuildHasher for KeyHash {
 
 const INDEX_SHARDS: usize = 32;
 
+/// Optimistic attempts of a patch before it is applied under the lock.
+const OPTIMISTIC_TRIES: usize = 8;
+
 /// How often [`MemoryStore::apply`] found the slot changed under it and
-/// applied the patch again (tests only).
+/// applied the patch again, and how often it gave up and took the lock
+/// (tests only).
 #[cfg(test)]
 static APPLY_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+#[cfg(test)]
+static APPLY_LOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 pub struct MemoryStore {
     map: DashMap<SessionKey, Slot, KeyHash>,
@@ -165,6 +171,73 @@ impl MemoryStore {
         }
     }
 
+    /// Applies a patch that does not cycle the key, to the newest state:
+    /// up to `tries` times optimistically, then under the shard's lock.
+    fn patch_in_place(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+        ctx: WriteCtx,
+        tries: usize,
+    ) -> Applied {
+        // Optimistic: read the newest state, apply the patch with no lock
+        // held, and swap the result in only if the slot is still what was
+        // read (else again, on the newer state). The shard's write lock is
+        // then held for a comparison and a swap, not for the JSON work: a
+        // worker thread that blocks on it blocks every connection it serves,
+        // and the holder may have been preempted. A writer that keeps losing
+        // the race applies its patch under the write lock instead.
+        for _ in 0..tries {
+            let read = {
+                let Some(r) = self.map.get(key) else {
+                    return Applied::Missing;
+                };
+                r.is_live(ctx.now).then(|| r.to_record())
+            };
+            let Some(read) = read else {
+                if let Some((_, dead)) = self.map.remove_if(key, |_, r| !r.is_live(ctx.now)) {
+                    self.index_move(key, Some(dead.expires_at), None);
+                }
+                return Applied::Missing;
+            };
+            let applied = super::apply_local(key, &read, patch, ctx);
+            let Applied::Saved { record, .. } = &applied else {
+                return applied;
+            };
+            let next = Slot::from_record(record);
+            let Some(mut r) = self.map.get_mut(key) else {
+                return Applied::Missing;
+            };
+            if !r.holds(&read) {
+                #[cfg(test)]
+                APPLY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            // Index under the map's shard lock, so a sweep cannot interleave.
+            self.index_move(key, Some(r.expires_at), Some(next.expires_at));
+            let old = std::mem::replace(&mut *r, next);
+            drop(r);
+            drop(old); // freed outside the lock
+            return applied;
+        }
+        #[cfg(test)]
+        APPLY_LOCKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(mut r) = self.map.get_mut(key) else {
+            return Applied::Missing;
+        };
+        if !r.is_live(ctx.now) {
+            drop(r);
+            self.remove(key);
+            return Applied::Missing;
+        }
+        let applied = super::apply_local(key, &r.to_record(), patch, ctx);
+        if let Applied::Saved { record, .. } = &applied {
+            self.index_move(key, Some(r.expires_at), Some(record.expires_at));
+            *r = Slot::from_record(record);
+        }
+        applied
+    }
+
     fn remove(&self, key: &SessionKey) -> Option<Record> {
         let (_, r) = self.map.remove(key)?;
         self.index_move(key, Some(r.expires_at), None);
@@ -207,45 +280,7 @@ impl Store for MemoryStore {
                 record,
             });
         }
-        // Optimistic: read the newest state, apply the patch with no lock
-        // held, and swap the result in only if the slot is still what was
-        // read (else again, on the newer state). The shard's write lock is
-        // then held for a comparison and a swap, not for the JSON work: a
-        // worker thread that blocks on it blocks every connection it serves,
-        // and the holder may have been preempted.
-        loop {
-            let read = {
-                let Some(r) = self.map.get(key) else {
-                    return Ok(Applied::Missing);
-                };
-                r.is_live(ctx.now).then(|| r.to_record())
-            };
-            let Some(read) = read else {
-                if let Some((_, dead)) = self.map.remove_if(key, |_, r| !r.is_live(ctx.now)) {
-                    self.index_move(key, Some(dead.expires_at), None);
-                }
-                return Ok(Applied::Missing);
-            };
-            let applied = super::apply_local(key, &read, patch, ctx);
-            let Applied::Saved { record, .. } = &applied else {
-                return Ok(applied);
-            };
-            let next = Slot::from_record(record);
-            let Some(mut r) = self.map.get_mut(key) else {
-                return Ok(Applied::Missing);
-            };
-            if !r.holds(&read) {
-                #[cfg(test)]
-                APPLY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
-            }
-            // Index under the map's shard lock, so a sweep cannot interleave.
-            self.index_move(key, Some(r.expires_at), Some(next.expires_at));
-            let old = std::mem::replace(&mut *r, next);
-            drop(r);
-            drop(old); // freed outside the lock
-            return Ok(applied);
-        }
+        Ok(self.patch_in_place(key, patch, ctx, OPTIMISTIC_TRIES))
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
@@ -339,6 +374,20 @@ mod tests {
             t.join().unwrap();
         }
         let stored = rt.block_on(store.load(&key, T0 + 1000)).unwrap().unwrap();
+        // The expiry index holds the record once, at its newest expiry, and
+        // the sweep at that time removes it.
+        let indexed: Vec<i64> = store
+            .index
+            .iter()
+            .flat_map(|s| {
+                let set = s.lock().unwrap();
+                set.iter()
+                    .filter(|(_, k)| *k == key)
+                    .map(|(t, _)| *t)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(indexed, vec![stored.expires_at]);
         let data: Value = serde_json::from_slice(&stored.data).unwrap();
         let obj = data.as_object().unwrap();
         assert_eq!(obj.len(), 1 + THREADS * EACH, "patches lost");
@@ -347,11 +396,124 @@ mod tests {
                 assert_eq!(obj[&format!("t{t}-{i}")], json!(i));
             }
         }
+        assert_eq!(
+            rt.block_on(store.clear_expired(stored.expires_at - 1))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            rt.block_on(store.clear_expired(stored.expires_at)).unwrap(),
+            1
+        );
+        assert!(store.is_empty());
         if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
             assert!(
                 APPLY_RETRIES.load(Ordering::Relaxed) > retries_before,
                 "no patch ever found the slot changed: the race was not exercised"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod expired_tests {
+    use super::*;
+    use crate::session::Policy;
+
+    /// A patch to a session that has expired but was not swept yet finds it
+    /// missing and removes it, index entry and all.
+    #[test]
+    fn a_patch_to_an_expired_session_is_missing_and_removes_it() {
+        let policy = Policy {
+            cookie_age_secs: 60,
+            expire_at_browser_close: false,
+            absolute_timeout_ms: 0,
+        };
+        let t0 = 1_800_000_000_000;
+        let store = MemoryStore::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut first = Record::new_at(t0);
+        let patch = Patch {
+            update: serde_json::json!({"a": 1}).as_object().unwrap().clone(),
+            has_update: true,
+            ..Patch::default()
+        };
+        first.apply_patch(&patch, t0, &policy);
+        let key = rt.block_on(store.create(first.clone())).unwrap();
+        let late = WriteCtx {
+            now: first.expires_at,
+            policy,
+            touch: false,
+        };
+        let got = rt.block_on(store.apply(&key, &patch, late)).unwrap();
+        assert_eq!(got, Applied::Missing);
+        assert!(store.is_empty());
+        assert!(store.index.iter().all(|s| s.lock().unwrap().is_empty()));
+    }
+
+    /// The fallback for a writer that keeps losing the race (no optimistic
+    /// try left) applies the patch under the lock, with the same result.
+    #[test]
+    fn the_locked_fallback_applies_the_patch_and_moves_the_index() {
+        let policy = Policy {
+            cookie_age_secs: 60,
+            expire_at_browser_close: false,
+            absolute_timeout_ms: 0,
+        };
+        let t0 = 1_800_000_000_000;
+        let store = MemoryStore::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let patch = |v: serde_json::Value| Patch {
+            update: v.as_object().unwrap().clone(),
+            has_update: true,
+            ..Patch::default()
+        };
+        let mut first = Record::new_at(t0);
+        first.apply_patch(&patch(serde_json::json!({"a": 1})), t0, &policy);
+        let key = rt.block_on(store.create(first)).unwrap();
+        let ctx = |now| WriteCtx {
+            now,
+            policy,
+            touch: false,
+        };
+        let locked_before = APPLY_LOCKED.load(std::sync::atomic::Ordering::Relaxed);
+        let got = store.patch_in_place(
+            &key,
+            &patch(serde_json::json!({"b": 2})),
+            ctx(t0 + 5_000),
+            0,
+        );
+        assert!(APPLY_LOCKED.load(std::sync::atomic::Ordering::Relaxed) > locked_before);
+        let Applied::Saved { record, .. } = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(&record.data[..], br#"{"a":1,"b":2}"#);
+        let stored = rt.block_on(store.load(&key, t0 + 5_000)).unwrap().unwrap();
+        assert_eq!(stored, record);
+        assert_eq!(
+            rt.block_on(store.clear_expired(record.expires_at - 1))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            rt.block_on(store.clear_expired(record.expires_at)).unwrap(),
+            1
+        );
+        // And on an expired session it finds nothing.
+        let mut again = Record::new_at(t0);
+        again.apply_patch(&patch(serde_json::json!({"a": 1})), t0, &policy);
+        let key = rt.block_on(store.create(again.clone())).unwrap();
+        let got = store.patch_in_place(
+            &key,
+            &patch(serde_json::json!({"b": 2})),
+            ctx(again.expires_at),
+            0,
+        );
+        assert_eq!(got, Applied::Missing);
+        assert!(store.is_empty());
     }
 }

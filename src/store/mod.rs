@@ -169,8 +169,8 @@ macro_rules! dispatch {
     };
 }
 
-/// Applies a patch to a record held in hand (the memory engine under its
-/// lock, the signed-cookie engine on the decoded cookie): Cycle-Key takes a
+/// Applies a patch to a record held in hand (the memory engine on a copy of
+/// the newest state, the signed-cookie engine on the decoded cookie): Cycle-Key takes a
 /// fresh key; a patch that changes nothing is `Unchanged` unless `touch`.
 pub fn apply_local(key: &SessionKey, record: &Record, patch: &Patch, ctx: WriteCtx) -> Applied {
     let mut next = record.clone();
