@@ -1154,16 +1154,9 @@ impl<'t> Tables<'t> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{set as update, T0};
     use super::*;
-    use crate::session::Policy;
     use std::sync::atomic::AtomicBool;
-
-    const POLICY: Policy = Policy {
-        cookie_age_secs: 3600,
-        expire_at_browser_close: false,
-        absolute_timeout_ms: 0,
-    };
-    const T0: i64 = 1_800_000_000_000;
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -1175,25 +1168,12 @@ mod tests {
         d
     }
 
-    fn update(k: &str, v: i64) -> Patch {
-        let mut p = Patch::default();
-        p.update.insert(k.into(), v.into());
-        p.has_update = true;
-        p
-    }
-
     fn ctx() -> WriteCtx {
-        WriteCtx {
-            now: T0,
-            policy: POLICY,
-            touch: false,
-        }
+        super::super::test_support::ctx(T0)
     }
 
     fn record() -> Record {
-        let mut r = Record::new_at(T0);
-        r.apply_patch(&update("a", 1), T0, &POLICY);
-        r
+        super::super::test_support::record(T0, "a", 1)
     }
 
     #[test]

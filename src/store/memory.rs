@@ -314,22 +314,28 @@ mod tests {
 
     use serde_json::{json, Value};
 
+    use super::super::test_support::{ctx, record, set, T0};
     use super::*;
-    use crate::session::Policy;
 
-    const POLICY: Policy = Policy {
-        cookie_age_secs: 3600,
-        expire_at_browser_close: false,
-        absolute_timeout_ms: 0,
-    };
-    const T0: i64 = 1_800_000_000_000;
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
 
-    fn update(v: Value) -> Patch {
-        Patch {
-            update: v.as_object().unwrap().clone(),
-            has_update: true,
-            ..Patch::default()
-        }
+    /// The expiry times the index holds for `key`.
+    fn indexed(store: &MemoryStore, key: &SessionKey) -> Vec<i64> {
+        store
+            .index
+            .iter()
+            .flat_map(|s| {
+                let set = s.lock().unwrap();
+                set.iter()
+                    .filter(|(_, k)| k == key)
+                    .map(|(t, _)| *t)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Four threads patch one session at once, each its own keys, with no
@@ -341,30 +347,21 @@ mod tests {
         const THREADS: usize = 4;
         const EACH: usize = 300;
         let store = Arc::new(MemoryStore::new());
-        let mut first = Record::new_at(T0);
-        first.apply_patch(&update(json!({"start": 0})), T0, &POLICY);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let key = rt.block_on(store.create(first)).unwrap();
+        let rt = runtime();
+        let key = rt.block_on(store.create(record(T0, "start", 0))).unwrap();
         let retries_before = APPLY_RETRIES.load(Ordering::Relaxed);
         let start = Arc::new(std::sync::Barrier::new(THREADS));
         let threads: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (store, start) = (store.clone(), start.clone());
                 std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .build()
-                        .unwrap();
+                    let rt = runtime();
                     start.wait();
                     for i in 0..EACH {
-                        let ctx = WriteCtx {
-                            now: T0 + i as i64,
-                            policy: POLICY,
-                            touch: false,
-                        };
-                        let patch = update(json!({ format!("t{t}-{i}"): i }));
-                        let got = rt.block_on(store.apply(&key, &patch, ctx)).unwrap();
+                        let patch = set(&format!("t{t}-{i}"), i);
+                        let got = rt
+                            .block_on(store.apply(&key, &patch, ctx(T0 + i as i64)))
+                            .unwrap();
                         assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
                     }
                 })
@@ -376,18 +373,7 @@ mod tests {
         let stored = rt.block_on(store.load(&key, T0 + 1000)).unwrap().unwrap();
         // The expiry index holds the record once, at its newest expiry, and
         // the sweep at that time removes it.
-        let indexed: Vec<i64> = store
-            .index
-            .iter()
-            .flat_map(|s| {
-                let set = s.lock().unwrap();
-                set.iter()
-                    .filter(|(_, k)| *k == key)
-                    .map(|(t, _)| *t)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        assert_eq!(indexed, vec![stored.expires_at]);
+        assert_eq!(indexed(&store, &key), vec![stored.expires_at]);
         let data: Value = serde_json::from_slice(&stored.data).unwrap();
         let obj = data.as_object().unwrap();
         assert_eq!(obj.len(), 1 + THREADS * EACH, "patches lost");
@@ -413,41 +399,18 @@ mod tests {
             );
         }
     }
-}
-
-#[cfg(test)]
-mod expired_tests {
-    use super::*;
-    use crate::session::Policy;
 
     /// A patch to a session that has expired but was not swept yet finds it
     /// missing and removes it, index entry and all.
     #[test]
     fn a_patch_to_an_expired_session_is_missing_and_removes_it() {
-        let policy = Policy {
-            cookie_age_secs: 60,
-            expire_at_browser_close: false,
-            absolute_timeout_ms: 0,
-        };
-        let t0 = 1_800_000_000_000;
         let store = MemoryStore::new();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let mut first = Record::new_at(t0);
-        let patch = Patch {
-            update: serde_json::json!({"a": 1}).as_object().unwrap().clone(),
-            has_update: true,
-            ..Patch::default()
-        };
-        first.apply_patch(&patch, t0, &policy);
+        let rt = runtime();
+        let first = record(T0, "a", 1);
         let key = rt.block_on(store.create(first.clone())).unwrap();
-        let late = WriteCtx {
-            now: first.expires_at,
-            policy,
-            touch: false,
-        };
-        let got = rt.block_on(store.apply(&key, &patch, late)).unwrap();
+        let got = rt
+            .block_on(store.apply(&key, &set("b", 2), ctx(first.expires_at)))
+            .unwrap();
         assert_eq!(got, Applied::Missing);
         assert!(store.is_empty());
         assert!(store.index.iter().all(|s| s.lock().unwrap().is_empty()));
@@ -457,62 +420,29 @@ mod expired_tests {
     /// try left) applies the patch under the lock, with the same result.
     #[test]
     fn the_locked_fallback_applies_the_patch_and_moves_the_index() {
-        let policy = Policy {
-            cookie_age_secs: 60,
-            expire_at_browser_close: false,
-            absolute_timeout_ms: 0,
-        };
-        let t0 = 1_800_000_000_000;
         let store = MemoryStore::new();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let patch = |v: serde_json::Value| Patch {
-            update: v.as_object().unwrap().clone(),
-            has_update: true,
-            ..Patch::default()
-        };
-        let mut first = Record::new_at(t0);
-        first.apply_patch(&patch(serde_json::json!({"a": 1})), t0, &policy);
-        let key = rt.block_on(store.create(first)).unwrap();
-        let ctx = |now| WriteCtx {
-            now,
-            policy,
-            touch: false,
-        };
-        let locked_before = APPLY_LOCKED.load(std::sync::atomic::Ordering::Relaxed);
-        let got = store.patch_in_place(
-            &key,
-            &patch(serde_json::json!({"b": 2})),
-            ctx(t0 + 5_000),
-            0,
-        );
-        assert!(APPLY_LOCKED.load(std::sync::atomic::Ordering::Relaxed) > locked_before);
-        let Applied::Saved { record, .. } = got else {
+        let rt = runtime();
+        let key = rt.block_on(store.create(record(T0, "a", 1))).unwrap();
+        let locked_before = APPLY_LOCKED.load(Ordering::Relaxed);
+        let got = store.patch_in_place(&key, &set("b", 2), ctx(T0 + 5_000), 0);
+        assert!(APPLY_LOCKED.load(Ordering::Relaxed) > locked_before);
+        let Applied::Saved { record: saved, .. } = got else {
             panic!("{got:?}")
         };
-        assert_eq!(&record.data[..], br#"{"a":1,"b":2}"#);
-        let stored = rt.block_on(store.load(&key, t0 + 5_000)).unwrap().unwrap();
-        assert_eq!(stored, record);
+        assert_eq!(&saved.data[..], br#"{"a":1,"b":2}"#);
         assert_eq!(
-            rt.block_on(store.clear_expired(record.expires_at - 1))
-                .unwrap(),
-            0
+            rt.block_on(store.load(&key, T0 + 5_000)).unwrap(),
+            Some(saved.clone())
         );
+        assert_eq!(indexed(&store, &key), vec![saved.expires_at]);
         assert_eq!(
-            rt.block_on(store.clear_expired(record.expires_at)).unwrap(),
+            rt.block_on(store.clear_expired(saved.expires_at)).unwrap(),
             1
         );
         // And on an expired session it finds nothing.
-        let mut again = Record::new_at(t0);
-        again.apply_patch(&patch(serde_json::json!({"a": 1})), t0, &policy);
+        let again = record(T0, "a", 1);
         let key = rt.block_on(store.create(again.clone())).unwrap();
-        let got = store.patch_in_place(
-            &key,
-            &patch(serde_json::json!({"b": 2})),
-            ctx(again.expires_at),
-            0,
-        );
+        let got = store.patch_in_place(&key, &set("b", 2), ctx(again.expires_at), 0);
         assert_eq!(got, Applied::Missing);
         assert!(store.is_empty());
     }

@@ -211,3 +211,41 @@ impl Store for AnyStore {
         dispatch!(self, s => s.flush())
     }
 }
+
+/// Fixtures shared by the engines' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::WriteCtx;
+    use crate::session::{Patch, Policy, Record};
+
+    pub const POLICY: Policy = Policy {
+        cookie_age_secs: 3600,
+        expire_at_browser_close: false,
+        absolute_timeout_ms: 0,
+    };
+    /// A fixed "now" far from 0 (Unix ms).
+    pub const T0: i64 = 1_800_000_000_000;
+
+    pub fn ctx(now: i64) -> WriteCtx {
+        WriteCtx {
+            now,
+            policy: POLICY,
+            touch: false,
+        }
+    }
+
+    /// A patch that sets `key` to `value`.
+    pub fn set(key: &str, value: impl Into<serde_json::Value>) -> Patch {
+        let mut p = Patch::default();
+        p.update.insert(key.into(), value.into());
+        p.has_update = true;
+        p
+    }
+
+    /// A record created at `now` holding `key: value`.
+    pub fn record(now: i64, key: &str, value: impl Into<serde_json::Value>) -> Record {
+        let mut r = Record::new_at(now);
+        r.apply_patch(&set(key, value), now, &POLICY);
+        r
+    }
+}
