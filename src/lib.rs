@@ -8,6 +8,8 @@
 
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 pub mod server;
 pub mod session;

@@ -2,7 +2,7 @@
 //! request -> forward -> take the upstream's directives -> apply them as a
 //! patch -> Set-Cookie -> respond.
 
-mod h1;
+pub(crate) mod h1;
 pub mod headers;
 pub mod path;
 pub mod route;
@@ -650,7 +650,7 @@ impl Proxy {
         tracing::warn!(route = %route.cfg.name, error = %e, "upstream request failed");
         let msg = match &e {
             UpstreamError::Connect(_) => "upstream unreachable".to_string(),
-            UpstreamError::Failed(_) => "upstream failed to answer".to_string(),
+            UpstreamError::Failed(what) => format!("upstream failed to answer: {what}"),
             UpstreamError::Timeout(d) => {
                 format!("upstream did not answer within {}s", d.as_secs_f64())
             }
