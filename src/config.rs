@@ -205,6 +205,11 @@ struct RawServer {
     shutdown_grace: Dur,
     #[serde(default = "d_body")]
     max_request_body: Size,
+    #[serde(default = "d_client_body")]
+    client_body_timeout: Dur,
+}
+fn d_client_body() -> Dur {
+    secs(60)
 }
 fn d_header_read() -> Dur {
     secs(10)
@@ -245,10 +250,15 @@ struct RawSession {
     save_every_request: bool,
     #[serde(default)]
     absolute_timeout: Dur,
+    #[serde(default = "d_max_session")]
+    max_session_size: Size,
     secret_key: Option<String>,
     secret_key_file: Option<String>,
     #[serde(default)]
     secret_key_fallbacks: Vec<String>,
+}
+fn d_max_session() -> Size {
+    Size(64 << 10)
 }
 fn d_cookie_name() -> String {
     "sessionid".into()
@@ -350,6 +360,8 @@ pub struct ServerConfig {
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_request_body: u64,
+    /// The longest silence while reading a request body (-> 408).
+    pub client_body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +390,8 @@ pub struct SessionConfig {
     pub expire_at_browser_close: bool,
     pub save_every_request: bool,
     pub absolute_timeout: Duration,
+    /// The longest session JSON a change may make (0: no limit).
+    pub max_session_size: u64,
     pub secret_key: Vec<u8>,
     pub secret_key_fallbacks: Vec<Vec<u8>>,
 }
@@ -396,6 +410,7 @@ impl fmt::Debug for SessionConfig {
             .field("expire_at_browser_close", &self.expire_at_browser_close)
             .field("save_every_request", &self.save_every_request)
             .field("absolute_timeout", &self.absolute_timeout)
+            .field("max_session_size", &self.max_session_size)
             .field("secret_key", &"<redacted>")
             .field("secret_key_fallbacks", &self.secret_key_fallbacks.len())
             .finish()
@@ -576,6 +591,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         upstream_timeout: nonzero("[server] upstream_timeout", s.upstream_timeout.0)?,
         shutdown_grace: s.shutdown_grace.0,
         max_request_body: s.max_request_body.0,
+        client_body_timeout: nonzero("[server] client_body_timeout", s.client_body_timeout.0)?,
     };
 
     // [session]
@@ -707,6 +723,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         expire_at_browser_close: ss.expire_at_browser_close,
         save_every_request: ss.save_every_request,
         absolute_timeout: ss.absolute_timeout.0,
+        max_session_size: ss.max_session_size.0,
         secret_key,
         secret_key_fallbacks: ss
             .secret_key_fallbacks
@@ -829,7 +846,7 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
     for (header, key) in r.forward {
         let hn = HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("forward: {header:?} is not a valid header name"))?;
-        let reserved = is_hop_by_hop(&hn)
+        let reserved = crate::proxy::headers::is_hop_by_hop(&hn)
             || hn.as_str().starts_with("x-session")
             || hn.as_str().starts_with("x-forwarded-")
             || [
@@ -926,23 +943,6 @@ pub fn strip_port(host: &str) -> &str {
         Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
         _ => host,
     }
-}
-
-/// Hop-by-hop header names of RFC 9110 7.6.1 (plus the legacy ones).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // One string match (by length first): this runs for every header of
-    // every request and response.
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authorization"
-            | "transfer-encoding"
-            | "keep-alive"
-            | "proxy-connection"
-    )
 }
 
 #[cfg(test)]

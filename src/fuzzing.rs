@@ -254,7 +254,7 @@ pub fn chunked(data: &[u8]) {
         for name in t.keys() {
             let n = name.as_str();
             assert!(
-                !crate::config::is_hop_by_hop(name)
+                !crate::proxy::headers::is_hop_by_hop(name)
                     && !crate::session::headers::is_reserved(name)
                     && !matches!(n, "content-length" | "set-cookie" | "host"),
                 "trailer {n} passed on"

@@ -254,7 +254,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
                     continue;
                 }
             }
-            n if is_hop_by_hop(n) => continue,
+            // `Connection` and `Transfer-Encoding` are handled above.
+            n if super::headers::is_hop_by_hop_name(n) => continue,
             _ => {}
         }
         let value = HeaderValue::from_maybe_shared(
@@ -294,15 +295,6 @@ fn transfer_coding_error(bytes: &Bytes, spans: &[Span]) -> ProtocolError {
         all.push_str("...");
     }
     ProtocolError::TransferCoding(all)
-}
-
-/// The fixed hop-by-hop fields of a response (`Connection` is handled on
-/// its own).
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "keep-alive" | "te" | "trailer" | "upgrade" | "proxy-connection" | "proxy-authorization"
-    )
 }
 
 /// How a response body is delimited.
@@ -469,7 +461,7 @@ impl ChunkedDecoder {
             .map_err(|_| ProtocolError::Chunked("invalid trailer field name"))?;
         let value = HeaderValue::from_bytes(line[at + 1..].trim_ascii())
             .map_err(|_| ProtocolError::Chunked("invalid trailer field value"))?;
-        let dropped = crate::config::is_hop_by_hop(&name)
+        let dropped = super::headers::is_hop_by_hop(&name)
             || crate::session::headers::is_reserved(&name)
             || matches!(
                 name.as_str(),

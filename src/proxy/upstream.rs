@@ -34,11 +34,12 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tower_service::Service;
 
-use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
+use super::h1::{self, ChunkedDecoder, Decoded, Framing, SendFraming};
 use crate::session::headers::Added;
 use crate::timer::{Sleep, Wheel};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::error::BoxError;
+use super::error::ProxyError;
 
 /// Idle connections kept per upstream address (more are closed when they
 /// come back).
@@ -177,15 +178,15 @@ impl Pool {
 
     /// A new TCP connection to the slot's address, or why none could be
     /// made.
-    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, String> {
-        let Slot { authority, uri, .. } = &self.slots[slot];
+    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, ProxyError> {
+        let Slot { uri, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
         async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
         }
         .await
-        .map_err(|e| format!("connect to {authority}: {}", chain(&e)))
+        .map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))
     }
 
     fn push_idle(&self, slot: usize, conn: Conn) {
@@ -210,7 +211,9 @@ impl Pool {
     /// byte of an answer (the upstream closed it while it sat idle) is sent
     /// again on another connection when it cannot have been acted on: its
     /// head could not be written, or its method is idempotent (RFC 9110
-    /// 9.2.2, as nginx's `proxy_next_upstream` does).
+    /// 9.2.2, as nginx's `proxy_next_upstream` does). When a new
+    /// connection fails that way too, the error gives the body back
+    /// ([`SendError::unsent`]) for the next upstream.
     pub async fn send(
         self: &Arc<Self>,
         slot: usize,
@@ -250,9 +253,12 @@ impl Pool {
                         },
                         false,
                     ),
-                    Err(what) => {
+                    Err(error) => {
                         let body = body.take().expect("the body is kept until it is sent");
-                        return Err(SendError::Unreachable(what, body));
+                        return Err(SendError {
+                            error,
+                            unsent: Some(body),
+                        });
                     }
                 },
             };
@@ -272,17 +278,27 @@ impl Pool {
             match exchange(&mut conn, &parts.method, &mut upload).await {
                 Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
                 Err(f) => {
-                    let retry = reused
-                        && framing == SendFraming::None
-                        && f.nothing_received
-                        && (f.head_unsent || parts.method.is_idempotent());
-                    if retry {
+                    // Nothing of the request was acted on: its head never
+                    // left, or it has no body, no answer came and its
+                    // method is idempotent.
+                    let unacted = f.nothing_received
+                        && (f.head_unsent
+                            || (framing == SendFraming::None && parts.method.is_idempotent()));
+                    if reused && framing == SendFraming::None && unacted {
                         tracing::debug!(error = %f.error, "a kept-alive upstream connection had closed; sending again on another");
                         continue;
                     }
-                    return Err(SendError::Failed {
-                        body_too_large: matches!(f.error, ClientError::TooLarge),
-                        what: f.error.to_string(),
+                    // A body not yet taken by an upload (no body, or its
+                    // head unsent) is still whole: it can go elsewhere.
+                    let unsent = match (unacted, upload, body.take()) {
+                        (false, _, _) => None,
+                        (true, None, b @ Some(_)) => b,
+                        (true, Some(up), None) if up.untouched() => Some(up.body),
+                        _ => None,
+                    };
+                    return Err(SendError {
+                        error: f.error,
+                        unsent,
                     });
                 }
             }
@@ -355,11 +371,16 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendError> {
         let io = match self.dial(slot).await {
             Ok(io) => io,
-            Err(what) => return Err(SendError::Unreachable(what, req.into_body())),
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    unsent: Some(req.into_body()),
+                })
+            }
         };
-        let failed = |e: hyper::Error| SendError::Failed {
-            body_too_large: body_too_large(&e),
-            what: chain(&e),
+        let failed = |e: hyper::Error| SendError {
+            error: from_hyper(e),
+            unsent: None,
         };
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -367,7 +388,7 @@ impl Pool {
             .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %chain(&e), "upstream connection closed");
+                tracing::debug!(error = %super::error::one_line(&e), "upstream connection closed");
             }
         });
         let resp = sender.send_request(req).await.map_err(failed)?;
@@ -385,7 +406,7 @@ struct Answer {
 
 /// Why an exchange failed, and whether it could be tried again.
 struct Failure {
-    error: ClientError,
+    error: ProxyError,
     /// Not a byte of an answer arrived.
     nothing_received: bool,
     /// The request head was not (completely) written.
@@ -401,7 +422,7 @@ async fn exchange(
     method: &Method,
     upload: &mut Option<Upload>,
 ) -> Result<Answer, Failure> {
-    let fail = |error: ClientError, nothing_received: bool, head_unsent: bool| Failure {
+    let fail = |error: ProxyError, nothing_received: bool, head_unsent: bool| Failure {
         error,
         nothing_received,
         head_unsent,
@@ -422,7 +443,7 @@ async fn exchange(
         match parsed {
             Ok(Some(head)) if head.status.is_informational() => {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Poll::Ready(Err(fail(ClientError::Switched, false, false)));
+                    return Poll::Ready(Err(fail(ProxyError::UpstreamSwitched, false, false)));
                 }
                 continue;
             }
@@ -437,8 +458,10 @@ async fn exchange(
                 Ok(0) => {
                     let e = match write_failed.take() {
                         Some(e) => e.into(),
-                        None if received => ClientError::Closed("the end of the response head"),
-                        None => ClientError::Closed("answering"),
+                        None if received => {
+                            ProxyError::UpstreamClosed("the end of the response head")
+                        }
+                        None => ProxyError::UpstreamClosed("answering"),
                     };
                     return Poll::Ready(Err(fail(e, !received, false)));
                 }
@@ -452,7 +475,7 @@ async fn exchange(
                 Poll::Ready(Ok(())) => *upload = None,
                 // The upstream may have answered and stopped reading: its
                 // answer, if one comes, wins over the write error.
-                Poll::Ready(Err(ClientError::Io(e))) => {
+                Poll::Ready(Err(ProxyError::UpstreamIo(e))) => {
                     write_failed = Some(e);
                     *upload = None;
                 }
@@ -484,6 +507,11 @@ struct Upload {
 }
 
 impl Upload {
+    /// Nothing of the body has been read from the client yet.
+    fn untouched(&self) -> bool {
+        self.body.seen == 0 && self.out.is_empty() && !self.ended
+    }
+
     fn new(body: UpstreamBody, framing: SendFraming) -> Upload {
         Upload {
             body,
@@ -500,7 +528,7 @@ impl Upload {
         &mut self,
         io: &mut W,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), ClientError>> {
+    ) -> Poll<Result<(), ProxyError>> {
         loop {
             while self.pos < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
@@ -539,41 +567,19 @@ impl Upload {
                         }
                     }
                 }
-                Some(Err(e)) if e.is::<TooLarge>() => {
-                    return Poll::Ready(Err(ClientError::TooLarge))
-                }
-                Some(Err(e)) => return Poll::Ready(Err(ClientError::Body(chain(&*e)))),
+                Some(Err(e)) => return Poll::Ready(Err(client_body_boxed(e))),
             }
         }
     }
 }
 
-/// What went wrong talking to an upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error("the upstream closed the connection before {0}")]
-    Closed(&'static str),
-    #[error("reading the request body: {0}")]
-    Body(String),
-    #[error("request body over the limit")]
-    TooLarge,
-    #[error("the upstream switched protocols without an upgrade request")]
-    Switched,
-    #[error("the upstream sent nothing more of the response body for {0:?}")]
-    ReadTimeout(Duration),
-}
-
 /// Why [`Pool::send`] failed.
-pub enum SendError {
-    /// No connection could be made: the request body is given back, unsent.
-    Unreachable(String, UpstreamBody),
-    /// The exchange failed after the request was handed to a connection
-    /// (`body_too_large`: because the request body went over its limit).
-    Failed { what: String, body_too_large: bool },
+pub struct SendError {
+    pub error: ProxyError,
+    /// The request body, when nothing of the request was acted on (no
+    /// connection, its head never sent, or an idempotent request without
+    /// a body that got no answer): the request may go to another upstream.
+    pub unsent: Option<UpstreamBody>,
 }
 
 /// The upstream's response body; the connection goes back to the pool
@@ -624,7 +630,7 @@ impl Streaming {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
         loop {
             let rbuf = &mut self.rbuf;
             match &mut self.state {
@@ -664,7 +670,7 @@ impl Streaming {
                     .idle
                     .get_or_insert_with(|| pool.timer.sleep(pool.read_timeout));
                 if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
-                    return Poll::Ready(Some(Err(ClientError::ReadTimeout(
+                    return Poll::Ready(Some(Err(ProxyError::UpstreamReadTimeout(
                         self.pool.read_timeout,
                     ))));
                 }
@@ -677,7 +683,7 @@ impl Streaming {
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
-                    return Poll::Ready(Some(Err(ClientError::Closed(
+                    return Poll::Ready(Some(Err(ProxyError::UpstreamClosed(
                         "the end of the response body",
                     ))))
                 }
@@ -805,60 +811,73 @@ impl Body for PooledBody {
     }
 }
 
-/// Why a request could not be answered by the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream unreachable: {0}")]
-    Connect(String),
-    #[error("upstream failed: {0}")]
-    Failed(String),
-    #[error("upstream did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(u64),
-}
-
-impl UpstreamError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            UpstreamError::Connect(_) | UpstreamError::Failed(_) => StatusCode::BAD_GATEWAY,
-            UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        }
-    }
-}
-
+/// The request body went over `max_request_body`.
 #[derive(Debug, thiserror::Error)]
 #[error("request body over the limit")]
-pub struct TooLarge;
+pub struct TooLarge(pub u64);
 
-/// Whether a client error was caused by [`UpstreamBody`] going over its
-/// limit.
-fn body_too_large(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// Nothing of the request body arrived for `client_body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled")]
+pub struct BodyTimeout(pub Duration);
+
+/// The client's side of a failed request body, as [`UpstreamBody`] gave it:
+/// over the limit, stalled, or broken framing (hyper's error).
+fn client_body_boxed(e: BoxError) -> ProxyError {
+    if let Some(t) = e.downcast_ref::<TooLarge>() {
+        return ProxyError::BodyTooLarge(t.0);
+    }
+    if let Some(t) = e.downcast_ref::<BodyTimeout>() {
+        return ProxyError::ClientBodyTimeout(t.0);
+    }
+    ProxyError::ClientBody(e)
+}
+
+/// A failure of hyper's client (upgrade requests): the request body's
+/// when its cause is an [`UpstreamBody`] error, else the upstream's.
+fn from_hyper(e: hyper::Error) -> ProxyError {
+    let mut src = std::error::Error::source(&e);
     while let Some(c) = src {
-        if c.is::<TooLarge>() {
-            return true;
+        if let Some(t) = c.downcast_ref::<TooLarge>() {
+            return ProxyError::BodyTooLarge(t.0);
+        }
+        if let Some(t) = c.downcast_ref::<BodyTimeout>() {
+            return ProxyError::ClientBodyTimeout(t.0);
+        }
+        // The client's own connection failed under its body.
+        if c.is::<hyper::Error>() {
+            return ProxyError::ClientBody(Box::new(e));
         }
         src = c.source();
     }
-    false
+    ProxyError::UpstreamUpgrade(Box::new(e))
 }
 
 /// The client's request body on its way upstream: streamed frame by frame,
 /// failing once more than `limit` bytes have passed.
+///
+/// A body silent for longer than `client_body_timeout` fails with
+/// [`BodyTimeout`]; the timer runs only while the body is asked for and
+/// has nothing (an upstream slow to read holds no client to account).
 pub struct UpstreamBody {
     inner: Option<Incoming>,
     seen: u64,
     limit: u64,
+    timeout: Duration,
+    timer: Wheel,
+    /// Armed while waiting for the client's next bytes.
+    idle: Option<Sleep>,
 }
 
 impl UpstreamBody {
-    pub fn new(body: Incoming, limit: u64) -> UpstreamBody {
+    pub fn new(body: Incoming, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
         UpstreamBody {
             inner: Some(body),
             seen: 0,
             limit,
+            timeout,
+            timer: timer.clone(),
+            idle: None,
         }
     }
 }
@@ -875,20 +894,36 @@ impl Body for UpstreamBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if polled.is_ready() {
+            this.idle = None;
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if this.seen > this.limit {
                         this.inner = None;
-                        return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(this.limit)))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let (timer, timeout) = (&this.timer, this.timeout);
+                let idle = this.idle.get_or_insert_with(|| timer.sleep(timeout));
+                if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
+                    this.inner = None;
+                    this.idle = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -902,16 +937,4 @@ impl Body for UpstreamBody {
             .map(|b| b.size_hint())
             .unwrap_or_default()
     }
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
