@@ -102,6 +102,11 @@ pub(super) async fn migrate(
     let path = path.to_path_buf();
     let table = table.to_string();
     blocking(timeout, move || {
+        if let Some(dir) = path.parent() {
+            // As Django's sqlite backend, the file is made on first use; its
+            // directory too, here.
+            let _ = std::fs::create_dir_all(dir);
+        }
         let c = connect(&path, timeout)?;
         if table_exists(&c, &table)? {
             return Ok(Migrated::AlreadyThere);
