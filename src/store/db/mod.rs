@@ -21,6 +21,7 @@
 //! is [`Applied::Missing`].
 
 pub mod django;
+mod postgres;
 mod sqlite;
 
 use std::time::Duration;
@@ -48,8 +49,23 @@ pub enum DbError {
     Timeout(Duration),
     #[error("the database worker stopped: {0}")]
     Worker(#[source] tokio::task::JoinError),
+    #[error("postgres: {}", pg_message(.0))]
+    Postgres(#[source] tokio_postgres::Error),
+    #[error("[store] url: not a PostgreSQL URL: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(String),
     #[error("table {table:?} does not exist: run `sessiongate migrate --config FILE` (or Django's `manage.py migrate`)")]
     NoTable { table: String },
+}
+
+/// The server's own message when there is one (tokio-postgres says only
+/// "db error" for those).
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 impl From<DbError> for StoreError {
@@ -217,7 +233,12 @@ pub fn parse_iso(s: &str) -> Option<i64> {
 
 /// The `db` engine.
 pub struct DbStore {
-    backend: sqlite::Sqlite,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
 }
 
 impl DbStore {
@@ -237,11 +258,18 @@ impl DbStore {
                 let backend = sqlite::Sqlite::open(path, table, timeout, codec)
                     .await
                     .map_err(|e| StoreError::Open(e.to_string()))?;
-                Ok(DbStore { backend })
+                Ok(DbStore {
+                    backend: Backend::Sqlite(backend),
+                })
             }
-            DbUrl::Postgres(_) => Err(StoreError::Open(
-                "[store] url: PostgreSQL is not supported by this build yet".into(),
-            )),
+            DbUrl::Postgres(url) => {
+                let backend = postgres::Postgres::open(url, table, timeout, codec)
+                    .await
+                    .map_err(|e| StoreError::Open(e.to_string()))?;
+                Ok(DbStore {
+                    backend: Backend::Postgres(backend),
+                })
+            }
         }
     }
 
@@ -256,19 +284,28 @@ impl DbStore {
             DbUrl::Sqlite(path) => sqlite::migrate(path, table, timeout)
                 .await
                 .map_err(|e| StoreError::Open(e.to_string())),
-            DbUrl::Postgres(_) => Err(StoreError::Open(
-                "[store] url: PostgreSQL is not supported by this build yet".into(),
-            )),
+            DbUrl::Postgres(u) => postgres::migrate(u, table, timeout)
+                .await
+                .map_err(|e| StoreError::Open(e.to_string())),
         }
     }
 }
 
+macro_rules! backend {
+    ($self:ident, $b:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($b) => Ok($e.await?),
+            Backend::Postgres($b) => Ok($e.await?),
+        }
+    };
+}
+
 impl Store for DbStore {
     async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, StoreError> {
-        Ok(self.backend.load(key, now).await?)
+        backend!(self, b => b.load(key, now))
     }
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
-        Ok(self.backend.create(record).await?)
+        backend!(self, b => b.create(record))
     }
     async fn apply(
         &self,
@@ -276,13 +313,13 @@ impl Store for DbStore {
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, StoreError> {
-        Ok(self.backend.apply(key, patch, ctx).await?)
+        backend!(self, b => b.apply(key, patch, ctx))
     }
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
-        Ok(self.backend.delete(key).await?)
+        backend!(self, b => b.delete(key))
     }
     async fn clear_expired(&self, now: i64) -> Result<u64, StoreError> {
-        Ok(self.backend.clear_expired(now).await?)
+        backend!(self, b => b.clear_expired(now))
     }
 }
 
