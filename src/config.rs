@@ -326,6 +326,8 @@ struct RawRoute {
     login_url: String,
     #[serde(default)]
     forward: BTreeMap<String, String>,
+    #[serde(default)]
+    cookie_passthrough: bool,
 }
 fn d_login_url() -> String {
     "/login".into()
@@ -499,6 +501,9 @@ pub struct RouteConfig {
     pub login_url: String,
     /// Header name -> session key.
     pub forward: Vec<(HeaderName, String)>,
+    /// `session = false` only: the session cookie and the upstream's
+    /// `Set-Cookie` for it pass untouched (a Django app's routes, SPEC 8).
+    pub cookie_passthrough: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -938,7 +943,13 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
             r.login_url
         ));
     }
+    if r.cookie_passthrough && r.session {
+        return Err(
+            "cookie_passthrough: only for a route with session = false (the session cookie belongs to the app behind it)".into(),
+        );
+    }
     Ok(RouteConfig {
+        cookie_passthrough: r.cookie_passthrough,
         name,
         host,
         path,

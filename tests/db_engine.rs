@@ -294,3 +294,20 @@ async fn one_table_shared_with_django_both_ways() {
     assert_ne!(r.key(), fk);
     p.stop().await;
 }
+
+#[test]
+fn cookie_passthrough_is_only_for_routes_without_sessions() {
+    let text = config(
+        "",
+        "[[route]]\nupstream = \"http://127.0.0.1:9\"\ncookie_passthrough = true\n",
+    );
+    let e = sessiongate::config::Config::parse(&text, Path::new("t.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cookie_passthrough"), "{e}");
+    let ok = text.replace(
+        "cookie_passthrough = true",
+        "cookie_passthrough = true\nsession = false",
+    );
+    assert!(sessiongate::config::Config::parse(&ok, Path::new("t.toml")).is_ok());
+}

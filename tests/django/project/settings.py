@@ -28,6 +28,8 @@ MIDDLEWARE = [
 SESSION_ENGINE = os.environ.get("SG_SESSION_ENGINE", "django.contrib.sessions.backends.db")
 SESSION_COOKIE_NAME = "sessionid"
 SESSION_COOKIE_AGE = 1209600
+# Tests only: a fast hasher, so creating and logging in a user takes no second.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 _db = os.environ["SG_DATABASE"]
 if _db.startswith(("postgres://", "postgresql://")):
