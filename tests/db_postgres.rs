@@ -279,3 +279,38 @@ async fn one_table_shared_with_django_on_postgres() {
     assert_eq!(tool(&py, &url, &["read", &key2])["exists"], false);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slower_than_the_store_timeout_is_503_then_served_again() {
+    let Some(server) = database().await else {
+        return;
+    };
+    let up = echo().await;
+    let p = start_engine(&toml(&up, &server.url("sessions"), "500ms")).await;
+    let key = call(&p, "/", None, &[("update", r#"{"n":1}"#)]).await.key();
+    // Another client holds the table: every statement on it waits.
+    let (locker, conn) = tokio_postgres::connect(&server.url("sessions"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE django_session IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let r = call(&p, "/", Some(&key), &[]).await;
+    assert_eq!(r.status, 503, "a read: {}", r.body);
+    assert_one_line_body(&r.body);
+    let r = call(&p, "/", Some(&key), &[("update", r#"{"n":2}"#)]).await;
+    assert_eq!(r.status, 503, "a write: {}", r.body);
+    let r = call(&p, "/static/x", None, &[]).await;
+    assert_eq!(r.status, 200);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    drop(locker);
+    let _ = task.await;
+    let r = call(&p, "/", Some(&key), &[("update", r#"{"m":3}"#)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    call(&p, "/", Some(&key), &[]).await;
+    let s = up.last().session();
+    assert_eq!(s["m"], 3);
+    assert_eq!(s["n"], 1, "the timed-out write was not applied: {s}");
+}
