@@ -286,6 +286,11 @@ struct RawStore {
     encrypt: bool,
     #[serde(default = "d_sweep")]
     clear_expired_interval: Dur,
+    #[serde(default = "d_table")]
+    table: String,
+}
+fn d_table() -> String {
+    "django_session".into()
 }
 impl Default for RawStore {
     fn default() -> Self {
@@ -296,6 +301,7 @@ impl Default for RawStore {
             timeout: d_store_timeout(),
             encrypt: true,
             clear_expired_interval: d_sweep(),
+            table: d_table(),
         }
     }
 }
@@ -330,6 +336,8 @@ struct RawRoute {
     login_url: String,
     #[serde(default)]
     forward: BTreeMap<String, String>,
+    #[serde(default)]
+    cookie_passthrough: bool,
 }
 fn d_login_url() -> String {
     "/login".into()
@@ -425,6 +433,8 @@ pub enum Engine {
     SignedCookies,
     Redis,
     CachedRedis,
+    /// Django's `db` engine (SPEC 8): SQLite or PostgreSQL.
+    Db,
 }
 
 impl Engine {
@@ -436,6 +446,7 @@ impl Engine {
             Engine::SignedCookies => "signed_cookies",
             Engine::Redis => "redis",
             Engine::CachedRedis => "cached_redis",
+            Engine::Db => "db",
         }
     }
 }
@@ -448,6 +459,45 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub encrypt: bool,
     pub clear_expired_interval: Duration,
+    /// `db`: where the table lives (parsed from `url`).
+    pub db: Option<DbUrl>,
+    /// `db`: the sessions table (Django's `django_session`).
+    pub table: String,
+}
+
+/// The database of the `db` engine.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DbUrl {
+    /// `sqlite://relative/path` (to the config file's directory) or
+    /// `sqlite:///absolute/path`.
+    Sqlite(PathBuf),
+    /// `postgres://user:password@host:port/name` (or `postgresql://`), as written.
+    Postgres(String),
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DbUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            // The URL may carry a password.
+            DbUrl::Postgres(_) => f.write_str("postgres://<redacted>"),
+        }
+    }
+}
+
+impl DbUrl {
+    fn parse(base: &Path, url: &str) -> Result<DbUrl, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            if rest.is_empty() || rest == "/" {
+                return Err("[store] url: \"sqlite://\" needs a file path, e.g. \"sqlite://var/sessions.sqlite3\"".into());
+            }
+            return Ok(DbUrl::Sqlite(resolve(base, rest)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DbUrl::Postgres(url.to_string()));
+        }
+        Err("[store] url: engine \"db\" needs a \"sqlite://PATH\" or \"postgres://user:password@host:port/name\" URL".into())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -466,6 +516,9 @@ pub struct RouteConfig {
     pub login_url: String,
     /// Header name -> session key.
     pub forward: Vec<(HeaderName, String)>,
+    /// `session = false` only: the session cookie and the upstream's
+    /// `Set-Cookie` for it pass untouched (a Django app's routes, SPEC 8).
+    pub cookie_passthrough: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -522,6 +575,13 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .map(|i| before[i + 1..].chars().count() + 1)
         .unwrap_or_else(|| before.chars().count() + 1);
     (line, col)
+}
+
+fn valid_table_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 63
+        && !t.as_bytes()[0].is_ascii_digit()
+        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
@@ -741,9 +801,10 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         "signed_cookies" => Engine::SignedCookies,
         "redis" => Engine::Redis,
         "cached_redis" => Engine::CachedRedis,
+        "db" => Engine::Db,
         other => {
             return Err(format!(
-                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis)"
+                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db)"
             ))
         }
     };
@@ -759,7 +820,23 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             engine.name()
         ));
     }
+    let db = if engine == Engine::Db {
+        let url = st.url.as_deref().ok_or(
+            "[store] url: required for engine \"db\" (e.g. \"sqlite://var/sessions.sqlite3\")",
+        )?;
+        Some(DbUrl::parse(base, url)?)
+    } else {
+        None
+    };
+    if !valid_table_name(&st.table) {
+        return Err(format!(
+            "[store] table: {:?} is not a plain SQL table name (letters, digits and _, not starting with a digit, at most 63 bytes)",
+            st.table
+        ));
+    }
     let store = StoreConfig {
+        db,
+        table: st.table,
         engine,
         path: st.path.map(|p| resolve(base, &p)),
         url: st.url,
@@ -883,7 +960,13 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
             r.login_url
         ));
     }
+    if r.cookie_passthrough && r.session {
+        return Err(
+            "cookie_passthrough: only for a route with session = false (the session cookie belongs to the app behind it)".into(),
+        );
+    }
     Ok(RouteConfig {
+        cookie_passthrough: r.cookie_passthrough,
         name,
         host,
         path,

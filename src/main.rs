@@ -29,6 +29,8 @@ enum Command {
     Check,
     /// Delete expired sessions from the configured store and print how many.
     ClearExpired,
+    /// Create the `db` engine's table (Django's `django_session`) when it is missing.
+    Migrate,
     /// Run the bundled demo app behind the proxy with a self-signed certificate.
     Demo {
         /// Address of the demo's HTTPS listener.
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         match command {
             Command::Run => unreachable!("served above"),
             Command::ClearExpired => clear_expired(&config_path).await,
+            Command::Migrate => migrate(&config_path).await,
             Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
             Command::Check => unreachable!(),
         }
@@ -200,6 +203,34 @@ async fn clear_expired(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .context("clear expired sessions")?;
     store.flush().await.context("flush the store")?;
     println!("{n} expired sessions deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(url) = config.store.db.as_ref() else {
+        eprintln!(
+            "{}: migrate applies to engine \"db\"; [store] engine is {:?}, which needs no table",
+            path.display(),
+            config.store.engine.name()
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let table = &config.store.table;
+    let done = sessiongate::store::DbStore::migrate(url, table, config.store.timeout)
+        .await
+        .context("migrate")?;
+    match done {
+        sessiongate::store::db::Migrated::Created => {
+            println!("created table {table:?} and its expire_date index in {url:?}")
+        }
+        sessiongate::store::db::Migrated::AlreadyThere => {
+            println!("table {table:?} already exists in {url:?}: nothing to do")
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

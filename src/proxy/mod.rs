@@ -253,7 +253,9 @@ impl Proxy {
                 headers::add_vary_cookie(resp.headers_mut());
                 resp
             } else {
-                self.strip_session_cookies(&mut parts.headers);
+                if !route.cfg.cookie_passthrough {
+                    self.strip_session_cookies(&mut parts.headers);
+                }
                 match self
                     .forward(
                         route,
@@ -267,7 +269,9 @@ impl Proxy {
                 {
                     Ok(mut resp) => {
                         headers::take_reserved(resp.headers_mut());
-                        drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                        if !route.cfg.cookie_passthrough {
+                            drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                        }
                         resp.map(Either::Left)
                     }
                     Err(e) => self.error_reply(Some(route), e),
