@@ -495,3 +495,32 @@ async fn a_session_change_over_max_session_size_is_refused_and_changes_nothing()
     assert_eq!(up.last().session(), serde_json::json!({"user_id": 1}));
     p.stop().await;
 }
+
+/// SPEC 6: `upstream_timeout` is the upstream's time to answer; a client
+/// slow to send its body (within `client_body_timeout`) is not an
+/// upstream timeout.
+#[tokio::test]
+async fn a_slow_client_body_is_not_an_upstream_timeout() {
+    let up = upstream(|s| text(&format!("{} bytes", s.body.len()))).await;
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"\nclient_body_timeout = \"10s\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+    let r = within("a slow upload", async {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 6\r\nConnection: close\r\n\r\nabc")
+            .await
+            .unwrap();
+        // There is no event for "the upstream timeout would have fired":
+        // the client pauses for twice its length.
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        s.write_all(b"def").await.unwrap();
+        read_response(&mut s).await
+    })
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "6 bytes");
+    p.stop().await;
+}

@@ -230,7 +230,14 @@ impl Pool {
             added.apply_to(req.headers_mut());
             // Boxed: hyper's handshake makes this future large, and it is
             // rare; inline it would enlarge every request's future.
-            return Box::pin(self.send_upgrade(slot, req)).await;
+            let timeout = self.read_timeout;
+            return match Box::pin(self.timer.timeout(timeout, self.send_upgrade(slot, req))).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError {
+                    error: ProxyError::UpstreamTimeout(timeout),
+                    unsent: None,
+                }),
+            };
         }
         let framing = if body.is_end_stream() {
             SendFraming::None
@@ -275,7 +282,7 @@ impl Pool {
                 SendFraming::None => None,
                 _ => body.take().map(|b| Upload::new(b, framing)),
             };
-            match exchange(&mut conn, &parts.method, &mut upload).await {
+            match exchange(&mut conn, &parts.method, &mut upload, self).await {
                 Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
                 Err(f) => {
                     // Nothing of the request was acted on: its head never
@@ -417,10 +424,17 @@ struct Failure {
 /// response head (an upstream may answer before the body is complete: the
 /// rest of the upload then goes on in a task of its own). Interim
 /// 1xx responses are skipped.
+///
+/// `upstream_timeout` (the pool's `read_timeout`) runs from the head's
+/// writing, and again from each write of the body, to the response head;
+/// not while the upload waits for the client's next bytes, which is
+/// `client_body_timeout`'s business: a stalled client is never an
+/// upstream timeout.
 async fn exchange(
     conn: &mut Conn,
     method: &Method,
     upload: &mut Option<Upload>,
+    pool: &Pool,
 ) -> Result<Answer, Failure> {
     let fail = |error: ProxyError, nothing_received: bool, head_unsent: bool| Failure {
         error,
@@ -435,6 +449,9 @@ async fn exchange(
     }
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
+    // Armed while the upstream is the one awaited.
+    let mut deadline: Option<Sleep> = None;
+    let mut written = 0u64;
     let head = std::future::poll_fn(|cx| loop {
         let parsed = match conn.rbuf.is_empty() {
             true => Ok(None),
@@ -471,7 +488,17 @@ async fn exchange(
             continue;
         }
         if let Some(up) = upload.as_mut() {
-            match up.poll(&mut conn.io, cx) {
+            let polled = up.poll(&mut conn.io, cx);
+            if up.written != written {
+                // The upstream took more of the body: its time restarts.
+                written = up.written;
+                deadline = None;
+            }
+            if polled.is_pending() && up.waiting_on_client {
+                deadline = None;
+                return Poll::Pending;
+            }
+            match polled {
                 Poll::Ready(Ok(())) => *upload = None,
                 // The upstream may have answered and stopped reading: its
                 // answer, if one comes, wins over the write error.
@@ -480,11 +507,16 @@ async fn exchange(
                     *upload = None;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {}
+            }
+            if upload.is_some() {
+                // Waiting for the upstream to take more of the body.
+                return poll_deadline(&mut deadline, pool, cx)
+                    .map(|e| Err(fail(e, !received, false)));
             }
             continue;
         }
-        return Poll::Pending;
+        return poll_deadline(&mut deadline, pool, cx).map(|e| Err(fail(e, !received, false)));
     })
     .await?;
     let mut head = head;
@@ -496,6 +528,20 @@ async fn exchange(
     })
 }
 
+/// Arms (on first use) and polls the upstream's deadline: ready with the
+/// timeout error once it has passed.
+fn poll_deadline(
+    deadline: &mut Option<Sleep>,
+    pool: &Pool,
+    cx: &mut Context<'_>,
+) -> Poll<ProxyError> {
+    let sleep = deadline.get_or_insert_with(|| pool.timer.sleep(pool.read_timeout));
+    match std::future::Future::poll(Pin::new(sleep), cx) {
+        Poll::Ready(()) => Poll::Ready(ProxyError::UpstreamTimeout(pool.read_timeout)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 /// A request body on its way to the upstream.
 struct Upload {
     body: UpstreamBody,
@@ -504,6 +550,11 @@ struct Upload {
     out: Vec<u8>,
     pos: usize,
     ended: bool,
+    /// Bytes written so far (framing included).
+    written: u64,
+    /// The last `poll` was pending on the client's body, not on the
+    /// upstream.
+    waiting_on_client: bool,
 }
 
 impl Upload {
@@ -519,6 +570,8 @@ impl Upload {
             out: Vec::new(),
             pos: 0,
             ended: false,
+            written: 0,
+            waiting_on_client: false,
         }
     }
 
@@ -530,18 +583,21 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), ProxyError>> {
         loop {
+            self.waiting_on_client = false;
             while self.pos < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.pos += n;
+                self.written += n as u64;
             }
             self.out.clear();
             self.pos = 0;
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
+            self.waiting_on_client = true;
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 None => {
                     self.ended = true;
@@ -865,8 +921,9 @@ pub struct UpstreamBody {
     limit: u64,
     timeout: Duration,
     timer: Wheel,
-    /// Armed while waiting for the client's next bytes.
-    idle: Option<Sleep>,
+    /// Armed while waiting for the client's next bytes (boxed: it is rare
+    /// for a body to wait, and this sits in every request's future).
+    idle: Option<Box<Sleep>>,
 }
 
 impl UpstreamBody {
@@ -916,8 +973,10 @@ impl Body for UpstreamBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let (timer, timeout) = (&this.timer, this.timeout);
-                let idle = this.idle.get_or_insert_with(|| timer.sleep(timeout));
-                if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::new(timer.sleep(timeout)));
+                if std::future::Future::poll(Pin::new(&mut **idle), cx).is_ready() {
                     this.inner = None;
                     this.idle = None;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
