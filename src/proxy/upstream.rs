@@ -450,7 +450,7 @@ async fn exchange(
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
     // Armed while the upstream is the one awaited.
-    let mut deadline: Option<Sleep> = None;
+    let mut deadline = Silence::default();
     let mut written = 0u64;
     let head = std::future::poll_fn(|cx| loop {
         let parsed = match conn.rbuf.is_empty() {
@@ -492,10 +492,10 @@ async fn exchange(
             if up.written != written {
                 // The upstream took more of the body: its time restarts.
                 written = up.written;
-                deadline = None;
+                deadline.progress();
             }
             if polled.is_pending() && up.waiting_on_client {
-                deadline = None;
+                deadline.pause();
                 return Poll::Pending;
             }
             match polled {
@@ -511,12 +511,15 @@ async fn exchange(
             }
             if upload.is_some() {
                 // Waiting for the upstream to take more of the body.
-                return poll_deadline(&mut deadline, pool, cx)
-                    .map(|e| Err(fail(e, !received, false)));
+                return deadline
+                    .poll(&pool.timer, pool.read_timeout, cx)
+                    .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
             }
             continue;
         }
-        return poll_deadline(&mut deadline, pool, cx).map(|e| Err(fail(e, !received, false)));
+        return deadline
+            .poll(&pool.timer, pool.read_timeout, cx)
+            .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
     })
     .await?;
     let mut head = head;
@@ -528,17 +531,52 @@ async fn exchange(
     })
 }
 
-/// Arms (on first use) and polls the upstream's deadline: ready with the
-/// timeout error once it has passed.
-fn poll_deadline(
-    deadline: &mut Option<Sleep>,
-    pool: &Pool,
-    cx: &mut Context<'_>,
-) -> Poll<ProxyError> {
-    let sleep = deadline.get_or_insert_with(|| pool.timer.sleep(pool.read_timeout));
-    match std::future::Future::poll(Pin::new(sleep), cx) {
-        Poll::Ready(()) => Poll::Ready(ProxyError::UpstreamTimeout(pool.read_timeout)),
-        Poll::Pending => Poll::Pending,
+fn upstream_timeout(pool: &Pool) -> ProxyError {
+    ProxyError::UpstreamTimeout(pool.read_timeout)
+}
+
+/// "Nothing happened for a while": one timer of the worker's wheel, armed
+/// on the first wait and pushed back (when it fires) to `d` after the start
+/// of the current wait, so that progress costs a clock read when the next
+/// wait starts, not a new timer. Time when nobody waits (the task busy
+/// elsewhere) is never counted.
+#[derive(Default)]
+struct Silence {
+    sleep: Option<Sleep>,
+    /// When the current wait started.
+    since: Option<tokio::time::Instant>,
+    /// Progress since `since`: the next poll starts a new wait.
+    moved: bool,
+}
+
+impl Silence {
+    fn progress(&mut self) {
+        self.moved = true;
+    }
+
+    /// The wait is over (not counted until the next one).
+    fn pause(&mut self) {
+        self.sleep = None;
+        self.since = None;
+    }
+
+    /// Ready once `d` has passed in one wait.
+    fn poll(&mut self, timer: &Wheel, d: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        if self.moved || self.since.is_none() {
+            self.moved = false;
+            self.since = Some(tokio::time::Instant::now());
+        }
+        let since = self.since.expect("set above");
+        loop {
+            let sleep = self.sleep.get_or_insert_with(|| timer.sleep(d));
+            ready!(std::future::Future::poll(Pin::new(sleep), cx));
+            if since.elapsed() < d {
+                self.sleep = Some(timer.sleep_until(since + d));
+                continue;
+            }
+            self.pause();
+            return Poll::Ready(());
+        }
     }
 }
 
@@ -920,20 +958,22 @@ pub struct UpstreamBody {
     seen: u64,
     limit: u64,
     timeout: Duration,
-    timer: Wheel,
-    /// Armed while waiting for the client's next bytes (boxed: it is rare
-    /// for a body to wait, and this sits in every request's future).
-    idle: Option<Box<Sleep>>,
+    /// None for a body that is over before it starts (a GET): no clone of
+    /// the timers on the read path.
+    timer: Option<Wheel>,
+    /// Armed while waiting for the client's next bytes (boxed: most bodies
+    /// never wait, and this sits in every request's future).
+    idle: Option<Box<Silence>>,
 }
 
 impl UpstreamBody {
     pub fn new(body: Incoming, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
         UpstreamBody {
+            timer: (!body.is_end_stream()).then(|| timer.clone()),
             inner: Some(body),
             seen: 0,
             limit,
             timeout,
-            timer: timer.clone(),
             idle: None,
         }
     }
@@ -953,7 +993,9 @@ impl Body for UpstreamBody {
         };
         let polled = Pin::new(inner).poll_frame(cx);
         if polled.is_ready() {
-            this.idle = None;
+            if let Some(idle) = &mut this.idle {
+                idle.progress();
+            }
         }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -972,11 +1014,11 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let (timer, timeout) = (&this.timer, this.timeout);
-                let idle = this
-                    .idle
-                    .get_or_insert_with(|| Box::new(timer.sleep(timeout)));
-                if std::future::Future::poll(Pin::new(&mut **idle), cx).is_ready() {
+                let (Some(timer), timeout) = (&this.timer, this.timeout) else {
+                    return Poll::Pending;
+                };
+                let idle = this.idle.get_or_insert_with(Box::default);
+                if idle.poll(timer, timeout, cx).is_ready() {
                     this.inner = None;
                     this.idle = None;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
