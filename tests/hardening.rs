@@ -524,3 +524,33 @@ async fn a_slow_client_body_is_not_an_upstream_timeout() {
     assert_eq!(r.text(), "6 bytes");
     p.stop().await;
 }
+
+/// The same for HTTP/2's `:authority`.
+#[tokio::test]
+async fn an_h2_authority_with_userinfo_is_refused() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (uri, status) in [
+        ("http://user:pw@example.com/x", 400),
+        ("http://[::1]:8080/x", 200),
+    ] {
+        let req = http::Request::get(uri)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = within("the h2 response", send.send_request(req))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{uri}");
+    }
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.last().header("x-forwarded-host"), Some("[::1]:8080"));
+    p.stop().await;
+}
