@@ -517,7 +517,9 @@ impl Proxy {
         if self.max_session == 0 || !(patch.replace.is_some() || patch.has_update) {
             return Ok(());
         }
-        let before = loaded.live.as_ref().map_or(2, |(_, r)| r.data.len());
+        // After a Flush the rest applies to a fresh session.
+        let live = loaded.live.as_ref().filter(|_| !patch.flush);
+        let before = live.map_or(2, |(_, r)| r.data.len());
         // Each byte of a directive becomes at most six in the stored JSON
         // (`\uXXXX`), plus a separator.
         let bound = directives
@@ -527,7 +529,7 @@ impl Proxy {
             return Ok(());
         }
         let now = self.clock.now_ms();
-        let mut record = match &loaded.live {
+        let mut record = match live {
             Some((_, r)) => r.clone(),
             None => Record::new_at(now),
         };
