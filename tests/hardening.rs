@@ -413,6 +413,19 @@ async fn broken_or_stalled_request_bodies_are_the_clients_fault() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().starts_with("request body"), "{}", r.text());
 
+    // Cut short before the last chunk.
+    let r = within("a chunked body cut short", async {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        read_response(&mut s).await
+    })
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().starts_with("request body"), "{}", r.text());
+
     // Stalled: three bytes of a hundred, then silence.
     let r = within("a stalled body", async {
         let mut s = TcpStream::connect(p.addr).await.unwrap();
