@@ -181,12 +181,16 @@ impl Pool {
     async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, ProxyError> {
         let Slot { uri, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
-        async {
+        let connect = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
+        };
+        // `upstream_connect_timeout` bounds the connecting, not the name's
+        // resolution: `upstream_timeout` bounds both.
+        match self.timer.timeout(self.read_timeout, connect).await {
+            Ok(r) => r.map_err(|e| ProxyError::UpstreamConnect(Box::new(e))),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.read_timeout)),
         }
-        .await
-        .map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))
     }
 
     fn push_idle(&self, slot: usize, conn: Conn) {
