@@ -1103,6 +1103,19 @@ mod tests {
     }
 
     #[test]
+    fn body_timeout_and_session_size() {
+        let c = parse(&minimal("", ROUTE)).unwrap();
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.session.max_session_size, 64 << 10);
+        let c = parse(&minimal("max_session_size = \"8KiB\"", ROUTE)).unwrap();
+        assert_eq!(c.session.max_session_size, 8 << 10);
+        let text =
+            minimal("", ROUTE).replace("tls = false", "tls = false\nclient_body_timeout = \"0s\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("client_body_timeout"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_an_error_with_position() {
         let text = minimal("cookie_secur = false", ROUTE);
         let e = parse(&text).unwrap_err().to_string();

@@ -413,6 +413,19 @@ async fn broken_or_stalled_request_bodies_are_the_clients_fault() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().starts_with("request body"), "{}", r.text());
 
+    // Cut short before the last chunk.
+    let r = within("a chunked body cut short", async {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        read_response(&mut s).await
+    })
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().starts_with("request body"), "{}", r.text());
+
     // Stalled: three bytes of a hundred, then silence.
     let r = within("a stalled body", async {
         let mut s = TcpStream::connect(p.addr).await.unwrap();
@@ -493,5 +506,64 @@ async fn a_session_change_over_max_session_size_is_refused_and_changes_nothing()
     assert!(got.session_cookie().is_none());
     p.get("/look", Some(&key)).await;
     assert_eq!(up.last().session(), serde_json::json!({"user_id": 1}));
+    p.stop().await;
+}
+
+/// SPEC 6: `upstream_timeout` is the upstream's time to answer; a client
+/// slow to send its body (within `client_body_timeout`) is not an
+/// upstream timeout.
+#[tokio::test]
+async fn a_slow_client_body_is_not_an_upstream_timeout() {
+    let up = upstream(|s| text(&format!("{} bytes", s.body.len()))).await;
+    let p = start(&config_with(
+        "upstream_timeout = \"300ms\"\nclient_body_timeout = \"10s\"",
+        "",
+        &route(&up, ""),
+    ))
+    .await;
+    let r = within("a slow upload", async {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 6\r\nConnection: close\r\n\r\nabc")
+            .await
+            .unwrap();
+        // There is no event for "the upstream timeout would have fired":
+        // the client pauses for twice its length.
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        s.write_all(b"def").await.unwrap();
+        read_response(&mut s).await
+    })
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "6 bytes");
+    p.stop().await;
+}
+
+/// The same for HTTP/2's `:authority`.
+#[tokio::test]
+async fn an_h2_authority_with_userinfo_is_refused() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (uri, status) in [
+        ("http://user:pw@example.com/x", 400),
+        ("http://[::1]:8080/x", 200),
+    ] {
+        let req = http::Request::get(uri)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = within("the h2 response", send.send_request(req))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{uri}");
+    }
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.last().header("x-forwarded-host"), Some("[::1]:8080"));
     p.stop().await;
 }

@@ -266,6 +266,72 @@ mod tests {
     }
 
     #[test]
+    fn hosts() {
+        for ok in [
+            "a",
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8080",
+            "a-b_c~d.e",
+            "xn--caf-dma.example",
+        ] {
+            assert_eq!(check_host(ok.as_bytes()), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", HostError::Empty),
+            (":80", HostError::Empty),
+            ("a b", HostError::BadChar),
+            ("a/b", HostError::BadChar),
+            ("user@a", HostError::Userinfo),
+            ("user:pw@a", HostError::Userinfo),
+            ("a:b:c", HostError::BadPort),
+            ("a:", HostError::BadPort),
+            ("a:8x", HostError::BadPort),
+            ("a:123456", HostError::BadPort),
+            ("[::1", HostError::BadIpv6),
+            ("[zz]", HostError::BadIpv6),
+            ("[::1]x", HostError::BadChar),
+            ("a\u{7f}", HostError::BadChar),
+        ] {
+            assert_eq!(check_host(bad.as_bytes()), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let te = |v: &str| check_transfer_coding(&map(&[("transfer-encoding", v)]));
+        assert_eq!(check_transfer_coding(&HeaderMap::new()), Ok(()));
+        assert_eq!(te("chunked"), Ok(()));
+        assert_eq!(te("Chunked"), Ok(()));
+        assert_eq!(te("gzip, chunked"), Err(Coding("gzip".into())));
+        assert_eq!(te("chunked, chunked"), Err(Coding("chunked".into())));
+        assert_eq!(te("chunked, gzip"), Err(Coding("gzip".into())));
+        assert_eq!(te("identity"), Err(Coding("identity".into())));
+        let two = map(&[
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        assert_eq!(check_transfer_coding(&two), Err(Coding("gzip".into())));
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let v11 = http::Version::HTTP_11;
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
+        assert_eq!(upgrade_request(v11, &ws).unwrap(), "websocket");
+        let h2c = map(&[("connection", "Upgrade"), ("upgrade", "h2c")]);
+        assert_eq!(upgrade_request(v11, &h2c), None);
+        let no_conn = map(&[("upgrade", "websocket")]);
+        assert_eq!(upgrade_request(v11, &no_conn), None);
+        assert_eq!(upgrade_request(http::Version::HTTP_10, &ws), None);
+    }
+
+    #[test]
     fn reserved_headers_taken_in_order() {
         let mut h = map(&[
             ("x-session-update", "{\"a\":1}"),

@@ -68,7 +68,6 @@ pub struct Proxy {
     policy: Policy,
     clock: Clock,
     max_body: u64,
-    upstream_timeout: Duration,
     client_body_timeout: Duration,
     /// `max_session_size`: the longest session JSON a change may make.
     max_session: u64,
@@ -132,7 +131,6 @@ impl Proxy {
             policy: Policy::from_config(&config.session),
             clock,
             max_body: s.max_request_body,
-            upstream_timeout: s.upstream_timeout,
             client_body_timeout: s.client_body_timeout,
             max_session: config.session.max_session_size,
             timer,
@@ -523,7 +521,9 @@ impl Proxy {
         if self.max_session == 0 || !(patch.replace.is_some() || patch.has_update) {
             return Ok(());
         }
-        let before = loaded.live.as_ref().map_or(2, |(_, r)| r.data.len());
+        // After a Flush the rest applies to a fresh session.
+        let live = loaded.live.as_ref().filter(|_| !patch.flush);
+        let before = live.map_or(2, |(_, r)| r.data.len());
         // Each byte of a directive becomes at most six in the stored JSON
         // (`\uXXXX`), plus a separator.
         let bound = directives
@@ -533,7 +533,7 @@ impl Proxy {
             return Ok(());
         }
         let now = self.clock.now_ms();
-        let mut record = match &loaded.live {
+        let mut record = match live {
             Some((_, r)) => r.clone(),
             None => Record::new_at(now),
         };
@@ -819,13 +819,14 @@ impl Proxy {
                     (Some(h), true) => h,
                     _ => &up.host_value,
                 };
-                let sent = self.timer.timeout(
-                    self.upstream_timeout,
-                    self.pool.send(route.slots[i], &parts, &pq, b, hv, &added),
-                );
-                match sent.await {
-                    Err(_) => return Err(ProxyError::UpstreamTimeout(self.upstream_timeout)),
-                    Ok(Ok(mut resp)) => {
+                // `upstream_timeout` is the pool's: it does not run while the
+                // client's body keeps it waiting.
+                let sent = self
+                    .pool
+                    .send(route.slots[i], &parts, &pq, b, hv, &added)
+                    .await;
+                match sent {
+                    Ok(mut resp) => {
                         route.mark_up(i);
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let proto = resp.headers().get(header::UPGRADE).cloned();
@@ -844,10 +845,10 @@ impl Proxy {
                         }
                         return Ok(resp);
                     }
-                    Ok(Err(SendError {
+                    Err(SendError {
                         error,
                         unsent: Some(b),
-                    })) if !error.is_client_fault() => {
+                    }) if !error.is_client_fault() => {
                         // Nothing of the request was acted on: the next
                         // upstream may have it.
                         let next = order.len() > n + 1;
@@ -860,7 +861,7 @@ impl Proxy {
                         last_err = Some(error);
                         body = Some(b);
                     }
-                    Ok(Err(SendError { error, .. })) => return Err(error),
+                    Err(SendError { error, .. }) => return Err(error),
                 }
             }
             Err(last_err.unwrap_or(ProxyError::UpstreamClosed("answering")))

@@ -181,12 +181,16 @@ impl Pool {
     async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, ProxyError> {
         let Slot { uri, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
-        async {
+        let connect = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
+        };
+        // `upstream_connect_timeout` bounds the connecting, not the name's
+        // resolution: `upstream_timeout` bounds both.
+        match self.timer.timeout(self.read_timeout, connect).await {
+            Ok(r) => r.map_err(|e| ProxyError::UpstreamConnect(Box::new(e))),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.read_timeout)),
         }
-        .await
-        .map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))
     }
 
     fn push_idle(&self, slot: usize, conn: Conn) {
@@ -230,7 +234,14 @@ impl Pool {
             added.apply_to(req.headers_mut());
             // Boxed: hyper's handshake makes this future large, and it is
             // rare; inline it would enlarge every request's future.
-            return Box::pin(self.send_upgrade(slot, req)).await;
+            let timeout = self.read_timeout;
+            return match Box::pin(self.timer.timeout(timeout, self.send_upgrade(slot, req))).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError {
+                    error: ProxyError::UpstreamTimeout(timeout),
+                    unsent: None,
+                }),
+            };
         }
         let framing = if body.is_end_stream() {
             SendFraming::None
@@ -275,7 +286,7 @@ impl Pool {
                 SendFraming::None => None,
                 _ => body.take().map(|b| Upload::new(b, framing)),
             };
-            match exchange(&mut conn, &parts.method, &mut upload).await {
+            match exchange(&mut conn, &parts.method, &mut upload, self).await {
                 Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
                 Err(f) => {
                     // Nothing of the request was acted on: its head never
@@ -417,10 +428,17 @@ struct Failure {
 /// response head (an upstream may answer before the body is complete: the
 /// rest of the upload then goes on in a task of its own). Interim
 /// 1xx responses are skipped.
+///
+/// `upstream_timeout` (the pool's `read_timeout`) runs from the head's
+/// writing, and again from each write of the body, to the response head;
+/// not while the upload waits for the client's next bytes, which is
+/// `client_body_timeout`'s business: a stalled client is never an
+/// upstream timeout.
 async fn exchange(
     conn: &mut Conn,
     method: &Method,
     upload: &mut Option<Upload>,
+    pool: &Pool,
 ) -> Result<Answer, Failure> {
     let fail = |error: ProxyError, nothing_received: bool, head_unsent: bool| Failure {
         error,
@@ -435,6 +453,9 @@ async fn exchange(
     }
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
+    // Armed while the upstream is the one awaited.
+    let mut deadline = Silence::default();
+    let mut written = 0u64;
     let head = std::future::poll_fn(|cx| loop {
         let parsed = match conn.rbuf.is_empty() {
             true => Ok(None),
@@ -471,7 +492,17 @@ async fn exchange(
             continue;
         }
         if let Some(up) = upload.as_mut() {
-            match up.poll(&mut conn.io, cx) {
+            let polled = up.poll(&mut conn.io, cx);
+            if up.written != written {
+                // The upstream took more of the body: its time restarts.
+                written = up.written;
+                deadline.progress();
+            }
+            if polled.is_pending() && up.waiting_on_client {
+                deadline.pause();
+                return Poll::Pending;
+            }
+            match polled {
                 Poll::Ready(Ok(())) => *upload = None,
                 // The upstream may have answered and stopped reading: its
                 // answer, if one comes, wins over the write error.
@@ -480,11 +511,19 @@ async fn exchange(
                     *upload = None;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {}
+            }
+            if upload.is_some() {
+                // Waiting for the upstream to take more of the body.
+                return deadline
+                    .poll(&pool.timer, pool.read_timeout, cx)
+                    .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
             }
             continue;
         }
-        return Poll::Pending;
+        return deadline
+            .poll(&pool.timer, pool.read_timeout, cx)
+            .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
     })
     .await?;
     let mut head = head;
@@ -496,6 +535,55 @@ async fn exchange(
     })
 }
 
+fn upstream_timeout(pool: &Pool) -> ProxyError {
+    ProxyError::UpstreamTimeout(pool.read_timeout)
+}
+
+/// "Nothing happened for a while": one timer of the worker's wheel, armed
+/// on the first wait and pushed back (when it fires) to `d` after the start
+/// of the current wait, so that progress costs a clock read when the next
+/// wait starts, not a new timer. Time when nobody waits (the task busy
+/// elsewhere) is never counted.
+#[derive(Default)]
+struct Silence {
+    sleep: Option<Sleep>,
+    /// When the current wait started.
+    since: Option<tokio::time::Instant>,
+    /// Progress since `since`: the next poll starts a new wait.
+    moved: bool,
+}
+
+impl Silence {
+    fn progress(&mut self) {
+        self.moved = true;
+    }
+
+    /// The wait is over (not counted until the next one).
+    fn pause(&mut self) {
+        self.sleep = None;
+        self.since = None;
+    }
+
+    /// Ready once `d` has passed in one wait.
+    fn poll(&mut self, timer: &Wheel, d: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        if self.moved || self.since.is_none() {
+            self.moved = false;
+            self.since = Some(tokio::time::Instant::now());
+        }
+        let since = self.since.expect("set above");
+        loop {
+            let sleep = self.sleep.get_or_insert_with(|| timer.sleep(d));
+            ready!(std::future::Future::poll(Pin::new(sleep), cx));
+            if since.elapsed() < d {
+                self.sleep = Some(timer.sleep_until(since + d));
+                continue;
+            }
+            self.pause();
+            return Poll::Ready(());
+        }
+    }
+}
+
 /// A request body on its way to the upstream.
 struct Upload {
     body: UpstreamBody,
@@ -504,6 +592,11 @@ struct Upload {
     out: Vec<u8>,
     pos: usize,
     ended: bool,
+    /// Bytes written so far (framing included).
+    written: u64,
+    /// The last `poll` was pending on the client's body, not on the
+    /// upstream.
+    waiting_on_client: bool,
 }
 
 impl Upload {
@@ -519,6 +612,8 @@ impl Upload {
             out: Vec::new(),
             pos: 0,
             ended: false,
+            written: 0,
+            waiting_on_client: false,
         }
     }
 
@@ -530,18 +625,21 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), ProxyError>> {
         loop {
+            self.waiting_on_client = false;
             while self.pos < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.pos += n;
+                self.written += n as u64;
             }
             self.out.clear();
             self.pos = 0;
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
+            self.waiting_on_client = true;
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 None => {
                     self.ended = true;
@@ -864,19 +962,22 @@ pub struct UpstreamBody {
     seen: u64,
     limit: u64,
     timeout: Duration,
-    timer: Wheel,
-    /// Armed while waiting for the client's next bytes.
-    idle: Option<Sleep>,
+    /// None for a body that is over before it starts (a GET): no clone of
+    /// the timers on the read path.
+    timer: Option<Wheel>,
+    /// Armed while waiting for the client's next bytes (boxed: most bodies
+    /// never wait, and this sits in every request's future).
+    idle: Option<Box<Silence>>,
 }
 
 impl UpstreamBody {
     pub fn new(body: Incoming, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
         UpstreamBody {
+            timer: (!body.is_end_stream()).then(|| timer.clone()),
             inner: Some(body),
             seen: 0,
             limit,
             timeout,
-            timer: timer.clone(),
             idle: None,
         }
     }
@@ -896,7 +997,9 @@ impl Body for UpstreamBody {
         };
         let polled = Pin::new(inner).poll_frame(cx);
         if polled.is_ready() {
-            this.idle = None;
+            if let Some(idle) = &mut this.idle {
+                idle.progress();
+            }
         }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -915,9 +1018,11 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let (timer, timeout) = (&this.timer, this.timeout);
-                let idle = this.idle.get_or_insert_with(|| timer.sleep(timeout));
-                if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
+                let (Some(timer), timeout) = (&this.timer, this.timeout) else {
+                    return Poll::Pending;
+                };
+                let idle = this.idle.get_or_insert_with(Box::default);
+                if idle.poll(timer, timeout, cx).is_ready() {
                     this.inner = None;
                     this.idle = None;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
