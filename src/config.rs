@@ -566,6 +566,22 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What `check` and `run` warn about in a valid configuration.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let example = |k: &[u8]| k.starts_with(EXAMPLE_SECRET_PREFIX);
+        if example(&self.session.secret_key)
+            || self.session.secret_key_fallbacks.iter().any(|k| example(k))
+        {
+            out.push(
+                "[session] secret_key is the public example key (CHANGE-ME...): anyone can forge session ids and signed cookies with it; make your own with `openssl rand -hex 32`".to_string(),
+            );
+        }
+        out
+    }
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
@@ -598,13 +614,26 @@ fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut it| it.next())
-        .ok_or_else(|| {
-            format!("[server] {what}: {s:?} is not an address such as \"127.0.0.1:8443\"")
-        })
+    let shape = || format!("[server] {what}: {s:?} is not an address such as \"127.0.0.1:8443\"");
+    // `host:port` with a host name: say whether the name or the shape is wrong.
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(shape());
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(shape());
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| {
+            format!("[server] {what}: the host name {host:?} resolves to no address")
+        }),
+        Err(e) => Err(format!(
+            "[server] {what}: the host name {host:?} does not resolve ({e}); use an IP address such as \"127.0.0.1:{port}\" or a name in /etc/hosts"
+        )),
+    }
 }
+
+/// The secret of the example configuration, public in the repository.
+const EXAMPLE_SECRET_PREFIX: &[u8] = b"CHANGE-ME";
 
 fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
     // [server]
@@ -677,7 +706,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         }
         (None, None) => {
             return Err(
-                "[session] secret_key: required (or secret_key_file); at least 32 bytes".into(),
+                "[session] secret_key: required (or secret_key_file), at least 32 bytes; make one with `openssl rand -hex 32`".into(),
             )
         }
     };

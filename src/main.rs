@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         return match Config::load(&config_path) {
             Ok(c) => match worker_settings() {
                 Ok((workers, affinity)) => {
+                    for w in c.warnings() {
+                        eprintln!("{}: warning: {w}", config_path.display());
+                    }
                     println!("{}", summary(&c));
                     println!("workers {workers}, CPU affinity {affinity} (environment)");
                     ExitCode::SUCCESS
@@ -101,6 +104,9 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(code) => return code,
         };
+        for w in config.warnings() {
+            tracing::warn!(config = %config_path.display(), "{w}");
+        }
         let (workers, affinity) = match worker_settings() {
             Ok(w) => w,
             Err(msg) => {

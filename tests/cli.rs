@@ -160,6 +160,64 @@ fn check_requires_a_secret_key() {
     let out = check(dir.path(), path.to_str().unwrap());
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("secret_key"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("make one with `openssl rand -hex 32`"),
+        "the error says how to make a key: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn check_warns_about_the_public_example_key() {
+    let dir = TempDir::new("cli");
+    let example = "CHANGE-ME-example-secret-key-0123456789abcdef";
+    // The key of the shipped example configuration.
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sessiongate.toml"),
+    )
+    .unwrap();
+    assert!(
+        shipped.contains(example),
+        "the example config's key changed"
+    );
+    let text = valid_config("http://127.0.0.1:9000").replace(SECRET, example);
+    let path = dir.write("sessiongate.toml", &text);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "{}: warning: [session] secret_key is the public example key (CHANGE-ME...): anyone can forge session ids and signed cookies with it; make your own with `openssl rand -hex 32`",
+            path.display()
+        )
+    );
+    // A key of one's own: no warning.
+    let path = dir.write("own.toml", &valid_config("http://127.0.0.1:9000"));
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(stderr(&out), "");
+}
+
+#[test]
+fn check_says_when_a_listen_host_name_does_not_resolve() {
+    let dir = TempDir::new("cli");
+    let text = valid_config("http://127.0.0.1:9000").replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"no-such-host.invalid:8443\"",
+    );
+    let path = dir.write("sessiongate.toml", &text);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("[server] listen: the host name \"no-such-host.invalid\" does not resolve"),
+        "{err}"
+    );
+    // A malformed address is still called one.
+    let text = valid_config("http://127.0.0.1:9000")
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\"");
+    let path = dir.write("shape.toml", &text);
+    let err = stderr(&check(dir.path(), path.to_str().unwrap()));
+    assert!(err.contains("is not an address such as"), "{err}");
 }
 
 // ---------------------------------------------------------------------------

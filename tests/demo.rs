@@ -214,3 +214,242 @@ async fn the_demo_counts_visits_and_logs_in_and_out() {
 fn body_has_cookie(jar: &str) -> bool {
     jar.starts_with("sessionid=") && jar.len() == "sessionid=".len() + 32
 }
+
+/// Every asset the page links is served (no 404 in a browser's console).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_its_stylesheet_and_favicon() {
+    let demo = start_demo();
+    for path in ["/static/style.css", "/static/favicon.svg", "/favicon.ico"] {
+        let (status, set, body, _) = fetch(demo.port, "GET", path, "", "").await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(set.is_empty(), "{path} sets no cookie");
+    }
+    let (_, _, body, _) = fetch(demo.port, "GET", "/", "", "").await;
+    assert!(body.contains("name=\"viewport\""), "{body}");
+    assert!(body.contains("href=\"/static/favicon.svg\""), "{body}");
+}
+
+/// A running ChromeDriver and the browser profile it uses.
+struct Driver {
+    child: Child,
+    port: u16,
+    _profile: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    pub fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!(
+            "sessiongate-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// ChromeDriver on a free port, or None (a loud skip; a failure under CI).
+fn start_chromedriver() -> Option<Driver> {
+    let missing = |why: String| -> Option<Driver> {
+        if common::redis_server::in_ci() {
+            panic!(
+                "headless Chromium is needed for the demo's browser test (CI must not skip): {why}"
+            );
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED: the demo's browser test: {why} (apt-get install chromium chromium-driver) ***\n"
+        );
+        None
+    };
+    for bin in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        if !std::path::Path::new(bin).exists() {
+            return missing(format!("{bin} not found"));
+        }
+    }
+    let mut child = match Command::new("/usr/bin/chromedriver")
+        .arg("--port=0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return missing(format!("chromedriver did not start: {e}")),
+    };
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.split("started successfully on port ").nth(1) {
+                    break rest.trim_end_matches('.').parse::<u16>().expect("a port");
+                }
+            }
+            _ => return missing("chromedriver exited before it listened".into()),
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Some(Driver {
+        child,
+        port,
+        _profile: tempdir::new("chromium"),
+    })
+}
+
+/// A person's first visit, driven through headless Chromium: the visit
+/// count, the login-required page, login (the session id changes and `next`
+/// is honoured), the cart, and a logout that says what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_walks_through_the_demo() {
+    use fantoccini::{ClientBuilder, Locator};
+    let Some(driver) = start_chromedriver() else {
+        return;
+    };
+    let demo = start_demo();
+    let base = format!("https://localhost:{}", demo.port);
+    let mut caps = serde_json::Map::new();
+    caps.insert("acceptInsecureCerts".into(), serde_json::json!(true));
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                "--ignore-certificate-errors",
+                format!("--user-data-dir={}", driver._profile.0.display()),
+            ]
+        }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let run = async {
+        let c = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
+            .await
+            .expect("a WebDriver session");
+        // A click that submits a form returns before the next page is
+        // there: wait for its address.
+        let arrive = |path: &'static str| {
+            let c = c.clone();
+            async move {
+                let url = c.current_url().await.unwrap().join(path).unwrap();
+                c.wait()
+                    .at_most(Duration::from_secs(20))
+                    .for_url(&url)
+                    .await
+                    .unwrap_or_else(|e| panic!("waiting for {path}: {e}"));
+            }
+        };
+        let text = |sel: &'static str| {
+            let c = c.clone();
+            async move {
+                c.find(Locator::Css(sel))
+                    .await
+                    .unwrap_or_else(|e| panic!("{sel}: {e}"))
+                    .text()
+                    .await
+                    .unwrap()
+            }
+        };
+        // First visit, then a reload: the count rises, the visitor is known.
+        c.goto(&format!("{base}/")).await.unwrap();
+        assert_eq!(text("#visits").await, "1");
+        assert!(text("#visitor").await.contains("new visitor"));
+        c.refresh().await.unwrap();
+        assert_eq!(text("#visits").await, "2");
+        assert!(text("#visitor").await.contains("Welcome back"));
+        let id_before = text("#session-id").await;
+        assert_eq!(id_before.len(), 32, "an X-Session-Id is shown: {id_before}");
+        // The stylesheet applied (it was served).
+        let bg = c
+            .execute(
+                "return getComputedStyle(document.body).backgroundColor",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(bg, serde_json::json!("rgb(250, 250, 250)"));
+        // The account page needs a login: the proxy sends the browser to
+        // the form, which says so.
+        c.goto(&format!("{base}/account")).await.unwrap();
+        assert_eq!(c.current_url().await.unwrap().path(), "/");
+        assert!(text("#login-note")
+            .await
+            .contains("Log in to see your account"));
+        // Log in: back on the account page, with a new session id.
+        c.find(Locator::Css("input[name=username]"))
+            .await
+            .unwrap()
+            .send_keys("ann")
+            .await
+            .unwrap();
+        c.find(Locator::Css("form[action='/login'] button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        arrive("/account").await;
+        assert!(text("h1").await.contains("Account of ann"));
+        let id_after = text("#session-id").await;
+        assert_eq!(id_after.len(), 32);
+        assert_ne!(id_after, id_before, "login cycles the key");
+        // The cart.
+        c.goto(&format!("{base}/")).await.unwrap();
+        c.find(Locator::Css("input[name=item]"))
+            .await
+            .unwrap()
+            .send_keys("apple")
+            .await
+            .unwrap();
+        c.find(Locator::Css("form[action='/cart'] button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        arrive("/?done=cart").await;
+        assert!(text("#done").await.contains("added to the cart"));
+        assert!(text("ul").await.contains("apple"));
+        assert!(text("#session").await.contains("\"user\": \"ann\""));
+        // Log out: the page says what happened, and it is a new visit.
+        c.find(Locator::Css("form[action='/logout'] button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        arrive("/?done=logout").await;
+        let done = text("#done").await;
+        assert!(done.contains("logged out"), "{done}");
+        assert!(
+            done.contains("deleted the session record and the cookie"),
+            "{done}"
+        );
+        assert_eq!(text("#visits").await, "1");
+        assert!(text("#visitor").await.contains("new visitor"));
+        c.close().await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the browser walk finished in time");
+}
