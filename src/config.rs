@@ -742,6 +742,9 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             engine.name()
         ));
     }
+    if let (Engine::Redis | Engine::CachedRedis, Some(url)) = (engine, &st.url) {
+        crate::store::redis::validate_url(url).map_err(|e| e.to_string())?;
+    }
     let store = StoreConfig {
         engine,
         path: st.path.map(|p| resolve(base, &p)),
