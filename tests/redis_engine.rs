@@ -87,6 +87,15 @@ async fn redis_never_serves_a_session_another_instance_changed_or_deleted() {
     redis_suite::never_stale("redis", &redis.url(), &Raw::Single(redis.url())).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cycle_key_racing_patches_keeps_every_acknowledged_one() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    redis_suite::cycle_under_concurrent_patches("redis", &redis.url()).await;
+    redis_suite::cycle_under_concurrent_patches("cached_redis", &redis.url()).await;
+}
+
 // ---------------------------------------------------------------------------
 // Redis down, hung, restarted
 // ---------------------------------------------------------------------------

@@ -513,3 +513,75 @@ pub async fn never_stale(engine: &str, url: &str, raw: &Raw) {
     assert_eq!(seen(&up), (json!({}), "true".into()), "deleted in redis");
     b.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Cycle-Key racing 20 patches, across two instances
+// ---------------------------------------------------------------------------
+
+/// A Cycle-Key and 20 disjoint updates of one session released at once
+/// (half through each instance): every update answered 200 is in the
+/// session under its new key, every one answered 400 (the session had
+/// moved) is not, and the old key is dead.
+pub async fn cycle_under_concurrent_patches(engine: &str, url: &str) {
+    let (up, _) = echo(Some(21)).await;
+    let a = Arc::new(Instance::start(engine, url, "10s", &up).await);
+    let b = Arc::new(Instance::start(engine, url, "10s", &up).await);
+    let k = a.post(None, &[("update", r#"{"k0":0}"#)]).await.key();
+    let mut tasks = Vec::new();
+    for n in 0..=20 {
+        let inst = if n % 2 == 0 { a.clone() } else { b.clone() };
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            let update = format!(r#"{{"k{n}": {n}}}"#);
+            let h: [(&str, &str); 2] = if n == 0 {
+                [("x-wait", "1"), ("x-echo-cycle-key", "1")]
+            } else {
+                [("x-wait", "1"), ("x-echo-update", &update)]
+            };
+            inst.send(Method::POST, "/", Some(&k), &h).await
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(bounded("21 requests", t).await.unwrap());
+    }
+    let cycled = &results[0];
+    assert_eq!(cycled.status, 200, "the cycle: {}", cycled.body);
+    let k2 = cycled.key();
+    assert_ne!(k2, k);
+    b.get("/", Some(&k2)).await;
+    let data = up.last().session();
+    let obj = data.as_object().unwrap();
+    assert_eq!(obj["k0"], json!(0), "{data}");
+    for (n, r) in results.iter().enumerate().skip(1) {
+        match r.status.as_u16() {
+            200 => assert_eq!(
+                obj.get(&format!("k{n}")),
+                Some(&json!(n)),
+                "update {n} answered 200 but lost: {data}"
+            ),
+            400 => assert!(
+                obj.get(&format!("k{n}")).is_none(),
+                "update {n} answered 400 but applied: {data}"
+            ),
+            s => panic!("update {n}: {s} {}", r.body),
+        }
+    }
+    a.get("/", Some(&k)).await;
+    assert_eq!(
+        seen(&up),
+        (json!({}), "true".into()),
+        "the old key after the cycle"
+    );
+    a.get("/", Some(&k2)).await;
+    assert_eq!(up.last().session(), data, "the same on the other instance");
+}
+
+/// Every shared scenario, in turn, on one topology.
+pub async fn conformance(engine: &str, url: &str, raw: &Raw) {
+    shared_lifecycle(engine, url).await;
+    forty_across_two(engine, url).await;
+    ended_elsewhere_gives_400(engine, url).await;
+    never_stale(engine, url, raw).await;
+    cycle_under_concurrent_patches(engine, url).await;
+}
