@@ -87,10 +87,10 @@ async fn slot_migration_under_a_client_loop(cluster: &ClusterSet) {
             up.clone(),
         );
         tokio::spawn(async move {
-            let mut i = 0;
+            let mut i: usize = 0;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let (w, r) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                let (w, r) = if i.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
                 let got = w
                     .post(Some(&k), &[("update", &format!(r#"{{"i{i}":{i}}}"#))])
                     .await;

@@ -393,17 +393,15 @@ impl SentinelSet {
         format!("redis+sentinel://{}/{SENTINEL_SERVICE}/0", hosts.join(","))
     }
 
-    /// The port the sentinels name as the primary now.
+    /// The port the sentinels name as the primary now (the first that
+    /// answers within 500 ms).
     pub async fn primary_port(&self) -> Option<u16> {
         for s in &self.sentinels {
-            let addr: redis::RedisResult<(String, String)> = s
-                .query(
-                    redis::cmd("SENTINEL")
-                        .arg("GET-MASTER-ADDR-BY-NAME")
-                        .arg(SENTINEL_SERVICE),
-                )
-                .await;
-            if let Ok((_, port)) = addr {
+            // Bounded: a paused sentinel accepts connections and never answers.
+            let mut cmd = redis::cmd("SENTINEL");
+            cmd.arg("GET-MASTER-ADDR-BY-NAME").arg(SENTINEL_SERVICE);
+            let ask = s.query::<(String, String)>(&cmd);
+            if let Ok(Ok((_, port))) = tokio::time::timeout(Duration::from_millis(500), ask).await {
                 return port.parse().ok();
             }
         }

@@ -4,7 +4,8 @@
 //!
 //! - `redis://` / `rediss://`: one server (the crate's own URL syntax);
 //! - `redis+sentinel://[user:pass@]h1:26379,h2:26379/<primary name>[/<db>]`:
-//!   the sentinels are asked for the current primary on every (re)connect;
+//!   every sentinel is asked at once for the current primary on each
+//!   (re)connect;
 //!   the credentials and the database are the primary's;
 //! - `redis+cluster://[user:pass@]h1:7000,h2:7001`: any reachable node is
 //!   enough to learn the slot map; no database number (Cluster has only 0).
@@ -225,8 +226,9 @@ pub fn validate(url: &str) -> Result<(), UrlError> {
 /// A connected client of one of the three kinds.
 pub(super) enum Target {
     Single(Client),
-    /// Locked while asking the sentinels (the crate's client wants `&mut`).
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    /// One client per sentinel, asked all at once (see [`Target::connect`]);
+    /// each locked while in use (the crate's client wants `&mut`).
+    Sentinel(Vec<tokio::sync::Mutex<SentinelClient>>),
     Cluster(ClusterClient),
 }
 
@@ -236,8 +238,9 @@ impl Target {
         let target = match p.kind {
             Kind::Single => Target::Single(Client::open(url).map_err(UrlError::Client)?),
             Kind::Sentinel => {
-                let addrs = p.hosts.iter().map(|(h, port)| {
-                    if p.tls {
+                let mut clients = Vec::with_capacity(p.hosts.len());
+                for (h, port) in &p.hosts {
+                    let addr = if p.tls {
                         ConnectionAddr::TcpTls {
                             host: h.clone(),
                             port: *port,
@@ -246,29 +249,30 @@ impl Target {
                         }
                     } else {
                         ConnectionAddr::Tcp(h.clone(), *port)
+                    };
+                    let mut b = SentinelClientBuilder::new(
+                        [addr],
+                        p.service.clone(),
+                        SentinelServerType::Master,
+                    )
+                    .map_err(UrlError::Client)?
+                    .set_client_to_redis_db(p.db);
+                    if p.tls {
+                        b = b
+                            .set_client_to_redis_tls_mode(TlsMode::Secure)
+                            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
                     }
-                });
-                let mut b = SentinelClientBuilder::new(
-                    addrs,
-                    p.service.clone(),
-                    SentinelServerType::Master,
-                )
-                .map_err(UrlError::Client)?
-                .set_client_to_redis_db(p.db);
-                if p.tls {
-                    b = b
-                        .set_client_to_redis_tls_mode(TlsMode::Secure)
-                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                    if let Some(u) = &p.username {
+                        b = b.set_client_to_redis_username(u.clone());
+                    }
+                    if let Some(pw) = &p.password {
+                        b = b.set_client_to_redis_password(pw.clone());
+                    }
+                    clients.push(tokio::sync::Mutex::new(
+                        b.build().map_err(UrlError::Client)?,
+                    ));
                 }
-                if let Some(u) = &p.username {
-                    b = b.set_client_to_redis_username(u.clone());
-                }
-                if let Some(pw) = &p.password {
-                    b = b.set_client_to_redis_password(pw.clone());
-                }
-                Target::Sentinel(tokio::sync::Mutex::new(
-                    b.build().map_err(UrlError::Client)?,
-                ))
+                Target::Sentinel(clients)
             }
             Kind::Cluster => {
                 let scheme = if p.tls { "rediss" } else { "redis" };
@@ -312,12 +316,25 @@ impl Target {
                 .get_multiplexed_async_connection_with_config(config)
                 .await
                 .map(Conn::Single),
-            Target::Sentinel(s) => s
-                .lock()
-                .await
-                .get_async_connection_with_config(config)
-                .await
-                .map(Conn::Single),
+            // Every sentinel at once, the first primary found wins: asked in
+            // turn (as the crate's one multi-sentinel client does), a sentinel
+            // that hangs (its host gone without a reset, often the host of the
+            // dead primary) would hold every reconnection until the timeout.
+            // Each answer is checked by the crate, which connects to the
+            // named primary and asks its ROLE.
+            Target::Sentinel(clients) => {
+                let asks = clients.iter().map(|c| {
+                    Box::pin(async move {
+                        c.lock()
+                            .await
+                            .get_async_connection_with_config(config)
+                            .await
+                    })
+                });
+                futures_util::future::select_ok(asks)
+                    .await
+                    .map(|(c, _)| Conn::Single(c))
+            }
             Target::Cluster(c) => c.get_async_connection().await.map(Conn::Cluster),
         }
     }
