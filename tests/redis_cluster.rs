@@ -35,6 +35,47 @@ async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_mi
 
     spread_over_every_primary(&cluster).await;
     slot_migration_under_a_client_loop(&cluster).await;
+    a_hung_node_gives_503_then_recovers(&cluster).await;
+}
+
+/// The node holding a session stops answering (SIGSTOP): that session's
+/// requests answer 503 within `[store] timeout`, sessionless routes keep
+/// working, and once the node answers again the session is served, with
+/// its data, without a restart.
+async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
+    let (up, _) = echo(None).await;
+    for engine in ["redis", "cached_redis"] {
+        let a = Instance::start(engine, &cluster.url(), "500ms", &up).await;
+        let k = a.post(None, &[("update", r#"{"u":1}"#)]).await.key();
+        let slot: u16 = cluster.nodes[0]
+            .query(
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(format!("sessiongate:s:{k}")),
+            )
+            .await
+            .unwrap();
+        let node = &cluster.nodes[cluster.owner(slot).await];
+        node.pause();
+        let r = a.get("/", Some(&k)).await;
+        redis_suite::assert_store_503(&r, engine);
+        assert!(r.set_cookies().is_empty(), "{engine}: no cookie on a 503");
+        assert_eq!(
+            a.get("/static", None).await.status,
+            200,
+            "{engine}: sessionless route"
+        );
+        node.resume();
+        wait_until(
+            "the session is served again",
+            Duration::from_secs(20),
+            || async { a.get("/", Some(&k)).await.status == 200 },
+        )
+        .await;
+        assert_eq!(up.last().session(), json!({"u": 1}), "{engine}");
+        assert_eq!(up.last().header("x-session-new"), Some("false"));
+        a.stop().await;
+    }
 }
 
 async fn spread_over_every_primary(cluster: &ClusterSet) {
@@ -90,7 +131,11 @@ async fn slot_migration_under_a_client_loop(cluster: &ClusterSet) {
             let mut i: usize = 0;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let (w, r) = if i.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
+                let (w, r) = if i.is_multiple_of(2) {
+                    (&a, &b)
+                } else {
+                    (&b, &a)
+                };
                 let got = w
                     .post(Some(&k), &[("update", &format!(r#"{{"i{i}":{i}}}"#))])
                     .await;
