@@ -39,8 +39,8 @@ async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_mi
 }
 
 /// The node holding a session stops answering (SIGSTOP): that session's
-/// requests answer 503 within `[store] timeout`, sessionless routes keep
-/// working, and once the node answers again the session is served, with
+/// requests answer 503 within `[store] timeout`, sessionless routes and the
+/// sessions on the other nodes keep working, and once the node answers again the session is served, with
 /// its data, without a restart.
 async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
     let (up, _) = echo(None).await;
@@ -55,7 +55,23 @@ async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
             )
             .await
             .unwrap();
-        let node = &cluster.nodes[cluster.owner(slot).await];
+        let owner = cluster.owner(slot).await;
+        // A session on another node.
+        let other = loop {
+            let o = a.post(None, &[("update", r#"{"o":1}"#)]).await.key();
+            let s: u16 = cluster.nodes[0]
+                .query(
+                    redis::cmd("CLUSTER")
+                        .arg("KEYSLOT")
+                        .arg(format!("sessiongate:s:{o}")),
+                )
+                .await
+                .unwrap();
+            if cluster.owner(s).await != owner {
+                break o;
+            }
+        };
+        let node = &cluster.nodes[owner];
         node.pause();
         let r = a.get("/", Some(&k)).await;
         redis_suite::assert_store_503(&r, engine);
@@ -65,6 +81,15 @@ async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
             200,
             "{engine}: sessionless route"
         );
+        // The other nodes' sessions are still served (until the cluster
+        // itself declares the node failed, after cluster-node-timeout).
+        let r = a.get("/", Some(&other)).await;
+        assert_eq!(
+            r.status, 200,
+            "{engine}: a session on a healthy node: {}",
+            r.body
+        );
+        assert_eq!(up.last().session(), json!({"o": 1}));
         node.resume();
         wait_until(
             "the session is served again",

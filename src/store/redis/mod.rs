@@ -198,7 +198,16 @@ impl Link {
 
     /// Drops connection `generation` (if still current): the next call
     /// connects afresh.
+    ///
+    /// Never for a cluster connection: it keeps one connection per node and
+    /// re-makes the broken ones itself (from the slot map, else from the
+    /// URL's nodes). Replacing it would make every session wait on the
+    /// new connection's handshake with every node, a hung one included:
+    /// one bad node would take down the sessions of the healthy ones.
     fn reset(&self, generation: u64) {
+        if matches!(self.target, Target::Cluster(_)) {
+            return;
+        }
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(&*cur, Some((g, _)) if *g == generation) {
             *cur = None;
