@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::redis_server::{wait_until, SentinelSet};
+use common::redis_server::{wait_until, SentinelSet, SENTINEL_SERVICE};
 use redis_suite::{echo, Instance, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,32 +76,10 @@ async fn sentinel_keeps_every_session_rule_and_follows_a_failover_without_a_wron
                 } else {
                     inst.get("/", Some(&k)).await
                 };
-                for c in got.set_cookies() {
-                    assert!(
-                        c.starts_with(&format!("sessionid={k};")),
-                        "request {i}: a new or deleted cookie: {c}"
-                    );
-                }
-                match got.status.as_u16() {
-                    200 => {
-                        let s = up.last();
-                        assert_eq!(
-                            s.header("x-session-new"),
-                            Some("false"),
-                            "request {i}: an empty session"
-                        );
-                        assert_eq!(
-                            s.session()["user"],
-                            json!("ann"),
-                            "request {i}: a wrong session"
-                        );
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    503 => {
-                        assert!(got.body.contains("session store"), "{}", got.body);
-                        unavailable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    s => panic!("request {i}: {s} {}", got.body),
+                if check(i, &got, &k, &up) {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    unavailable.fetch_add(1, Ordering::Relaxed);
                 }
             }
         })
@@ -161,6 +139,147 @@ async fn sentinel_keeps_every_session_rule_and_follows_a_failover_without_a_wron
         )
         .as_bytes(),
     );
+
+    // A switchover: the old primary comes back (empty) as a replica of the
+    // new one; then an operator's SENTINEL FAILOVER
+    // hands it the primary role again. The sentinels kill the clients of
+    // both servers (and a demoted primary refuses writes): sessiongate
+    // follows, with the same rules meanwhile.
+    set.sentinels[0].resume();
+    let t = Instant::now();
+    set.primary.restart_as_replica_of(replica).await;
+    wait_until(
+        "the old primary syncs as a replica",
+        Duration::from_secs(40),
+        || async {
+            let info: String = set
+                .primary
+                .query(redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        },
+    )
+    .await;
+    wait_until(
+        "the sentinels see the replica",
+        Duration::from_secs(30),
+        || async {
+            let replicas: Vec<std::collections::HashMap<String, String>> = set.sentinels[1]
+                .query(redis::cmd("SENTINEL").arg("REPLICAS").arg(SENTINEL_SERVICE))
+                .await
+                .unwrap_or_default();
+            replicas.iter().any(|r| {
+                r.get("port") == Some(&old.to_string())
+                    && r.get("flags").map(String::as_str) == Some("slave")
+            })
+        },
+    )
+    .await;
+    let ready = t.elapsed();
+    // Refused (NOGOODSLAVE) until a sentinel has fresh INFO from the
+    // replica: asked again until it accepts.
+    wait_until(
+        "a sentinel accepts SENTINEL FAILOVER",
+        Duration::from_secs(30),
+        || async {
+            let r: redis::RedisResult<()> = set.sentinels[1]
+                .query(redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_SERVICE))
+                .await;
+            r.is_ok()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let (mut i, mut after) = (0u64, 0);
+    while after < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not serving after the switchover"
+        );
+        i += 1;
+        let inst = if i.is_multiple_of(2) { &a } else { &b };
+        let got = if i.is_multiple_of(3) {
+            inst.post(Some(&k), &[("update", &format!(r#"{{"s":{i}}}"#))])
+                .await
+        } else {
+            inst.get("/", Some(&k)).await
+        };
+        // Counted once the switchover is complete: the sentinels name the
+        // old primary and have demoted the other server. Until then that
+        // server is still a primary and takes writes, which its demotion
+        // then discards (README: what a failover can lose).
+        if check(i, &got, &k, &up) && set.primary_port().await == Some(old) && demoted(&set).await {
+            after += 1;
+        }
+    }
+    let switched = t.elapsed();
+    // Writes reach the primary again (a first write may still find the
+    // demoted server: READONLY, a 503, and the connection is replaced).
+    let mut r = a.post(Some(&k), &[("update", r#"{"back":1}"#)]).await;
+    for _ in 0..3 {
+        if r.status != 503 {
+            break;
+        }
+        r = a.post(Some(&k), &[("update", r#"{"back":1}"#)]).await;
+    }
+    assert_eq!(r.status, 200, "{}", r.body);
+    let on_old: Option<String> = set
+        .primary
+        .query(redis::cmd("HGET").arg(&rkey).arg("d"))
+        .await
+        .unwrap();
+    assert!(
+        on_old.unwrap().contains(r#""back":1"#),
+        "written to the primary again"
+    );
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("switchover: replica ready {ready:?} after its restart, switched and serving {switched:?} after it\n").as_bytes(),
+    );
+
     Arc::into_inner(a).unwrap().stop().await;
     Arc::into_inner(b).unwrap().stop().await;
+}
+
+/// Whether the promoted replica of the first failover is a replica again.
+async fn demoted(set: &SentinelSet) -> bool {
+    let info: String = set
+        .replica
+        .query(redis::cmd("INFO").arg("replication"))
+        .await
+        .unwrap_or_default();
+    info.contains("role:slave")
+}
+
+/// One response during a failover: `200` with the right, non-new session,
+/// or `503`; never a new or deleted cookie. `true` when served.
+fn check(i: u64, got: &common::Got, k: &str, up: &common::Upstream) -> bool {
+    for c in got.set_cookies() {
+        assert!(
+            c.starts_with(&format!("sessionid={k};")),
+            "request {i}: a new or deleted cookie: {c}"
+        );
+    }
+    match got.status.as_u16() {
+        200 => {
+            let s = up.last();
+            assert_eq!(
+                s.header("x-session-new"),
+                Some("false"),
+                "request {i}: an empty session"
+            );
+            assert_eq!(
+                s.session()["user"],
+                json!("ann"),
+                "request {i}: a wrong session"
+            );
+            true
+        }
+        503 => {
+            assert!(got.body.contains("session store"), "{}", got.body);
+            false
+        }
+        s => panic!("request {i}: {s} {}", got.body),
+    }
 }

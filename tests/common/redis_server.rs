@@ -228,13 +228,11 @@ impl RedisServer {
         redis::Client::open(self.url()).unwrap()
     }
 
-    /// One command on this server; panics on a connection failure.
+    /// One command on this server, on a new connection (a connection
+    /// failure is an error too: Sentinel kills clients when it reconfigures
+    /// a server).
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut c = self
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to a test redis-server");
+        let mut c = self.client().get_multiplexed_async_connection().await?;
         cmd.query_async(&mut c).await
     }
 
@@ -289,6 +287,15 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("redis-server did not restart on port {}: {last}", self.port);
+    }
+
+    /// [`RedisServer::restart`], as a replica of the server on `port`
+    /// (what Sentinel would make of a returning primary, without waiting
+    /// for it to notice).
+    pub async fn restart_as_replica_of(&mut self, port: u16) {
+        self.extra
+            .extend(["--replicaof".into(), "127.0.0.1".into(), port.to_string()]);
+        self.restart().await;
     }
 }
 
