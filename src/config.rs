@@ -863,6 +863,9 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             st.table
         ));
     }
+    if let (Engine::Redis | Engine::CachedRedis, Some(url)) = (engine, &st.url) {
+        crate::store::redis::validate_url(url).map_err(|e| e.to_string())?;
+    }
     let store = StoreConfig {
         db,
         table: st.table,

@@ -775,3 +775,55 @@ async fn a_blank_worker_count_means_the_default() {
     s.signal("TERM");
     assert_eq!(s.exit_status().await.code(), Some(0));
 }
+
+#[test]
+fn check_accepts_sentinel_and_cluster_urls_and_explains_malformed_ones() {
+    for (url, want) in [
+        (
+            "redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/mymaster/2",
+            None,
+        ),
+        ("rediss+cluster://10.0.0.1:7000,10.0.0.2:7001", None),
+        (
+            "redis+cluster://10.0.0.1:7000/1",
+            Some("Redis Cluster has no database number"),
+        ),
+        (
+            "redis+sentinel://10.0.0.1:26379",
+            Some("names the primary the sentinels watch"),
+        ),
+        (
+            "redis+sentinel://10.0.0.1:26379/mymaster/x",
+            Some("database \"x\" is not a non-negative integer"),
+        ),
+        ("redis+cluster://h1:7000,,h2", Some("an empty host")),
+        (
+            "redis+cluster://h1:70000",
+            Some("port \"70000\" is not a port"),
+        ),
+        (
+            "redis+sentinal://h1/m",
+            Some("unknown scheme \"redis+sentinal\""),
+        ),
+    ] {
+        let dir = TempDir::new("cli");
+        let text = valid_config("http://127.0.0.1:9000").replace(
+            "[store]\n",
+            &format!("[store]\nengine = \"cached_redis\"\nurl = \"{url}\"\n"),
+        );
+        let path = dir.write("sessiongate.toml", &text);
+        let out = check(dir.path(), path.to_str().unwrap());
+        match want {
+            None => assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out)),
+            Some(msg) => {
+                assert_ne!(out.status.code(), Some(0), "{url}");
+                let err = stderr(&out);
+                assert!(
+                    err.contains("[store] url") && err.contains(msg),
+                    "{url}: {err}"
+                );
+                assert!(!err.contains("pw"), "{err}");
+            }
+        }
+    }
+}

@@ -55,6 +55,9 @@ pub struct RedisServer {
     pub tls_port: Option<u16>,
     password: Option<String>,
     extra: Vec<String>,
+    /// Sentinel mode: this configuration (without `port`) is written to a
+    /// file in `dir` and the server runs `redis-server FILE --sentinel`.
+    sentinel_conf: Option<String>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -86,10 +89,24 @@ impl RedisServer {
         Self::launch(None, Some(free_port()), extra).await
     }
 
+    /// A plain server with extra command-line options.
+    pub async fn start_with(extra: Vec<String>) -> Option<RedisServer> {
+        Self::launch(None, None, extra).await
+    }
+
     async fn launch(
         password: Option<String>,
         tls_port: Option<u16>,
         extra: Vec<String>,
+    ) -> Option<RedisServer> {
+        Self::launch_as(password, tls_port, extra, None).await
+    }
+
+    async fn launch_as(
+        password: Option<String>,
+        tls_port: Option<u16>,
+        extra: Vec<String>,
+        sentinel_conf: Option<String>,
     ) -> Option<RedisServer> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -108,6 +125,7 @@ impl RedisServer {
                 tls_port,
                 password: password.clone(),
                 extra: extra.clone(),
+                sentinel_conf: sentinel_conf.clone(),
                 dir: dir.clone(),
                 child: None,
             };
@@ -123,6 +141,22 @@ impl RedisServer {
     }
 
     fn command(&self) -> Command {
+        if let Some(conf) = &self.sentinel_conf {
+            let path = self.dir.join(format!("sentinel-{}.conf", self.port));
+            let text = format!(
+                "port {}\nbind 127.0.0.1\ndir {}\n{conf}\n",
+                self.port,
+                self.dir.display()
+            );
+            std::fs::write(&path, text).expect("write the sentinel configuration");
+            let mut c = Command::new("redis-server");
+            c.arg(&path)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            return c;
+        }
         let mut c = Command::new("redis-server");
         c.args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -189,6 +223,19 @@ impl RedisServer {
             .unwrap_or(false)
     }
 
+    /// A client of this server (plain port, no password).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// One command on this server, on a new connection (a connection
+    /// failure is an error too: Sentinel kills clients when it reconfigures
+    /// a server).
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut c = self.client().get_multiplexed_async_connection().await?;
+        cmd.query_async(&mut c).await
+    }
+
     /// `redis://127.0.0.1:PORT` (no password, db 0).
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -241,11 +288,330 @@ impl RedisServer {
         }
         panic!("redis-server did not restart on port {}: {last}", self.port);
     }
+
+    /// [`RedisServer::restart`], as a replica of the server on `port`
+    /// (what Sentinel would make of a returning primary, without waiting
+    /// for it to notice).
+    pub async fn restart_as_replica_of(&mut self, port: u16) {
+        self.extra
+            .extend(["--replicaof".into(), "127.0.0.1".into(), port.to_string()]);
+        self.restart().await;
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `f` every 50 ms, up to `limit`; panics with `what` after that.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The name the sentinels of [`SentinelSet`] watch.
+pub const SENTINEL_SERVICE: &str = "mymaster";
+
+/// A primary, one replica and three sentinels (quorum 2) that fail over
+/// quickly (`down-after-milliseconds` 400, `failover-timeout` 2000): all on
+/// free ports, each in its own temp dir, killed on drop.
+pub struct SentinelSet {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl SentinelSet {
+    pub async fn start() -> Option<SentinelSet> {
+        let primary = RedisServer::start().await?;
+        let replica = RedisServer::start_with(vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ])
+        .await?;
+        wait_until("the replica syncs", Duration::from_secs(20), || async {
+            let info: String = replica
+                .query(redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        })
+        .await;
+        let conf = format!(
+            "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {} 2\n\
+             sentinel down-after-milliseconds {SENTINEL_SERVICE} 400\n\
+             sentinel failover-timeout {SENTINEL_SERVICE} 2000\n\
+             sentinel parallel-syncs {SENTINEL_SERVICE} 1",
+            primary.port
+        );
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels
+                .push(RedisServer::launch_as(None, None, Vec::new(), Some(conf.clone())).await?);
+        }
+        let set = SentinelSet {
+            primary,
+            replica,
+            sentinels,
+        };
+        // A failover needs every sentinel to know the replica and the two
+        // other sentinels (learned from INFO and hello messages).
+        for s in &set.sentinels {
+            wait_until(
+                "the sentinels know each other and the replica",
+                Duration::from_secs(30),
+                || async {
+                    let others: redis::RedisResult<Vec<redis::Value>> = s
+                        .query(
+                            redis::cmd("SENTINEL")
+                                .arg("SENTINELS")
+                                .arg(SENTINEL_SERVICE),
+                        )
+                        .await;
+                    let replicas: redis::RedisResult<Vec<redis::Value>> = s
+                        .query(redis::cmd("SENTINEL").arg("REPLICAS").arg(SENTINEL_SERVICE))
+                        .await;
+                    matches!((others, replicas), (Ok(o), Ok(r)) if o.len() == 2 && r.len() == 1)
+                },
+            )
+            .await;
+        }
+        Some(set)
+    }
+
+    /// `redis+sentinel://` with the three sentinels, database 0.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_SERVICE}/0", hosts.join(","))
+    }
+
+    /// The port the sentinels name as the primary now (the first that
+    /// answers within 500 ms).
+    pub async fn primary_port(&self) -> Option<u16> {
+        for s in &self.sentinels {
+            // Bounded: a paused sentinel accepts connections and never answers.
+            let mut cmd = redis::cmd("SENTINEL");
+            cmd.arg("GET-MASTER-ADDR-BY-NAME").arg(SENTINEL_SERVICE);
+            let ask = s.query::<(String, String)>(&cmd);
+            if let Ok(Ok((_, port))) = tokio::time::timeout(Duration::from_millis(500), ask).await {
+                return port.parse().ok();
+            }
+        }
+        None
+    }
+}
+
+/// Three primaries (no replicas) joined by `redis-cli --cluster create`,
+/// covering all 16384 slots; free ports, temp dirs, killed on drop.
+pub struct ClusterSet {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl ClusterSet {
+    pub async fn start() -> Option<ClusterSet> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(
+                RedisServer::start_with(vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ])
+                .await?,
+            );
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output();
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                unavailable(&format!("cannot run redis-cli: {e}"));
+                return None;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let set = ClusterSet { nodes };
+        for n in &set.nodes {
+            wait_until(
+                "the cluster is ok on every node",
+                Duration::from_secs(30),
+                || async {
+                    let info: String = n
+                        .query(redis::cmd("CLUSTER").arg("INFO"))
+                        .await
+                        .unwrap_or_default();
+                    info.contains("cluster_state:ok")
+                },
+            )
+            .await;
+        }
+        Some(set)
+    }
+
+    /// `redis+cluster://` naming every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// `redis://` URLs of the nodes (for the crate's cluster client).
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// The node's cluster id.
+    pub async fn id(&self, i: usize) -> String {
+        self.nodes[i]
+            .query(redis::cmd("CLUSTER").arg("MYID"))
+            .await
+            .unwrap()
+    }
+
+    /// The index of the node that serves `slot` now.
+    pub async fn owner(&self, slot: u16) -> usize {
+        let out: String = self.nodes[0]
+            .query(redis::cmd("CLUSTER").arg("NODES"))
+            .await
+            .unwrap();
+        for line in out.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            for range in &f[8..] {
+                let (lo, hi) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap_or(u16::MAX), b.parse().unwrap_or(0)),
+                    None => match range.parse::<u16>() {
+                        Ok(v) => (v, v),
+                        Err(_) => continue,
+                    },
+                };
+                if (lo..=hi).contains(&slot) {
+                    return self.nodes.iter().position(|n| n.port == port).unwrap();
+                }
+            }
+        }
+        panic!("no node serves slot {slot}");
+    }
+
+    /// Slot migration, step 1: `to` imports `slot`, `from` migrates it.
+    /// Until [`ClusterSet::finish_migration`], a key still on `from` is
+    /// served there and a key already moved gets `ASK` to `to`.
+    pub async fn begin_migration(&self, slot: u16, from: usize, to: usize) {
+        let (from_id, to_id) = (self.id(from).await, self.id(to).await);
+        let () = self.nodes[to]
+            .query(
+                redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg("IMPORTING")
+                    .arg(&from_id),
+            )
+            .await
+            .unwrap();
+        let () = self.nodes[from]
+            .query(
+                redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg("MIGRATING")
+                    .arg(&to_id),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Slot migration, step 2: every key of `slot` moves (`MIGRATE`).
+    /// Returns how many keys moved.
+    pub async fn move_keys(&self, slot: u16, from: usize, to: usize) -> usize {
+        let keys: Vec<String> = self.nodes[from]
+            .query(
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(1000),
+            )
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let () = self.nodes[from]
+                .query(
+                    redis::cmd("MIGRATE")
+                        .arg("127.0.0.1")
+                        .arg(self.nodes[to].port)
+                        .arg("")
+                        .arg(0)
+                        .arg(5000)
+                        .arg("KEYS")
+                        .arg(&keys),
+                )
+                .await
+                .unwrap();
+        }
+        keys.len()
+    }
+
+    /// Slot migration, step 3: every node is told `to` owns `slot`
+    /// (clients still asking `from` get `MOVED`).
+    pub async fn finish_migration(&self, slot: u16, to: usize) {
+        let to_id = self.id(to).await;
+        for i in std::iter::once(to).chain((0..self.nodes.len()).filter(|i| *i != to)) {
+            let () = self.nodes[i]
+                .query(
+                    redis::cmd("CLUSTER")
+                        .arg("SETSLOT")
+                        .arg(slot)
+                        .arg("NODE")
+                        .arg(&to_id),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    /// How many keys each node holds.
+    pub async fn sizes(&self) -> Vec<i64> {
+        let mut v = Vec::new();
+        for n in &self.nodes {
+            v.push(n.query(&redis::cmd("DBSIZE")).await.unwrap());
+        }
+        v
     }
 }

@@ -1,5 +1,6 @@
 //! The `redis` and `cached_redis` engines: sessions shared by every
-//! sessiongate instance that points at one Redis server.
+//! sessiongate instance that points at one Redis server, a primary managed
+//! by Redis Sentinel, or a Redis Cluster (see [`topology`]).
 //!
 //! # Layout
 //! One hash per session, `sessiongate:s:<key>`, with three fields:
@@ -21,9 +22,15 @@
 //! state in the same reply and the patch is re-applied to it. Concurrent
 //! patches to different keys of one session therefore all survive, on any
 //! number of instances. The script returns "missing" when the key is gone
-//! (flushed, cycled away, expired): nothing is resurrected. Cycle-Key moves
-//! the record to a new random key chosen in Rust inside the same script,
-//! which refuses a key that already exists (Rust then draws another).
+//! (flushed, cycled away, expired): nothing is resurrected.
+//!
+//! Every script touches exactly one key, so on Redis Cluster each runs
+//! in the one slot that holds the session. Cycle-Key is two steps (the new
+//! key is in another slot): the new record is created under a fresh key
+//! (refused if the key exists: Rust then draws another), then the old one
+//! is deleted by a compare-and-delete; if a concurrent patch changed the old
+//! one in between, the new key is deleted and the cycle re-applied to the
+//! newest state (see `apply_inner`).
 //!
 //! # `cached_redis`: a version-checked cache
 //! Each instance keeps records with their version in memory. A load sends
@@ -39,7 +46,13 @@
 //! Every call is bounded by `[store] timeout`; a timeout or a connection
 //! failure is [`StoreError::Unavailable`] (a `503` on session routes). The
 //! connection is made lazily and replaced after a failure, so the proxy
-//! starts while Redis is down and recovers by itself when it returns.
+//! starts while Redis is down and recovers by itself when it returns. With
+//! Sentinel every new connection asks the sentinels for the current primary
+//! (and checks its role), so after a failover the first call that finds the
+//! old connection dead reaches the promoted replica; a write refused by a
+//! demoted primary (`READONLY`) also replaces the connection. With Cluster
+//! the crate's connection follows `MOVED` and `ASK` and refreshes its slot
+//! map by itself.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,12 +61,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, Value};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Script, Value};
 
 use super::memory::KeyHash;
 use super::{Applied, Store, StoreError, WriteCtx};
 use crate::session::{Expiry, Patch, Record, SessionKey};
+
+pub mod topology;
+
+pub use topology::{validate as validate_url, UrlError};
+use topology::{Conn, Target, Where};
 
 /// The prefix of every key this engine writes.
 pub const KEY_PREFIX: &str = "sessiongate:s:";
@@ -69,22 +86,25 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
-/// Compare-and-set. KEYS: the session, and the new key for a Cycle-Key.
-/// ARGV: expected version, new version, meta, data, ttl ms.
-/// Returns 0 (gone), 1 (written), 2 (new key taken) or {v, m, d} (the
-/// newest state, when the version differs).
+/// Compare-and-set. KEYS: the session. ARGV: expected version, new
+/// version, meta, data, ttl ms. Returns 0 (gone), 1 (written) or {v, m, d}
+/// (the newest state, when the version differs).
 const APPLY_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
 if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd') end
-local dst = KEYS[1]
-if #KEYS == 2 then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
-  redis.call('DEL', KEYS[1])
-  dst = KEYS[2]
-end
-redis.call('HSET', dst, 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
-redis.call('PEXPIRE', dst, ARGV[5])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
+/// Compare-and-delete, the second step of a Cycle-Key. ARGV: expected
+/// version. Returns 0 (gone), 1 (deleted) or {v, m, d}.
+const RETIRE_LUA: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return 0 end
+if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd') end
+redis.call('DEL', KEYS[1])
 return 1
 ";
 
@@ -122,12 +142,14 @@ pub struct RedisStore {
 struct Scripts {
     create: Script,
     apply: Script,
+    retire: Script,
     fresh: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     create: Script::new(CREATE_LUA),
     apply: Script::new(APPLY_LUA),
+    retire: Script::new(RETIRE_LUA),
     fresh: Script::new(FRESH_LUA),
 });
 
@@ -139,17 +161,17 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// its own backoff. Here every call that finds no connection makes one
 /// attempt, within its own timeout.
 struct Link {
-    client: Client,
+    target: Target,
     config: AsyncConnectionConfig,
     /// The current connection and its generation.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Conn)>>,
     /// Held while connecting, so a burst of requests makes one attempt.
     connecting: tokio::sync::Mutex<()>,
     generations: AtomicU64,
 }
 
 impl Link {
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn current(&self) -> Option<(u64, Conn)> {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -157,7 +179,7 @@ impl Link {
     }
 
     /// The current connection, or a new one; `true` when new.
-    async fn get(&self) -> Result<(u64, MultiplexedConnection, bool), RedisError> {
+    async fn get(&self) -> Result<(u64, Conn, bool), RedisError> {
         if let Some((g, c)) = self.current() {
             return Ok((g, c, false));
         }
@@ -165,10 +187,7 @@ impl Link {
         if let Some((g, c)) = self.current() {
             return Ok((g, c, false));
         }
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let conn = self.target.connect(&self.config).await?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
         if generation > 1 {
@@ -179,7 +198,16 @@ impl Link {
 
     /// Drops connection `generation` (if still current): the next call
     /// connects afresh.
+    ///
+    /// Never for a cluster connection: it keeps one connection per node and
+    /// re-makes the broken ones itself (from the slot map, else from the
+    /// URL's nodes). Replacing it would make every session wait on the
+    /// new connection's handshake with every node, a hung one included:
+    /// one bad node would take down the sessions of the healthy ones.
     fn reset(&self, generation: u64) {
+        if matches!(self.target, Target::Cluster(_)) {
+            return;
+        }
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(&*cur, Some((g, _)) if *g == generation) {
             *cur = None;
@@ -300,7 +328,8 @@ fn unexpected(what: &str, v: &Value) -> RedisError {
 
 impl RedisStore {
     /// Parses `url` (`redis://`, `rediss://` for TLS, with an optional
-    /// `:password@` or `user:password@` and `/db`) and tries to connect.
+    /// `:password@` or `user:password@` and `/db`; or a Sentinel or Cluster
+    /// URL, see [`topology`]) and tries to connect.
     ///
     /// A URL that does not parse, a refused password or database number
     /// fail here. Redis being unreachable does not: the proxy starts, session
@@ -311,18 +340,15 @@ impl RedisStore {
         timeout: Duration,
         cached: bool,
     ) -> Result<RedisStore, StoreError> {
-        let client = Client::open(url)
-            .map_err(|e| StoreError::Open(format!("invalid redis url in [store] url: {e}")))?;
-        let where_ = {
-            let i = client.get_connection_info();
-            format!("{} db {}", i.addr, i.redis.db)
-        };
+        let (target, parsed) = Target::open(url, timeout)
+            .map_err(|e| StoreError::Open(format!("invalid redis url: {e}")))?;
+        let where_ = Where(&parsed, &target).to_string();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout);
         let store = RedisStore {
             link: Box::new(Link {
-                client,
+                target,
                 config,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
@@ -367,7 +393,7 @@ impl RedisStore {
     /// dead (Redis restarted since): reads do not fail once per restart.
     async fn op<T, F, Fut>(&self, idempotent: bool, f: F) -> Result<T, StoreError>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let used = AtomicU64::new(0);
@@ -430,10 +456,7 @@ impl RedisStore {
         }
     }
 
-    async fn fetch(
-        c: &mut MultiplexedConnection,
-        rkey: &str,
-    ) -> Result<Option<Versioned>, RedisError> {
+    async fn fetch(c: &mut Conn, rkey: &str) -> Result<Option<Versioned>, RedisError> {
         let fields: Vec<Value> = redis::cmd("HMGET")
             .arg(rkey)
             .arg("v")
@@ -444,12 +467,7 @@ impl RedisStore {
         Ok(parse_state(rkey, fields))
     }
 
-    async fn check(
-        &self,
-        c: &mut MultiplexedConnection,
-        rkey: &str,
-        version: &str,
-    ) -> Result<Fresh, RedisError> {
+    async fn check(&self, c: &mut Conn, rkey: &str, version: &str) -> Result<Fresh, RedisError> {
         let v: Value = SCRIPTS.fresh.key(rkey).arg(version).invoke_async(c).await?;
         match v {
             Value::Int(0) => Ok(Fresh::Gone),
@@ -464,7 +482,7 @@ impl RedisStore {
 
     async fn load_inner(
         &self,
-        mut c: MultiplexedConnection,
+        mut c: Conn,
         key: &SessionKey,
         now: i64,
     ) -> Result<Option<Record>, RedisError> {
@@ -492,7 +510,7 @@ impl RedisStore {
 
     async fn apply_inner(
         &self,
-        mut c: MultiplexedConnection,
+        mut c: Conn,
         key: &SessionKey,
         patch: &Patch,
         ctx: WriteCtx,
@@ -530,28 +548,44 @@ impl RedisStore {
                 return Ok(Applied::Unchanged);
             }
             let version = new_version();
-            let new_key = patch.cycle.then(SessionKey::generate);
             let ttl = (next.expires_at - ctx.now).max(1);
-            let mut inv = SCRIPTS.apply.key(&rkey);
-            if let Some(k) = &new_key {
-                inv.key(redis_key(k));
-            }
-            let reply: Value = inv
-                .arg(&cur.version)
-                .arg(&version)
-                .arg(encode_meta(&next))
-                .arg(next.data.as_ref())
-                .arg(ttl)
-                .invoke_async(&mut c)
-                .await?;
-            match reply {
-                Value::Int(1) => {
-                    let saved_key = new_key.unwrap_or(*key);
-                    if new_key.is_some() {
-                        self.forget(key);
+            let meta = encode_meta(&next);
+            let reply: Value = if patch.cycle {
+                // Two keys, which on Cluster live in different slots: no
+                // script may touch both. First the new record under a fresh
+                // key nobody else knows (so nothing can race on it), then
+                // the old one deleted only if it is still the version the
+                // patch was applied to. A concurrent patch that landed in
+                // between makes the delete refuse: the new key is dropped
+                // and the patch re-applied to the newest state, so that
+                // change is carried over, never lost. A crash between the
+                // two steps leaves an orphan nobody holds a cookie for,
+                // which its TTL removes.
+                let new_key = loop {
+                    let k = SessionKey::generate();
+                    let written: i64 = SCRIPTS
+                        .create
+                        .key(redis_key(&k))
+                        .arg(&version)
+                        .arg(&meta)
+                        .arg(next.data.as_ref())
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await?;
+                    if written == 1 {
+                        break k;
                     }
+                };
+                let reply: Value = SCRIPTS
+                    .retire
+                    .key(&rkey)
+                    .arg(&cur.version)
+                    .invoke_async(&mut c)
+                    .await?;
+                if reply == Value::Int(1) {
+                    self.forget(key);
                     self.remember(
-                        saved_key,
+                        new_key,
                         Versioned {
                             version,
                             record: next.clone(),
@@ -559,7 +593,39 @@ impl RedisStore {
                         ctx.now,
                     );
                     return Ok(Applied::Saved {
-                        key: saved_key,
+                        key: new_key,
+                        record: next,
+                    });
+                }
+                redis::cmd("DEL")
+                    .arg(redis_key(&new_key))
+                    .query_async::<()>(&mut c)
+                    .await?;
+                reply
+            } else {
+                SCRIPTS
+                    .apply
+                    .key(&rkey)
+                    .arg(&cur.version)
+                    .arg(&version)
+                    .arg(&meta)
+                    .arg(next.data.as_ref())
+                    .arg(ttl)
+                    .invoke_async(&mut c)
+                    .await?
+            };
+            match reply {
+                Value::Int(1) => {
+                    self.remember(
+                        *key,
+                        Versioned {
+                            version,
+                            record: next.clone(),
+                        },
+                        ctx.now,
+                    );
+                    return Ok(Applied::Saved {
+                        key: *key,
                         record: next,
                     });
                 }
@@ -567,8 +633,6 @@ impl RedisStore {
                     self.forget(key);
                     return Ok(Applied::Missing);
                 }
-                // The new key is taken: draw another.
-                Value::Int(2) => state = Some(cur),
                 Value::Array(fields) => {
                     // Someone wrote first: re-apply to the newest state.
                     state = parse_state(&rkey, fields);

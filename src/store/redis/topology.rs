@@ -1,0 +1,467 @@
+//! Where the sessions live: one Redis server, a Sentinel-managed primary,
+//! or a Redis Cluster; parsed from `[store] url` and connected to with the
+//! `redis` crate's own clients (no hand-made protocol).
+//!
+//! - `redis://` / `rediss://`: one server (the crate's own URL syntax);
+//! - `redis+sentinel://[user:pass@]h1:26379,h2:26379/<primary name>[/<db>]`:
+//!   every sentinel is asked at once for the current primary on each
+//!   (re)connect;
+//!   the credentials and the database are the primary's;
+//! - `redis+cluster://[user:pass@]h1:7000,h2:7001`: any reachable node is
+//!   enough to learn the slot map; no database number (Cluster has only 0).
+//!
+//! `rediss+sentinel://` and `rediss+cluster://` use TLS to every node.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, Pipeline, RedisError};
+use redis::{RedisFuture, TlsMode, Value};
+
+/// A malformed `[store] url`.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("[store] url: {0}")]
+    Malformed(String),
+    #[error("[store] url: {0}")]
+    Client(#[source] RedisError),
+}
+
+fn bad(msg: impl Into<String>) -> UrlError {
+    UrlError::Malformed(msg.into())
+}
+
+/// What `[store] url` names, before any connection is made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub kind: Kind,
+    pub tls: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `host:port` pairs (sentinels, or cluster seed nodes).
+    pub hosts: Vec<(String, u16)>,
+    /// The primary's name (Sentinel only).
+    pub service: String,
+    pub db: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Single,
+    Sentinel,
+    Cluster,
+}
+
+const SENTINEL_FORM: &str =
+    "redis+sentinel://[user:password@]host:26379[,host:port...]/<primary name>[/<db>]";
+const CLUSTER_FORM: &str = "redis+cluster://[user:password@]host:port[,host:port...]";
+
+/// Parses `url`. A `redis://` or `rediss://` URL is checked by the crate's
+/// own parser.
+pub fn parse(url: &str) -> Result<Parsed, UrlError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad(format!("{:?} is not a URL (expected redis://, rediss://, redis+sentinel:// or redis+cluster://)", redact(url))))?;
+    let (kind, tls) = match scheme {
+        "redis" | "redis+unix" | "unix" => (Kind::Single, false),
+        "rediss" => (Kind::Single, true),
+        "redis+sentinel" => (Kind::Sentinel, false),
+        "rediss+sentinel" => (Kind::Sentinel, true),
+        "redis+cluster" => (Kind::Cluster, false),
+        "rediss+cluster" => (Kind::Cluster, true),
+        other => {
+            return Err(bad(format!(
+                "unknown scheme {other:?} (redis, rediss, redis+sentinel, rediss+sentinel, redis+cluster, rediss+cluster)"
+            )))
+        }
+    };
+    if kind == Kind::Single {
+        let client = Client::open(url).map_err(UrlError::Client)?;
+        let info = client.get_connection_info();
+        return Ok(Parsed {
+            kind,
+            tls,
+            username: info.redis.username.clone(),
+            password: info.redis.password.clone(),
+            hosts: Vec::new(),
+            service: String::new(),
+            db: info.redis.db,
+        });
+    }
+    let form = if kind == Kind::Sentinel {
+        SENTINEL_FORM
+    } else {
+        CLUSTER_FORM
+    };
+    if rest.contains(['?', '#']) {
+        return Err(bad(format!(
+            "a {scheme} URL takes no query or fragment (expected {form})"
+        )));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
+    let (userinfo, hostlist) = match authority.rfind('@') {
+        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(u) => {
+            let (user, pass) = match u.split_once(':') {
+                Some((user, pass)) => (user, Some(pass)),
+                None => (u, None),
+            };
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|c| c.into_owned())
+                    .map_err(|_| bad("the user name or password is not UTF-8 once percent-decoded"))
+            };
+            let user = (!user.is_empty()).then(|| decode(user)).transpose()?;
+            let pass = pass.filter(|p| !p.is_empty()).map(decode).transpose()?;
+            (user, pass)
+        }
+    };
+    let default_port = if kind == Kind::Sentinel { 26379 } else { 6379 };
+    let mut hosts = Vec::new();
+    for h in hostlist.split(',') {
+        hosts.push(parse_host(h, default_port, form)?);
+    }
+    let mut parts = path.split('/');
+    let (service, db) = match kind {
+        Kind::Sentinel => {
+            let service = parts.next().unwrap_or("");
+            if service.is_empty() {
+                return Err(bad(format!(
+                    "a redis+sentinel URL names the primary the sentinels watch (expected {form})"
+                )));
+            }
+            let db = match parts.next() {
+                None | Some("") => 0,
+                Some(n) => n.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
+                    bad(format!(
+                        "database {n:?} is not a non-negative integer (expected {form})"
+                    ))
+                })?,
+            };
+            (service.to_string(), db)
+        }
+        _ => {
+            if !path.is_empty() {
+                return Err(bad(format!(
+                    "Redis Cluster has no database number (every node uses database 0): remove \"/{path}\" (expected {form})"
+                )));
+            }
+            (String::new(), 0)
+        }
+    };
+    if parts.any(|p| !p.is_empty()) {
+        return Err(bad(format!("too many path segments (expected {form})")));
+    }
+    Ok(Parsed {
+        kind,
+        tls,
+        username,
+        password,
+        hosts,
+        service,
+        db,
+    })
+}
+
+fn parse_host(h: &str, default_port: u16, form: &str) -> Result<(String, u16), UrlError> {
+    if h.is_empty() {
+        return Err(bad(format!(
+            "an empty host in the host list (expected {form})"
+        )));
+    }
+    let (host, port) = if let Some(r) = h.strip_prefix('[') {
+        let (host, after) = r
+            .split_once(']')
+            .ok_or_else(|| bad(format!("host {h:?}: unclosed '['")))?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(bad(format!("host {h:?}: expected [address]:port"))),
+        }
+    } else {
+        match h.rsplit_once(':') {
+            Some((host, p)) => (host, Some(p)),
+            None => (h, None),
+        }
+    };
+    if host.is_empty() || host.contains([' ', '@', '/', '[', ']']) {
+        return Err(bad(format!("host {h:?} is not a host name or address")));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad(format!("host {h:?}: port {p:?} is not a port number")))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// `url` with any password replaced, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(a)) if a > s => format!("{}://***@{}", &url[..s], &url[a + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Checks `url` as `sessiongate check` does.
+pub fn validate(url: &str) -> Result<(), UrlError> {
+    parse(url).map(|_| ())
+}
+
+/// A connected client of one of the three kinds.
+pub(super) enum Target {
+    Single(Client),
+    /// One client per sentinel, asked all at once (see [`Target::connect`]);
+    /// each locked while in use (the crate's client wants `&mut`).
+    Sentinel(Vec<tokio::sync::Mutex<SentinelClient>>),
+    Cluster(ClusterClient),
+}
+
+impl Target {
+    pub(super) fn open(url: &str, timeout: Duration) -> Result<(Target, Parsed), UrlError> {
+        let p = parse(url)?;
+        let target = match p.kind {
+            Kind::Single => Target::Single(Client::open(url).map_err(UrlError::Client)?),
+            Kind::Sentinel => {
+                let mut clients = Vec::with_capacity(p.hosts.len());
+                for (h, port) in &p.hosts {
+                    let addr = if p.tls {
+                        ConnectionAddr::TcpTls {
+                            host: h.clone(),
+                            port: *port,
+                            insecure: false,
+                            tls_params: None,
+                        }
+                    } else {
+                        ConnectionAddr::Tcp(h.clone(), *port)
+                    };
+                    let mut b = SentinelClientBuilder::new(
+                        [addr],
+                        p.service.clone(),
+                        SentinelServerType::Master,
+                    )
+                    .map_err(UrlError::Client)?
+                    .set_client_to_redis_db(p.db);
+                    if p.tls {
+                        b = b
+                            .set_client_to_redis_tls_mode(TlsMode::Secure)
+                            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                    }
+                    if let Some(u) = &p.username {
+                        b = b.set_client_to_redis_username(u.clone());
+                    }
+                    if let Some(pw) = &p.password {
+                        b = b.set_client_to_redis_password(pw.clone());
+                    }
+                    clients.push(tokio::sync::Mutex::new(
+                        b.build().map_err(UrlError::Client)?,
+                    ));
+                }
+                Target::Sentinel(clients)
+            }
+            Kind::Cluster => {
+                let scheme = if p.tls { "rediss" } else { "redis" };
+                let nodes: Vec<String> = p
+                    .hosts
+                    .iter()
+                    .map(|(h, port)| {
+                        if h.contains(':') {
+                            format!("{scheme}://[{h}]:{port}")
+                        } else {
+                            format!("{scheme}://{h}:{port}")
+                        }
+                    })
+                    .collect();
+                let mut b = ClusterClient::builder(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // Redirections and slot-map refreshes are retried within
+                    // `[store] timeout` (the caller's bound).
+                    .retries(8)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200);
+                if p.tls {
+                    b = b.tls(TlsMode::Secure);
+                }
+                if let Some(u) = &p.username {
+                    b = b.username(u.clone());
+                }
+                if let Some(pw) = &p.password {
+                    b = b.password(pw.clone());
+                }
+                Target::Cluster(b.build().map_err(UrlError::Client)?)
+            }
+        };
+        Ok((target, p))
+    }
+
+    pub(super) async fn connect(&self, config: &AsyncConnectionConfig) -> Result<Conn, RedisError> {
+        match self {
+            Target::Single(c) => c
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Conn::Single),
+            // Every sentinel at once, the first primary found wins: asked in
+            // turn (as the crate's one multi-sentinel client does), a sentinel
+            // that hangs (its host gone without a reset, often the host of the
+            // dead primary) would hold every reconnection until the timeout.
+            // Each answer is checked by the crate, which connects to the
+            // named primary and asks its ROLE.
+            Target::Sentinel(clients) => {
+                let asks = clients.iter().map(|c| {
+                    Box::pin(async move {
+                        c.lock()
+                            .await
+                            .get_async_connection_with_config(config)
+                            .await
+                    })
+                });
+                futures_util::future::select_ok(asks)
+                    .await
+                    .map(|(c, _)| Conn::Single(c))
+            }
+            Target::Cluster(c) => c.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+}
+
+/// Where the store points, for logs (never the password).
+pub(super) struct Where<'a>(pub &'a Parsed, pub &'a Target);
+
+impl fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts = || {
+            self.0
+                .hosts
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self.1 {
+            Target::Single(c) => {
+                let i = c.get_connection_info();
+                write!(f, "{} db {}", i.addr, i.redis.db)
+            }
+            Target::Sentinel(_) => write!(
+                f,
+                "primary {:?} db {} via sentinels {}",
+                self.0.service,
+                self.0.db,
+                hosts()
+            ),
+            Target::Cluster(_) => write!(f, "cluster via {}", hosts()),
+        }
+    }
+}
+
+/// One connection: multiplexed to one server (or the Sentinel-named
+/// primary), or the crate's cluster connection, which follows `MOVED` and
+/// `ASK` and keeps one multiplexed connection per node.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(url: &str) -> String {
+        parse(url).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sentinel_urls() {
+        let p = parse("redis+sentinel://u:p%40ss@h1:26379,h2,[::1]:5/mymaster/3").unwrap();
+        assert_eq!(p.kind, Kind::Sentinel);
+        assert!(!p.tls);
+        assert_eq!(p.username.as_deref(), Some("u"));
+        assert_eq!(p.password.as_deref(), Some("p@ss"));
+        assert_eq!(
+            p.hosts,
+            vec![
+                ("h1".to_string(), 26379),
+                ("h2".to_string(), 26379),
+                ("::1".to_string(), 5)
+            ]
+        );
+        assert_eq!((p.service.as_str(), p.db), ("mymaster", 3));
+        let p = parse("rediss+sentinel://:pw@h1/m").unwrap();
+        assert!(p.tls);
+        assert_eq!((p.username, p.password, p.db), (None, Some("pw".into()), 0));
+        assert!(err("redis+sentinel://h1:26379").contains("names the primary"));
+        assert!(err("redis+sentinel://h1:26379/m/x").contains("\"x\" is not"));
+        assert!(err("redis+sentinel://h1:26379/m/-1").contains("not a non-negative"));
+        assert!(err("redis+sentinel://h1:26379/m/0/1").contains("too many"));
+        assert!(err("redis+sentinel://h1:99999/m").contains("port \"99999\""));
+        assert!(err("redis+sentinel://h1,,h2/m").contains("empty host"));
+        assert!(err("redis+sentinel://h1/m?x=1").contains("no query"));
+    }
+
+    #[test]
+    fn cluster_urls() {
+        let p = parse("redis+cluster://h1:7000,h2:7001,h3").unwrap();
+        assert_eq!(p.kind, Kind::Cluster);
+        assert_eq!(p.hosts.len(), 3);
+        assert_eq!(p.hosts[2], ("h3".to_string(), 6379));
+        assert!(parse("rediss+cluster://:pw@h1:7000/").is_ok());
+        let e = err("redis+cluster://h1:7000/0");
+        assert!(e.contains("Redis Cluster has no database number"), "{e}");
+        assert!(err("redis+cluster://").contains("empty host"));
+    }
+
+    #[test]
+    fn other_urls() {
+        assert!(parse("redis://127.0.0.1:6379/2").is_ok());
+        assert!(err("redis+sentinal://h/m").contains("unknown scheme"));
+        let e = err("h1:6379");
+        assert!(e.contains("not a URL"), "{e}");
+        assert!(!err("http://u:secret@h").contains("secret"));
+        assert!(parse("redis://h:notaport").is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! The `redis` and `cached_redis` engines on a real Redis Cluster: three
+//! primaries on free ports joined by `redis-cli --cluster create`, started
+//! once for this binary's one test (the scenarios run in turn on it).
+//!
+//! Without `redis-server`/`redis-cli` this test says SKIPPED and passes,
+//! except under `CI`, where it fails.
+
+mod common;
+#[path = "common/redis_suite.rs"]
+mod redis_suite;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use common::redis_server::{wait_until, ClusterSet};
+use redis_suite::{echo, Instance, Raw};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_migration() {
+    let Some(cluster) = ClusterSet::start().await else {
+        return;
+    };
+    let url = cluster.url();
+    let raw = Raw::Cluster(cluster.seeds());
+
+    // SPEC 4/5 on Cluster, both engines: sharing, the 40 concurrent patches
+    // across two instances, SessionInterrupted, the never-stale cache,
+    // Cycle-Key racing patches (the new key is in another slot).
+    for engine in ["redis", "cached_redis"] {
+        redis_suite::conformance(engine, &url, &raw).await;
+    }
+
+    spread_over_every_primary(&cluster).await;
+    slot_migration_under_a_client_loop(&cluster).await;
+    a_hung_node_gives_503_then_recovers(&cluster).await;
+}
+
+/// The node holding a session stops answering (SIGSTOP): that session's
+/// requests answer 503 within `[store] timeout`, sessionless routes and the
+/// sessions on the other nodes keep working, and once the node answers again the session is served, with
+/// its data, without a restart.
+async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
+    let (up, _) = echo(None).await;
+    for engine in ["redis", "cached_redis"] {
+        let a = Instance::start(engine, &cluster.url(), "500ms", &up).await;
+        let k = a.post(None, &[("update", r#"{"u":1}"#)]).await.key();
+        let slot: u16 = cluster.nodes[0]
+            .query(
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(format!("sessiongate:s:{k}")),
+            )
+            .await
+            .unwrap();
+        let owner = cluster.owner(slot).await;
+        // A session on another node.
+        let other = loop {
+            let o = a.post(None, &[("update", r#"{"o":1}"#)]).await.key();
+            let s: u16 = cluster.nodes[0]
+                .query(
+                    redis::cmd("CLUSTER")
+                        .arg("KEYSLOT")
+                        .arg(format!("sessiongate:s:{o}")),
+                )
+                .await
+                .unwrap();
+            if cluster.owner(s).await != owner {
+                break o;
+            }
+        };
+        let node = &cluster.nodes[owner];
+        node.pause();
+        let r = a.get("/", Some(&k)).await;
+        redis_suite::assert_store_503(&r, engine);
+        assert!(r.set_cookies().is_empty(), "{engine}: no cookie on a 503");
+        assert_eq!(
+            a.get("/static", None).await.status,
+            200,
+            "{engine}: sessionless route"
+        );
+        // The other nodes' sessions are still served (until the cluster
+        // itself declares the node failed, after cluster-node-timeout).
+        let r = a.get("/", Some(&other)).await;
+        assert_eq!(
+            r.status, 200,
+            "{engine}: a session on a healthy node: {}",
+            r.body
+        );
+        assert_eq!(up.last().session(), json!({"o": 1}));
+        node.resume();
+        wait_until(
+            "the session is served again",
+            Duration::from_secs(20),
+            || async { a.get("/", Some(&k)).await.status == 200 },
+        )
+        .await;
+        assert_eq!(up.last().session(), json!({"u": 1}), "{engine}");
+        assert_eq!(up.last().header("x-session-new"), Some("false"));
+        a.stop().await;
+    }
+}
+
+async fn spread_over_every_primary(cluster: &ClusterSet) {
+    let before = cluster.sizes().await;
+    let (up, _) = echo(None).await;
+    let a = Instance::start("redis", &cluster.url(), "5s", &up).await;
+    for n in 0..30 {
+        let r = a
+            .post(None, &[("update", &format!(r#"{{"n":{n}}}"#))])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let after = cluster.sizes().await;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(
+            a > b,
+            "node {i} got none of 30 new sessions: {before:?} -> {after:?}"
+        );
+    }
+    a.stop().await;
+}
+
+/// The session's slot moves from its node to another while two instances
+/// keep updating and reading it: through `MIGRATING`/`IMPORTING` (served
+/// by the old node), after its key moved (`ASK`), and after the slot is
+/// reassigned (`MOVED`). Every request succeeds and no update is lost.
+async fn slot_migration_under_a_client_loop(cluster: &ClusterSet) {
+    let (up, _) = echo(None).await;
+    let up = Arc::new(up);
+    let a = Arc::new(Instance::start("redis", &cluster.url(), "5s", &up).await);
+    let b = Arc::new(Instance::start("cached_redis", &cluster.url(), "5s", &up).await);
+    let k = a.post(None, &[("update", r#"{"i0":0}"#)]).await.key();
+    let rkey = format!("sessiongate:s:{k}");
+    let slot: u16 = cluster.nodes[0]
+        .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(&rkey))
+        .await
+        .unwrap();
+    let from = cluster.owner(slot).await;
+    let to = (from + 1) % cluster.nodes.len();
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let lp = {
+        let (a, b, k, done, stop, up) = (
+            a.clone(),
+            b.clone(),
+            k.clone(),
+            done.clone(),
+            stop.clone(),
+            up.clone(),
+        );
+        tokio::spawn(async move {
+            let mut i: usize = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (w, r) = if i.is_multiple_of(2) {
+                    (&a, &b)
+                } else {
+                    (&b, &a)
+                };
+                let got = w
+                    .post(Some(&k), &[("update", &format!(r#"{{"i{i}":{i}}}"#))])
+                    .await;
+                assert_eq!(got.status, 200, "update {i}: {}", got.body);
+                let got = r.get("/", Some(&k)).await;
+                assert_eq!(got.status, 200, "read {i}: {}", got.body);
+                let s = up.last().session();
+                assert_eq!(s.get(format!("i{i}")), Some(&json!(i)), "read {i}: {s}");
+                done.store(i, Ordering::Relaxed);
+            }
+            i
+        })
+    };
+    let progress = |what: &'static str| {
+        let done = done.clone();
+        let lp_alive = &lp;
+        async move {
+            let at = done.load(Ordering::Relaxed);
+            wait_until(what, Duration::from_secs(20), || async {
+                assert!(!lp_alive.is_finished(), "the client loop failed ({what})");
+                done.load(Ordering::Relaxed) >= at + 3
+            })
+            .await;
+        }
+    };
+    progress("requests before the migration").await;
+    cluster.begin_migration(slot, from, to).await;
+    progress("requests while the slot is migrating").await;
+    assert!(cluster.move_keys(slot, from, to).await >= 1);
+    progress("requests after the key moved (ASK)").await;
+    cluster.finish_migration(slot, to).await;
+    progress("requests after the slot moved (MOVED)").await;
+    stop.store(true, Ordering::Relaxed);
+    let last = lp.await.expect("the client loop");
+
+    let here: i64 = cluster.nodes[to]
+        .query(redis::cmd("EXISTS").arg(&rkey))
+        .await
+        .unwrap();
+    assert_eq!(here, 1, "the session now lives on the other node");
+    a.get("/", Some(&k)).await;
+    let s = up.last().session();
+    let obj = s.as_object().unwrap();
+    assert_eq!(obj.len(), last + 1, "every update kept: {s}");
+    for i in 0..=last {
+        assert_eq!(obj[&format!("i{i}")], json!(i));
+    }
+    Arc::into_inner(a).unwrap().stop().await;
+    Arc::into_inner(b).unwrap().stop().await;
+}
