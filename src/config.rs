@@ -278,6 +278,7 @@ struct RawStore {
     clear_expired_interval: Dur,
     #[serde(default = "d_table")]
     table: String,
+    cache_url: Option<String>,
 }
 fn d_table() -> String {
     "django_session".into()
@@ -292,6 +293,7 @@ impl Default for RawStore {
             encrypt: true,
             clear_expired_interval: d_sweep(),
             table: d_table(),
+            cache_url: None,
         }
     }
 }
@@ -420,6 +422,8 @@ pub enum Engine {
     CachedRedis,
     /// Django's `db` engine (SPEC 8): SQLite or PostgreSQL.
     Db,
+    /// `db` with Redis (`cache_url`) in front.
+    CachedDb,
 }
 
 impl Engine {
@@ -432,6 +436,7 @@ impl Engine {
             Engine::Redis => "redis",
             Engine::CachedRedis => "cached_redis",
             Engine::Db => "db",
+            Engine::CachedDb => "cached_db",
         }
     }
 }
@@ -448,6 +453,8 @@ pub struct StoreConfig {
     pub db: Option<DbUrl>,
     /// `db`: the sessions table (Django's `django_session`).
     pub table: String,
+    /// `cached_db`: the Redis server in front of the table.
+    pub cache_url: Option<String>,
 }
 
 /// The database of the `db` engine.
@@ -785,9 +792,10 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         "redis" => Engine::Redis,
         "cached_redis" => Engine::CachedRedis,
         "db" => Engine::Db,
+        "cached_db" => Engine::CachedDb,
         other => {
             return Err(format!(
-                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db)"
+                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db, cached_db)"
             ))
         }
     };
@@ -803,10 +811,13 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             engine.name()
         ));
     }
-    let db = if engine == Engine::Db {
-        let url = st.url.as_deref().ok_or(
-            "[store] url: required for engine \"db\" (e.g. \"sqlite://var/sessions.sqlite3\")",
-        )?;
+    let db = if matches!(engine, Engine::Db | Engine::CachedDb) {
+        let url = st.url.as_deref().ok_or_else(|| {
+            format!(
+                "[store] url: required for engine {:?} (e.g. \"sqlite://var/sessions.sqlite3\")",
+                engine.name()
+            )
+        })?;
         Some(DbUrl::parse(base, url)?)
     } else {
         None
@@ -817,7 +828,18 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             st.table
         ));
     }
+    let cache_url = match (engine, st.cache_url) {
+        (Engine::CachedDb, Some(u)) => Some(u),
+        (Engine::CachedDb, None) => {
+            return Err("[store] cache_url: required for engine \"cached_db\" (e.g. \"redis://127.0.0.1:6379/1\")".into())
+        }
+        (_, Some(_)) => {
+            return Err("[store] cache_url: only for engine \"cached_db\"".into())
+        }
+        (_, None) => None,
+    };
     let store = StoreConfig {
+        cache_url,
         db,
         table: st.table,
         engine,

@@ -121,18 +121,19 @@ impl AnyStore {
                 )))
             }
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
-            Engine::Db => {
+            Engine::Db | Engine::CachedDb => {
                 let url =
                     c.db.as_ref()
                         .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
                 let s = &config.session;
                 Ok(AnyStore::Db(
-                    DbStore::open(
+                    DbStore::open_cached(
                         url,
                         &c.table,
                         c.timeout,
                         &s.secret_key,
                         &s.secret_key_fallbacks,
+                        c.cache_url.as_deref(),
                     )
                     .await?,
                 ))
