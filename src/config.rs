@@ -279,6 +279,7 @@ struct RawStore {
     #[serde(default = "d_table")]
     table: String,
     cache_url: Option<String>,
+    format: Option<String>,
 }
 fn d_table() -> String {
     "django_session".into()
@@ -294,6 +295,7 @@ impl Default for RawStore {
             clear_expired_interval: d_sweep(),
             table: d_table(),
             cache_url: None,
+            format: None,
         }
     }
 }
@@ -455,6 +457,8 @@ pub struct StoreConfig {
     pub table: String,
     /// `cached_db`: the Redis server in front of the table.
     pub cache_url: Option<String>,
+    /// `signed_cookies` with `format = "django"`: Django's cookie format.
+    pub django_format: bool,
 }
 
 /// The database of the `db` engine.
@@ -838,7 +842,20 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         }
         (_, None) => None,
     };
+    let django_format = match st.format.as_deref() {
+        None | Some("sessiongate") => false,
+        Some("django") if engine == Engine::SignedCookies => true,
+        Some("django") => {
+            return Err("[store] format: \"django\" is only for engine \"signed_cookies\" (engine \"db\" always uses Django's format)".into())
+        }
+        Some(other) => {
+            return Err(format!(
+                "[store] format: unknown format {other:?} (\"sessiongate\" or \"django\")"
+            ))
+        }
+    };
     let store = StoreConfig {
+        django_format,
         cache_url,
         db,
         table: st.table,

@@ -113,6 +113,14 @@ impl AnyStore {
         match c.engine {
             Engine::SignedCookies => {
                 let s = &config.session;
+                if c.django_format {
+                    return Ok(AnyStore::Signed(SignedCookies::django(
+                        &s.cookie_name,
+                        &s.secret_key,
+                        &s.secret_key_fallbacks,
+                        s.cookie_age.as_secs() as i64,
+                    )));
+                }
                 Ok(AnyStore::Signed(SignedCookies::new(
                     &s.cookie_name,
                     &s.secret_key,

@@ -137,23 +137,7 @@ impl Codec {
             tracing::warn!("session row not adopted: its data is not a JSON object");
             return None;
         };
-        let expiry = match map.remove(EXPIRY_KEY) {
-            None | Some(Value::Null) => Expiry::Default,
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(0) => Expiry::BrowserClose,
-                Some(n) => Expiry::Seconds(n),
-                None => match n.as_f64() {
-                    Some(0.0) => Expiry::BrowserClose,
-                    Some(f) => Expiry::Seconds(f as i64),
-                    None => Expiry::Default,
-                },
-            },
-            Some(Value::String(s)) => match parse_iso(&s) {
-                Some(t) => Expiry::At(t),
-                None => Expiry::Default,
-            },
-            Some(_) => Expiry::Default,
-        };
+        let expiry = expiry_from_value(map.remove(EXPIRY_KEY));
         let created = map
             .remove(CREATED_KEY)
             .and_then(|v| v.as_i64())
@@ -165,6 +149,27 @@ impl Codec {
             modified: now,
             expires_at,
         })
+    }
+}
+
+/// Django's `_session_expiry` value as an [`Expiry`].
+pub fn expiry_from_value(v: Option<Value>) -> Expiry {
+    match v {
+        None | Some(Value::Null) => Expiry::Default,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(0) => Expiry::BrowserClose,
+            Some(n) => Expiry::Seconds(n),
+            None => match n.as_f64() {
+                Some(0.0) => Expiry::BrowserClose,
+                Some(f) => Expiry::Seconds(f as i64),
+                None => Expiry::Default,
+            },
+        },
+        Some(Value::String(s)) => match parse_iso(&s) {
+            Some(t) => Expiry::At(t),
+            None => Expiry::Default,
+        },
+        Some(_) => Expiry::Default,
     }
 }
 
