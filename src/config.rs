@@ -288,6 +288,8 @@ struct RawStore {
     clear_expired_interval: Dur,
     #[serde(default = "d_table")]
     table: String,
+    cache_url: Option<String>,
+    format: Option<String>,
 }
 fn d_table() -> String {
     "django_session".into()
@@ -302,6 +304,8 @@ impl Default for RawStore {
             encrypt: true,
             clear_expired_interval: d_sweep(),
             table: d_table(),
+            cache_url: None,
+            format: None,
         }
     }
 }
@@ -435,6 +439,8 @@ pub enum Engine {
     CachedRedis,
     /// Django's `db` engine (SPEC 8): SQLite or PostgreSQL.
     Db,
+    /// `db` with Redis (`cache_url`) in front.
+    CachedDb,
 }
 
 impl Engine {
@@ -447,6 +453,7 @@ impl Engine {
             Engine::Redis => "redis",
             Engine::CachedRedis => "cached_redis",
             Engine::Db => "db",
+            Engine::CachedDb => "cached_db",
         }
     }
 }
@@ -463,6 +470,10 @@ pub struct StoreConfig {
     pub db: Option<DbUrl>,
     /// `db`: the sessions table (Django's `django_session`).
     pub table: String,
+    /// `cached_db`: the Redis server in front of the table.
+    pub cache_url: Option<String>,
+    /// `signed_cookies` with `format = "django"`: Django's cookie format.
+    pub django_format: bool,
 }
 
 /// The database of the `db` engine.
@@ -831,9 +842,10 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         "redis" => Engine::Redis,
         "cached_redis" => Engine::CachedRedis,
         "db" => Engine::Db,
+        "cached_db" => Engine::CachedDb,
         other => {
             return Err(format!(
-                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db)"
+                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db, cached_db)"
             ))
         }
     };
@@ -849,10 +861,13 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             engine.name()
         ));
     }
-    let db = if engine == Engine::Db {
-        let url = st.url.as_deref().ok_or(
-            "[store] url: required for engine \"db\" (e.g. \"sqlite://var/sessions.sqlite3\")",
-        )?;
+    let db = if matches!(engine, Engine::Db | Engine::CachedDb) {
+        let url = st.url.as_deref().ok_or_else(|| {
+            format!(
+                "[store] url: required for engine {:?} (e.g. \"sqlite://var/sessions.sqlite3\")",
+                engine.name()
+            )
+        })?;
         Some(DbUrl::parse(base, url)?)
     } else {
         None
@@ -866,7 +881,31 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
     if let (Engine::Redis | Engine::CachedRedis, Some(url)) = (engine, &st.url) {
         crate::store::redis::validate_url(url).map_err(|e| e.to_string())?;
     }
+    let cache_url = match (engine, st.cache_url) {
+        (Engine::CachedDb, Some(u)) => Some(u),
+        (Engine::CachedDb, None) => {
+            return Err("[store] cache_url: required for engine \"cached_db\" (e.g. \"redis://127.0.0.1:6379/1\")".into())
+        }
+        (_, Some(_)) => {
+            return Err("[store] cache_url: only for engine \"cached_db\"".into())
+        }
+        (_, None) => None,
+    };
+    let django_format = match st.format.as_deref() {
+        None | Some("sessiongate") => false,
+        Some("django") if engine == Engine::SignedCookies => true,
+        Some("django") => {
+            return Err("[store] format: \"django\" is only for engine \"signed_cookies\" (engine \"db\" always uses Django's format)".into())
+        }
+        Some(other) => {
+            return Err(format!(
+                "[store] format: unknown format {other:?} (\"sessiongate\" or \"django\")"
+            ))
+        }
+    };
     let store = StoreConfig {
+        django_format,
+        cache_url,
         db,
         table: st.table,
         engine,

@@ -311,3 +311,30 @@ fn cookie_passthrough_is_only_for_routes_without_sessions() {
     );
     assert!(sessiongate::config::Config::parse(&ok, Path::new("t.toml")).is_ok());
 }
+
+#[test]
+fn store_keys_of_the_django_engines_are_checked() {
+    let base = config("", "[[route]]\nupstream = \"http://127.0.0.1:9\"\n");
+    let parse = |store: &str| {
+        sessiongate::config::Config::parse(
+            &base.replace("[store]\n", &format!("[store]\n{store}\n")),
+            Path::new("t.toml"),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    assert!(parse("engine = \"signed_cookies\"\nformat = \"django\"").is_ok());
+    let e = parse("format = \"django\"").unwrap_err();
+    assert!(e.contains("[store] format"), "{e}");
+    let e = parse("engine = \"signed_cookies\"\nformat = \"php\"").unwrap_err();
+    assert!(e.contains("unknown format"), "{e}");
+    let e = parse("engine = \"cached_db\"\nurl = \"sqlite://s.db\"").unwrap_err();
+    assert!(e.contains("cache_url: required"), "{e}");
+    let e =
+        parse("engine = \"db\"\nurl = \"sqlite://s.db\"\ncache_url = \"redis://x\"").unwrap_err();
+    assert!(e.contains("only for engine \"cached_db\""), "{e}");
+    let e = parse("engine = \"db\"\nurl = \"mysql://x\"").unwrap_err();
+    assert!(e.contains("sqlite://") && e.contains("postgres://"), "{e}");
+    let e = parse("engine = \"db\"\nurl = \"sqlite://s.db\"\ntable = \"x; drop\"").unwrap_err();
+    assert!(e.contains("[store] table"), "{e}");
+}

@@ -152,9 +152,31 @@ async fn two_instances_on_one_database_lose_no_update() {
         return;
     };
     let up = echo().await;
-    let text = toml(&up, &server.url("sessions"), "10s");
-    let a = Arc::new(start_engine(&text).await);
-    let b = Arc::new(start_engine(&text).await);
+    // 40 patches queue on one row lock: a generous bound for a loaded machine.
+    two_instances(&up, &toml(&up, &server.url("sessions"), "60s")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_db_two_instances_on_one_database_and_one_redis() {
+    let Some(server) = database().await else {
+        return;
+    };
+    let Some(redis) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let up = echo().await;
+    let text = toml(&up, &server.url("sessions"), "60s").replace(
+        "engine = \"db\"",
+        &format!("engine = \"cached_db\"\ncache_url = \"{}\"", redis.url()),
+    );
+    two_instances(&up, &text).await;
+}
+
+/// Two proxies on `text`'s store: 40 concurrent patches split across them
+/// all survive; after a Cycle-Key on one, the other never serves the old key.
+async fn two_instances(up: &Upstream, text: &str) {
+    let a = Arc::new(start_engine(text).await);
+    let b = Arc::new(start_engine(text).await);
     let key = call(&a, "/", None, &[("update", r#"{"start":0}"#)])
         .await
         .key();

@@ -1,6 +1,6 @@
 //! The same session behaviours, through the real proxy, on every engine:
-//! memory, file, cached_file, signed_cookies, redis, cached_redis and db
-//! (on SQLite). The
+//! memory, file, cached_file, signed_cookies, redis, cached_redis, db and
+//! cached_db (on SQLite). The
 //! store-level conformance suite (tests/store_conformance.rs) covers the
 //! engines with a server side; this one also covers signed_cookies, whose
 //! only "store" is the cookie. Where an engine cannot do something by
@@ -66,6 +66,13 @@ async fn store_for(engine: &str) -> Option<(String, Guard)> {
                 dir.join("sessions.sqlite3").display()
             );
             Some((lines, Box::new(RemoveDir(dir))))
+        }
+        "cached_db" => {
+            let server = RedisServer::start().await?;
+            let (lines, guard) = Box::pin(store_for("db")).await?;
+            let lines = lines.replace("engine = \"db\"", "engine = \"cached_db\"")
+                + &format!("\ncache_url = \"{}\"", server.url());
+            Some((lines, Box::new((server, guard))))
         }
         other => panic!("unknown engine {other}"),
     }
@@ -327,5 +334,6 @@ every_engine!(
     signed_cookies,
     redis,
     cached_redis,
-    db
+    db,
+    cached_db
 );

@@ -152,6 +152,47 @@ pub async fn db_sqlite() -> (AnyStore, Guard) {
     (AnyStore::Db(store), Box::new(RemoveDir(dir)))
 }
 
+/// `cached_db`: the `db` store on SQLite with its own `redis-server` in
+/// front. Without `redis-server` outside CI, says SKIPPED and runs on the
+/// memory engine.
+pub async fn cached_db_sqlite() -> (AnyStore, Guard) {
+    let Some(server) = redis_server::RedisServer::start().await else {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED: this cached_db conformance test ran on the memory engine\n",
+        );
+        return memory().await;
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "sessiongate-conformance-cdb-{}-{}",
+        std::process::id(),
+        SessionKey::generate().as_str()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = sessiongate::config::DbUrl::Sqlite(dir.join("sessions.sqlite3"));
+    let timeout = std::time::Duration::from_secs(10);
+    sessiongate::store::DbStore::migrate(&url, "django_session", timeout)
+        .await
+        .expect("migrate");
+    let store = sessiongate::store::DbStore::open_cached(
+        &url,
+        "django_session",
+        timeout,
+        b"conformance-secret-0123456789abcdef",
+        &[],
+        Some(&server.url()),
+    )
+    .await
+    .expect("open the cached_db store");
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    (AnyStore::Db(store), Box::new((server, RemoveDir(dir))))
+}
+
 #[path = "common/postgres_server.rs"]
 mod postgres_server;
 
@@ -442,3 +483,4 @@ conformance!(file_engine, file);
 conformance!(cached_file_engine, cached_file);
 conformance!(db_sqlite_engine, db_sqlite);
 conformance!(db_postgres_engine, db_postgres);
+conformance!(cached_db_sqlite_engine, cached_db_sqlite);

@@ -419,7 +419,8 @@ impl Proxy {
                 None => (None, None),
             };
             let view = sh::View {
-                key,
+                // Django's signed-cookie format carries no key.
+                key: key.filter(|_| !self.store.as_signed().is_some_and(|c| c.is_django())),
                 record,
                 is_new: loaded.live.is_none(),
             };
@@ -471,8 +472,8 @@ impl Proxy {
     async fn load(&self, h: &HeaderMap, now: i64) -> Result<Loaded, StoreError> {
         let name = &self.session.cookie_name;
         if let Some(codec) = self.store.as_signed() {
-            let chunks = signed::presented_chunks(h, name);
-            let token = signed::join(h, name);
+            let chunks = codec.chunks(h);
+            let token = codec.token(h);
             let live = token
                 .as_ref()
                 .and_then(|t| t.as_deref())
@@ -690,7 +691,7 @@ impl Proxy {
             }
             Some(codec) => {
                 let token = codec.encode(key, record);
-                let parts = signed::split(name, &token).map_err(ProxyError::SignedTooLarge)?;
+                let parts = codec.cookie_values(&token).map_err(ProxyError::SignedTooLarge)?;
                 for (i, value) in parts.iter().enumerate() {
                     let n = signed::chunk_name(name, i);
                     out.append(

@@ -113,6 +113,14 @@ impl AnyStore {
         match c.engine {
             Engine::SignedCookies => {
                 let s = &config.session;
+                if c.django_format {
+                    return Ok(AnyStore::Signed(SignedCookies::django(
+                        &s.cookie_name,
+                        &s.secret_key,
+                        &s.secret_key_fallbacks,
+                        s.cookie_age.as_secs() as i64,
+                    )));
+                }
                 Ok(AnyStore::Signed(SignedCookies::new(
                     &s.cookie_name,
                     &s.secret_key,
@@ -121,18 +129,19 @@ impl AnyStore {
                 )))
             }
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
-            Engine::Db => {
+            Engine::Db | Engine::CachedDb => {
                 let url =
                     c.db.as_ref()
                         .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
                 let s = &config.session;
                 Ok(AnyStore::Db(
-                    DbStore::open(
+                    DbStore::open_cached(
                         url,
                         &c.table,
                         c.timeout,
                         &s.secret_key,
                         &s.secret_key_fallbacks,
+                        c.cache_url.as_deref(),
                     )
                     .await?,
                 ))

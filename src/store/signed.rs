@@ -72,6 +72,10 @@ pub struct TooLarge {
 pub struct SignedCookies {
     name: String,
     encrypt: bool,
+    /// `format = "django"`: Django's `signed_cookies` format instead
+    /// (`signing.dumps`, salt `django.contrib.sessions.backends.signed_cookies`,
+    /// signed, not encrypted, one cookie), and the max age of its timestamp.
+    django: Option<(crate::store::db::Signer, i64)>,
     /// The current key first, then the fallbacks.
     keys: Vec<Keys>,
 }
@@ -84,7 +88,119 @@ impl SignedCookies {
             name: cookie_name.to_string(),
             encrypt,
             keys,
+            django: None,
         }
+    }
+
+    /// Django's `signed_cookies` format (SPEC 8), verified with `secret`
+    /// then `fallbacks`, valid `max_age_secs` (`cookie_age`) from its signing.
+    pub fn django(
+        cookie_name: &str,
+        secret: &[u8],
+        fallbacks: &[Vec<u8>],
+        max_age_secs: i64,
+    ) -> Self {
+        let mut s = Self::new(cookie_name, secret, fallbacks, false);
+        s.django = Some((
+            crate::store::db::Signer::new(
+                crate::store::db::django::SIGNED_COOKIES_SALT,
+                secret,
+                fallbacks,
+            ),
+            max_age_secs,
+        ));
+        s
+    }
+
+    /// Whether this is Django's format: no key in the cookie (`X-Session-Id`
+    /// is empty), one cookie only.
+    pub fn is_django(&self) -> bool {
+        self.django.is_some()
+    }
+
+    /// The request's token: [`join`] of the numbered cookies, or Django's one cookie.
+    pub fn token(&self, headers: &HeaderMap) -> Option<Option<String>> {
+        if self.django.is_some() {
+            let v = crate::session::cookie::find(headers, &self.name)?;
+            return Some(std::str::from_utf8(v).ok().map(str::to_string));
+        }
+        join(headers, &self.name)
+    }
+
+    /// The cookie values for `token`: [`split`], or Django's one cookie.
+    pub fn cookie_values(&self, token: &str) -> Result<Vec<String>, TooLarge> {
+        if self.django.is_some() {
+            let limit = MAX_COOKIE_BYTES - self.name.len() - 1;
+            if token.len() > limit {
+                return Err(TooLarge {
+                    size: token.len(),
+                    limit,
+                });
+            }
+            return Ok(vec![token.to_string()]);
+        }
+        split(&self.name, token)
+    }
+
+    /// The numbered chunk cookies the request carried (none in Django's format).
+    pub fn chunks(&self, headers: &HeaderMap) -> Vec<usize> {
+        if self.django.is_some() {
+            return Vec::new();
+        }
+        presented_chunks(headers, &self.name)
+    }
+
+    fn encode_django(signer: &crate::store::db::Signer, r: &Record) -> String {
+        let mut map = r.data_map();
+        use serde_json::Value;
+        let key = crate::store::db::EXPIRY_KEY;
+        match r.expiry {
+            Expiry::Default => {}
+            Expiry::BrowserClose => {
+                map.insert(key.into(), Value::from(0));
+            }
+            Expiry::Seconds(n) => {
+                map.insert(key.into(), Value::from(n));
+            }
+            Expiry::At(t) => {
+                map.insert(key.into(), Value::from(crate::store::db::iso_aware(t)));
+            }
+        }
+        signer.dumps(
+            &crate::session::json::to_ascii_vec(&map),
+            r.modified.div_euclid(1000),
+        )
+    }
+
+    fn decode_django(
+        &self,
+        signer: &crate::store::db::Signer,
+        max_age: i64,
+        token: &[u8],
+        now: i64,
+    ) -> Option<(SessionKey, Record)> {
+        let token = std::str::from_utf8(token).ok()?;
+        let (json, ts) = signer
+            .loads_at(token, Some((now.div_euclid(1000), max_age)))
+            .ok()?;
+        let mut map = crate::session::json::parse_object(&json)?;
+        let expiry = crate::store::db::expiry_from_value(map.remove(crate::store::db::EXPIRY_KEY));
+        let signed = ts * 1000;
+        let expires_at = match expiry {
+            Expiry::Seconds(n) => signed + n * 1000,
+            Expiry::At(t) => t,
+            Expiry::Default | Expiry::BrowserClose => signed + max_age * 1000,
+        };
+        let r = Record {
+            data: crate::session::json::encode_object(&map),
+            expiry,
+            created: signed,
+            modified: signed,
+            expires_at,
+        };
+        // The cookie carries no key: a fresh one per request stands in for it
+        // (never shown: `X-Session-Id` is empty in this format).
+        r.is_live(now).then(|| (SessionKey::generate(), r))
     }
 
     fn mac(&self, k: &Keys, payload: &[u8]) -> hmac::Tag {
@@ -97,6 +213,9 @@ impl SignedCookies {
 
     /// Encodes a session as one token (before splitting into cookies).
     pub fn encode(&self, key: &SessionKey, r: &Record) -> String {
+        if let Some((signer, _)) = &self.django {
+            return Self::encode_django(signer, r);
+        }
         let mut buf = Vec::with_capacity(NONCE_LEN + HEADER_LEN + r.data.len() + MAC_LEN + 16);
         if self.encrypt {
             buf.extend_from_slice(&[0u8; NONCE_LEN]);
@@ -139,6 +258,9 @@ impl SignedCookies {
     /// Decodes a token: `None` when it is malformed, tampered with, made
     /// with an unknown key, or expired at `now`.
     pub fn decode(&self, token: &[u8], now: i64) -> Option<(SessionKey, Record)> {
+        if let Some((signer, max_age)) = &self.django {
+            return self.decode_django(signer, *max_age, token, now);
+        }
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
         for k in &self.keys {
             let signed: Vec<u8>;

@@ -130,6 +130,20 @@ impl Signer {
         value
     }
 
+    /// [`Signer::loads`], with the signing time (Unix seconds).
+    pub fn loads_at(
+        &self,
+        token: &str,
+        max_age: Option<(i64, i64)>,
+    ) -> Result<(Vec<u8>, i64), BadSignature> {
+        let ts = token
+            .rsplit(':')
+            .nth(1)
+            .and_then(b62_decode)
+            .ok_or(BadSignature::Malformed)?;
+        Ok((self.loads(token, max_age)?, ts))
+    }
+
     /// `signing.loads(token, max_age=...)`: the JSON bytes of the payload.
     /// `max_age` is `(now_secs, max_age_secs)`.
     pub fn loads(&self, token: &str, max_age: Option<(i64, i64)>) -> Result<Vec<u8>, BadSignature> {

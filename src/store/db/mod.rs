@@ -20,10 +20,12 @@
 //! different keys all survive. A row that is gone, expired or badly signed
 //! is [`Applied::Missing`].
 
+mod cache;
 pub mod django;
 mod postgres;
 mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -53,11 +55,22 @@ pub enum DbError {
     Postgres(#[source] tokio_postgres::Error),
     #[error("[store] url: not a PostgreSQL URL: {0}")]
     Url(#[source] tokio_postgres::Error),
+    #[error("redis (cache_url): {0}")]
+    Redis(#[source] redis::RedisError),
     #[error("postgres pool: {0}")]
     Pool(String),
     #[error("table {table:?} does not exist: run `sessiongate migrate --config FILE` (or Django's `manage.py migrate`)")]
     NoTable { table: String },
 }
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sqlite(e)
+    }
+}
+
+/// Cache updates to make after a commit: key, version, the row (`None`: deleted).
+pub(crate) type Puts = Vec<(SessionKey, i64, Option<(String, i64)>)>;
 
 /// The server's own message when there is one (tokio-postgres says only
 /// "db error" for those).
@@ -124,23 +137,7 @@ impl Codec {
             tracing::warn!("session row not adopted: its data is not a JSON object");
             return None;
         };
-        let expiry = match map.remove(EXPIRY_KEY) {
-            None | Some(Value::Null) => Expiry::Default,
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(0) => Expiry::BrowserClose,
-                Some(n) => Expiry::Seconds(n),
-                None => match n.as_f64() {
-                    Some(0.0) => Expiry::BrowserClose,
-                    Some(f) => Expiry::Seconds(f as i64),
-                    None => Expiry::Default,
-                },
-            },
-            Some(Value::String(s)) => match parse_iso(&s) {
-                Some(t) => Expiry::At(t),
-                None => Expiry::Default,
-            },
-            Some(_) => Expiry::Default,
-        };
+        let expiry = expiry_from_value(map.remove(EXPIRY_KEY));
         let created = map
             .remove(CREATED_KEY)
             .and_then(|v| v.as_i64())
@@ -152,6 +149,27 @@ impl Codec {
             modified: now,
             expires_at,
         })
+    }
+}
+
+/// Django's `_session_expiry` value as an [`Expiry`].
+pub fn expiry_from_value(v: Option<Value>) -> Expiry {
+    match v {
+        None | Some(Value::Null) => Expiry::Default,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(0) => Expiry::BrowserClose,
+            Some(n) => Expiry::Seconds(n),
+            None => match n.as_f64() {
+                Some(0.0) => Expiry::BrowserClose,
+                Some(f) => Expiry::Seconds(f as i64),
+                None => Expiry::Default,
+            },
+        },
+        Some(Value::String(s)) => match parse_iso(&s) {
+            Some(t) => Expiry::At(t),
+            None => Expiry::Default,
+        },
+        Some(_) => Expiry::Default,
     }
 }
 
@@ -231,9 +249,11 @@ pub fn parse_iso(s: &str) -> Option<i64> {
     Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-/// The `db` engine.
+/// The `db` engine (and `cached_db`, with a cache).
 pub struct DbStore {
     backend: Backend,
+    codec: Codec,
+    cache: Option<Arc<cache::Cache>>,
 }
 
 enum Backend {
@@ -250,26 +270,50 @@ impl DbStore {
         secret: &[u8],
         fallbacks: &[Vec<u8>],
     ) -> Result<DbStore, StoreError> {
-        let codec = Codec {
+        Self::open_cached(url, table, timeout, secret, fallbacks, None).await
+    }
+
+    /// [`DbStore::open`] with Redis at `cache_url` in front (`cached_db`).
+    pub async fn open_cached(
+        url: &DbUrl,
+        table: &str,
+        timeout: Duration,
+        secret: &[u8],
+        fallbacks: &[Vec<u8>],
+        cache_url: Option<&str>,
+    ) -> Result<DbStore, StoreError> {
+        let codec = || Codec {
             signer: Signer::new(django::SESSION_SALT, secret, fallbacks),
         };
-        match url {
-            DbUrl::Sqlite(path) => {
-                let backend = sqlite::Sqlite::open(path, table, timeout, codec)
+        let cache = match cache_url {
+            Some(u) => Some(Arc::new(
+                cache::Cache::new(u, timeout).map_err(|e| StoreError::Open(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let backend = match url {
+            DbUrl::Sqlite(path) => Backend::Sqlite(
+                sqlite::Sqlite::open(path, table, timeout, codec(), cache.clone())
                     .await
-                    .map_err(|e| StoreError::Open(e.to_string()))?;
-                Ok(DbStore {
-                    backend: Backend::Sqlite(backend),
-                })
-            }
-            DbUrl::Postgres(url) => {
-                let backend = postgres::Postgres::open(url, table, timeout, codec)
+                    .map_err(|e| StoreError::Open(e.to_string()))?,
+            ),
+            DbUrl::Postgres(url) => Backend::Postgres(
+                postgres::Postgres::open(url, table, timeout, codec(), cache.clone())
                     .await
-                    .map_err(|e| StoreError::Open(e.to_string()))?;
-                Ok(DbStore {
-                    backend: Backend::Postgres(backend),
-                })
-            }
+                    .map_err(|e| StoreError::Open(e.to_string()))?,
+            ),
+        };
+        Ok(DbStore {
+            backend,
+            codec: codec(),
+            cache,
+        })
+    }
+
+    async fn load_raw(&self, key: &SessionKey) -> Result<Option<(String, i64)>, DbError> {
+        match &self.backend {
+            Backend::Sqlite(b) => b.load_raw(key).await,
+            Backend::Postgres(b) => b.load_raw(key).await,
         }
     }
 
@@ -302,7 +346,24 @@ macro_rules! backend {
 
 impl Store for DbStore {
     async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, StoreError> {
-        backend!(self, b => b.load(key, now))
+        if let Some(c) = &self.cache {
+            match c.get(key).await? {
+                cache::Cached::Gone => return Ok(None),
+                cache::Cached::Row(d, e) => return Ok(self.codec.decode(&d, e, now)),
+                cache::Cached::Unknown => {}
+            }
+            let raw = self.load_raw(key).await?;
+            if let Some((d, e)) = &raw {
+                if *e > now {
+                    c.fill(key, d, *e).await?;
+                }
+            }
+            return Ok(raw.and_then(|(d, e)| self.codec.decode(&d, e, now)));
+        }
+        Ok(self
+            .load_raw(key)
+            .await?
+            .and_then(|(d, e)| self.codec.decode(&d, e, now)))
     }
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
         backend!(self, b => b.create(record))

@@ -21,7 +21,10 @@ use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use super::{apply_row, Codec, DbError, Migrated};
+use std::sync::Arc;
+
+use super::cache::Cache;
+use super::{apply_row, Codec, DbError, Migrated, Puts};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
@@ -62,6 +65,7 @@ pub(super) struct Postgres {
     timeout: Duration,
     sql: Sql,
     codec: Codec,
+    cache: Option<Arc<Cache>>,
 }
 
 fn ts(ms: i64) -> OffsetDateTime {
@@ -170,6 +174,7 @@ impl Postgres {
         table: &str,
         timeout: Duration,
         codec: Codec,
+        cache: Option<Arc<Cache>>,
     ) -> Result<Postgres, DbError> {
         let pool = pool(url, timeout)?;
         let check = async {
@@ -201,6 +206,7 @@ impl Postgres {
             timeout,
             sql: Sql::new(table),
             codec,
+            cache,
         })
     }
 
@@ -213,7 +219,11 @@ impl Postgres {
             .map_err(|_| DbError::Timeout(self.timeout))?
     }
 
-    pub(super) async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, DbError> {
+    /// The row as stored: `session_data` and `expire_date` in Unix ms.
+    pub(super) async fn load_raw(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<(String, i64)>, DbError> {
         self.bounded(async {
             let c = self.pool.get().await.map_err(pool_error)?;
             let st = c
@@ -224,36 +234,62 @@ impl Postgres {
                 .query_opt(&st, &[&key.as_str()])
                 .await
                 .map_err(DbError::Postgres)?;
-            Ok(row.and_then(|r| {
+            Ok(row.map(|r| {
                 let data: String = r.get(0);
                 let exp: OffsetDateTime = r.get(1);
-                self.codec.decode(&data, ms(exp), now)
+                (data, ms(exp))
             }))
         })
         .await
     }
 
+    async fn bump(&self, key: &SessionKey) -> Result<Option<i64>, DbError> {
+        match &self.cache {
+            Some(c) => c.bump(key).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_all(&self, puts: Puts) -> Result<(), DbError> {
+        if let Some(c) = &self.cache {
+            for (k, v, row) in puts {
+                c.put(&k, v, row.as_ref().map(|(d, e)| (d.as_str(), *e)))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
         let data = self.codec.encode(&record);
         let exp = ts(record.expires_at);
-        self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
-            let st = c
-                .prepare_cached(&self.sql.insert)
-                .await
-                .map_err(DbError::Postgres)?;
-            loop {
-                let key = SessionKey::generate();
-                let n = c
-                    .execute(&st, &[&key.as_str(), &data, &exp])
+        let (key, puts) = self
+            .bounded(async {
+                let c = self.pool.get().await.map_err(pool_error)?;
+                let st = c
+                    .prepare_cached(&self.sql.insert)
                     .await
                     .map_err(DbError::Postgres)?;
-                if n == 1 {
-                    return Ok(key);
+                loop {
+                    let key = SessionKey::generate();
+                    // Nobody else knows the key yet: its version may come first.
+                    let v = self.bump(&key).await?;
+                    let n = c
+                        .execute(&st, &[&key.as_str(), &data, &exp])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    if n == 1 {
+                        let puts: Puts = v
+                            .map(|v| (key, v, Some((data.clone(), record.expires_at))))
+                            .into_iter()
+                            .collect();
+                        return Ok((key, puts));
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await?;
+        self.bounded(self.put_all(puts)).await?;
+        Ok(key)
     }
 
     pub(super) async fn apply(
@@ -262,85 +298,103 @@ impl Postgres {
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, DbError> {
-        self.bounded(async {
-            let mut c = self.pool.get().await.map_err(pool_error)?;
-            let lock = c
-                .prepare_cached(&self.sql.lock)
-                .await
-                .map_err(DbError::Postgres)?;
-            let update = c
-                .prepare_cached(&self.sql.update)
-                .await
-                .map_err(DbError::Postgres)?;
-            let insert = c
-                .prepare_cached(&self.sql.insert)
-                .await
-                .map_err(DbError::Postgres)?;
-            let delete = c
-                .prepare_cached(&self.sql.delete)
-                .await
-                .map_err(DbError::Postgres)?;
-            let tx = c.transaction().await.map_err(DbError::Postgres)?;
-            let row = tx
-                .query_opt(&lock, &[&key.as_str()])
-                .await
-                .map_err(DbError::Postgres)?;
-            let Some(current) = row.and_then(|r| {
-                let data: String = r.get(0);
-                let exp: OffsetDateTime = r.get(1);
-                self.codec.decode(&data, ms(exp), ctx.now)
-            }) else {
-                return Ok(Applied::Missing);
-            };
-            let applied = apply_row(key, &current, patch, ctx);
-            let Applied::Saved {
-                key: mut new_key,
-                record,
-            } = applied
-            else {
-                return Ok(applied);
-            };
-            let data = self.codec.encode(&record);
-            let exp = ts(record.expires_at);
-            if new_key == *key {
-                tx.execute(&update, &[&key.as_str(), &data, &exp])
+        let (applied, puts) = self
+            .bounded(async {
+                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let lock = c
+                    .prepare_cached(&self.sql.lock)
                     .await
                     .map_err(DbError::Postgres)?;
-            } else {
-                while tx
-                    .execute(&insert, &[&new_key.as_str(), &data, &exp])
+                let update = c
+                    .prepare_cached(&self.sql.update)
                     .await
-                    .map_err(DbError::Postgres)?
-                    == 0
-                {
-                    new_key = SessionKey::generate();
+                    .map_err(DbError::Postgres)?;
+                let insert = c
+                    .prepare_cached(&self.sql.insert)
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let delete = c
+                    .prepare_cached(&self.sql.delete)
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let tx = c.transaction().await.map_err(DbError::Postgres)?;
+                let row = tx
+                    .query_opt(&lock, &[&key.as_str()])
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let Some(current) = row.and_then(|r| {
+                    let data: String = r.get(0);
+                    let exp: OffsetDateTime = r.get(1);
+                    self.codec.decode(&data, ms(exp), ctx.now)
+                }) else {
+                    return Ok((Applied::Missing, Puts::new()));
+                };
+                let applied = apply_row(key, &current, patch, ctx);
+                let Applied::Saved {
+                    key: mut new_key,
+                    record,
+                } = applied
+                else {
+                    return Ok((applied, Puts::new()));
+                };
+                let data = self.codec.encode(&record);
+                let exp = ts(record.expires_at);
+                let mut puts = Puts::new();
+                if new_key == *key {
+                    let v = self.bump(key).await?;
+                    tx.execute(&update, &[&key.as_str(), &data, &exp])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    puts.extend(v.map(|v| (*key, v, Some((data, record.expires_at)))));
+                } else {
+                    while tx
+                        .execute(&insert, &[&new_key.as_str(), &data, &exp])
+                        .await
+                        .map_err(DbError::Postgres)?
+                        == 0
+                    {
+                        new_key = SessionKey::generate();
+                    }
+                    tx.execute(&delete, &[&key.as_str()])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    let v_new = self.bump(&new_key).await?;
+                    let v_old = self.bump(key).await?;
+                    puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
+                    puts.extend(v_old.map(|v| (*key, v, None)));
                 }
-                tx.execute(&delete, &[&key.as_str()])
-                    .await
-                    .map_err(DbError::Postgres)?;
-            }
-            tx.commit().await.map_err(DbError::Postgres)?;
-            Ok(Applied::Saved {
-                key: new_key,
-                record,
+                tx.commit().await.map_err(DbError::Postgres)?;
+                Ok((
+                    Applied::Saved {
+                        key: new_key,
+                        record,
+                    },
+                    puts,
+                ))
             })
-        })
-        .await
+            .await?;
+        self.bounded(self.put_all(puts)).await?;
+        Ok(applied)
     }
 
     pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
-        self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
-            let st = c
-                .prepare_cached(&self.sql.delete)
-                .await
-                .map_err(DbError::Postgres)?;
-            c.execute(&st, &[&key.as_str()])
-                .await
-                .map_err(DbError::Postgres)?;
-            Ok(())
-        })
-        .await
+        let puts = self
+            .bounded(async {
+                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let st = c
+                    .prepare_cached(&self.sql.delete)
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let tx = c.transaction().await.map_err(DbError::Postgres)?;
+                tx.execute(&st, &[&key.as_str()])
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let v = self.bump(key).await?;
+                tx.commit().await.map_err(DbError::Postgres)?;
+                Ok(v.map(|v| (*key, v, None)).into_iter().collect::<Puts>())
+            })
+            .await?;
+        self.bounded(self.put_all(puts)).await
     }
 
     pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {

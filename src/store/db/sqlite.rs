@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use super::{apply_row, naive_utc_text, parse_iso, Codec, DbError, Migrated};
+use super::cache::Cache;
+use super::{apply_row, naive_utc_text, parse_iso, Codec, DbError, Migrated, Puts};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
@@ -60,6 +61,7 @@ pub(super) struct Sqlite {
     timeout: Duration,
     permits: tokio::sync::Semaphore,
     writer: tokio::sync::Mutex<()>,
+    cache: Option<Arc<Cache>>,
 }
 
 fn connect(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
@@ -101,7 +103,7 @@ pub(super) async fn migrate(
 ) -> Result<Migrated, DbError> {
     let path = path.to_path_buf();
     let table = table.to_string();
-    blocking(timeout, move || {
+    blocking(timeout, move || -> rusqlite::Result<Migrated> {
         if let Some(dir) = path.parent() {
             // As Django's sqlite backend, the file is made on first use; its
             // directory too, here.
@@ -117,14 +119,14 @@ pub(super) async fn migrate(
     .await
 }
 
-async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static, E: Into<DbError> + Send + 'static>(
     timeout: Duration,
-    f: impl FnOnce() -> rusqlite::Result<T> + Send + 'static,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, DbError> {
     match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
         Err(_) => Err(DbError::Timeout(timeout)),
         Ok(Err(join)) => Err(DbError::Worker(join)),
-        Ok(Ok(r)) => r.map_err(DbError::Sqlite),
+        Ok(Ok(r)) => r.map_err(Into::into),
     }
 }
 
@@ -140,8 +142,8 @@ fn expire_ms(text: &str) -> i64 {
 impl Inner {
     fn with_conn<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
+        f: impl FnOnce(&mut Connection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
         let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut c = match popped {
             Some(c) => c,
@@ -173,6 +175,7 @@ impl Sqlite {
         table: &str,
         timeout: Duration,
         codec: Codec,
+        cache: Option<Arc<Cache>>,
     ) -> Result<Sqlite, DbError> {
         let inner = Arc::new(Inner {
             path: path.to_path_buf(),
@@ -183,7 +186,7 @@ impl Sqlite {
         });
         let i = inner.clone();
         let t = table.to_string();
-        let exists = blocking(timeout, move || i.with_conn(|c| table_exists(c, &t))).await?;
+        let exists = blocking(timeout, move || i.with_conn(|c| Ok(table_exists(c, &t)?))).await?;
         if !exists {
             return Err(DbError::NoTable {
                 table: table.to_string(),
@@ -194,19 +197,20 @@ impl Sqlite {
             timeout,
             permits: tokio::sync::Semaphore::new(POOL),
             writer: tokio::sync::Mutex::new(()),
+            cache,
         })
     }
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner, &mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&Inner, &mut Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, DbError> {
         let work = async {
             let _permit = self.permits.acquire().await.expect("never closed");
             let inner = self.inner.clone();
             match tokio::task::spawn_blocking(move || inner.with_conn(|c| f(&inner, c))).await {
                 Err(join) => Err(DbError::Worker(join)),
-                Ok(r) => r.map_err(DbError::Sqlite),
+                Ok(r) => r,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -216,7 +220,7 @@ impl Sqlite {
 
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Inner, &mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&Inner, &mut Connection) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, DbError> {
         let _one_writer = tokio::time::timeout(self.timeout, self.writer.lock())
             .await
@@ -224,30 +228,70 @@ impl Sqlite {
         self.run(f).await
     }
 
-    pub(super) async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, DbError> {
+    /// The row as stored: `session_data` and `expire_date` in Unix ms.
+    pub(super) async fn load_raw(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<(String, i64)>, DbError> {
         let key = *key;
-        self.run(move |i, c| {
-            Ok(i.read(c, &key)?
-                .and_then(|(data, exp)| i.codec.decode(&data, exp, now)))
-        })
-        .await
+        self.run(move |i, c| Ok(i.read(c, &key)?)).await
+    }
+
+    /// A cache version for `key`, taken inside the transaction (blocking
+    /// thread): see `cache.rs`.
+    fn bump(
+        cache: &Option<(Arc<Cache>, tokio::runtime::Handle)>,
+        key: &SessionKey,
+    ) -> Result<Option<i64>, DbError> {
+        match cache {
+            Some((c, rt)) => rt.block_on(c.bump(key)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn with_cache(&self) -> Option<(Arc<Cache>, tokio::runtime::Handle)> {
+        self.cache
+            .as_ref()
+            .map(|c| (c.clone(), tokio::runtime::Handle::current()))
+    }
+
+    async fn put_all(&self, puts: Puts) -> Result<(), DbError> {
+        if let Some(c) = &self.cache {
+            for (k, v, row) in puts {
+                c.put(&k, v, row.as_ref().map(|(d, e)| (d.as_str(), *e)))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
-        self.write(move |i, c| {
-            let data = i.codec.encode(&record);
-            let exp = naive_utc_text(record.expires_at);
-            let mut stmt = c.prepare_cached(&i.sql.insert)?;
-            loop {
-                let key = SessionKey::generate();
-                match stmt.execute(params![key.as_str(), data, exp]) {
-                    Ok(_) => return Ok(key),
-                    Err(e) if is_duplicate_key(&e) => continue,
-                    Err(e) => return Err(e),
+        let cache = self.with_cache();
+        let (key, puts) = self
+            .write(move |i, c| {
+                let data = i.codec.encode(&record);
+                let exp = naive_utc_text(record.expires_at);
+                let mut stmt = c.prepare_cached(&i.sql.insert)?;
+                loop {
+                    let key = SessionKey::generate();
+                    // Nobody else knows the key yet: its version may come first.
+                    let v = Self::bump(&cache, &key)?;
+                    match stmt.execute(params![key.as_str(), data, exp]) {
+                        Ok(_) => {
+                            let puts: Puts = v
+                                .map(|v| (key, v, Some((data, record.expires_at))))
+                                .into_iter()
+                                .collect();
+                            return Ok((key, puts));
+                        }
+                        Err(e) if is_duplicate_key(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await?;
+        self.put_all(puts).await?;
+        Ok(key)
     }
 
     pub(super) async fn apply(
@@ -258,55 +302,75 @@ impl Sqlite {
     ) -> Result<Applied, DbError> {
         let key = *key;
         let patch = patch.clone();
-        self.write(move |i, c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(current) = i
-                .read(&tx, &key)?
-                .and_then(|(data, exp)| i.codec.decode(&data, exp, ctx.now))
-            else {
-                return Ok(Applied::Missing);
-            };
-            let applied = apply_row(&key, &current, &patch, ctx);
-            let Applied::Saved {
-                key: mut new_key,
-                record,
-            } = applied
-            else {
-                return Ok(applied);
-            };
-            let data = i.codec.encode(&record);
-            let exp = naive_utc_text(record.expires_at);
-            if new_key == key {
-                tx.prepare_cached(&i.sql.update)?
-                    .execute(params![key.as_str(), data, exp])?;
-            } else {
-                let mut insert = tx.prepare_cached(&i.sql.insert)?;
-                loop {
-                    match insert.execute(params![new_key.as_str(), data, exp]) {
-                        Ok(_) => break,
-                        Err(e) if is_duplicate_key(&e) => new_key = SessionKey::generate(),
-                        Err(e) => return Err(e),
+        let cache = self.with_cache();
+        let (applied, puts) = self
+            .write(move |i, c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let Some(current) = i
+                    .read(&tx, &key)?
+                    .and_then(|(data, exp)| i.codec.decode(&data, exp, ctx.now))
+                else {
+                    return Ok((Applied::Missing, Puts::new()));
+                };
+                let applied = apply_row(&key, &current, &patch, ctx);
+                let Applied::Saved {
+                    key: mut new_key,
+                    record,
+                } = applied
+                else {
+                    return Ok((applied, Puts::new()));
+                };
+                let data = i.codec.encode(&record);
+                let exp = naive_utc_text(record.expires_at);
+                let mut puts = Puts::new();
+                if new_key == key {
+                    let v = Self::bump(&cache, &key)?;
+                    tx.prepare_cached(&i.sql.update)?
+                        .execute(params![key.as_str(), data, exp])?;
+                    puts.extend(v.map(|v| (key, v, Some((data, record.expires_at)))));
+                } else {
+                    let mut insert = tx.prepare_cached(&i.sql.insert)?;
+                    loop {
+                        match insert.execute(params![new_key.as_str(), data, exp]) {
+                            Ok(_) => break,
+                            Err(e) if is_duplicate_key(&e) => new_key = SessionKey::generate(),
+                            Err(e) => return Err(e.into()),
+                        }
                     }
+                    drop(insert);
+                    tx.prepare_cached(&i.sql.delete)?.execute([key.as_str()])?;
+                    let v_new = Self::bump(&cache, &new_key)?;
+                    let v_old = Self::bump(&cache, &key)?;
+                    puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
+                    puts.extend(v_old.map(|v| (key, v, None)));
                 }
-                drop(insert);
-                tx.prepare_cached(&i.sql.delete)?.execute([key.as_str()])?;
-            }
-            tx.commit()?;
-            Ok(Applied::Saved {
-                key: new_key,
-                record,
+                tx.commit()?;
+                Ok((
+                    Applied::Saved {
+                        key: new_key,
+                        record,
+                    },
+                    puts,
+                ))
             })
-        })
-        .await
+            .await?;
+        self.put_all(puts).await?;
+        Ok(applied)
     }
 
     pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
         let key = *key;
-        self.write(move |i, c| {
-            c.prepare_cached(&i.sql.delete)?.execute([key.as_str()])?;
-            Ok(())
-        })
-        .await
+        let cache = self.with_cache();
+        let puts = self
+            .write(move |i, c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                tx.prepare_cached(&i.sql.delete)?.execute([key.as_str()])?;
+                let v = Self::bump(&cache, &key)?;
+                tx.commit()?;
+                Ok(v.map(|v| (key, v, None)).into_iter().collect::<Puts>())
+            })
+            .await?;
+        self.put_all(puts).await
     }
 
     pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {

@@ -67,6 +67,17 @@ def main():
         s._session_cache = s.load()
         s.cycle_key()
         out = {"key": s.session_key}
+    elif cmd == "signed-create":
+        from django.contrib.sessions.backends.signed_cookies import SessionStore as Signed
+        s = Signed()
+        s.update(json.loads(sys.argv[2]))
+        s.save()
+        out = {"cookie": s.session_key}
+    elif cmd == "signed-read":
+        from django.contrib.sessions.backends.signed_cookies import SessionStore as Signed
+        s = Signed(session_key=sys.argv[2])
+        s._session_cache = s.load()
+        out = {"data": dict(s.items()), "expiry_age": s.get_expiry_age()}
     elif cmd == "schema":
         with connection.cursor() as c:
             c.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'django_session' "
