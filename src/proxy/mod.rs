@@ -112,6 +112,7 @@ impl Proxy {
             s.upstream_timeout,
             timer.clone(),
         );
+        pool.limit_connections(s.max_upstream_connections);
         for route in &mut router.routes {
             route.slots = route
                 .cfg
