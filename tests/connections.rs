@@ -484,26 +484,28 @@ async fn an_oversized_upload_always_reads_its_413() {
     let up = upstream(|_| ok()).await;
     let p = start(&plain(&up, "max_request_body = \"1KiB\"")).await;
     for _ in 0..3 {
-        let c = TcpStream::connect(p.addr).await.unwrap();
-        let (mut rd, mut wr) = c.into_split();
+        // As curl does: the whole body first, then the answer. Closed with
+        // the body unread, the connection would be reset under the writes.
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
         const BODY: usize = 8 << 20;
-        let writer = tokio::spawn(async move {
-            let head = format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {BODY}\r\n\r\n");
-            wr.write_all(head.as_bytes()).await?;
+        let head = format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {BODY}\r\n\r\n");
+        let sent = within("the upload", async {
+            c.write_all(head.as_bytes()).await?;
             let chunk = vec![b'x'; 64 << 10];
             for _ in 0..BODY / chunk.len() {
-                wr.write_all(&chunk).await?;
+                c.write_all(&chunk).await?;
             }
-            Ok::<_, std::io::Error>(wr)
-        });
-        let got = within("the 413", read_to_close(&mut rd)).await;
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        sent.expect("the upload is read (and discarded), not reset");
+        let got = within("the 413", read_to_close(&mut c)).await;
         let got = got.expect("a clean close after the answer, not a reset");
         assert!(
             got.starts_with(b"HTTP/1.1 413"),
             "{:?}",
             String::from_utf8_lossy(&got)
         );
-        let _ = writer.await;
     }
     assert_eq!(up.count(), 0);
     p.stop().await;
@@ -535,4 +537,50 @@ async fn at_shutdown_idle_clients_see_a_clean_close_and_h2_a_goaway() {
     within("the server to stop", p.done.take().unwrap())
         .await
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Descriptors
+// ---------------------------------------------------------------------------
+
+#[test]
+fn run_raises_the_open_files_limit_to_the_hard_one_and_logs_it() {
+    use std::process::{Command, Stdio};
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .unwrap();
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_string();
+    if hard == "unlimited" || hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("skipped: hard limit {hard}");
+        return;
+    }
+    // The listen address is taken: `run` raises the limit, then fails to
+    // bind and exits (at once).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new("nofile");
+    let text = config_with("", "", "[[route]]\nupstream = \"http://127.0.0.1:9\"\n")
+        .replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
+    let cfg = dir.write("sessiongate.toml", &text);
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\" run --config \"$1\"",
+            env!("CARGO_BIN_EXE_sessiongate"),
+            cfg.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("open files limit"))
+        .unwrap_or_else(|| panic!("no open files line: {err}"));
+    assert!(
+        line.contains(&format!("open_files={hard}")) && line.contains("before=256"),
+        "{line}"
+    );
 }
