@@ -243,6 +243,9 @@ impl Server {
             affinity,
             inline,
         } = self;
+        // The workers stop when this future ends, also when it is dropped
+        // unfinished (a test's runtime ending).
+        let _stop_on_drop = StopOnDrop(stop.clone());
         let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
         let redirect_addr = redirect.as_ref().and_then(|r| r.local_addr().ok());
         announce(shared.tls.is_some(), addr, redirect_addr);
@@ -323,6 +326,14 @@ impl Server {
         shared.store.flush().await?;
         tracing::info!("stopped");
         result
+    }
+}
+
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
     }
 }
 

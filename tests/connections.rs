@@ -396,7 +396,18 @@ async fn a_100kb_cookie_is_refused_with_431_over_http1_and_h2_alike() {
 #[tokio::test]
 async fn max_connections_makes_the_next_client_wait() {
     let up = upstream(|_| ok()).await;
-    let p = start(&plain(&up, "max_connections = 2")).await;
+    // Two workers, each with its own backlog: the limit is one count.
+    let config = Config::parse(
+        &plain(&up, "max_connections = 2"),
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let p = start_workers(
+        config,
+        sessiongate::store::AnyStore::Memory(sessiongate::store::MemoryStore::new()),
+        2,
+    )
+    .await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = TcpStream::connect(p.addr).await.unwrap();

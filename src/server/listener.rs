@@ -1,6 +1,6 @@
-//! One worker's accept loop: a connection is accepted only with a permit of
+//! One worker's accept loop: a connection is served only with a permit of
 //! `max_connections` (shared by all workers; more clients wait in the
-//! kernel's backlog), accept errors back off and are logged at most once a
+//! kernel's backlog, and one per worker accepted and unread), accept errors back off and are logged at most once a
 //! second, and at shutdown the worker stops accepting and drains its
 //! connections within `shutdown_grace`.
 
@@ -42,11 +42,6 @@ impl Listener {
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = &mut stop => break,
-                p = self.limit.clone().acquire_owned() => p.expect("the connection limit is never closed"),
-            };
             let accepted = tokio::select! {
                 biased;
                 () = &mut stop => break,
@@ -57,6 +52,16 @@ impl Listener {
             match accepted {
                 Ok((stream, peer, redirect)) => {
                     errors.succeeded();
+                    // Accepted first, then the permit: each worker has its
+                    // own backlog (SO_REUSEPORT), so a worker waiting for a
+                    // permit before accepting could hold one while the
+                    // waiting client sits in another worker's backlog. This
+                    // way at most one connection per worker waits, unread.
+                    let permit = tokio::select! {
+                        biased;
+                        () = &mut stop => break,
+                        p = self.limit.clone().acquire_owned() => p.expect("the connection limit is never closed"),
+                    };
                     let _ = stream.set_nodelay(true);
                     conns.spawn(conn::serve(
                         self.worker.clone(),
@@ -67,7 +72,6 @@ impl Listener {
                     ));
                 }
                 Err(e) => {
-                    drop(permit);
                     let pause = errors.failed(&e, Instant::now());
                     // Out of descriptors and the like: wait before trying
                     // again rather than spin.
