@@ -595,3 +595,29 @@ fn run_raises_the_open_files_limit_to_the_hard_one_and_logs_it() {
         "{line}"
     );
 }
+
+#[test]
+fn the_connection_keys_have_their_defaults_and_refuse_zero() {
+    let text = config_with("", "", "[[route]]\nupstream = \"http://127.0.0.1:9\"\n");
+    let c = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let s = &c.server;
+    assert_eq!(s.keepalive_timeout, Duration::from_secs(75));
+    assert_eq!(s.max_connections, 10_000);
+    assert_eq!(s.h2_max_concurrent_streams, 100);
+    assert_eq!(s.max_upstream_connections, 0);
+    for (key, zero) in [
+        ("keepalive_timeout", "\"0s\""),
+        ("max_connections", "0"),
+        ("h2_max_concurrent_streams", "0"),
+    ] {
+        let text = config_with(
+            &format!("{key} = {zero}"),
+            "",
+            "[[route]]\nupstream = \"http://127.0.0.1:9\"\n",
+        );
+        let e = Config::parse(&text, std::path::Path::new("t.toml"))
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {zero} accepted"));
+        assert!(e.to_string().contains(key), "{e}");
+    }
+}
