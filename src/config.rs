@@ -207,6 +207,23 @@ struct RawServer {
     max_request_body: Size,
     #[serde(default = "d_client_body")]
     client_body_timeout: Dur,
+    #[serde(default = "d_keepalive")]
+    keepalive_timeout: Dur,
+    #[serde(default = "d_max_connections")]
+    max_connections: usize,
+    #[serde(default = "d_h2_streams")]
+    h2_max_concurrent_streams: u32,
+    #[serde(default)]
+    max_upstream_connections: usize,
+}
+fn d_keepalive() -> Dur {
+    secs(75)
+}
+fn d_max_connections() -> usize {
+    10_000
+}
+fn d_h2_streams() -> u32 {
+    100
 }
 fn d_client_body() -> Dur {
     secs(60)
@@ -374,6 +391,13 @@ pub struct ServerConfig {
     pub max_request_body: u64,
     /// The longest silence while reading a request body (-> 408).
     pub client_body_timeout: Duration,
+    /// An idle client connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Client connections held at once (all workers together).
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Connections per upstream address (each worker's share); 0: no limit.
+    pub max_upstream_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -692,6 +716,16 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         shutdown_grace: s.shutdown_grace.0,
         max_request_body: s.max_request_body.0,
         client_body_timeout: nonzero("[server] client_body_timeout", s.client_body_timeout.0)?,
+        keepalive_timeout: nonzero("[server] keepalive_timeout", s.keepalive_timeout.0)?,
+        max_connections: match s.max_connections {
+            0 => return Err("[server] max_connections: must be at least 1".into()),
+            n => n,
+        },
+        h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
+            0 => return Err("[server] h2_max_concurrent_streams: must be at least 1".into()),
+            n => n,
+        },
+        max_upstream_connections: s.max_upstream_connections,
     };
 
     // [session]

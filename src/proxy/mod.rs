@@ -114,6 +114,7 @@ impl Proxy {
             s.upstream_timeout,
             timer.clone(),
         );
+        pool.limit_connections(s.max_upstream_connections);
         for route in &mut router.routes {
             route.slots = route
                 .cfg
@@ -691,7 +692,9 @@ impl Proxy {
             }
             Some(codec) => {
                 let token = codec.encode(key, record);
-                let parts = codec.cookie_values(&token).map_err(ProxyError::SignedTooLarge)?;
+                let parts = codec
+                    .cookie_values(&token)
+                    .map_err(ProxyError::SignedTooLarge)?;
                 for (i, value) in parts.iter().enumerate() {
                     let n = signed::chunk_name(name, i);
                     out.append(

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, SendFraming};
@@ -63,6 +63,8 @@ pub struct Pool {
     /// `proxy_read_timeout`), on the worker's timers.
     read_timeout: Duration,
     timer: Wheel,
+    /// `max_upstream_connections` (this worker's share); 0: no limit.
+    max_connections: usize,
 }
 
 struct Slot {
@@ -72,7 +74,14 @@ struct Slot {
     /// Open connections with nothing in flight, the most recently used at
     /// the back.
     idle: Mutex<VecDeque<(Instant, Conn)>>,
+    /// A permit per connection carrying a request, when limited. An idle
+    /// connection holds none, and a new one is made only when none is
+    /// idle, so in use and idle together stay within the limit.
+    limit: Option<Arc<Semaphore>>,
 }
+
+/// A connection's share of its upstream's `max_upstream_connections`.
+type Permit = Option<OwnedSemaphorePermit>;
 
 /// One connection to an upstream and its buffers.
 struct Conn {
@@ -81,6 +90,7 @@ struct Conn {
     rbuf: BytesMut,
     /// The request head being written.
     wbuf: Vec<u8>,
+    permit: Permit,
 }
 
 /// Reads what is available into `rbuf`; `Ok(0)` is the end of input.
@@ -131,7 +141,15 @@ impl Pool {
             connector,
             read_timeout,
             timer,
+            max_connections: 0,
         }
+    }
+
+    /// At most `n` connections to each upstream address at once (0: no
+    /// limit); a request finding all of them busy waits for one, within
+    /// its `upstream_timeout`. Set before the first [`Pool::slot_for`].
+    pub fn limit_connections(&mut self, n: usize) {
+        self.max_connections = n;
     }
 
     /// The slot of an address, added on first use (at start-up).
@@ -149,6 +167,8 @@ impl Pool {
             authority: authority.clone(),
             uri,
             idle: Mutex::new(VecDeque::new()),
+            limit: (self.max_connections > 0)
+                .then(|| Arc::new(Semaphore::new(self.max_connections))),
         });
         self.slots.len() - 1
     }
@@ -203,6 +223,10 @@ impl Pool {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE_PER_UPSTREAM {
+            let conn = Conn {
+                permit: None,
+                ..conn
+            };
             idle.push_back((now, conn));
         }
     }
@@ -253,14 +277,37 @@ impl Pool {
         };
         let mut body = Some(body);
         loop {
+            // With `max_upstream_connections`, the time spent waiting for a
+            // connection counts against `upstream_timeout`: the wait for
+            // the response head then runs from the start of the queueing.
+            let (permit, queued_since) = match &self.slots[slot].limit {
+                None => (None, None),
+                Some(limit) => {
+                    let since = tokio::time::Instant::now();
+                    match self
+                        .timer
+                        .timeout(self.read_timeout, limit.clone().acquire_owned())
+                        .await
+                    {
+                        Ok(p) => (Some(p.expect("the limit is never closed")), Some(since)),
+                        Err(_) => {
+                            return Err(SendError {
+                                error: ProxyError::UpstreamTimeout(self.read_timeout),
+                                unsent: None,
+                            })
+                        }
+                    }
+                }
+            };
             let (mut conn, reused) = match self.reuse(slot) {
-                Some(c) => (c, true),
+                Some(c) => (Conn { permit, ..c }, true),
                 None => match self.dial(slot).await {
                     Ok(io) => (
                         Conn {
                             io: io.into_inner(),
                             rbuf: BytesMut::new(),
                             wbuf: Vec::with_capacity(1024),
+                            permit,
                         },
                         false,
                     ),
@@ -286,7 +333,7 @@ impl Pool {
                 SendFraming::None => None,
                 _ => body.take().map(|b| Upload::new(b, framing)),
             };
-            match exchange(&mut conn, &parts.method, &mut upload, self).await {
+            match exchange(&mut conn, &parts.method, &mut upload, self, queued_since).await {
                 Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
                 Err(f) => {
                     // Nothing of the request was acted on: its head never
@@ -335,20 +382,26 @@ impl Pool {
         // the rest as its next request (a naive server answering 401 or a
         // redirect early): the connection is never reused (as nginx does).
         let reusable = reusable && upload.is_none();
-        let Conn { io, mut rbuf, wbuf } = conn;
+        let Conn {
+            io,
+            mut rbuf,
+            wbuf,
+            mut permit,
+        } = conn;
         let io = match upload {
             None => ReadIo::Whole(io),
             Some(upload) => {
                 let (rd, wr) = io.into_split();
                 let (tx, rx) = oneshot::channel();
-                tokio::spawn(finish_upload(upload, wr, rx, self.clone()));
+                // The write half outlives the read half: it keeps the permit.
+                tokio::spawn(finish_upload(upload, wr, rx, self.clone(), permit.take()));
                 ReadIo::Half { rd, _over: tx }
             }
         };
         let body = match framing {
             Framing::Length(n) if rbuf.len() as u64 >= n => {
                 let data = rbuf.split_to(n as usize).freeze();
-                release(self, slot, io, rbuf, wbuf, reusable);
+                release(self, slot, io, rbuf, wbuf, reusable, permit);
                 Inner::Whole(Some(data))
             }
             _ => Inner::Stream(Box::new(Streaming {
@@ -364,6 +417,7 @@ impl Pool {
                 pool: self.clone(),
                 slot,
                 idle: None,
+                _permit: permit,
             })),
         };
         let mut resp = Response::new(PooledBody(body));
@@ -430,7 +484,9 @@ struct Failure {
 /// 1xx responses are skipped.
 ///
 /// `upstream_timeout` (the pool's `read_timeout`) runs from the head's
-/// writing, and again from each write of the body, to the response head;
+/// writing (or from the wait for a connection under
+/// `max_upstream_connections`), and again from each write of the body, to
+/// the response head;
 /// not while the upload waits for the client's next bytes, which is
 /// `client_body_timeout`'s business: a stalled client is never an
 /// upstream timeout.
@@ -439,6 +495,7 @@ async fn exchange(
     method: &Method,
     upload: &mut Option<Upload>,
     pool: &Pool,
+    queued_since: Option<tokio::time::Instant>,
 ) -> Result<Answer, Failure> {
     let fail = |error: ProxyError, nothing_received: bool, head_unsent: bool| Failure {
         error,
@@ -453,8 +510,12 @@ async fn exchange(
     }
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
-    // Armed while the upstream is the one awaited.
-    let mut deadline = Silence::default();
+    // Armed while the upstream is the one awaited; the first wait counts
+    // from the queueing for a connection, if there was one.
+    let mut deadline = Silence {
+        since: queued_since,
+        ..Silence::default()
+    };
     let mut written = 0u64;
     let head = std::future::poll_fn(|cx| loop {
         let parsed = match conn.rbuf.is_empty() {
@@ -572,7 +633,7 @@ impl Silence {
         }
         let since = self.since.expect("set above");
         loop {
-            let sleep = self.sleep.get_or_insert_with(|| timer.sleep(d));
+            let sleep = self.sleep.get_or_insert_with(|| timer.sleep_until(since + d));
             ready!(std::future::Future::poll(Pin::new(sleep), cx));
             if since.elapsed() < d {
                 self.sleep = Some(timer.sleep_until(since + d));
@@ -703,6 +764,7 @@ struct Streaming {
     slot: usize,
     /// Armed while waiting for the next bytes of the body.
     idle: Option<Sleep>,
+    _permit: Permit,
 }
 
 /// What a response body is read from: the whole connection, or its read
@@ -800,21 +862,38 @@ impl Streaming {
             reusable,
             pool,
             slot,
+            _permit,
             ..
         } = self;
-        release(&pool, slot, io, rbuf, wbuf, reusable);
+        release(&pool, slot, io, rbuf, wbuf, reusable, _permit);
     }
 }
 
 /// A connection whose response has been read: pooled when it can carry
 /// another request and nothing unexpected follows; with an upload still
 /// going, its task decides once the upload is done.
-fn release(pool: &Pool, slot: usize, io: ReadIo, rbuf: BytesMut, wbuf: Vec<u8>, reusable: bool) {
+fn release(
+    pool: &Pool,
+    slot: usize,
+    io: ReadIo,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    reusable: bool,
+    permit: Permit,
+) {
     if !reusable || !rbuf.is_empty() {
         return;
     }
     match io {
-        ReadIo::Whole(io) => pool.push_idle(slot, Conn { io, rbuf, wbuf }),
+        ReadIo::Whole(io) => pool.push_idle(
+            slot,
+            Conn {
+                io,
+                rbuf,
+                wbuf,
+                permit,
+            },
+        ),
         // Never reusable (see `respond`).
         ReadIo::Half { .. } => {}
     }
@@ -833,6 +912,7 @@ async fn finish_upload(
     mut wr: OwnedWriteHalf,
     mut response: oneshot::Receiver<()>,
     pool: Arc<Pool>,
+    _permit: Permit,
 ) {
     let sent = std::future::poll_fn(|cx| upload.poll(&mut wr, cx));
     let mut sent = std::pin::pin!(sent);
