@@ -6,8 +6,10 @@
 //! request headers and turns the upstream's directives into a patch, and
 //! [`store`] keeps the records. [`config`] is the TOML contract.
 
+pub mod access_log;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod session;
