@@ -7,10 +7,13 @@
 //! [`store`] keeps the records. [`config`] is the TOML contract.
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod ops;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -19,8 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Config;
-use crate::proxy::{error_response, ConnInfo, Proxy, RespBody};
+use crate::config::{Config, ServerConfig};
+use crate::metrics::{DeleteReason, Metrics};
+use crate::ops::{ConnGuard, Ops, OpsError};
+use crate::proxy::{error_response, Proxy, RespBody};
 use crate::session::Clock;
 use crate::store::{AnyStore, Store, StoreError};
 
@@ -40,6 +42,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot start a worker: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
 }
 
 /// Builds the rustls configuration from PEM text.
@@ -77,6 +81,9 @@ pub struct Server {
     proxy: Arc<Proxy>,
     config: Config,
     clock: Clock,
+    /// Metrics, access log and admin listener (the workers of
+    /// [`run_threaded`] share the control thread's).
+    ops: Option<Ops>,
 }
 
 impl Server {
@@ -106,7 +113,8 @@ impl Server {
             Some(a) if tls.is_some() => Some(bind(a).await?),
             _ => None,
         };
-        let proxy = Arc::new(Proxy::new(&config, store, clock.clone()));
+        let ops = Ops::start(&config, &store).await?;
+        let proxy = Arc::new(ops.proxy(&config, store, clock.clone()));
         Ok(Server {
             listener,
             redirect,
@@ -114,7 +122,17 @@ impl Server {
             proxy,
             config,
             clock,
+            ops: Some(ops),
         })
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().and_then(Ops::admin_addr)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.proxy.metrics()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -133,17 +151,27 @@ impl Server {
 
     /// Serves until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish within `shutdown_grace`, and flushes the store.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         announce(self.tls.is_some(), self.local_addr(), self.redirect_addr());
         let store = self.proxy.store().clone();
         let sweeper = spawn_sweeper(
             store.clone(),
             self.config.store.clear_expired_interval,
             self.clock.clone(),
+            self.proxy.metrics().clone(),
         );
+        let admin = self.ops.as_mut().and_then(Ops::spawn_admin);
+        let self_ops = self.ops.take();
         self.serve(shutdown).await;
         if let Some(s) = sweeper {
             s.abort();
+        }
+        if let Some(a) = admin {
+            a.abort();
+        }
+        if let Some(ops) = &self_ops {
+            let log = ops.access_log.clone();
+            let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         }
         store.flush().await?;
         tracing::info!("stopped");
@@ -178,6 +206,7 @@ impl Server {
 
         let redirect_port = addr.port();
         let mut redirect = self.redirect;
+        let gauge = self.proxy.metrics().connections("main");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -200,6 +229,8 @@ impl Server {
                         proxy: &self.proxy,
                         builder: &builder,
                         handshake_timeout: self.config.server.header_read_timeout,
+                        server: &self.config.server,
+                        gauge: &gauge,
                     };
                     serve_conn(stream, peer, &ctx, &drain, &mut conns);
                 }
@@ -367,8 +398,9 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
     };
     let clock = Clock::default();
     let workers = workers.max(1);
-    let (store, tls, listeners, redirect) = control.block_on(async {
+    let (store, tls, listeners, redirect, mut ops) = control.block_on(async {
         let store = Arc::new(AnyStore::open(&config).await?);
+        let ops = Ops::start(&config, &store).await?;
         let tls = load_tls(&config, None)?;
         let first = bind_reuseport(config.server.listen)?;
         let addr = first.local_addr().map_err(|source| ServerError::Bind {
@@ -387,7 +419,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
             }
             _ => None,
         };
-        Ok::<_, ServerError>((store, tls, listeners, redirect))
+        Ok::<_, ServerError>((store, tls, listeners, redirect, ops))
     })?;
     let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
     announce(
@@ -398,14 +430,19 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
     tracing::info!(workers, "one worker thread per core");
     // Read before any thread is pinned: the process's own CPU set.
     let cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids());
-    let sweeper = {
+    let (sweeper, admin, reopen) = {
         let _ctx = control.enter();
-        spawn_sweeper(
+        let sweeper = spawn_sweeper(
             store.clone(),
             config.store.clear_expired_interval,
             clock.clone(),
-        )
+            ops.metrics.clone(),
+        );
+        let reopen =
+            spawn_reopen_on_sigusr1(ops.access_log.clone()).map_err(ServerError::Runtime)?;
+        (sweeper, ops.spawn_admin(), reopen)
     };
+    let ops = Arc::new(ops);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let acceptor = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
     let mut redirect = redirect;
@@ -418,6 +455,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
         let mut stopped = stopped.clone();
         let redirect = if i == 0 { redirect.take() } else { None };
         let cpu = cpus.as_ref().map(|c| c[i]);
+        let ops = ops.clone();
         let handle = std::thread::Builder::new()
             .name(format!("sessiongate-worker-{i}"))
             .spawn(move || -> Result<(), ServerError> {
@@ -444,7 +482,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
                         .map(TcpListener::from_std)
                         .transpose()
                         .map_err(ServerError::Runtime)?;
-                    let proxy = Arc::new(Proxy::new(&config, store, clock.clone()));
+                    let proxy = Arc::new(ops.proxy(&config, store, clock.clone()));
                     let server = Server {
                         listener,
                         redirect,
@@ -452,6 +490,7 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
                         proxy,
                         config,
                         clock,
+                        ops: None,
                     };
                     server
                         .serve(async move {
@@ -476,6 +515,11 @@ pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Resul
     if let Some(s) = sweeper {
         s.abort();
     }
+    if let Some(a) = admin {
+        a.abort();
+    }
+    reopen.abort();
+    ops.access_log.flush();
     control.block_on(store.flush())?;
     tracing::info!("stopped");
     Ok(())
@@ -494,6 +538,8 @@ struct ConnCtx<'a> {
     proxy: &'a Arc<Proxy>,
     builder: &'a auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
+    server: &'a ServerConfig,
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
 }
 
 fn serve_conn(
@@ -508,8 +554,55 @@ fn serve_conn(
         proxy,
         builder,
         handshake_timeout,
+        server,
+        gauge,
     } = *ctx;
-    let info = ConnInfo::new(peer, tls.is_some());
+    let guard = ConnGuard::new(gauge);
+    if server.proxy_protocol {
+        // The PROXY header first, in the connection's task; then the
+        // connection as usual (a connection without one is closed).
+        let server = server.clone();
+        let tls = tls.clone();
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let drain = drain.clone();
+        conns.spawn(async move {
+            let _guard = guard;
+            let mut stream = stream;
+            let info = tokio::select! {
+                r = crate::ops::conn_info(&mut stream, peer, tls.is_some(), &server) => match r {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
+                        return;
+                    }
+                },
+                () = drain.started() => return,
+            };
+            let svc = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, info.clone()));
+            match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = drain.watch(conn).await;
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(s)) => s,
+                            _ => return,
+                        },
+                        () = drain.started() => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                    let _ = drain.watch(conn).await;
+                }
+            }
+        });
+        return;
+    }
+    let info =
+        crate::proxy::ConnInfo::with_trust(peer, tls.is_some(), server.is_trusted(peer.ip()));
     let proxy = proxy.clone();
     let svc = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, info.clone()));
     match tls {
@@ -519,6 +612,7 @@ fn serve_conn(
                 .into_owned();
             let watched = drain.watch(conn);
             conns.spawn(async move {
+                let _guard = guard;
                 let _ = watched.await;
             });
         }
@@ -530,6 +624,7 @@ fn serve_conn(
             // request yet), not waited on.
             let drain = drain.clone();
             conns.spawn(async move {
+                let _guard = guard;
                 let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
                 let tls = tokio::select! {
                     r = handshake => match r {
@@ -594,6 +689,7 @@ fn spawn_sweeper(
     store: Arc<AnyStore>,
     every: Duration,
     clock: Clock,
+    metrics: Arc<Metrics>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if every.is_zero() {
         return None;
@@ -606,9 +702,29 @@ fn spawn_sweeper(
             tick.tick().await;
             match store.clear_expired(clock.now_ms()).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, "expired sessions swept"),
+                Ok(n) => {
+                    metrics.sessions_deleted(DeleteReason::Expired, n);
+                    tracing::info!(removed = n, "expired sessions swept");
+                }
                 Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
             }
+        }
+    }))
+}
+
+/// Reopens the access log file on each SIGUSR1 (logrotate's
+/// `postrotate`), as nginx does.
+fn spawn_reopen_on_sigusr1(
+    log: crate::access_log::AccessLog,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    Ok(tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1 received: reopening the access log");
+            let log = log.clone();
+            // `reopen` waits for room in the writer's channel.
+            let _ = tokio::task::spawn_blocking(move || log.reopen()).await;
         }
     }))
 }

@@ -450,16 +450,12 @@ async fn sigint_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_is_opt_in_and_never_carries_secrets() {
+async fn access_log_is_on_by_default_in_combined_format_and_never_carries_secrets() {
     let up =
         upstream(|_| directives(&[("x-session-update", r#"{"card":"4111-SECRET-DATA"}"#)])).await;
     let dir = TempDir::new("cli");
     let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
-    let mut s = serve_env(
-        &["run", "--config", path.to_str().unwrap()],
-        &[("RUST_LOG", "info,sessiongate::access=debug")],
-    )
-    .await;
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<Bytes>>();
     let req = http::Request::get(s.url("/account/page?token=QUERY-SECRET"))
@@ -467,6 +463,8 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
             "cookie",
             "sessionid=abcdefghijklmnopqrstuvwxyz012345; other=1",
         )
+        .header("referer", "http://shop.test/from?ref=REFERER-SECRET")
+        .header("user-agent", "test-agent/1.0")
         .body(http_body_util::Empty::new())
         .unwrap();
     let resp = within("a request", client.request(req)).await.unwrap();
@@ -482,14 +480,22 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
     let log = s.stderr.lock().unwrap().join("\n");
     let line = log
         .lines()
-        .find(|l| l.contains("sessiongate::access"))
+        .find(|l| l.contains("\"GET /account/page HTTP/1.1\""))
         .unwrap_or_else(|| panic!("an access line: {log}"));
+    // nginx's combined format, then the request time in seconds.
+    let shape = combined_shape(line);
+    assert!(shape, "not a combined line: {line}");
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(
-        line.contains("path=/account/page") && line.contains("status=200"),
+        line.contains(
+            "\"GET /account/page HTTP/1.1\" 200 2 \"http://shop.test/from\" \"test-agent/1.0\" "
+        ),
         "{line}"
     );
     for secret in [
         "QUERY-SECRET",
+        "REFERER-SECRET",
+        "other=1",
         "abcdefghijklmnopqrstuvwxyz012345",
         key.as_str(),
         "SECRET-DATA",
@@ -499,6 +505,50 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
             "{secret:?} must not be logged: {log}"
         );
     }
+}
+
+/// `ADDR - - [DD/Mon/YYYY:HH:MM:SS +0000] "..." STATUS BYTES "..." "..." SECS`
+fn combined_shape(line: &str) -> bool {
+    let Some((head, rest)) = line.split_once(" - - [") else {
+        return false;
+    };
+    let Some((time, rest)) = rest.split_once("] \"") else {
+        return false;
+    };
+    let secs = rest.rsplit(' ').next().unwrap_or("");
+    head.parse::<std::net::IpAddr>().is_ok()
+        && time.len() == 26
+        && time.ends_with(" +0000")
+        && secs.parse::<f64>().is_ok()
+        && secs.contains('.')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_file() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("cli");
+    let text = valid_config(&up.url()).replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\naccess_log = \"access.log\"\naccess_log_format = \"json\"",
+    );
+    let path = dir.write("sessiongate.toml", &text);
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    let log = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let (status, _) = get(s.url("/first?q=1")).await;
+    assert_eq!(status, 200);
+    std::fs::rename(&log, &rotated).unwrap();
+    s.signal("USR1");
+    s.wait_for_lines("access log reopened", 1).await;
+    let (status, _) = get(s.url("/second")).await;
+    assert_eq!(status, 200);
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&log).unwrap();
+    let path_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].clone();
+    assert_eq!(old.lines().map(path_of).collect::<Vec<_>>(), ["/first"]);
+    assert_eq!(new.lines().map(path_of).collect::<Vec<_>>(), ["/second"]);
 }
 
 // ---------------------------------------------------------------------------

@@ -69,6 +69,8 @@ pub struct Entry {
 enum Msg {
     Line(Entry),
     Reopen,
+    /// Answered once everything before it is written.
+    Flush(SyncSender<()>),
 }
 
 /// The request path's end of the access log. Cheap to clone.
@@ -153,6 +155,16 @@ impl AccessLog {
         }
     }
 
+    /// Blocks until every line handed over so far is written (shutdown).
+    pub fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = mpsc::sync_channel(1);
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
     /// Reopens the file (logrotate moved it away); nothing for stderr.
     /// Waits for room in the channel: a reopen is never dropped.
     pub fn reopen(&self) {
@@ -232,6 +244,10 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, format: AccessLogFormat) {
                             }
                         }
                     }
+                }
+                Msg::Flush(done) => {
+                    let _ = sink.flush();
+                    let _ = done.send(());
                 }
             }
             next = rx.try_recv().ok();
@@ -460,28 +476,18 @@ mod tests {
         )
         .unwrap();
         log.log(entry());
+        log.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         let rotated = dir.join("access.log.1");
-        // The line is written before the reopen is handled.
-        log.reopen();
-        wait_for(|| std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1));
         std::fs::rename(&path, &rotated).unwrap();
         log.reopen();
         log.log(entry());
-        wait_for(|| std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1));
+        log.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         assert_eq!(
             std::fs::read_to_string(&rotated).unwrap().lines().count(),
             1
         );
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn wait_for(f: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("condition not met within 5 s");
     }
 }
