@@ -909,8 +909,8 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         }
     };
     if let Some(a) = &admin {
-        if a.listen == server.listen
-            || Some(a.listen) == server.redirect_http && a.listen.port() != 0
+        if a.listen.port() != 0
+            && (a.listen == server.listen || Some(a.listen) == server.redirect_http)
         {
             return Err(
                 "[admin] listen: must differ from [server] listen and redirect_http".into(),

@@ -78,6 +78,9 @@ fn main() -> ExitCode {
         return match Config::load(&config_path) {
             Ok(c) => match worker_settings() {
                 Ok((workers, affinity)) => {
+                    if let Some(w) = sessiongate::ops::admin_exposure_warning(&c) {
+                        eprintln!("{}: warning: {w}", c.source.display());
+                    }
                     println!("{}", summary(&c));
                     println!("workers {workers}, CPU affinity {affinity} (environment)");
                     ExitCode::SUCCESS
@@ -229,5 +232,28 @@ fn summary(c: &Config) -> String {
             if r.session { "" } else { " (no session)" }
         ));
     }
+    if let Some(a) = &c.admin {
+        out.push_str(&format!(
+            "\nadmin http://{} (/healthz /readyz /metrics)",
+            a.listen
+        ));
+    }
+    out.push_str(&format!(
+        "\naccess log {}",
+        match (&s.access_log, s.access_log_format) {
+            (sessiongate::config::AccessLogTarget::Off, _) => "off".to_string(),
+            (t, f) => format!(
+                "{} ({})",
+                match t {
+                    sessiongate::config::AccessLogTarget::File(p) => p.display().to_string(),
+                    _ => "stderr".into(),
+                },
+                match f {
+                    sessiongate::config::AccessLogFormat::Combined => "combined",
+                    sessiongate::config::AccessLogFormat::Json => "json",
+                }
+            ),
+        }
+    ));
     out
 }

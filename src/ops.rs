@@ -30,6 +30,18 @@ pub struct Ops {
     admin_addr: Option<SocketAddr>,
 }
 
+/// The warning `check` (and `run`) give when `[admin] listen` is not a
+/// loopback address.
+pub fn admin_exposure_warning(config: &Config) -> Option<String> {
+    let a = config.admin.as_ref()?;
+    (!a.listen.ip().is_loopback()).then(|| {
+        format!(
+            "[admin] listen = \"{}\" is not a loopback address: /metrics, /readyz and the sessions API are reachable from other hosts",
+            a.listen
+        )
+    })
+}
+
 impl Ops {
     /// Starts the access log's writer and binds the admin listener (not
     /// served until [`Ops::spawn_admin`]).
@@ -40,6 +52,9 @@ impl Ops {
             config.server.access_log_format,
             metrics.access_log_dropped.clone(),
         )?;
+        if let Some(w) = admin_exposure_warning(config) {
+            tracing::warn!("{w}");
+        }
         let admin = match &config.admin {
             Some(a) => {
                 let l = crate::admin::bind(a.listen).await?;

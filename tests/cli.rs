@@ -103,6 +103,58 @@ fn check_accepts_a_valid_file_and_prints_a_summary() {
 }
 
 #[test]
+fn check_warns_when_the_admin_listener_is_not_loopback() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    let path = dir.write(
+        "sessiongate.toml",
+        &format!("{base}\n[admin]\nlisten = \"0.0.0.0:9901\"\n"),
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("warning: [admin] listen = \"0.0.0.0:9901\" is not a loopback address"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("admin http://0.0.0.0:9901"),
+        "{}",
+        stdout(&out)
+    );
+    let path = dir.write(
+        "loopback.toml",
+        &format!("{base}\n[admin]\nlisten = \"127.0.0.1:9901\"\n"),
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_names_a_bad_operations_setting() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    for (line, want) in [
+        (
+            "trusted_proxies = [\"10.0.0.0/33\"]",
+            "[server] trusted_proxies: \"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "access_log_format = \"apache\"",
+            "[server] access_log_format: \"apache\": expected \"combined\" or \"json\"",
+        ),
+    ] {
+        let text = base.replace("[session]", &format!("{line}\n\n[session]"));
+        let path = dir.write("bad.toml", &text);
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{line}");
+        assert!(stderr(&out).contains(want), "{line}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn check_reports_an_unknown_key_with_file_line_and_column() {
     let dir = TempDir::new("cli");
     let text = format!(
