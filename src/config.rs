@@ -499,7 +499,7 @@ impl Engine {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub engine: Engine,
     pub path: Option<PathBuf>,

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod store;

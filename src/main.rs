@@ -75,7 +75,11 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run);
 
     if let Command::Check = command {
-        return match Config::load(&config_path) {
+        let loaded = Config::load(&config_path).and_then(|c| {
+            sessiongate::reload::check_files(&c)?;
+            Ok(c)
+        });
+        return match loaded {
             Ok(c) => match worker_settings() {
                 Ok((workers, affinity)) => {
                     if let Some(w) = sessiongate::ops::admin_exposure_warning(&c) {

@@ -103,6 +103,55 @@ fn check_accepts_a_valid_file_and_prints_a_summary() {
 }
 
 #[test]
+fn check_reads_the_certificate_and_key_and_names_the_wrong_file() {
+    let dir = TempDir::new("cli");
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
+    dir.write("cert.pem", &a.cert.pem());
+    dir.write("key.pem", &a.signing_key.serialize_pem());
+    dir.write("other-key.pem", &b.signing_key.serialize_pem());
+    dir.write("garbage.pem", "hello\n");
+    let tls = |cert: &str, key: &str| {
+        valid_config("http://127.0.0.1:9000").replace(
+            "tls = false",
+            &format!("tls = true\ncert = \"{cert}\"\nkey = \"{key}\""),
+        )
+    };
+    let path = dir.write("good.toml", &tls("cert.pem", "key.pem"));
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    for (name, cert, key, want) in [
+        (
+            "mismatch.toml",
+            "cert.pem",
+            "other-key.pem",
+            "[server] key: ",
+        ),
+        ("notkey.toml", "cert.pem", "garbage.pem", "[server] key: "),
+        ("notcert.toml", "garbage.pem", "key.pem", "[server] cert: "),
+        ("missing.toml", "nope.pem", "key.pem", "[server] cert: "),
+    ] {
+        let path = dir.write(name, &tls(cert, key));
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!("{}: {want}", path.display())),
+            "{name}: {err}"
+        );
+        let named = if want.contains("key") { key } else { cert };
+        assert!(err.contains(named), "{name} names {named}: {err}");
+        let what = match name {
+            "mismatch.toml" => "key does not match certificate",
+            "notkey.toml" => "not a PEM private key",
+            "notcert.toml" => "not a PEM certificate chain",
+            _ => "cannot read",
+        };
+        assert!(err.contains(what), "{name}: {err}");
+    }
+}
+
+#[test]
 fn check_warns_when_the_admin_listener_is_not_loopback() {
     let dir = TempDir::new("cli");
     let base = valid_config("http://127.0.0.1:9000");
