@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use sessiongate::config::Config;
-use sessiongate::session::Clock;
+use sessiongate::server::ServerOptions;
 use sessiongate::store::{AnyStore, MemoryStore};
 use sessiongate::Server;
 
@@ -87,15 +87,13 @@ upstream = "http://{up}"
 async fn proxy(engine: &str, url: &str, up: SocketAddr) -> SocketAddr {
     let config = config(engine, url, up);
     let server = if engine == "memory" {
-        Server::bind_with(
+        Server::bind(
             config,
-            Arc::new(AnyStore::Memory(MemoryStore::new())),
-            Clock::default(),
-            None,
+            ServerOptions::with_store(Arc::new(AnyStore::Memory(MemoryStore::new()))),
         )
         .await
     } else {
-        Server::bind(config).await
+        Server::bind(config, ServerOptions::workers(1)).await
     }
     .expect("bind");
     let addr = server.local_addr();

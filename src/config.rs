@@ -214,6 +214,14 @@ struct RawServer {
     shutdown_grace: Dur,
     #[serde(default = "d_body")]
     max_request_body: Size,
+    #[serde(default = "d_keepalive")]
+    keepalive_timeout: Dur,
+    #[serde(default = "d_max_connections")]
+    max_connections: usize,
+    #[serde(default = "d_h2_streams")]
+    h2_max_concurrent_streams: u32,
+    #[serde(default)]
+    max_upstream_connections: usize,
     #[serde(default)]
     trusted_proxies: Vec<String>,
     #[serde(default)]
@@ -222,6 +230,15 @@ struct RawServer {
     access_log: String,
     #[serde(default = "d_access_log_format")]
     access_log_format: String,
+}
+fn d_keepalive() -> Dur {
+    secs(75)
+}
+fn d_max_connections() -> usize {
+    10_000
+}
+fn d_h2_streams() -> u32 {
+    100
 }
 fn d_access_log() -> String {
     "stderr".into()
@@ -410,6 +427,13 @@ pub struct ServerConfig {
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_request_body: u64,
+    /// An idle client connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Client connections held at once (all workers together).
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Connections per upstream address (each worker's share); 0: no limit.
+    pub max_upstream_connections: usize,
     /// Peers whose `X-Forwarded-For`/`-Proto`/`-Host` are believed (SPEC 7.4).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `listen` expects a PROXY protocol (v1 or v2) header first.
@@ -675,6 +699,16 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
                 ))
             }
         },
+        keepalive_timeout: nonzero("[server] keepalive_timeout", s.keepalive_timeout.0)?,
+        max_connections: match s.max_connections {
+            0 => return Err("[server] max_connections: must be at least 1".into()),
+            n => n,
+        },
+        h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
+            0 => return Err("[server] h2_max_concurrent_streams: must be at least 1".into()),
+            n => n,
+        },
+        max_upstream_connections: s.max_upstream_connections,
     };
 
     // [session]

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::session::Clock;
+use crate::server::ServerOptions;
 use crate::store::{AnyStore, MemoryStore};
 use crate::Server;
 
@@ -55,7 +55,16 @@ pub async fn run(listen: SocketAddr) -> Result<ExitCode, DemoError> {
     )?;
     let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
     let signals = crate::server::shutdown_signal().map_err(DemoError::App)?;
-    let server = Server::bind_with(config, store, Clock::default(), Some(tls)).await?;
+    let server = Server::bind(
+        config,
+        ServerOptions {
+            workers: 1,
+            store: Some(store),
+            tls: Some(tls),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
     let addr = server.local_addr();
     let host = if addr.ip().is_loopback() {
         "localhost".to_string()

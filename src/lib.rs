@@ -6,6 +6,8 @@
 //! request headers and turns the upstream's directives into a patch, and
 //! [`store`] keeps the records. [`config`] is the TOML contract.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod config;

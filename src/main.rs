@@ -1,3 +1,5 @@
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -5,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use sessiongate::config::{Config, Engine};
-use sessiongate::server::Affinity;
+use sessiongate::server::{shutdown_signal, Affinity, Server, ServerOptions};
 use sessiongate::store::{AnyStore, Store};
 
 const DEFAULT_CONFIG: &str = "config/sessiongate.toml";
@@ -113,10 +115,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        return match sessiongate::server::run_threaded(config, workers, affinity) {
+        raise_open_files_limit();
+        return match serve(config, workers, affinity) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("sessiongate: {e}");
+                eprintln!("sessiongate: {}", describe(&e));
                 ExitCode::FAILURE
             }
         };
@@ -146,6 +149,40 @@ fn main() -> ExitCode {
             eprintln!("sessiongate: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `run`: a small control runtime keeps the store's background work, the
+/// signals and the expiry sweep; the workers are the server's threads.
+fn serve(config: Config, workers: usize, affinity: Affinity) -> anyhow::Result<()> {
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sessiongate-control")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    control.block_on(async move {
+        // Before binding, so a signal during start-up still shuts down cleanly.
+        let signals = shutdown_signal().context("cannot install the signal handlers")?;
+        let options = ServerOptions {
+            workers,
+            affinity,
+            ..ServerOptions::default()
+        };
+        let server = Server::bind(config, options).await?;
+        server.run(signals).await?;
+        Ok(())
+    })
+}
+
+/// Raises the soft limit on open files to the hard one: every client and
+/// upstream connection is a descriptor, and the usual soft limit (1,024)
+/// is a few hundred clients.
+fn raise_open_files_limit() {
+    let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => tracing::info!(open_files = now, before, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, before, "cannot raise the open files limit"),
     }
 }
 

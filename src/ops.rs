@@ -26,26 +26,31 @@ pub enum OpsError {
 pub struct Ops {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
-    admin: Option<(TcpListener, Arc<Admin>)>,
-    admin_addr: Option<SocketAddr>,
 }
 
-/// The warning `check` (and `run`) give when `[admin] listen` is not a
-/// loopback address.
-pub fn admin_exposure_warning(config: &Config) -> Option<String> {
-    let a = config.admin.as_ref()?;
-    (!a.listen.ip().is_loopback()).then(|| {
-        format!(
-            "[admin] listen = \"{}\" is not a loopback address: /metrics, /readyz and the sessions API are reachable from other hosts",
-            a.listen
-        )
-    })
+/// The admin listener, bound and not yet served.
+pub struct AdminListener {
+    listener: TcpListener,
+    admin: Arc<Admin>,
+}
+
+impl AdminListener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves it on the current runtime until the task is aborted.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        crate::admin::spawn(self.listener, self.admin)
+    }
 }
 
 impl Ops {
-    /// Starts the access log's writer and binds the admin listener (not
-    /// served until [`Ops::spawn_admin`]).
-    pub async fn start(config: &Config, store: &Arc<AnyStore>) -> Result<Ops, OpsError> {
+    /// Starts the access log's writer and binds the admin listener.
+    pub async fn start(
+        config: &Config,
+        store: &Arc<AnyStore>,
+    ) -> Result<(Ops, Option<AdminListener>), OpsError> {
         let metrics = Arc::new(Metrics::new());
         let access_log = AccessLog::start(
             &config.server.access_log,
@@ -56,34 +61,19 @@ impl Ops {
             tracing::warn!("{w}");
         }
         let admin = match &config.admin {
-            Some(a) => {
-                let l = crate::admin::bind(a.listen).await?;
-                Some((
-                    l,
-                    Arc::new(Admin::new(config, store.clone(), metrics.clone())),
-                ))
-            }
+            Some(a) => Some(AdminListener {
+                listener: crate::admin::bind(a.listen).await?,
+                admin: Arc::new(Admin::new(config, store.clone(), metrics.clone())),
+            }),
             None => None,
         };
-        let admin_addr = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
-        Ok(Ops {
-            metrics,
-            access_log,
+        Ok((
+            Ops {
+                metrics,
+                access_log,
+            },
             admin,
-            admin_addr,
-        })
-    }
-
-    /// The admin listener's address, when there is one.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
-    }
-
-    /// Serves the admin listener on the current runtime (once).
-    pub fn spawn_admin(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        self.admin
-            .take()
-            .map(|(l, admin)| crate::admin::spawn(l, admin))
+        ))
     }
 
     /// A worker's proxy, counting into these metrics and logging here.
@@ -98,28 +88,44 @@ impl Ops {
     }
 }
 
-/// What the server learns about a new connection on `listen` before it
-/// serves it: with `proxy_protocol`, the PROXY header is read first (a
-/// connection without a valid one is refused, `Err`); then whether the peer
-/// is a trusted proxy.
-pub async fn conn_info<R: tokio::io::AsyncRead + Unpin>(
-    io: &mut R,
-    peer: SocketAddr,
-    tls: bool,
-    server: &crate::config::ServerConfig,
-) -> Result<crate::proxy::ConnInfo, crate::proxy_protocol::ProxyHeaderError> {
-    let peer = if server.proxy_protocol {
-        crate::proxy_protocol::read_header(io, server.header_read_timeout)
-            .await?
-            .unwrap_or(peer)
-    } else {
-        peer
-    };
-    Ok(crate::proxy::ConnInfo::with_trust(
-        peer,
-        tls,
-        server.is_trusted(peer.ip()),
-    ))
+/// What a worker needs to know about each new connection on `listen`.
+pub struct ConnOps {
+    proxy_protocol: bool,
+    header_read: std::time::Duration,
+    trusted: Vec<ipnet::IpNet>,
+    /// `sessiongate_connections{listener="main"}`.
+    pub gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnOps {
+    pub fn new(s: &crate::config::ServerConfig, metrics: &Metrics) -> ConnOps {
+        ConnOps {
+            proxy_protocol: s.proxy_protocol,
+            header_read: s.header_read_timeout,
+            trusted: s.trusted_proxies.clone(),
+            gauge: metrics.connections("main"),
+        }
+    }
+
+    /// With `proxy_protocol`, reads the PROXY header first (`Err`: the
+    /// connection is to be closed); then whether the peer is trusted.
+    pub async fn conn_info<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        io: &mut R,
+        peer: SocketAddr,
+        tls: bool,
+    ) -> Result<crate::proxy::ConnInfo, crate::proxy_protocol::ProxyHeaderError> {
+        let peer = if self.proxy_protocol {
+            crate::proxy_protocol::read_header(io, self.header_read)
+                .await?
+                .unwrap_or(peer)
+        } else {
+            peer
+        };
+        let ip = peer.ip().to_canonical();
+        let trusted = self.trusted.iter().any(|n| n.contains(&ip));
+        Ok(crate::proxy::ConnInfo::with_trust(peer, tls, trusted))
+    }
 }
 
 /// Counts a connection in `sessiongate_connections{listener}` while held.
@@ -136,4 +142,16 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The warning `check` (and `run`) give when `[admin] listen` is not a
+/// loopback address.
+pub fn admin_exposure_warning(config: &Config) -> Option<String> {
+    let a = config.admin.as_ref()?;
+    (!a.listen.ip().is_loopback()).then(|| {
+        format!(
+            "[admin] listen = \"{}\" is not a loopback address: /metrics, /readyz and the sessions API are reachable from other hosts",
+            a.listen
+        )
+    })
 }

@@ -1,5 +1,17 @@
-//! Listeners, TLS (ALPN `h2` and `http/1.1` on one port), the plain-HTTP
-//! redirect listener, the expiry sweep, and graceful shutdown.
+//! The server: TLS (ALPN `h2` and `http/1.1` on one port), the plain-HTTP
+//! redirect listener, the worker threads, the expiry sweep, and graceful
+//! shutdown.
+//!
+//! [`Server::bind`] opens the store, loads TLS and binds one listening
+//! socket per worker (`SO_REUSEPORT`); [`Server::run`] starts the workers,
+//! each a thread with its own single-threaded runtime, its own
+//! [`listener::Listener`] (the accept loop), its own proxy and upstream
+//! pool, so a request and its upstream connection never leave one thread
+//! (a multi-threaded runtime sharing one pool measured half the throughput:
+//! BENCHMARKS.md). The caller's runtime keeps the store's background work
+//! and the expiry sweep. When the shutdown future completes every worker
+//! stops accepting and drains within `shutdown_grace`; the store is flushed
+//! once, after all of them. Tests start the server the same way.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,24 +22,27 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::metrics::{DeleteReason, Metrics};
-use crate::ops::{ConnGuard, Ops, OpsError};
-use crate::proxy::{error_response, Proxy, RespBody};
+use crate::ops::{AdminListener, Ops, OpsError};
+use crate::proxy::{error_response, RespBody};
 use crate::session::Clock;
 use crate::store::{AnyStore, Store, StoreError};
 
+mod conn;
 mod drain;
-use drain::Drain;
+mod io;
+mod listener;
+mod shutdown;
+
+pub use conn::MAX_REQUEST_HEAD;
+pub use shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -41,7 +56,9 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot start a worker: {0}")]
-    Runtime(std::io::Error),
+    Runtime(#[source] std::io::Error),
+    #[error("a worker thread panicked")]
+    WorkerPanicked,
     #[error(transparent)]
     Ops(#[from] OpsError),
 }
@@ -74,69 +91,131 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, ServerError> {
         .map_err(|e| ServerError::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }
 
+/// How to start a [`Server`] beyond its configuration.
+pub struct ServerOptions {
+    /// Worker threads (1 by default). 0: one worker on the runtime that
+    /// calls [`Server::run`], for a test that must control when the
+    /// server runs.
+    pub workers: usize,
+    pub affinity: Affinity,
+    /// The store to serve with; by default the one the configuration names.
+    pub store: Option<Arc<AnyStore>>,
+    pub clock: Clock,
+    /// TLS configuration given in memory (the demo) instead of the PEM
+    /// files of the configuration.
+    pub tls: Option<rustls::ServerConfig>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            workers: 1,
+            affinity: Affinity::default(),
+            store: None,
+            clock: Clock::default(),
+            tls: None,
+        }
+    }
+}
+
+impl ServerOptions {
+    pub fn workers(workers: usize) -> ServerOptions {
+        ServerOptions {
+            workers,
+            ..ServerOptions::default()
+        }
+    }
+
+    /// One worker serving with `store`.
+    pub fn with_store(store: Arc<AnyStore>) -> ServerOptions {
+        ServerOptions {
+            workers: 1,
+            store: Some(store),
+            ..ServerOptions::default()
+        }
+    }
+}
+
+/// What every worker of a server shares, behind one `Arc`.
+pub struct Shared {
+    pub config: Config,
+    pub store: Arc<AnyStore>,
+    pub clock: Clock,
+    pub tls: Option<TlsAcceptor>,
+    /// `max_connections`: a permit per client connection.
+    pub connections: Arc<Semaphore>,
+    /// Metrics and the access log (SPEC 7.2, 7.3).
+    pub ops: Ops,
+}
+
+/// A bound server, ready to [`run`](Server::run).
 pub struct Server {
-    listener: TcpListener,
-    redirect: Option<TcpListener>,
-    tls: Option<TlsAcceptor>,
-    proxy: Arc<Proxy>,
-    config: Config,
-    clock: Clock,
-    /// Metrics, access log and admin listener (the workers of
-    /// [`run_threaded`] share the control thread's).
-    ops: Option<Ops>,
+    shared: Arc<Shared>,
+    /// One per worker, all on the same address.
+    listeners: Vec<std::net::TcpListener>,
+    redirect: Option<std::net::TcpListener>,
+    affinity: Affinity,
+    /// The one worker runs on the caller's runtime (`workers: 0`).
+    inline: bool,
+    admin: Option<AdminListener>,
 }
 
 impl Server {
     /// Opens the store, loads TLS material and binds the listeners (port 0
     /// picks a free port: see [`Server::local_addr`]).
-    pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let store = AnyStore::open(&config).await?;
-        Server::bind_with(config, Arc::new(store), Clock::default(), None).await
-    }
-
-    /// Like [`Server::bind`] with a given store, clock and (for the demo)
-    /// in-memory TLS configuration.
-    pub async fn bind_with(
-        config: Config,
-        store: Arc<AnyStore>,
-        clock: Clock,
-        tls: Option<rustls::ServerConfig>,
-    ) -> Result<Server, ServerError> {
-        let tls = load_tls(&config, tls)?;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })
+    pub async fn bind(config: Config, options: ServerOptions) -> Result<Server, ServerError> {
+        let ServerOptions {
+            workers,
+            affinity,
+            store,
+            clock,
+            tls,
+        } = options;
+        let inline = workers == 0;
+        let workers = workers.max(1);
+        let store = match store {
+            Some(s) => s,
+            None => Arc::new(AnyStore::open(&config).await?),
         };
-        let listener = bind(config.server.listen).await?;
-        let redirect = match config.server.redirect_http {
-            Some(a) if tls.is_some() => Some(bind(a).await?),
+        let tls = load_tls(&config, tls)?;
+        let first = bind_reuseport(config.server.listen)?;
+        let addr = first.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            listeners.push(bind_reuseport(addr)?);
+        }
+        let redirect = match (config.server.redirect_http, &tls) {
+            (Some(a), Some(_)) => {
+                let err = |source| ServerError::Bind { addr: a, source };
+                let l = TcpListener::bind(a).await.map_err(err)?;
+                Some(l.into_std().map_err(err)?)
+            }
             _ => None,
         };
-        let ops = Ops::start(&config, &store).await?;
-        let proxy = Arc::new(ops.proxy(&config, store, clock.clone()));
+        let connections = Arc::new(Semaphore::new(config.server.max_connections));
+        let (ops, admin) = Ops::start(&config, &store).await?;
         Ok(Server {
-            listener,
+            shared: Arc::new(Shared {
+                store,
+                clock,
+                tls: tls.map(|t| TlsAcceptor::from(Arc::new(t))),
+                connections,
+                config,
+                ops,
+            }),
+            listeners,
             redirect,
-            tls: tls.map(|t| TlsAcceptor::from(Arc::new(t))),
-            proxy,
-            config,
-            clock,
-            ops: Some(ops),
+            affinity,
+            inline,
+            admin,
         })
     }
 
-    /// The admin listener's address, when `[admin]` is configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.ops.as_ref().and_then(Ops::admin_addr)
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        self.proxy.metrics()
-    }
-
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener")
+        self.listeners[0].local_addr().expect("bound listener")
     }
 
     pub fn redirect_addr(&self) -> Option<SocketAddr> {
@@ -146,126 +225,234 @@ impl Server {
     }
 
     pub fn store(&self) -> Arc<AnyStore> {
-        self.proxy.store().clone()
+        self.shared.store.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets
-    /// in-flight requests finish within `shutdown_grace`, and flushes the store.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        announce(self.tls.is_some(), self.local_addr(), self.redirect_addr());
-        let store = self.proxy.store().clone();
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(AdminListener::local_addr)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.ops.metrics
+    }
+
+    /// Serves until `shutdown` completes (or [`Shutdown::trigger`] on the
+    /// handle given to [`Server::run_with`]), then stops accepting, lets
+    /// in-flight requests finish within `shutdown_grace`, and flushes the
+    /// store.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        self.run_with(Shutdown::new(), shutdown).await
+    }
+
+    /// [`Server::run`] with a stop handle of the caller's.
+    pub async fn run_with(
+        self,
+        stop: Shutdown,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let Server {
+            shared,
+            listeners,
+            mut redirect,
+            affinity,
+            inline,
+            admin,
+        } = self;
+        let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
+        let redirect_addr = redirect.as_ref().and_then(|r| r.local_addr().ok());
+        announce(shared.tls.is_some(), addr, redirect_addr);
+        let workers = listeners.len();
+        tracing::info!(workers, "worker threads");
+        // Read before any thread is pinned: the process's own CPU set.
+        let cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids());
         let sweeper = spawn_sweeper(
-            store.clone(),
-            self.config.store.clear_expired_interval,
-            self.clock.clone(),
-            self.proxy.metrics().clone(),
+            shared.store.clone(),
+            shared.config.store.clear_expired_interval,
+            shared.clock.clone(),
+            shared.ops.metrics.clone(),
         );
-        let admin = self.ops.as_mut().and_then(Ops::spawn_admin);
-        let self_ops = self.ops.take();
-        self.serve(shutdown).await;
+        let admin = admin.map(AdminListener::spawn);
+        let reopen =
+            spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
+        let mut ended = tokio::task::JoinSet::new();
+        let mut started = Ok(());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let start = WorkerStart {
+                index: i,
+                listener,
+                redirect: if i == 0 { redirect.take() } else { None },
+                shared: shared.clone(),
+                stop: stop.clone(),
+                cpu: cpus.as_ref().map(|c| c[i]),
+                workers,
+                https_port: addr.port(),
+                done: tx,
+            };
+            let spawn = match inline {
+                false => spawn_worker(start),
+                true => {
+                    tokio::spawn(async move {
+                        let done = start.done;
+                        let r = worker(
+                            start.listener,
+                            start.redirect,
+                            start.shared,
+                            start.stop,
+                            1,
+                            start.https_port,
+                        )
+                        .await;
+                        let _ = done.send(r);
+                    });
+                    Ok(())
+                }
+            };
+            if let Err(e) = spawn {
+                started = Err(e);
+                break;
+            }
+            ended.spawn(async move { rx.await.unwrap_or(Err(ServerError::WorkerPanicked)) });
+        }
+        let mut result = started;
+        if result.is_ok() {
+            tokio::pin!(shutdown);
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = stop.wait() => {}
+                Some(r) = ended.join_next() => {
+                    // A worker ended before the shutdown: stop the others.
+                    result = r.unwrap_or(Err(ServerError::WorkerPanicked));
+                }
+            }
+        }
+        stop.trigger();
+        while let Some(r) = ended.join_next().await {
+            let r = r.unwrap_or(Err(ServerError::WorkerPanicked));
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a worker failed");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
         if let Some(s) = sweeper {
             s.abort();
         }
         if let Some(a) = admin {
             a.abort();
         }
-        if let Some(ops) = &self_ops {
-            let log = ops.access_log.clone();
-            let _ = tokio::task::spawn_blocking(move || log.flush()).await;
-        }
-        store.flush().await?;
+        reopen.abort();
+        let log = shared.ops.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+        shared.store.flush().await?;
         tracing::info!("stopped");
-        Ok(())
+        result
     }
+}
 
-    /// The accept loop until `shutdown`, then the bounded graceful stop.
-    async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let addr = self.local_addr();
-        let drain = Drain::new();
-        // Every connection task, so the ones still open when the grace
-        // period ends can be aborted before the store is flushed.
-        let mut conns: JoinSet<()> = JoinSet::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            // Coarse: checked every 100 ms, no tokio timer per request.
-            .timer(self.proxy.timer().clone())
-            .header_read_timeout(self.config.server.header_read_timeout)
-            .keep_alive(true)
-            // One write per response head and short body.
-            .writev(false)
-            // A request in flight is not watched for the client going
-            // away: it runs to its end and its session changes are saved,
-            // as a Django view's are (and a client may half-close and still
-            // read the answer). This also spares a read buffer per request.
-            .half_close(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(60)));
+/// What a worker thread starts with.
+struct WorkerStart {
+    index: usize,
+    listener: std::net::TcpListener,
+    redirect: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    stop: Shutdown,
+    cpu: Option<core_affinity::CoreId>,
+    workers: usize,
+    https_port: u16,
+    done: tokio::sync::oneshot::Sender<Result<(), ServerError>>,
+}
 
-        let redirect_port = addr.port();
-        let mut redirect = self.redirect;
-        let gauge = self.proxy.metrics().connections("main");
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                res = self.listener.accept() => {
-                    let (stream, peer) = match res {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            // Out of descriptors and the like: back off briefly.
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    while conns.try_join_next().is_some() {}
-                    let ctx = ConnCtx {
-                        tls: &self.tls,
-                        proxy: &self.proxy,
-                        builder: &builder,
-                        handshake_timeout: self.config.server.header_read_timeout,
-                        server: &self.config.server,
-                        gauge: &gauge,
-                    };
-                    serve_conn(stream, peer, &ctx, &drain, &mut conns);
-                }
-                res = accept_opt(&mut redirect) => {
-                    if let Ok((stream, _)) = res {
-                        let conn = builder
-                            .serve_connection(TokioIo::new(stream), service_fn(move |req| async move {
-                                Ok::<_, std::convert::Infallible>(redirect_response(&req, redirect_port))
-                            }))
-                            .into_owned();
-                        let watched = drain.watch(conn);
-                        conns.spawn(async move {
-                            let _ = watched.await;
-                        });
-                    }
+/// One worker: its proxy and pool, its accept loop, until `stop`.
+async fn worker(
+    listener: std::net::TcpListener,
+    redirect: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    stop: Shutdown,
+    workers: usize,
+    https_port: u16,
+) -> Result<(), ServerError> {
+    let listener = TcpListener::from_std(listener).map_err(ServerError::Runtime)?;
+    let redirect = redirect
+        .map(TcpListener::from_std)
+        .transpose()
+        .map_err(ServerError::Runtime)?;
+    let mut config = shared.config.clone();
+    // Each worker has its own upstream pool: the limit is shared out
+    // among them.
+    let up = &mut config.server.max_upstream_connections;
+    *up = up.div_ceil(workers);
+    let proxy = Arc::new(
+        shared
+            .ops
+            .proxy(&config, shared.store.clone(), shared.clock.clone()),
+    );
+    let worker = Arc::new(conn::Worker::new(
+        proxy,
+        shared.tls.clone(),
+        &config.server,
+        https_port,
+    ));
+    listener::Listener {
+        listener,
+        redirect,
+        worker,
+        limit: shared.connections.clone(),
+        grace: config.server.shutdown_grace,
+    }
+    .run(stop)
+    .await;
+    Ok(())
+}
+
+fn spawn_worker(start: WorkerStart) -> Result<(), ServerError> {
+    let i = start.index;
+    std::thread::Builder::new()
+        .name(format!("sessiongate-worker-{i}"))
+        .spawn(move || {
+            let WorkerStart {
+                index: i,
+                listener,
+                redirect,
+                shared,
+                stop,
+                cpu,
+                workers,
+                https_port,
+                done,
+            } = start;
+            if let Some(cpu) = cpu {
+                if core_affinity::set_for_current(cpu) {
+                    tracing::info!(worker = i, cpu = cpu.id, "worker pinned");
+                } else {
+                    tracing::warn!(
+                        worker = i,
+                        cpu = cpu.id,
+                        "could not pin the worker; it runs unpinned"
+                    );
                 }
             }
-        }
-        drop(self.listener);
-        drop(redirect);
-        tracing::info!(grace = ?self.config.server.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
-        drain.start();
-        let all_closed = async { while conns.join_next().await.is_some() {} };
-        match tokio::time::timeout(self.config.server.shutdown_grace, all_closed).await {
-            Ok(()) => tracing::info!("all connections closed"),
-            Err(_) => {
-                tracing::warn!(
-                    open = conns.len(),
-                    "shutdown grace period over; closing the remaining connections"
-                );
-                conns.abort_all();
-            }
-        }
-        while conns.join_next().await.is_some() {}
-    }
+            // After the pin (or not): tests read the thread's CPUs then.
+            tracing::debug!(worker = i, "worker started");
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ServerError::Runtime)
+                .and_then(|rt| {
+                    rt.block_on(worker(
+                        listener, redirect, shared, stop, workers, https_port,
+                    ))
+                });
+            let _ = done.send(result);
+        })
+        .map(|_| ())
+        .map_err(ServerError::Runtime)
 }
 
 fn announce(tls: bool, addr: SocketAddr, redirect: Option<SocketAddr>) {
@@ -372,279 +559,6 @@ fn worker_cpus(
                 "SESSIONGATE_CPU_AFFINITY: the usable CPUs cannot be read here; workers not pinned"
             );
             None
-        }
-    }
-}
-
-/// Serves `config` with one worker thread per core, each running its own
-/// single-threaded runtime, its own listener on the shared address and its
-/// own upstream connection pool, so a request and its upstream connection
-/// never leave one thread (a multi-threaded runtime sharing one pool
-/// measured half the throughput: BENCHMARKS.md). A small control runtime
-/// owns the store's background work, the signals and the expiry sweep. On
-/// SIGTERM/SIGINT every worker stops accepting and finishes within
-/// `shutdown_grace`; the store is flushed once, after all of them. With
-/// [`Affinity::Auto`] each worker is pinned to a CPU of its own.
-pub fn run_threaded(config: Config, workers: usize, affinity: Affinity) -> Result<(), ServerError> {
-    let control = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("sessiongate-control")
-        .enable_all()
-        .build()
-        .map_err(ServerError::Runtime)?;
-    let signals = {
-        let _ctx = control.enter();
-        shutdown_signal().map_err(ServerError::Runtime)?
-    };
-    let clock = Clock::default();
-    let workers = workers.max(1);
-    let (store, tls, listeners, redirect, mut ops) = control.block_on(async {
-        let store = Arc::new(AnyStore::open(&config).await?);
-        let ops = Ops::start(&config, &store).await?;
-        let tls = load_tls(&config, None)?;
-        let first = bind_reuseport(config.server.listen)?;
-        let addr = first.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
-        let mut listeners = vec![first];
-        for _ in 1..workers {
-            listeners.push(bind_reuseport(addr)?);
-        }
-        let redirect = match (config.server.redirect_http, &tls) {
-            (Some(a), Some(_)) => {
-                let err = |source| ServerError::Bind { addr: a, source };
-                let l = TcpListener::bind(a).await.map_err(err)?;
-                Some(l.into_std().map_err(err)?)
-            }
-            _ => None,
-        };
-        Ok::<_, ServerError>((store, tls, listeners, redirect, ops))
-    })?;
-    let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
-    announce(
-        tls.is_some(),
-        addr,
-        redirect.as_ref().and_then(|r| r.local_addr().ok()),
-    );
-    tracing::info!(workers, "one worker thread per core");
-    // Read before any thread is pinned: the process's own CPU set.
-    let cpus = worker_cpus(affinity, workers, core_affinity::get_core_ids());
-    let (sweeper, admin, reopen) = {
-        let _ctx = control.enter();
-        let sweeper = spawn_sweeper(
-            store.clone(),
-            config.store.clear_expired_interval,
-            clock.clone(),
-            ops.metrics.clone(),
-        );
-        let reopen =
-            spawn_reopen_on_sigusr1(ops.access_log.clone()).map_err(ServerError::Runtime)?;
-        (sweeper, ops.spawn_admin(), reopen)
-    };
-    let ops = Arc::new(ops);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let acceptor = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
-    let mut redirect = redirect;
-    let mut handles = Vec::with_capacity(workers);
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let config = config.clone();
-        let store = store.clone();
-        let clock = clock.clone();
-        let acceptor = acceptor.clone();
-        let mut stopped = stopped.clone();
-        let redirect = if i == 0 { redirect.take() } else { None };
-        let cpu = cpus.as_ref().map(|c| c[i]);
-        let ops = ops.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("sessiongate-worker-{i}"))
-            .spawn(move || -> Result<(), ServerError> {
-                if let Some(cpu) = cpu {
-                    if core_affinity::set_for_current(cpu) {
-                        tracing::info!(worker = i, cpu = cpu.id, "worker pinned");
-                    } else {
-                        tracing::warn!(
-                            worker = i,
-                            cpu = cpu.id,
-                            "could not pin the worker; it runs unpinned"
-                        );
-                    }
-                }
-                // After the pin (or not): tests read the thread's CPUs then.
-                tracing::debug!(worker = i, "worker started");
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(ServerError::Runtime)?;
-                rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener).map_err(ServerError::Runtime)?;
-                    let redirect = redirect
-                        .map(TcpListener::from_std)
-                        .transpose()
-                        .map_err(ServerError::Runtime)?;
-                    let proxy = Arc::new(ops.proxy(&config, store, clock.clone()));
-                    let server = Server {
-                        listener,
-                        redirect,
-                        tls: acceptor,
-                        proxy,
-                        config,
-                        clock,
-                        ops: None,
-                    };
-                    server
-                        .serve(async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    Ok(())
-                })
-            })
-            .map_err(ServerError::Runtime)?;
-        handles.push(handle);
-    }
-    control.block_on(signals);
-    let _ = stop.send(true);
-    for h in handles {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "a worker failed"),
-            Err(_) => tracing::error!("a worker panicked"),
-        }
-    }
-    if let Some(s) = sweeper {
-        s.abort();
-    }
-    if let Some(a) = admin {
-        a.abort();
-    }
-    reopen.abort();
-    ops.access_log.flush();
-    control.block_on(store.flush())?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-async fn accept_opt(l: &mut Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What serving one accepted connection needs.
-struct ConnCtx<'a> {
-    tls: &'a Option<TlsAcceptor>,
-    proxy: &'a Arc<Proxy>,
-    builder: &'a auto::Builder<TokioExecutor>,
-    handshake_timeout: Duration,
-    server: &'a ServerConfig,
-    gauge: &'a prometheus_client::metrics::gauge::Gauge,
-}
-
-fn serve_conn(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: &ConnCtx<'_>,
-    drain: &Drain,
-    conns: &mut JoinSet<()>,
-) {
-    let ConnCtx {
-        tls,
-        proxy,
-        builder,
-        handshake_timeout,
-        server,
-        gauge,
-    } = *ctx;
-    let guard = ConnGuard::new(gauge);
-    if server.proxy_protocol {
-        // The PROXY header first, in the connection's task; then the
-        // connection as usual (a connection without one is closed).
-        let server = server.clone();
-        let tls = tls.clone();
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let drain = drain.clone();
-        conns.spawn(async move {
-            let _guard = guard;
-            let mut stream = stream;
-            let info = tokio::select! {
-                r = crate::ops::conn_info(&mut stream, peer, tls.is_some(), &server) => match r {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
-                        return;
-                    }
-                },
-                () = drain.started() => return,
-            };
-            let svc = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, info.clone()));
-            match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = drain.watch(conn).await;
-                }
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                    let tls = tokio::select! {
-                        r = handshake => match r {
-                            Ok(Ok(s)) => s,
-                            _ => return,
-                        },
-                        () = drain.started() => return,
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                    let _ = drain.watch(conn).await;
-                }
-            }
-        });
-        return;
-    }
-    let info =
-        crate::proxy::ConnInfo::with_trust(peer, tls.is_some(), server.is_trusted(peer.ip()));
-    let proxy = proxy.clone();
-    let svc = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, info.clone()));
-    match tls {
-        None => {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let watched = drain.watch(conn);
-            conns.spawn(async move {
-                let _guard = guard;
-                let _ = watched.await;
-            });
-        }
-        Some(acceptor) => {
-            let acceptor = acceptor.clone();
-            let builder = builder.clone();
-            // The handshake happens in the task; a connection still
-            // handshaking when the drain starts is dropped (it has no
-            // request yet), not waited on.
-            let drain = drain.clone();
-            conns.spawn(async move {
-                let _guard = guard;
-                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                let tls = tokio::select! {
-                    r = handshake => match r {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    },
-                    () = drain.started() => return,
-                };
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                    .into_owned();
-                let _ = drain.watch(conn).await;
-            });
         }
     }
 }

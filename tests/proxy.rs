@@ -1081,7 +1081,7 @@ async fn an_early_answer_read_with_the_last_body_bytes_still_closes_the_connecti
             });
         }
     });
-    let p = start(&config_with(
+    let p = start_on_this_thread(&config_with(
         "upstream_timeout = \"5s\"",
         "",
         &plain_route(addr),

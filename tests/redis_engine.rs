@@ -139,7 +139,9 @@ impl Instance {
     ) -> Result<Instance, String> {
         let text = config_text(engine, url, timeout, up);
         let config = Config::parse(&text, Path::new("test.toml")).expect("valid test config");
-        let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+        let server = Server::bind(config, sessiongate::server::ServerOptions::workers(1))
+            .await
+            .map_err(|e| e.to_string())?;
         let addr = server.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let done = tokio::spawn(async move {

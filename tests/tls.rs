@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use sessiongate::config::Config;
-use sessiongate::session::Clock;
+use sessiongate::server::ServerOptions;
 use sessiongate::store::{AnyStore, MemoryStore};
 use sessiongate::Server;
 use tokio::net::TcpStream;
@@ -169,7 +169,7 @@ async fn redirect_listener_answers_308_to_https() {
     let up = upstream(|_| ok()).await;
     let config = tls_config(&certs, &up, "redirect_http = \"127.0.0.1:0\"");
     let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
-    let server = Server::bind_with(config, store, Clock::default(), None)
+    let server = Server::bind(config, ServerOptions::with_store(store))
         .await
         .expect("bind");
     let tls_port = server.local_addr().port();
@@ -206,7 +206,7 @@ async fn a_client_silent_in_its_tls_handshake_does_not_hold_the_shutdown() {
     let mut config = tls_config(&certs, &up, "header_read_timeout = \"60s\"");
     config.server.shutdown_grace = std::time::Duration::from_secs(60);
     let store = Arc::new(AnyStore::Memory(MemoryStore::new()));
-    let server = Server::bind_with(config, store, Clock::default(), None)
+    let server = Server::bind(config, ServerOptions::with_store(store))
         .await
         .unwrap();
     let addr = server.local_addr();

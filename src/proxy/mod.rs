@@ -224,6 +224,7 @@ impl Proxy {
             s.upstream_timeout,
             timer.clone(),
         );
+        pool.limit_connections(s.max_upstream_connections);
         for (i, route) in router.routes.iter_mut().enumerate() {
             route.index = i;
             route.slots = route

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
@@ -62,6 +62,8 @@ pub struct Pool {
     /// `proxy_read_timeout`), on the worker's timers.
     read_timeout: Duration,
     timer: Wheel,
+    /// `max_upstream_connections` (this worker's share); 0: no limit.
+    max_connections: usize,
 }
 
 struct Slot {
@@ -71,7 +73,14 @@ struct Slot {
     /// Open connections with nothing in flight, the most recently used at
     /// the back.
     idle: Mutex<VecDeque<(Instant, Conn)>>,
+    /// A permit per connection carrying a request, when limited. An idle
+    /// connection holds none, and a new one is made only when none is
+    /// idle, so in use and idle together stay within the limit.
+    limit: Option<Arc<Semaphore>>,
 }
+
+/// A connection's share of its upstream's `max_upstream_connections`.
+type Permit = Option<OwnedSemaphorePermit>;
 
 /// One connection to an upstream and its buffers.
 struct Conn {
@@ -80,6 +89,7 @@ struct Conn {
     rbuf: BytesMut,
     /// The request head being written.
     wbuf: Vec<u8>,
+    permit: Permit,
 }
 
 /// Reads what is available into `rbuf`; `Ok(0)` is the end of input.
@@ -130,7 +140,15 @@ impl Pool {
             connector,
             read_timeout,
             timer,
+            max_connections: 0,
         }
+    }
+
+    /// At most `n` connections to each upstream address at once (0: no
+    /// limit); a request finding all of them busy waits for one, within
+    /// its `upstream_timeout`. Set before the first [`Pool::slot_for`].
+    pub fn limit_connections(&mut self, n: usize) {
+        self.max_connections = n;
     }
 
     /// The slot of an address, added on first use (at start-up).
@@ -148,6 +166,8 @@ impl Pool {
             authority: authority.clone(),
             uri,
             idle: Mutex::new(VecDeque::new()),
+            limit: (self.max_connections > 0)
+                .then(|| Arc::new(Semaphore::new(self.max_connections))),
         });
         self.slots.len() - 1
     }
@@ -198,6 +218,10 @@ impl Pool {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE_PER_UPSTREAM {
+            let conn = Conn {
+                permit: None,
+                ..conn
+            };
             idle.push_back((now, conn));
         }
     }
@@ -239,14 +263,25 @@ impl Pool {
         };
         let mut body = Some(body);
         loop {
+            let permit = match &self.slots[slot].limit {
+                None => None,
+                Some(limit) => Some(
+                    limit
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the limit is never closed"),
+                ),
+            };
             let (mut conn, reused) = match self.reuse(slot) {
-                Some(c) => (c, true),
+                Some(c) => (Conn { permit, ..c }, true),
                 None => match self.dial(slot).await {
                     Ok(io) => (
                         Conn {
                             io: io.into_inner(),
                             rbuf: BytesMut::new(),
                             wbuf: Vec::with_capacity(1024),
+                            permit,
                         },
                         false,
                     ),
@@ -308,20 +343,26 @@ impl Pool {
         // the rest as its next request (a naive server answering 401 or a
         // redirect early): the connection is never reused (as nginx does).
         let reusable = reusable && upload.is_none();
-        let Conn { io, mut rbuf, wbuf } = conn;
+        let Conn {
+            io,
+            mut rbuf,
+            wbuf,
+            mut permit,
+        } = conn;
         let io = match upload {
             None => ReadIo::Whole(io),
             Some(upload) => {
                 let (rd, wr) = io.into_split();
                 let (tx, rx) = oneshot::channel();
-                tokio::spawn(finish_upload(upload, wr, rx, self.clone()));
+                // The write half outlives the read half: it keeps the permit.
+                tokio::spawn(finish_upload(upload, wr, rx, self.clone(), permit.take()));
                 ReadIo::Half { rd, _over: tx }
             }
         };
         let body = match framing {
             Framing::Length(n) if rbuf.len() as u64 >= n => {
                 let data = rbuf.split_to(n as usize).freeze();
-                release(self, slot, io, rbuf, wbuf, reusable);
+                release(self, slot, io, rbuf, wbuf, reusable, permit);
                 Inner::Whole(Some(data))
             }
             _ => Inner::Stream(Box::new(Streaming {
@@ -337,6 +378,7 @@ impl Pool {
                 pool: self.clone(),
                 slot,
                 idle: None,
+                _permit: permit,
             })),
         };
         let mut resp = Response::new(PooledBody(body));
@@ -599,6 +641,7 @@ struct Streaming {
     slot: usize,
     /// Armed while waiting for the next bytes of the body.
     idle: Option<Sleep>,
+    _permit: Permit,
 }
 
 /// What a response body is read from: the whole connection, or its read
@@ -696,21 +739,38 @@ impl Streaming {
             reusable,
             pool,
             slot,
+            _permit,
             ..
         } = self;
-        release(&pool, slot, io, rbuf, wbuf, reusable);
+        release(&pool, slot, io, rbuf, wbuf, reusable, _permit);
     }
 }
 
 /// A connection whose response has been read: pooled when it can carry
 /// another request and nothing unexpected follows; with an upload still
 /// going, its task decides once the upload is done.
-fn release(pool: &Pool, slot: usize, io: ReadIo, rbuf: BytesMut, wbuf: Vec<u8>, reusable: bool) {
+fn release(
+    pool: &Pool,
+    slot: usize,
+    io: ReadIo,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    reusable: bool,
+    permit: Permit,
+) {
     if !reusable || !rbuf.is_empty() {
         return;
     }
     match io {
-        ReadIo::Whole(io) => pool.push_idle(slot, Conn { io, rbuf, wbuf }),
+        ReadIo::Whole(io) => pool.push_idle(
+            slot,
+            Conn {
+                io,
+                rbuf,
+                wbuf,
+                permit,
+            },
+        ),
         // Never reusable (see `respond`).
         ReadIo::Half { .. } => {}
     }
@@ -729,6 +789,7 @@ async fn finish_upload(
     mut wr: OwnedWriteHalf,
     mut response: oneshot::Receiver<()>,
     pool: Arc<Pool>,
+    _permit: Permit,
 ) {
     let sent = std::future::poll_fn(|cx| upload.poll(&mut wr, cx));
     let mut sent = std::pin::pin!(sent);

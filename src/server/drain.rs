@@ -5,7 +5,8 @@
 //! instructions per proxied request. Here a connection registers its task's
 //! waker once, and each later wakeup costs one atomic load and a pointer
 //! comparison. On [`Drain::start`] every connection is woken and told to
-//! finish its request in flight and close (hyper's `graceful_shutdown`).
+//! finish its request in flight and close (hyper's `graceful_shutdown`,
+//! called by the connection's watchdog in `conn.rs`).
 //! Waiting for them is the caller's (the worker joins its connection tasks).
 
 use std::future::Future;
@@ -13,8 +14,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-
-use hyper_util::server::graceful::GracefulConnection;
 
 /// The drain signal of one worker. Cloning shares it.
 #[derive(Clone, Default)]
@@ -47,13 +46,9 @@ impl Drain {
         Drain::default()
     }
 
-    /// `conn`, closed gracefully once the drain starts.
-    pub fn watch<C: GracefulConnection>(&self, conn: C) -> Drained<C> {
-        Drained {
-            conn: Box::pin(conn),
-            reg: Registration::new(self.shared.clone()),
-            shut: false,
-        }
+    /// A connection's place in the drain: see [`Registration::poll_draining`].
+    pub fn register(&self) -> Registration {
+        Registration::new(self.shared.clone())
     }
 
     /// Ready once the drain has started: for work that should simply stop
@@ -82,7 +77,7 @@ impl Drain {
 }
 
 /// A task's place in a drain's waker table.
-struct Registration {
+pub struct Registration {
     shared: Arc<Shared>,
     /// The slot in the waker table, once registered.
     slot: Option<usize>,
@@ -101,7 +96,7 @@ impl Registration {
 
     /// Whether the drain has started; if not, the task of `cx` is woken
     /// when it does.
-    fn poll_draining(&mut self, cx: &mut Context<'_>) -> bool {
+    pub fn poll_draining(&mut self, cx: &mut Context<'_>) -> bool {
         if self.shared.draining.load(Ordering::Acquire) {
             return true;
         }
@@ -129,7 +124,7 @@ impl Registration {
         self.shared.draining.load(Ordering::SeqCst)
     }
 
-    fn release(&mut self) {
+    pub fn release(&mut self) {
         if let Some(i) = self.slot.take() {
             let mut w = self.shared.lock();
             w.slots[i] = None;
@@ -142,28 +137,6 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.release();
-    }
-}
-
-/// A connection watched by a [`Drain`].
-pub struct Drained<C> {
-    conn: Pin<Box<C>>,
-    reg: Registration,
-    /// `graceful_shutdown` has been called.
-    shut: bool,
-}
-
-impl<C: GracefulConnection> Future for Drained<C> {
-    type Output = C::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
-        let this = self.get_mut();
-        if !this.shut && this.reg.poll_draining(cx) {
-            this.shut = true;
-            this.reg.release();
-            this.conn.as_mut().graceful_shutdown();
-        }
-        this.conn.as_mut().poll(cx)
     }
 }
 

@@ -222,11 +222,28 @@ pub async fn start_engine(toml: &str) -> Proxy {
 }
 
 pub async fn start_with(config: Config, store: AnyStore) -> Proxy {
+    start_workers(config, store, 1).await
+}
+
+/// Starts the server with its one worker on the test's own runtime, for a
+/// test that blocks its thread to line up what the proxy sees next.
+#[allow(dead_code)]
+pub async fn start_on_this_thread(toml: &str) -> Proxy {
+    let config = Config::parse(toml, std::path::Path::new("test.toml")).expect("valid test config");
+    start_workers(config, AnyStore::Memory(MemoryStore::new()), 0).await
+}
+
+/// Starts the server with `workers` worker threads (0: on this runtime).
+pub async fn start_workers(config: Config, store: AnyStore, workers: usize) -> Proxy {
     let clock = Clock::default();
     let store = Arc::new(store);
-    let server = Server::bind_with(config, store.clone(), clock.clone(), None)
-        .await
-        .expect("bind");
+    let options = sessiongate::server::ServerOptions {
+        workers,
+        store: Some(store.clone()),
+        clock: clock.clone(),
+        ..Default::default()
+    };
+    let server = Server::bind(config, options).await.expect("bind");
     let addr = server.local_addr();
     let admin = server.admin_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

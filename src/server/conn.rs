@@ -1,0 +1,328 @@
+//! One client connection: the TLS handshake, the protocol ALPN chose (or,
+//! on plain HTTP, the first bytes), and its watchdog: closed cleanly when
+//! nothing is in flight for `keepalive_timeout` (HTTP/1.1 between requests,
+//! HTTP/2 without a stream even while the client answers PINGs, a
+//! connection that never sent a byte), dropped when a request head (an
+//! HTTP/1 head, an HTTP/2 header block) is not complete within
+//! `header_read_timeout`, closed gracefully when the worker drains.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+
+use super::drain::Drain;
+use super::io::{ConnIo, ConnState, InFlight, Proto, Verdict};
+use crate::config::ServerConfig;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::timer::{Sleep, Wheel};
+
+/// The largest request head, HTTP/1.1 and HTTP/2 alike: a larger one is
+/// answered `431 Request Header Fields Too Large`. (HTTP/1: the head's
+/// bytes, hyper's read buffer limit; HTTP/2: SETTINGS_MAX_HEADER_LIST_SIZE,
+/// names and values plus 32 bytes a field.)
+pub const MAX_REQUEST_HEAD: usize = 64 << 10;
+
+/// How long a connection closed for being idle may take to go (an HTTP/2
+/// client told GOAWAY) before it is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the connections of one worker share.
+pub(super) struct Worker {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) drain: Drain,
+    /// The https port the redirect listener sends clients to.
+    pub(super) https_port: u16,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// Plain HTTP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+    auto: auto::Builder<TokioExecutor>,
+    timer: Wheel,
+    keepalive: Duration,
+    header_read: Duration,
+    /// PROXY protocol, trusted proxies, the connections gauge.
+    ops: crate::ops::ConnOps,
+}
+
+impl Worker {
+    pub(super) fn new(
+        proxy: Arc<Proxy>,
+        tls: Option<TlsAcceptor>,
+        s: &ServerConfig,
+        https_port: u16,
+    ) -> Worker {
+        let timer = proxy.timer().clone();
+        let mut h1 = http1::Builder::new();
+        // The head's deadline is the watchdog's (from its first byte, not
+        // from the end of the previous request).
+        h1.timer(timer.clone())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            // One write per response head and short body.
+            .writev(false)
+            // A request in flight is not watched for the client going
+            // away: it runs to its end and its session changes are saved,
+            // as a Django view's are (and a client may half-close and still
+            // read the answer). This also spares a read buffer per request.
+            .half_close(true)
+            .max_buf_size(MAX_REQUEST_HEAD);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(s.h2_max_concurrent_streams)
+            .max_header_list_size(MAX_REQUEST_HEAD as u32)
+            // Rapid reset: streams the client opens and resets at once.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024));
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(timer.clone())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .writev(false)
+            .half_close(true)
+            .max_buf_size(MAX_REQUEST_HEAD);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(s.h2_max_concurrent_streams)
+            .max_header_list_size(MAX_REQUEST_HEAD as u32)
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024));
+        Worker {
+            tls,
+            drain: Drain::new(),
+            https_port,
+            h1,
+            h2,
+            auto,
+            timer,
+            keepalive: s.keepalive_timeout,
+            header_read: s.header_read_timeout,
+            ops: crate::ops::ConnOps::new(s, proxy.metrics()),
+            proxy,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body, the request counted in flight until it is dropped.
+    pub(crate) struct Tracked<B> {
+        #[pin]
+        body: B,
+        _guard: InFlight,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves one accepted connection (holding its `max_connections` permit).
+pub(super) async fn serve(
+    w: Arc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    redirect: bool,
+    _permit: OwnedSemaphorePermit,
+) {
+    let state = Arc::new(ConnState::new());
+    if redirect {
+        let port = w.https_port;
+        let st = state.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let guard = st.request();
+            let resp = super::redirect_response(&req, port);
+            async move { Ok::<_, Infallible>(track(resp, guard)) }
+        });
+        let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
+        let conn = w.auto.serve_connection(TokioIo::new(io), svc);
+        return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
+    }
+    let _counted = crate::ops::ConnGuard::new(&w.ops.gauge);
+    let mut stream = stream;
+    // With `proxy_protocol`, the PROXY header comes first; a connection
+    // without a valid one is closed before anything else is read.
+    let info = tokio::select! {
+        r = w.ops.conn_info(&mut stream, peer, w.tls.is_some()) => match r {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
+                return;
+            }
+        },
+        () = w.drain.started() => return,
+    };
+    let Some(acceptor) = &w.tls else {
+        let svc = service(&w, &state, info);
+        let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
+        let conn = w.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
+    };
+    // A connection still handshaking when the drain starts is dropped (it
+    // has no request yet), not waited on.
+    let handshake = tokio::time::timeout(w.header_read, acceptor.accept(stream));
+    let tls = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        () = w.drain.started() => return,
+    };
+    // What ALPN chose, and nothing else: no sniffing on TLS.
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let svc = service(&w, &state, info);
+    if h2 {
+        let io = ConnIo::new(tls, state.clone(), Proto::Http2);
+        let conn = w.h2.serve_connection(TokioIo::new(io), svc);
+        drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await
+    } else {
+        let io = ConnIo::new(tls, state.clone(), Proto::Http1);
+        let conn = w.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await
+    }
+}
+
+fn track<B>(resp: Response<B>, guard: InFlight) -> Response<Tracked<B>> {
+    resp.map(|body| Tracked {
+        body,
+        _guard: guard,
+    })
+}
+
+/// The proxy's service for one connection, each request counted in flight.
+fn service(
+    w: &Worker,
+    state: &Arc<ConnState>,
+    info: ConnInfo,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked<crate::proxy::RespBody>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked<crate::proxy::RespBody>>, Infallible>>
+                 + Send
+                 + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let proxy = w.proxy.clone();
+    let state = state.clone();
+    service_fn(move |req: Request<Incoming>| {
+        let guard = state.request();
+        let handled = proxy.clone().handle(req, info.clone());
+        async move {
+            let resp = handled.await?;
+            Ok(track(resp, guard))
+        }
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Told to finish its requests and close (the worker drains).
+    Draining,
+    /// Told to close for being idle; dropped if it takes too long.
+    Closing,
+}
+
+/// Polls `conn` to its end under the watchdog and the drain; `shut` is
+/// the connection's graceful shutdown.
+async fn drive<C, F, T>(conn: C, mut shut: F, state: &ConnState, w: &Worker, peer: SocketAddr)
+where
+    C: Future<Output = Result<(), T>>,
+    T: std::fmt::Display,
+    F: FnMut(Pin<&mut C>),
+{
+    let mut conn = pin!(conn);
+    let mut reg = w.drain.register();
+    let mut phase = Phase::Serving;
+    let mut timer: Option<Sleep> = None;
+    std::future::poll_fn(|cx| {
+        if phase == Phase::Serving && reg.poll_draining(cx) {
+            reg.release();
+            shut(conn.as_mut());
+            phase = Phase::Draining;
+        }
+        loop {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended");
+                }
+                return Poll::Ready(());
+            }
+            match phase {
+                // Bounded by the worker's grace period.
+                Phase::Draining => return Poll::Pending,
+                Phase::Closing => {
+                    let t = timer.as_mut().expect("armed when closing");
+                    return match Pin::new(t).poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(()),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Phase::Serving => {}
+            }
+            if state.take_changed() {
+                timer = None;
+            }
+            if let Some(t) = timer.as_mut() {
+                if Pin::new(t).poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            match state.check(w.keepalive, w.header_read) {
+                Verdict::Until(ms) => timer = Some(w.timer.sleep_until(state.instant(ms))),
+                Verdict::HeadTimeout => {
+                    tracing::debug!(%peer, "request head not complete within header_read_timeout; connection dropped");
+                    return Poll::Ready(());
+                }
+                Verdict::Idle => {
+                    tracing::debug!(%peer, "idle for keepalive_timeout; closing the connection");
+                    shut(conn.as_mut());
+                    phase = Phase::Closing;
+                    timer = Some(w.timer.sleep(CLOSE_WAIT));
+                }
+            }
+        }
+    })
+    .await
+}
