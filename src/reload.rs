@@ -166,6 +166,37 @@ pub fn prepare(running: &Config, path: &Path) -> Result<Prepared, ReloadError> {
     Ok(Prepared { config, tls })
 }
 
+/// Refuses a new configuration that changes what is bound or opened once
+/// at start: the listeners, TLS on or off, the admin listener, the access
+/// log's target and format.
+pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), ReloadError> {
+    let (a, b) = (&running.server, &new.server);
+    let mut changed = Vec::new();
+    if a.listen != b.listen {
+        changed.push("[server] listen");
+    }
+    if a.tls.is_some() != b.tls.is_some() {
+        changed.push("[server] tls");
+    }
+    if a.redirect_http != b.redirect_http {
+        changed.push("[server] redirect_http");
+    }
+    if a.access_log != b.access_log || a.access_log_format != b.access_log_format {
+        changed.push("[server] access_log");
+    }
+    if running.admin.as_ref().map(|x| x.listen) != new.admin.as_ref().map(|x| x.listen) {
+        changed.push("[admin] listen");
+    }
+    if changed.is_empty() {
+        Ok(())
+    } else {
+        Err(ReloadError::Refused(format!(
+            "{} changed: this needs a restart",
+            changed.join(", ")
+        )))
+    }
+}
+
 /// Logs a reload's outcome and counts it in
 /// `sessiongate_config_reloads_total{result}`.
 pub fn record(metrics: &Metrics, path: &Path, outcome: &Result<Prepared, ReloadError>) {

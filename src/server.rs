@@ -146,6 +146,45 @@ pub struct Shared {
     pub connections: Arc<Semaphore>,
     /// Metrics and the access log (SPEC 7.2, 7.3).
     pub ops: Ops,
+    /// The configuration serving now: a reload (SPEC 7.1) sends a new one,
+    /// and every worker follows.
+    pub generation: tokio::sync::watch::Sender<Arc<Generation>>,
+}
+
+/// One configuration as the workers serve it.
+pub struct Generation {
+    pub config: Config,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    /// Re-reads the configuration file (and its certificate, key, secret
+    /// and token files); when it is valid and changes nothing that needs
+    /// a restart, every worker serves it from its next connection and
+    /// request. Logged and counted either way.
+    pub fn reload(&self) -> Result<(), crate::reload::ReloadError> {
+        let current = self.generation.borrow().clone();
+        let path = current.config.source.clone();
+        let outcome = crate::reload::prepare(&current.config, &path).and_then(|p| {
+            crate::reload::restart_only_changes(&current.config, &p.config)?;
+            Ok(p)
+        });
+        crate::reload::record(&self.ops.metrics, &path, &outcome);
+        let p = outcome?;
+        let tls = match p.tls {
+            Some(t) => Some(TlsAcceptor::from(Arc::new(t))),
+            // TLS given in memory (the demo) stays.
+            None => current
+                .tls
+                .clone()
+                .filter(|_| p.config.server.tls.is_none()),
+        };
+        self.generation.send_replace(Arc::new(Generation {
+            config: p.config,
+            tls,
+        }));
+        Ok(())
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -197,14 +236,20 @@ impl Server {
         };
         let connections = Arc::new(Semaphore::new(config.server.max_connections));
         let (ops, admin) = Ops::start(&config, &store).await?;
+        let tls = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
+        let (generation, _) = tokio::sync::watch::channel(Arc::new(Generation {
+            config: config.clone(),
+            tls: tls.clone(),
+        }));
         Ok(Server {
             shared: Arc::new(Shared {
                 store,
                 clock,
-                tls: tls.map(|t| TlsAcceptor::from(Arc::new(t))),
+                tls,
                 connections,
                 config,
                 ops,
+                generation,
             }),
             listeners,
             redirect,
@@ -279,6 +324,7 @@ impl Server {
         let admin = admin.map(AdminListener::spawn);
         let reopen =
             spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
+        let hup = spawn_reload_on_sighup(shared.clone()).map_err(ServerError::Runtime)?;
         let mut ended = tokio::task::JoinSet::new();
         let mut started = Ok(());
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -348,6 +394,7 @@ impl Server {
             a.abort();
         }
         reopen.abort();
+        hup.abort();
         let log = shared.ops.access_log.clone();
         let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         shared.store.flush().await?;
@@ -393,12 +440,33 @@ async fn worker(
             .ops
             .proxy(&config, shared.store.clone(), shared.clock.clone()),
     );
+    let mut generations = shared.generation.subscribe();
+    let current = generations.borrow_and_update().clone();
     let worker = Arc::new(conn::Worker::new(
         proxy,
-        shared.tls.clone(),
+        current.tls.clone(),
         &config.server,
         https_port,
     ));
+    // Reloads: this worker's proxy (and pool) for each new configuration,
+    // built on this worker's thread.
+    let follower = {
+        let (worker, shared) = (worker.clone(), shared.clone());
+        tokio::spawn(async move {
+            while generations.changed().await.is_ok() {
+                let g = generations.borrow_and_update().clone();
+                let mut config = g.config.clone();
+                let up = &mut config.server.max_upstream_connections;
+                *up = up.div_ceil(workers);
+                let proxy = Arc::new(shared.ops.proxy(
+                    &config,
+                    shared.store.clone(),
+                    shared.clock.clone(),
+                ));
+                worker.swap(proxy, g.tls.clone(), &config.server);
+            }
+        })
+    };
     listener::Listener {
         listener,
         redirect,
@@ -408,6 +476,7 @@ async fn worker(
     }
     .run(stop)
     .await;
+    follower.abort();
     Ok(())
 }
 
@@ -622,6 +691,19 @@ fn spawn_sweeper(
                 }
                 Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
             }
+        }
+    }))
+}
+
+/// Reloads the configuration on each SIGHUP (SPEC 7.1).
+fn spawn_reload_on_sighup(shared: Arc<Shared>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
         }
     }))
 }
