@@ -40,6 +40,11 @@ impl AdminListener {
     }
 
     /// Serves it on the current runtime until the task is aborted.
+    /// Connects `POST /reload` to the server's reload.
+    pub fn set_reload(&self, f: crate::admin::ReloadFn) {
+        self.admin.set_reload(f);
+    }
+
     pub fn spawn(self) -> tokio::task::JoinHandle<()> {
         crate::admin::spawn(self.listener, self.admin)
     }

@@ -197,19 +197,18 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), Reload
     }
 }
 
-/// Logs a reload's outcome and counts it in
-/// `sessiongate_config_reloads_total{result}`.
-pub fn record(metrics: &Metrics, path: &Path, outcome: &Result<Prepared, ReloadError>) {
-    match outcome {
-        Ok(p) => {
-            metrics.reload(ReloadResult::Ok);
-            tracing::info!(config = %path.display(), routes = p.config.routes.len(), "configuration reloaded");
-        }
-        Err(e) => {
-            metrics.reload(e.result());
-            tracing::error!(config = %path.display(), "reload failed, the running configuration serves on: {e}");
-        }
-    }
+/// Logs a reload that took effect and counts it in
+/// `sessiongate_config_reloads_total{result="ok"}`.
+pub fn record_success(metrics: &Metrics, path: &Path, routes: usize) {
+    metrics.reload(ReloadResult::Ok);
+    tracing::info!(config = %path.display(), routes, "configuration reloaded");
+}
+
+/// Logs a refused reload (the `check` message, or why it needs a
+/// restart) and counts it.
+pub fn record_failure(metrics: &Metrics, path: &Path, e: &ReloadError) {
+    metrics.reload(e.result());
+    tracing::error!(config = %path.display(), "reload failed, the running configuration serves on: {e}");
 }
 
 #[cfg(test)]

@@ -149,6 +149,10 @@ pub struct Shared {
     /// The configuration serving now: a reload (SPEC 7.1) sends a new one,
     /// and every worker follows.
     pub generation: tokio::sync::watch::Sender<Arc<Generation>>,
+    /// How many times a worker has taken up a new generation, so that a
+    /// reload is reported once every worker serves it.
+    swaps: (std::sync::Mutex<usize>, std::sync::Condvar),
+    workers: usize,
 }
 
 /// One configuration as the workers serve it.
@@ -169,8 +173,14 @@ impl Shared {
             crate::reload::restart_only_changes(&current.config, &p.config)?;
             Ok(p)
         });
-        crate::reload::record(&self.ops.metrics, &path, &outcome);
-        let p = outcome?;
+        let p = match outcome {
+            Ok(p) => p,
+            Err(e) => {
+                crate::reload::record_failure(&self.ops.metrics, &path, &e);
+                return Err(e);
+            }
+        };
+        let routes = p.config.routes.len();
         let tls = match p.tls {
             Some(t) => Some(TlsAcceptor::from(Arc::new(t))),
             // TLS given in memory (the demo) stays.
@@ -179,11 +189,25 @@ impl Shared {
                 .clone()
                 .filter(|_| p.config.server.tls.is_none()),
         };
+        let (count, taken) = &self.swaps;
+        let target = *count.lock().unwrap_or_else(|e| e.into_inner()) + self.workers;
         self.generation.send_replace(Arc::new(Generation {
             config: p.config,
             tls,
         }));
+        // Reported once every worker serves it (bounded: a worker stuck
+        // elsewhere does not hold the reload).
+        let guard = count.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = taken.wait_timeout_while(guard, Duration::from_secs(5), |n| *n < target);
+        crate::reload::record_success(&self.ops.metrics, &path, routes);
         Ok(())
+    }
+
+    /// A worker serves the newest generation.
+    fn swapped(&self) {
+        let (count, taken) = &self.swaps;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        taken.notify_all();
     }
 }
 
@@ -241,16 +265,26 @@ impl Server {
             config: config.clone(),
             tls: tls.clone(),
         }));
+        let shared = Arc::new(Shared {
+            store,
+            clock,
+            tls,
+            connections,
+            config,
+            ops,
+            generation,
+            swaps: Default::default(),
+            workers,
+        });
+        if let Some(a) = &admin {
+            let weak = Arc::downgrade(&shared);
+            a.set_reload(Box::new(move || match weak.upgrade() {
+                Some(s) => s.reload().map_err(|e| e.to_string()),
+                None => Err("the server has stopped".into()),
+            }));
+        }
         Ok(Server {
-            shared: Arc::new(Shared {
-                store,
-                clock,
-                tls,
-                connections,
-                config,
-                ops,
-                generation,
-            }),
+            shared,
             listeners,
             redirect,
             affinity,
@@ -464,6 +498,7 @@ async fn worker(
                     shared.clock.clone(),
                 ));
                 worker.swap(proxy, g.tls.clone(), &config.server);
+                shared.swapped();
             }
         })
     };

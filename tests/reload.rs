@@ -300,3 +300,143 @@ async fn sighup_reloads_under_load_and_refuses_what_it_must() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
 }
+
+/// The certificate a new TLS connection to `addr` is served, trusting `roots`.
+async fn served_certificate(
+    addr: SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> rustls::pki_types::CertificateDer<'static> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = within(
+        "the TLS handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        ),
+    )
+    .await
+    .expect("a TLS handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_certificate_is_served_to_new_connections_after_sighup() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("reload-tls");
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    dir.write("cert.pem", &a.cert.pem());
+    dir.write("key.pem", &a.signing_key.serialize_pem());
+    let text = config_text(&up.url(), common::redis_server::free_port(), "")
+        .replace(
+            "tls = false",
+            "tls = true\ncert = \"cert.pem\"\nkey = \"key.pem\"",
+        )
+        .replace("cookie_secure = false", "");
+    let path = dir.write("sessiongate.toml", &text);
+    let sg = Running::start(&path).await;
+    let roots = [a.cert.der().clone(), b.cert.der().clone()];
+    assert_eq!(&served_certificate(sg.addr, &roots).await, a.cert.der());
+
+    // A key that does not match: refused, the old certificate serves on.
+    dir.write("cert.pem", &b.cert.pem());
+    sg.signal("HUP");
+    let line = sg.wait_for("reload failed", 1).await;
+    assert!(line.contains("key does not match certificate"), "{line}");
+    assert_eq!(&served_certificate(sg.addr, &roots).await, a.cert.der());
+
+    dir.write("key.pem", &b.signing_key.serialize_pem());
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    assert_eq!(&served_certificate(sg.addr, &roots).await, b.cert.der());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reload_command_reaches_the_server_through_the_admin_listener() {
+    let one = upstream(named_upstream("one")).await;
+    let two = upstream(named_upstream("two")).await;
+    let dir = TempDir::new("reload-cmd");
+    let admin = common::redis_server::free_port();
+    let with_token = |up: &Upstream| {
+        config_text(&up.url(), admin, "").replace(
+            &format!("listen = \"127.0.0.1:{admin}\""),
+            &format!("listen = \"127.0.0.1:{admin}\"\ntoken = \"s3cret-admin-token\""),
+        )
+    };
+    let path = dir.write("sessiongate.toml", &with_token(&one));
+    let sg = Running::start(&path).await;
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+
+    // Without the token, no reload.
+    let r = raw_request(
+        admin_addr,
+        "POST /reload HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+
+    std::fs::write(&path, with_token(&two)).unwrap();
+    let cmd = |path: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .args(["reload", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let p = path.clone();
+        move || cmd(&p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("configuration reloaded"), "{out}");
+    let got = client::<Full<Bytes>>()
+        .get(format!("http://{}/page", sg.addr).parse().unwrap())
+        .await
+        .unwrap();
+    let body = got.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"two"), "{body:?}");
+
+    // An invalid route: the command fails with the check message.
+    std::fs::write(
+        &path,
+        with_token(&two).replace("name = \"app\"", "name = \"app\"\nstrip_prefix = 3"),
+    )
+    .unwrap();
+    let keep = dir.write("good.toml", &with_token(&two));
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let p = path.clone();
+        move || cmd(&p)
+    })
+    .await
+    .unwrap();
+    // The command reads the same (now invalid) file first and says so.
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("sessiongate.toml:"), "{err}");
+    // Through a valid file naming the same admin listener, the server is
+    // asked; it re-reads its own (invalid) file and answers with the check
+    // message, which the command prints.
+    let (code, _, err) = tokio::task::spawn_blocking(move || cmd(&keep))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("sessiongate.toml:21:16: invalid type"),
+        "{err}"
+    );
+}

@@ -36,9 +36,15 @@ pub struct Admin {
     store: Arc<AnyStore>,
     engine: Engine,
     timeout: Duration,
-    /// `[admin] token`: kept for the sessions API (SPEC section 9).
+    /// `[admin] token`: kept for the sessions API (SPEC section 9), and
+    /// required by `POST /reload` when set.
     token: Option<Vec<u8>>,
+    /// What `POST /reload` runs (`sessiongate reload`): the server's reload.
+    reload: std::sync::OnceLock<ReloadFn>,
 }
+
+/// Reloads the configuration; `Err` carries the logged message.
+pub type ReloadFn = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Admin {
     pub fn new(config: &Config, store: Arc<AnyStore>, metrics: Arc<Metrics>) -> Admin {
@@ -48,6 +54,7 @@ impl Admin {
             engine: config.store.engine,
             timeout: config.store.timeout,
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            reload: std::sync::OnceLock::new(),
         }
     }
 
@@ -56,8 +63,16 @@ impl Admin {
         self.token.as_deref()
     }
 
+    /// Connects `POST /reload` to the server's reload (once).
+    pub fn set_reload(&self, f: ReloadFn) {
+        let _ = self.reload.set(f);
+    }
+
     /// Serves one admin request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/reload" && req.method() == Method::POST {
+            return self.reload(&req).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
             r.headers_mut()
@@ -79,6 +94,36 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "not an admin path (/healthz, /readyz, /metrics)\n".into(),
             ),
+        }
+    }
+
+    /// `POST /reload`: the same reload as SIGHUP, its outcome in the answer.
+    async fn reload(self: Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(t) = &self.token {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            let ok = given.is_some_and(|g| {
+                g.len() == t.len() && g.iter().zip(t).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            });
+            if !ok {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "the admin token is required (Authorization: Bearer)\n".into(),
+                );
+            }
+        }
+        let this = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || match this.reload.get() {
+            Some(f) => f(),
+            None => Err("this server cannot reload".into()),
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reload failed: {e}")));
+        match outcome {
+            Ok(()) => text(StatusCode::OK, "configuration reloaded\n".into()),
+            Err(e) => text(StatusCode::CONFLICT, format!("{e}\n")),
         }
     }
 
