@@ -230,6 +230,8 @@ struct RawServer {
     access_log: String,
     #[serde(default = "d_access_log_format")]
     access_log_format: String,
+    #[serde(default = "d_client_body")]
+    client_body_timeout: Dur,
 }
 fn d_keepalive() -> Dur {
     secs(75)
@@ -245,6 +247,9 @@ fn d_access_log() -> String {
 }
 fn d_access_log_format() -> String {
     "combined".into()
+}
+fn d_client_body() -> Dur {
+    secs(60)
 }
 fn d_header_read() -> Dur {
     secs(10)
@@ -285,10 +290,15 @@ struct RawSession {
     save_every_request: bool,
     #[serde(default)]
     absolute_timeout: Dur,
+    #[serde(default = "d_max_session")]
+    max_session_size: Size,
     secret_key: Option<String>,
     secret_key_file: Option<String>,
     #[serde(default)]
     secret_key_fallbacks: Vec<String>,
+}
+fn d_max_session() -> Size {
+    Size(64 << 10)
 }
 fn d_cookie_name() -> String {
     "sessionid".into()
@@ -316,6 +326,11 @@ struct RawStore {
     encrypt: bool,
     #[serde(default = "d_sweep")]
     clear_expired_interval: Dur,
+    #[serde(default = "d_table")]
+    table: String,
+}
+fn d_table() -> String {
+    "django_session".into()
 }
 impl Default for RawStore {
     fn default() -> Self {
@@ -326,6 +341,7 @@ impl Default for RawStore {
             timeout: d_store_timeout(),
             encrypt: true,
             clear_expired_interval: d_sweep(),
+            table: d_table(),
         }
     }
 }
@@ -360,6 +376,8 @@ struct RawRoute {
     login_url: String,
     #[serde(default)]
     forward: BTreeMap<String, String>,
+    #[serde(default)]
+    cookie_passthrough: bool,
 }
 fn d_login_url() -> String {
     "/login".into()
@@ -440,6 +458,8 @@ pub struct ServerConfig {
     pub proxy_protocol: bool,
     pub access_log: AccessLogTarget,
     pub access_log_format: AccessLogFormat,
+    /// The longest silence while reading a request body (-> 408).
+    pub client_body_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -476,6 +496,8 @@ pub struct SessionConfig {
     pub expire_at_browser_close: bool,
     pub save_every_request: bool,
     pub absolute_timeout: Duration,
+    /// The longest session JSON a change may make (0: no limit).
+    pub max_session_size: u64,
     pub secret_key: Vec<u8>,
     pub secret_key_fallbacks: Vec<Vec<u8>>,
 }
@@ -494,6 +516,7 @@ impl fmt::Debug for SessionConfig {
             .field("expire_at_browser_close", &self.expire_at_browser_close)
             .field("save_every_request", &self.save_every_request)
             .field("absolute_timeout", &self.absolute_timeout)
+            .field("max_session_size", &self.max_session_size)
             .field("secret_key", &"<redacted>")
             .field("secret_key_fallbacks", &self.secret_key_fallbacks.len())
             .finish()
@@ -508,6 +531,8 @@ pub enum Engine {
     SignedCookies,
     Redis,
     CachedRedis,
+    /// Django's `db` engine (SPEC 8): SQLite or PostgreSQL.
+    Db,
 }
 
 impl Engine {
@@ -519,6 +544,7 @@ impl Engine {
             Engine::SignedCookies => "signed_cookies",
             Engine::Redis => "redis",
             Engine::CachedRedis => "cached_redis",
+            Engine::Db => "db",
         }
     }
 }
@@ -531,6 +557,45 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub encrypt: bool,
     pub clear_expired_interval: Duration,
+    /// `db`: where the table lives (parsed from `url`).
+    pub db: Option<DbUrl>,
+    /// `db`: the sessions table (Django's `django_session`).
+    pub table: String,
+}
+
+/// The database of the `db` engine.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DbUrl {
+    /// `sqlite://relative/path` (to the config file's directory) or
+    /// `sqlite:///absolute/path`.
+    Sqlite(PathBuf),
+    /// `postgres://user:password@host:port/name` (or `postgresql://`), as written.
+    Postgres(String),
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DbUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            // The URL may carry a password.
+            DbUrl::Postgres(_) => f.write_str("postgres://<redacted>"),
+        }
+    }
+}
+
+impl DbUrl {
+    fn parse(base: &Path, url: &str) -> Result<DbUrl, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://") {
+            if rest.is_empty() || rest == "/" {
+                return Err("[store] url: \"sqlite://\" needs a file path, e.g. \"sqlite://var/sessions.sqlite3\"".into());
+            }
+            return Ok(DbUrl::Sqlite(resolve(base, rest)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DbUrl::Postgres(url.to_string()));
+        }
+        Err("[store] url: engine \"db\" needs a \"sqlite://PATH\" or \"postgres://user:password@host:port/name\" URL".into())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -549,6 +614,9 @@ pub struct RouteConfig {
     pub login_url: String,
     /// Header name -> session key.
     pub forward: Vec<(HeaderName, String)>,
+    /// `session = false` only: the session cookie and the upstream's
+    /// `Set-Cookie` for it pass untouched (a Django app's routes, SPEC 8).
+    pub cookie_passthrough: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -605,6 +673,13 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .map(|i| before[i + 1..].chars().count() + 1)
         .unwrap_or_else(|| before.chars().count() + 1);
     (line, col)
+}
+
+fn valid_table_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 63
+        && !t.as_bytes()[0].is_ascii_digit()
+        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
@@ -709,6 +784,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             n => n,
         },
         max_upstream_connections: s.max_upstream_connections,
+        client_body_timeout: nonzero("[server] client_body_timeout", s.client_body_timeout.0)?,
     };
 
     // [session]
@@ -840,6 +916,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         expire_at_browser_close: ss.expire_at_browser_close,
         save_every_request: ss.save_every_request,
         absolute_timeout: ss.absolute_timeout.0,
+        max_session_size: ss.max_session_size.0,
         secret_key,
         secret_key_fallbacks: ss
             .secret_key_fallbacks
@@ -857,9 +934,10 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         "signed_cookies" => Engine::SignedCookies,
         "redis" => Engine::Redis,
         "cached_redis" => Engine::CachedRedis,
+        "db" => Engine::Db,
         other => {
             return Err(format!(
-                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis)"
+                "[store] engine: unknown engine {other:?} (memory, file, cached_file, signed_cookies, redis, cached_redis, db)"
             ))
         }
     };
@@ -875,7 +953,23 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             engine.name()
         ));
     }
+    let db = if engine == Engine::Db {
+        let url = st.url.as_deref().ok_or(
+            "[store] url: required for engine \"db\" (e.g. \"sqlite://var/sessions.sqlite3\")",
+        )?;
+        Some(DbUrl::parse(base, url)?)
+    } else {
+        None
+    };
+    if !valid_table_name(&st.table) {
+        return Err(format!(
+            "[store] table: {:?} is not a plain SQL table name (letters, digits and _, not starting with a digit, at most 63 bytes)",
+            st.table
+        ));
+    }
     let store = StoreConfig {
+        db,
+        table: st.table,
         engine,
         path: st.path.map(|p| resolve(base, &p)),
         url: st.url,
@@ -1014,7 +1108,7 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
     for (header, key) in r.forward {
         let hn = HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("forward: {header:?} is not a valid header name"))?;
-        let reserved = is_hop_by_hop(&hn)
+        let reserved = crate::proxy::headers::is_hop_by_hop(&hn)
             || hn.as_str().starts_with("x-session")
             || hn.as_str().starts_with("x-forwarded-")
             || [
@@ -1051,7 +1145,13 @@ fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
             r.login_url
         ));
     }
+    if r.cookie_passthrough && r.session {
+        return Err(
+            "cookie_passthrough: only for a route with session = false (the session cookie belongs to the app behind it)".into(),
+        );
+    }
     Ok(RouteConfig {
+        cookie_passthrough: r.cookie_passthrough,
         name,
         host,
         path,
@@ -1111,23 +1211,6 @@ pub fn strip_port(host: &str) -> &str {
         Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
         _ => host,
     }
-}
-
-/// Hop-by-hop header names of RFC 9110 7.6.1 (plus the legacy ones).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // One string match (by length first): this runs for every header of
-    // every request and response.
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authorization"
-            | "transfer-encoding"
-            | "keep-alive"
-            | "proxy-connection"
-    )
 }
 
 #[cfg(test)]
@@ -1202,6 +1285,19 @@ mod tests {
         assert_eq!(c.server.max_request_body, 10 << 20);
         assert_eq!(c.routes[0].path, "/");
         assert!(c.routes[0].session && c.routes[0].preserve_host);
+    }
+
+    #[test]
+    fn body_timeout_and_session_size() {
+        let c = parse(&minimal("", ROUTE)).unwrap();
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.session.max_session_size, 64 << 10);
+        let c = parse(&minimal("max_session_size = \"8KiB\"", ROUTE)).unwrap();
+        assert_eq!(c.session.max_session_size, 8 << 10);
+        let text =
+            minimal("", ROUTE).replace("tls = false", "tls = false\nclient_body_timeout = \"0s\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("client_body_timeout"), "{e}");
     }
 
     #[test]

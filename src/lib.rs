@@ -12,6 +12,8 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod ops;
 pub mod proxy;

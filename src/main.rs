@@ -34,6 +34,8 @@ enum Command {
     /// Make the running server (the one on this file's `[admin] listen`)
     /// re-read its configuration, as SIGHUP does, and print the outcome.
     Reload,
+    /// Create the `db` engine's table (Django's `django_session`) when it is missing.
+    Migrate,
     /// Run the bundled demo app behind the proxy with a self-signed certificate.
     Demo {
         /// Address of the demo's HTTPS listener.
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
             Command::Run => unreachable!("served above"),
             Command::ClearExpired => clear_expired(&config_path).await,
             Command::Reload => reload(&config_path).await,
+            Command::Migrate => migrate(&config_path).await,
             Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
             Command::Check => unreachable!(),
         }
@@ -302,6 +305,34 @@ async fn reload(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         eprintln!("sessiongate: {body}");
         Ok(ExitCode::FAILURE)
     }
+}
+
+async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(url) = config.store.db.as_ref() else {
+        eprintln!(
+            "{}: migrate applies to engine \"db\"; [store] engine is {:?}, which needs no table",
+            path.display(),
+            config.store.engine.name()
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let table = &config.store.table;
+    let done = sessiongate::store::DbStore::migrate(url, table, config.store.timeout)
+        .await
+        .context("migrate")?;
+    match done {
+        sessiongate::store::db::Migrated::Created => {
+            println!("created table {table:?} and its expire_date index in {url:?}")
+        }
+        sessiongate::store::db::Migrated::AlreadyThere => {
+            println!("table {table:?} already exists in {url:?}: nothing to do")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn summary(c: &Config) -> String {

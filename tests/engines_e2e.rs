@@ -1,5 +1,6 @@
 //! The same session behaviours, through the real proxy, on every engine:
-//! memory, file, cached_file, signed_cookies, redis and cached_redis. The
+//! memory, file, cached_file, signed_cookies, redis, cached_redis and db
+//! (on SQLite). The
 //! store-level conformance suite (tests/store_conformance.rs) covers the
 //! engines with a server side; this one also covers signed_cookies, whose
 //! only "store" is the cookie. Where an engine cannot do something by
@@ -44,6 +45,27 @@ async fn store_for(engine: &str) -> Option<(String, Guard)> {
                 server.url()
             );
             Some((lines, Box::new(server)))
+        }
+        "db" => {
+            let dir = std::env::temp_dir().join(format!(
+                "sessiongate-engines-db-{}-{}",
+                std::process::id(),
+                sessiongate::session::SessionKey::generate().as_str()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let url = sessiongate::config::DbUrl::Sqlite(dir.join("sessions.sqlite3"));
+            sessiongate::store::DbStore::migrate(
+                &url,
+                "django_session",
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .expect("migrate");
+            let lines = format!(
+                "engine = \"db\"\nurl = \"sqlite://{}\"\ntimeout = \"5s\"",
+                dir.join("sessions.sqlite3").display()
+            );
+            Some((lines, Box::new(RemoveDir(dir))))
         }
         other => panic!("unknown engine {other}"),
     }
@@ -304,5 +326,6 @@ every_engine!(
     cached_file,
     signed_cookies,
     redis,
-    cached_redis
+    cached_redis,
+    db
 );

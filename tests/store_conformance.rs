@@ -120,6 +120,69 @@ pub async fn cached_file() -> (AnyStore, Guard) {
     (AnyStore::File(store), Box::new(RemoveDir(dir)))
 }
 
+/// A `db` store on SQLite in a fresh temporary directory, its table made
+/// by `migrate` (the guard removes the directory).
+pub async fn db_sqlite() -> (AnyStore, Guard) {
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "sessiongate-conformance-db-{}-{}",
+        std::process::id(),
+        SessionKey::generate().as_str()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = sessiongate::config::DbUrl::Sqlite(dir.join("sessions.sqlite3"));
+    let timeout = std::time::Duration::from_secs(10);
+    sessiongate::store::DbStore::migrate(&url, "django_session", timeout)
+        .await
+        .expect("migrate");
+    let store = sessiongate::store::DbStore::open(
+        &url,
+        "django_session",
+        timeout,
+        b"conformance-secret-0123456789abcdef",
+        &[],
+    )
+    .await
+    .expect("open the db store");
+    (AnyStore::Db(store), Box::new(RemoveDir(dir)))
+}
+
+#[path = "common/postgres_server.rs"]
+mod postgres_server;
+
+/// A `db` store on its own PostgreSQL server (the guard stops it). Without
+/// PostgreSQL outside CI, says SKIPPED and runs on the memory engine.
+pub async fn db_postgres() -> (AnyStore, Guard) {
+    let Some(server) = postgres_server::PgServer::start() else {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED: this postgres conformance test ran on the memory engine\n",
+        );
+        return memory().await;
+    };
+    server.create_db("sessions").await;
+    let url = sessiongate::config::DbUrl::Postgres(server.url("sessions"));
+    let timeout = std::time::Duration::from_secs(10);
+    sessiongate::store::DbStore::migrate(&url, "django_session", timeout)
+        .await
+        .expect("migrate");
+    let store = sessiongate::store::DbStore::open(
+        &url,
+        "django_session",
+        timeout,
+        b"conformance-secret-0123456789abcdef",
+        &[],
+    )
+    .await
+    .expect("open the db store");
+    (AnyStore::Db(store), Box::new(server))
+}
+
 pub async fn load_never_creates<S: Store>(s: &S) {
     let k = SessionKey::generate();
     assert!(s.load(&k, T0).await.unwrap().is_none());
@@ -377,3 +440,5 @@ conformance!(cached_redis_engine, cached_redis);
 // with `pub async fn file() -> (AnyStore, Guard)` above.
 conformance!(file_engine, file);
 conformance!(cached_file_engine, cached_file);
+conformance!(db_sqlite_engine, db_sqlite);
+conformance!(db_postgres_engine, db_postgres);

@@ -1,4 +1,4 @@
-//! A real HTTP/1.1 upgrade (WebSocket-style) passes through the proxy:
+//! A real HTTP/1.1 upgrade (WebSocket) passes through the proxy:
 //! `Upgrade`/`Connection: upgrade` reach the upstream, its 101 reaches the
 //! client, and bytes then flow both ways.
 
@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// An upstream that accepts `Upgrade: echo` and then echoes every byte.
+/// An upstream that accepts `Upgrade: websocket` and then echoes every byte.
 async fn echo_upgrade_upstream() -> std::net::SocketAddr {
     echo_upgrade_upstream_at(None).await
 }
@@ -31,7 +31,10 @@ async fn echo_upgrade_upstream_at(path: Option<&'static str>) -> std::net::Socke
             tokio::spawn(async move {
                 let svc = service_fn(|mut req: Request<Incoming>| async move {
                     let asked = path.is_none_or(|p| req.uri().path() == p)
-                        && req.headers().get("upgrade").is_some_and(|v| v == "echo")
+                        && req
+                            .headers()
+                            .get("upgrade")
+                            .is_some_and(|v| v == "websocket")
                         && req.headers().get("connection").is_some_and(|v| {
                             v.to_str().unwrap().to_ascii_lowercase().contains("upgrade")
                         });
@@ -56,7 +59,7 @@ async fn echo_upgrade_upstream_at(path: Option<&'static str>) -> std::net::Socke
                     Ok(Response::builder()
                         .status(StatusCode::SWITCHING_PROTOCOLS)
                         .header("connection", "upgrade")
-                        .header("upgrade", "echo")
+                        .header("upgrade", "websocket")
                         .body(Full::default())
                         .unwrap())
                 });
@@ -84,12 +87,12 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8(head).unwrap()
 }
 
-/// Asks the proxy to upgrade `path` to the echo protocol, checks the 101
+/// Asks the proxy to upgrade `path` to WebSocket (the upstream echoes), checks the 101
 /// and one echoed message, and returns the 101's head.
 async fn upgrade_and_echo(p: &common::Proxy, path: &str) -> String {
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
@@ -114,7 +117,7 @@ async fn upgrade_passes_through_on_session_and_plain_routes() {
         let p = common::start(&common::config("", &routes)).await;
         let head = upgrade_and_echo(&p, "/ws").await;
         let lower = head.to_ascii_lowercase();
-        assert!(lower.contains("upgrade: echo"), "{head}");
+        assert!(lower.contains("upgrade: websocket"), "{head}");
         assert!(lower.contains("connection: upgrade"), "{head}");
         p.stop().await;
     }

@@ -33,6 +33,10 @@ pub enum ProtocolError {
     Chunked(&'static str),
     #[error("Transfer-Encoding in an HTTP/1.0 response")]
     TransferEncodingInHttp10,
+    /// Anything but one final `chunked`: the proxy decodes no other coding
+    /// and will not pass coded bytes on as if they were the content.
+    #[error("unsupported response Transfer-Encoding {0:?} (only chunked is supported)")]
+    TransferCoding(String),
 }
 
 /// How the request body goes upstream.
@@ -133,16 +137,10 @@ pub struct Head {
     pub headers: HeaderMap,
     /// `Connection: close` was sent.
     close: bool,
-    /// The last transfer coding, when `Transfer-Encoding` was sent.
-    transfer_coding: Option<TransferCoding>,
+    /// `Transfer-Encoding: chunked` was sent (any other coding is refused).
+    chunked: bool,
     /// The `Content-Length`, checked (all values agree).
     content_length: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TransferCoding {
-    Chunked,
-    Other,
 }
 
 /// Where a field sits in the head's bytes.
@@ -200,9 +198,13 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
         // without growing the map.
         headers: HeaderMap::with_capacity(count + 4),
         close: false,
-        transfer_coding: None,
+        chunked: false,
         content_length: None,
     };
+    // Codings named across every Transfer-Encoding field (empty list
+    // elements are allowed, RFC 9110 5.6.1), and whether the only one is
+    // chunked.
+    let mut codings = 0usize;
     for span in &spans[..count] {
         let name = HeaderName::from_bytes(slice(span.name))
             .map_err(|_| ProtocolError::Head(httparse::Error::HeaderName))?;
@@ -222,16 +224,16 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
                 }
             }
             "transfer-encoding" => {
-                // The last coding named (empty list elements are allowed,
-                // RFC 9110 5.6.1); a field naming none is not chunked.
-                let last = raw
-                    .rsplit(|&b| b == b',')
+                for c in raw
+                    .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
-                    .find(|c| !c.is_empty());
-                head.transfer_coding = Some(match last {
-                    Some(c) if c.eq_ignore_ascii_case(b"chunked") => TransferCoding::Chunked,
-                    _ => TransferCoding::Other,
-                });
+                    .filter(|c| !c.is_empty())
+                {
+                    codings += 1;
+                    head.chunked = codings == 1 && c.eq_ignore_ascii_case(b"chunked");
+                }
+                // A field naming no coding still says the body is coded.
+                codings = codings.max(1);
                 continue;
             }
             "content-length" => {
@@ -252,7 +254,8 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
                     continue;
                 }
             }
-            n if is_hop_by_hop(n) => continue,
+            // `Connection` and `Transfer-Encoding` are handled above.
+            n if super::headers::is_hop_by_hop_name(n) => continue,
             _ => {}
         }
         let value = HeaderValue::from_maybe_shared(
@@ -261,20 +264,37 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
         .map_err(|_| ProtocolError::Head(httparse::Error::HeaderValue))?;
         head.headers.append(name, value);
     }
-    // RFC 9112 6.1: the framing of such a message is faulty.
-    if head.version == Version::HTTP_10 && head.transfer_coding.is_some() {
-        return Err(ProtocolError::TransferEncodingInHttp10);
+    if codings > 0 {
+        // RFC 9112 6.1: the framing of such a message is faulty.
+        if head.version == Version::HTTP_10 {
+            return Err(ProtocolError::TransferEncodingInHttp10);
+        }
+        if codings > 1 || !head.chunked {
+            return Err(transfer_coding_error(&bytes, &spans[..count]));
+        }
     }
     Ok(Some(head))
 }
 
-/// The fixed hop-by-hop fields of a response (`Connection` is handled on
-/// its own).
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "keep-alive" | "te" | "trailer" | "upgrade" | "proxy-connection" | "proxy-authorization"
-    )
+/// The error naming every `Transfer-Encoding` value of a refused head
+/// (shortened: it ends up in a log line and an error body).
+fn transfer_coding_error(bytes: &Bytes, spans: &[Span]) -> ProtocolError {
+    let mut all = String::new();
+    for s in spans {
+        let name = &bytes[s.name.0 as usize..(s.name.0 + s.name.1) as usize];
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let value = &bytes[s.value.0 as usize..(s.value.0 + s.value.1) as usize];
+            if !all.is_empty() {
+                all.push_str(", ");
+            }
+            all.push_str(&String::from_utf8_lossy(value));
+        }
+    }
+    if let Some((i, _)) = all.char_indices().nth(64) {
+        all.truncate(i);
+        all.push_str("...");
+    }
+    ProtocolError::TransferCoding(all)
 }
 
 /// How a response body is delimited.
@@ -296,20 +316,17 @@ pub fn response_framing(method: &Method, head: &mut Head) -> (Framing, bool) {
     if method == Method::HEAD || (100..200).contains(&status) || status == 204 || status == 304 {
         return (Framing::Length(0), reusable);
     }
-    match (head.transfer_coding, head.content_length) {
-        (Some(coding), length) => {
+    match (head.chunked, head.content_length) {
+        (true, length) => {
             let mut reusable = reusable;
             if length.is_some() {
                 head.headers.remove(CONTENT_LENGTH);
                 reusable = false;
             }
-            match coding {
-                TransferCoding::Chunked => (Framing::Chunked, reusable),
-                TransferCoding::Other => (Framing::Close, false),
-            }
+            (Framing::Chunked, reusable)
         }
-        (None, Some(n)) => (Framing::Length(n), reusable),
-        (None, None) => (Framing::Close, false),
+        (false, Some(n)) => (Framing::Length(n), reusable),
+        (false, None) => (Framing::Close, false),
     }
 }
 
@@ -444,7 +461,7 @@ impl ChunkedDecoder {
             .map_err(|_| ProtocolError::Chunked("invalid trailer field name"))?;
         let value = HeaderValue::from_bytes(line[at + 1..].trim_ascii())
             .map_err(|_| ProtocolError::Chunked("invalid trailer field value"))?;
-        let dropped = crate::config::is_hop_by_hop(&name)
+        let dropped = super::headers::is_hop_by_hop(&name)
             || crate::session::headers::is_reserved(&name)
             || matches!(
                 name.as_str(),
@@ -628,18 +645,8 @@ mod tests {
             ),
             (
                 &g,
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-                (Chunked, true),
-            ),
-            (
-                &g,
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
                 (Chunked, false),
-            ),
-            (
-                &g,
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-                (Close, false),
             ),
             (
                 &g,
@@ -774,14 +781,41 @@ mod tests {
             head(&format!(
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: {v}\r\n\r\n"
             ))
-            .unwrap()
-            .unwrap()
-            .transfer_coding
+            .map(|h| h.unwrap().chunked)
         };
-        assert_eq!(te("chunked,"), Some(TransferCoding::Chunked));
-        assert_eq!(te("gzip, chunked , ,"), Some(TransferCoding::Chunked));
-        assert_eq!(te("chunked, gzip"), Some(TransferCoding::Other));
-        assert_eq!(te(","), Some(TransferCoding::Other));
+        assert!(te("chunked,").unwrap());
+        assert!(te(" , Chunked ,").unwrap());
+        let refused = |raw: &str| match head(raw) {
+            Err(ProtocolError::TransferCoding(v)) => v,
+            other => panic!("{raw:?}: {other:?}"),
+        };
+        for v in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked, gzip",
+            "identity",
+            "gzip",
+            ",",
+            "",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {v}\r\n\r\n");
+            assert_eq!(refused(&raw), v);
+        }
+        assert_eq!(
+            refused(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            "gzip, chunked"
+        );
+        assert_eq!(
+            refused("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            "chunked, chunked"
+        );
+        let long = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: {}\r\n\r\n",
+            "x".repeat(500)
+        );
+        assert_eq!(refused(&long).len(), 67, "shortened");
         let h = head("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\nContent-Length: 7\r\n\r\n")
             .unwrap()
             .unwrap();

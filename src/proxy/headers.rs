@@ -2,7 +2,6 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, VARY};
 
-use crate::config::is_hop_by_hop;
 use crate::session::headers::is_reserved;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -35,37 +34,165 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The hop-by-hop header names of RFC 9110 7.6.1 (plus the legacy
+/// `Keep-Alive` and `Proxy-Connection`), in lower case: the one list every
+/// part of the proxy uses (request and response hygiene, the upstream
+/// response parser, trailers, the `forward` names the configuration
+/// refuses).
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "transfer-encoding",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Whether a lower-case header name (as `HeaderName` and the response
+/// parser hold them) is hop-by-hop.
+#[inline]
+pub fn is_hop_by_hop_name(name: &str) -> bool {
+    // A slice comparison checks the length first: this runs for every
+    // header of every request and response.
+    HOP_BY_HOP.contains(&name)
+}
+
+/// Whether a header name is hop-by-hop.
+#[inline]
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str())
+}
+
 /// A connection token naming a header of the fixed hop-by-hop list, in any
 /// case.
 fn is_fixed_hop_by_hop(token: &str) -> bool {
-    [
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "connection",
-        "proxy-connection",
-        "proxy-authorization",
-        "transfer-encoding",
-    ]
-    .iter()
-    .any(|n| token.eq_ignore_ascii_case(n))
+    HOP_BY_HOP.iter().any(|n| token.eq_ignore_ascii_case(n))
 }
 
-/// The protocol a request asks to switch to, when it is a real HTTP/1.1
-/// upgrade (`Connection: upgrade` and an `Upgrade` header).
+/// Whether a request is a real WebSocket upgrade: HTTP/1.1,
+/// `Connection: upgrade` and `Upgrade: websocket` (the token in any case,
+/// RFC 6455 4.1; a version after a `/` is allowed). The only upgrade the
+/// proxy relays: any other (`h2c` above all) would open a tunnel whose
+/// bytes skip the header rules.
 pub fn upgrade_request(version: http::Version, h: &HeaderMap) -> Option<HeaderValue> {
     if version != http::Version::HTTP_11 {
         return None;
     }
     let proto = h.get(http::header::UPGRADE)?;
+    let websocket = proto.to_str().is_ok_and(|s| {
+        s.split(',').any(|t| {
+            let t = t.trim();
+            let name = t.split_once('/').map_or(t, |(n, _)| n);
+            name.eq_ignore_ascii_case("websocket")
+        })
+    });
+    if !websocket {
+        return None;
+    }
     let asked = h.get_all(CONNECTION).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
     });
-    asked.then(|| proto.clone())
+    asked.then(|| HeaderValue::from_static("websocket"))
+}
+
+/// Why a request's authority (`Host`, `:authority` or an absolute-form
+/// target) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("the host is empty")]
+    Empty,
+    #[error("the host carries userinfo")]
+    Userinfo,
+    #[error("the host has a character not allowed in a host name")]
+    BadChar,
+    #[error("the port is not a number")]
+    BadPort,
+    #[error("invalid IPv6 literal")]
+    BadIpv6,
+}
+
+/// Checks that an authority is `host[:port]` (RFC 3986 3.2.2: a reg-name
+/// of unreserved and sub-delim characters, an IPv4 address, or an IP
+/// literal in brackets) with no userinfo. A port, when its colon is there,
+/// is 1 to 5 digits.
+pub fn check_host(v: &[u8]) -> Result<(), HostError> {
+    if v.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if v.contains(&b'@') {
+        return Err(HostError::Userinfo);
+    }
+    let (host, port) = if v[0] == b'[' {
+        let end = v
+            .iter()
+            .position(|&b| b == b']')
+            .ok_or(HostError::BadIpv6)?;
+        let inner = &v[1..end];
+        let lit = std::str::from_utf8(inner).map_err(|_| HostError::BadIpv6)?;
+        if lit.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(HostError::BadIpv6);
+        }
+        match &v[end + 1..] {
+            [] => (&v[..0], None),
+            [b':', port @ ..] => (&v[..0], Some(port)),
+            _ => return Err(HostError::BadChar),
+        }
+    } else {
+        match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.iter().all(u8::is_ascii_digit) {
+            return Err(HostError::BadPort);
+        }
+    }
+    if v[0] != b'[' {
+        if host.is_empty() {
+            return Err(HostError::Empty);
+        }
+        // unreserved / pct-encoded / sub-delims (RFC 3986 3.2.2).
+        let ok = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
+        if !host.iter().all(ok) {
+            return Err(HostError::BadChar);
+        }
+    }
+    Ok(())
+}
+
+/// Why a request's `Transfer-Encoding` was refused: the coding named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Coding(pub String);
+
+/// A request's transfer codings must be exactly one `chunked` (the only
+/// coding the proxy decodes): anything else (`gzip, chunked`,
+/// `chunked, chunked`, `identity`) would reach the upstream as content
+/// with a coding dropped (RFC 9112 6.1: 501 for a coding not understood).
+pub fn check_transfer_coding(h: &HeaderMap) -> Result<(), Coding> {
+    let mut values = h.get_all(http::header::TRANSFER_ENCODING).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    let mut codings = std::iter::once(first)
+        .chain(values)
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    let name = |c: &[u8]| Coding(String::from_utf8_lossy(c).into_owned());
+    match (codings.next(), codings.next()) {
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        (Some(c), None) => Err(name(c)),
+        (Some(c), Some(d)) if c.eq_ignore_ascii_case(b"chunked") => Err(name(d)),
+        (Some(c), Some(_)) => Err(name(c)),
+        (None, _) => Err(Coding("an empty Transfer-Encoding".into())),
+    }
 }
 
 /// Removes every header in the `X-Session` space; returns them in order.
@@ -136,6 +263,72 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "a",
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8080",
+            "a-b_c~d.e",
+            "xn--caf-dma.example",
+        ] {
+            assert_eq!(check_host(ok.as_bytes()), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", HostError::Empty),
+            (":80", HostError::Empty),
+            ("a b", HostError::BadChar),
+            ("a/b", HostError::BadChar),
+            ("user@a", HostError::Userinfo),
+            ("user:pw@a", HostError::Userinfo),
+            ("a:b:c", HostError::BadPort),
+            ("a:", HostError::BadPort),
+            ("a:8x", HostError::BadPort),
+            ("a:123456", HostError::BadPort),
+            ("[::1", HostError::BadIpv6),
+            ("[zz]", HostError::BadIpv6),
+            ("[::1]x", HostError::BadChar),
+            ("a\u{7f}", HostError::BadChar),
+        ] {
+            assert_eq!(check_host(bad.as_bytes()), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let te = |v: &str| check_transfer_coding(&map(&[("transfer-encoding", v)]));
+        assert_eq!(check_transfer_coding(&HeaderMap::new()), Ok(()));
+        assert_eq!(te("chunked"), Ok(()));
+        assert_eq!(te("Chunked"), Ok(()));
+        assert_eq!(te("gzip, chunked"), Err(Coding("gzip".into())));
+        assert_eq!(te("chunked, chunked"), Err(Coding("chunked".into())));
+        assert_eq!(te("chunked, gzip"), Err(Coding("gzip".into())));
+        assert_eq!(te("identity"), Err(Coding("identity".into())));
+        let two = map(&[
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        assert_eq!(check_transfer_coding(&two), Err(Coding("gzip".into())));
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let v11 = http::Version::HTTP_11;
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
+        assert_eq!(upgrade_request(v11, &ws).unwrap(), "websocket");
+        let h2c = map(&[("connection", "Upgrade"), ("upgrade", "h2c")]);
+        assert_eq!(upgrade_request(v11, &h2c), None);
+        let no_conn = map(&[("upgrade", "websocket")]);
+        assert_eq!(upgrade_request(v11, &no_conn), None);
+        assert_eq!(upgrade_request(http::Version::HTTP_10, &ws), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! request -> forward -> take the upstream's directives -> apply them as a
 //! patch -> Set-Cookie -> respond.
 
-mod h1;
+pub mod error;
+pub(crate) mod h1;
 pub mod headers;
 pub mod path;
 pub mod route;
@@ -30,8 +31,9 @@ use crate::session::key::IdKey;
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
 use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
 use crate::timer::Wheel;
+pub use error::ProxyError;
 use route::{Route, Router};
-use upstream::{Pool, PooledBody, SendError, UpstreamBody, UpstreamError};
+use upstream::{Pool, PooledBody, SendError, UpstreamBody};
 
 pub type RespBody = Either<PooledBody, Full<Bytes>>;
 
@@ -153,7 +155,9 @@ pub struct Proxy {
     policy: Policy,
     clock: Clock,
     max_body: u64,
-    upstream_timeout: Duration,
+    client_body_timeout: Duration,
+    /// `max_session_size`: the longest session JSON a change may make.
+    max_session: u64,
     /// This worker's coarse timers (upstream timeout, header-read timeout).
     timer: Wheel,
     hsts: Option<HeaderValue>,
@@ -190,11 +194,9 @@ struct Loaded {
     chunks: Vec<usize>,
 }
 
-enum FinishError {
-    Interrupted,
-    Store(StoreError),
-    TooLarge(crate::store::signed::TooLarge),
-}
+/// The methods the proxy itself answers `OPTIONS` and `405` with.
+static ALLOW: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS");
 
 impl Proxy {
     /// A proxy with metrics of its own and no access log (tests, benches).
@@ -263,7 +265,8 @@ impl Proxy {
             policy: Policy::from_config(&config.session),
             clock,
             max_body: s.max_request_body,
-            upstream_timeout: s.upstream_timeout,
+            client_body_timeout: s.client_body_timeout,
+            max_session: config.session.max_session_size,
             timer,
             hsts: (!s.hsts.is_zero()).then(|| {
                 HeaderValue::from_str(&format!("max-age={}", s.hsts.as_secs())).expect("ascii")
@@ -390,53 +393,16 @@ impl Proxy {
         // keeps the request's future (moved whole at each step) smaller.
         async move {
             let (mut parts, body) = req.into_parts();
-            if parts.method == Method::CONNECT {
-                return error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
-            }
-            // The authority of the request target (HTTP/2 :authority, or an
-            // absolute-form target) wins over Host (RFC 9112 3.2.2).
-            let host: Option<HeaderValue> = match parts.uri.authority() {
-                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-                None => parts.headers.get(header::HOST).cloned(),
-            };
-            if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
-                return error_response(StatusCode::BAD_REQUEST, "more than one Host header");
-            }
-            if host.is_none() && parts.version == Version::HTTP_11 {
-                return error_response(StatusCode::BAD_REQUEST, "missing Host header");
-            }
-            let normalized = match path::normalize(parts.uri.path()) {
-                Ok(std::borrow::Cow::Borrowed(_)) => None,
-                Ok(std::borrow::Cow::Owned(p)) => Some(p),
-                Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
-            };
-            if let Some(p) = normalized {
-                let pq = match parts.uri.query() {
-                    Some(q) => format!("{p}?{q}"),
-                    None => p,
-                };
-                let mut up = std::mem::take(&mut parts.uri).into_parts();
-                up.path_and_query = pq.parse().ok();
-                match Uri::from_parts(up) {
-                    Ok(u) => parts.uri = u,
-                    Err(_) => {
-                        return error_response(StatusCode::BAD_REQUEST, "invalid request target")
-                    }
-                }
-            }
-            let Some(route) = self.router.find(
-                host.as_ref().and_then(|h| h.to_str().ok()),
-                parts.uri.path(),
-            ) else {
-                return error_response(StatusCode::NOT_FOUND, "no route for this host and path");
+            let (route, host) = match self.admit(&mut parts) {
+                Ok(Admitted::Forward(route, host)) => (route, host),
+                Ok(Admitted::OptionsHere) => return options_response(),
+                Err(e) => return self.error_reply(None, e),
             };
             conn.note.route.store(route.index + 1, Ordering::Relaxed);
             if let Some(len) = content_length(&parts.headers) {
                 if len > self.max_body {
-                    let mut r = error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &format!("request body larger than {} bytes", self.max_body),
-                    );
+                    let mut r =
+                        self.error_reply(Some(route), ProxyError::BodyTooLarge(self.max_body));
                     if route.cfg.session {
                         headers::add_vary_cookie(r.headers_mut());
                     }
@@ -444,7 +410,9 @@ impl Proxy {
                 }
             }
 
-            // A real upgrade (WebSocket): HTTP/1.1 with `Connection: upgrade`.
+            // A real WebSocket upgrade: HTTP/1.1, `Connection: upgrade` and
+            // `Upgrade: websocket`. Any other `Upgrade` goes with the
+            // hop-by-hop fields below.
             let upgrade = headers::upgrade_request(parts.version, &parts.headers);
             let client_io = upgrade
                 .as_ref()
@@ -455,7 +423,9 @@ impl Proxy {
             // then the session cookie, on every route.
             headers::remove_hop_by_hop(&mut parts.headers);
             headers::take_reserved(&mut parts.headers);
-            for (name, _) in &route.cfg.forward {
+            // The `forward` names of every route, on every route (SPEC 3.1):
+            // one upstream often serves several routes.
+            for name in &self.router.forward_names {
                 parts.headers.remove(name);
             }
             if let Some(proto) = &upgrade {
@@ -470,7 +440,9 @@ impl Proxy {
                 headers::add_vary_cookie(resp.headers_mut());
                 resp
             } else {
-                self.strip_session_cookies(&mut parts.headers);
+                if !route.cfg.cookie_passthrough {
+                    self.strip_session_cookies(&mut parts.headers);
+                }
                 match self
                     .forward(
                         route,
@@ -484,10 +456,12 @@ impl Proxy {
                 {
                     Ok(mut resp) => {
                         headers::take_reserved(resp.headers_mut());
-                        drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                        if !route.cfg.cookie_passthrough {
+                            drop_session_set_cookies(resp.headers_mut(), &self.session.cookie_name);
+                        }
                         resp.map(Either::Left)
                     }
-                    Err(e) => self.upstream_error(route, e),
+                    Err(e) => self.error_reply(Some(route), e),
                 }
             };
             *resp.version_mut() = Version::HTTP_11;
@@ -499,16 +473,100 @@ impl Proxy {
                     (Some(client), Some(upstream)) => {
                         tokio::spawn(tunnel(client, upstream));
                     }
-                    _ => {
-                        return error_response(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream switched protocols without an upgrade request",
-                        )
-                    }
+                    _ => return self.error_reply(Some(route), ProxyError::UpstreamSwitched),
                 }
             }
             resp
         }
+    }
+
+    /// The checks before anything is loaded or forwarded: method,
+    /// framing, authority, path, route. Kept out of the request's future
+    /// (a plain function) so that its locals do not enlarge it.
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Admitted<'_>, ProxyError> {
+        match parts.method {
+            Method::CONNECT => return Err(ProxyError::MethodNotAllowed("CONNECT")),
+            // It would echo the session headers back (SPEC 3.1).
+            Method::TRACE => return Err(ProxyError::MethodNotAllowed("TRACE")),
+            _ => {}
+        }
+        headers::check_transfer_coding(&parts.headers).map_err(ProxyError::TransferCoding)?;
+        if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::MultipleHosts);
+        }
+        // The authority of the request target (HTTP/2 :authority, or an
+        // absolute-form target) wins over Host (RFC 9112 3.2.2).
+        let host: Option<HeaderValue> = match parts.uri.authority() {
+            Some(a) => {
+                headers::check_host(a.as_str().as_bytes()).map_err(ProxyError::InvalidHost)?;
+                Some(HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::InvalidTarget)?)
+            }
+            None => match parts.headers.get(header::HOST) {
+                Some(h) => {
+                    headers::check_host(h.as_bytes()).map_err(ProxyError::InvalidHost)?;
+                    Some(h.clone())
+                }
+                None => None,
+            },
+        };
+        if host.is_none() && parts.version == Version::HTTP_11 {
+            return Err(ProxyError::MissingHost);
+        }
+        if parts.method == Method::OPTIONS && max_forwards(&mut parts.headers) {
+            return Ok(Admitted::OptionsHere);
+        }
+        let normalized = match path::normalize(parts.uri.path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(e) => return Err(ProxyError::InvalidPath(e)),
+        };
+        if let Some(p) = normalized {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            let mut up = std::mem::take(&mut parts.uri).into_parts();
+            up.path_and_query = pq.parse().ok();
+            parts.uri = Uri::from_parts(up).map_err(|_| ProxyError::InvalidTarget)?;
+        }
+        let route = self
+            .router
+            .find(
+                host.as_ref().and_then(|h| h.to_str().ok()),
+                parts.uri.path(),
+            )
+            .ok_or(ProxyError::NoRoute)?;
+        Ok(Admitted::Forward(route, host))
+    }
+
+    /// The response for a failure of the proxy's (SPEC 6), logged: the
+    /// client's faults at debug, the rest at warn.
+    fn error_reply(&self, route: Option<&Route>, e: ProxyError) -> Response<RespBody> {
+        let kind = match &e {
+            ProxyError::UpstreamConnect(_) => Some(UpstreamErrorKind::Connect),
+            ProxyError::UpstreamTimeout(_) => Some(UpstreamErrorKind::Timeout),
+            ProxyError::UpstreamIo(_)
+            | ProxyError::UpstreamProtocol(_)
+            | ProxyError::UpstreamClosed(_)
+            | ProxyError::UpstreamSwitched
+            | ProxyError::UpstreamUpgrade(_) => Some(UpstreamErrorKind::Protocol),
+            _ => None,
+        };
+        if let (Some(k), Some(o)) = (kind, route.and_then(|r| self.route_ops.get(r.index))) {
+            o.metrics.upstream_error(k);
+        }
+        let (status, body) = e.status_and_body();
+        let route = route.map_or("", |r| r.cfg.name.as_str());
+        if status.is_client_error() {
+            tracing::debug!(route, status = status.as_u16(), error = %error::one_line(&e), "request refused");
+        } else {
+            tracing::warn!(route, status = status.as_u16(), error = %error::one_line(&e), "request failed");
+        }
+        let mut r = error_response(status, &body);
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            r.headers_mut().insert(header::ALLOW, ALLOW.clone());
+        }
+        r
     }
 
     #[allow(clippy::manual_async_fn)] // on purpose: see the async block
@@ -527,7 +585,7 @@ impl Proxy {
             let now = self.clock.now_ms();
             let loaded = match self.load(&parts.headers, now).await {
                 Ok(l) => l,
-                Err(e) => return self.store_error(e),
+                Err(e) => return self.error_reply(Some(route), ProxyError::Store(e)),
             };
             self.strip_session_cookies(&mut parts.headers);
 
@@ -553,7 +611,7 @@ impl Proxy {
                         .await
                     {
                         Ok(()) => resp,
-                        Err(e) => self.finish_error(e),
+                        Err(e) => self.error_reply(Some(route), e),
                     };
                 }
             }
@@ -586,7 +644,7 @@ impl Proxy {
 
             let resp = match self.forward(route, parts, body, conn, host, added).await {
                 Ok(r) => r,
-                Err(e) => return self.upstream_error(route, e),
+                Err(e) => return self.error_reply(Some(route), e),
             };
             let (mut rparts, rbody) = resp.into_parts();
             let directives = headers::take_reserved(&mut rparts.headers);
@@ -598,20 +656,19 @@ impl Proxy {
                 match Patch::parse(directives.iter().map(|(n, v)| (n, v))) {
                     Ok(p) => p,
                     Err(e) => {
-                        tracing::warn!(route = %route.cfg.name, header = e.header, problem = %e.problem, "invalid session directive from upstream");
-                        return error_response(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("invalid session directive from upstream: {e}"),
-                        );
+                        return self.error_reply(Some(route), ProxyError::Directive(Box::new(e)))
                     }
                 }
             };
+            if let Err(e) = self.check_size(&loaded, &patch, &directives) {
+                return self.error_reply(Some(route), e);
+            }
             match self
                 .finish(&loaded, patch, rparts.status, &mut rparts.headers)
                 .await
             {
                 Ok(()) => Response::from_parts(rparts, Either::Left(rbody)),
-                Err(e) => self.finish_error(e),
+                Err(e) => self.error_reply(Some(route), e),
             }
         }
     }
@@ -656,6 +713,47 @@ impl Proxy {
         })
     }
 
+    /// `max_session_size`: a patch that would make the session's JSON
+    /// larger than the limit (and larger than it was) is refused before
+    /// anything is written. Checked against the session as this request
+    /// loaded it; the full apply runs only when the directives could reach
+    /// the limit at all (the read path and small writes pay nothing).
+    fn check_size(
+        &self,
+        loaded: &Loaded,
+        patch: &Patch,
+        directives: &[(http::HeaderName, HeaderValue)],
+    ) -> Result<(), ProxyError> {
+        if self.max_session == 0 || !(patch.replace.is_some() || patch.has_update) {
+            return Ok(());
+        }
+        // After a Flush the rest applies to a fresh session.
+        let live = loaded.live.as_ref().filter(|_| !patch.flush);
+        let before = live.map_or(2, |(_, r)| r.data.len());
+        // Each byte of a directive becomes at most six in the stored JSON
+        // (`\uXXXX`), plus a separator.
+        let bound = directives
+            .iter()
+            .fold(before as u64, |n, (_, v)| n + 6 * v.len() as u64 + 1);
+        if bound <= self.max_session {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let mut record = match live {
+            Some((_, r)) => r.clone(),
+            None => Record::new_at(now),
+        };
+        record.apply_patch(patch, now, &self.policy);
+        let size = record.data.len();
+        if size as u64 > self.max_session && size > before {
+            return Err(ProxyError::SessionTooLarge {
+                size,
+                limit: self.max_session,
+            });
+        }
+        Ok(())
+    }
+
     /// Whether Django would have saved this session: the patch changes the
     /// state the request loaded, cycles the key, or every request saves.
     fn would_save(&self, loaded: &Loaded, patch: &Patch, now: i64) -> bool {
@@ -694,7 +792,7 @@ impl Proxy {
         mut patch: Patch,
         status: StatusCode,
         out: &mut HeaderMap,
-    ) -> Result<(), FinishError> {
+    ) -> Result<(), ProxyError> {
         if status.is_server_error() {
             return Ok(());
         }
@@ -706,7 +804,7 @@ impl Proxy {
                 if codec.is_none() {
                     self.timed(StoreOp::Delete, self.store.delete(&k))
                         .await
-                        .map_err(FinishError::Store)?;
+                        .map_err(ProxyError::Store)?;
                 }
                 self.metrics.session_deleted(DeleteReason::Flush);
             }
@@ -731,7 +829,7 @@ impl Proxy {
                     _ => self
                         .timed(StoreOp::Apply, self.store.apply(&key, &patch, ctx))
                         .await
-                        .map_err(FinishError::Store)?,
+                        .map_err(ProxyError::Store)?,
                 };
                 match applied {
                     Applied::Saved { key, record } => {
@@ -749,7 +847,7 @@ impl Proxy {
                     Applied::Missing if !self.would_save(loaded, &patch, now) => {}
                     Applied::Missing => {
                         self.metrics.sessions_interrupted.inc();
-                        return Err(FinishError::Interrupted);
+                        return Err(ProxyError::Interrupted);
                     }
                 }
             }
@@ -767,7 +865,7 @@ impl Proxy {
                         None => self
                             .timed(StoreOp::Create, self.store.create(record.clone()))
                             .await
-                            .map_err(FinishError::Store)?,
+                            .map_err(ProxyError::Store)?,
                     };
                     self.metrics.sessions_created.inc();
                     self.set_cookie(out, loaded, &key, &record, now)?;
@@ -794,7 +892,7 @@ impl Proxy {
         key: &SessionKey,
         record: &Record,
         now: i64,
-    ) -> Result<(), FinishError> {
+    ) -> Result<(), ProxyError> {
         let max_age = (!record.expire_at_browser_close(&self.policy))
             .then(|| record.expiry_age(now, &self.policy));
         let name = &self.session.cookie_name;
@@ -807,7 +905,7 @@ impl Proxy {
             }
             Some(codec) => {
                 let token = codec.encode(key, record);
-                let parts = signed::split(name, &token).map_err(FinishError::TooLarge)?;
+                let parts = signed::split(name, &token).map_err(ProxyError::SignedTooLarge)?;
                 for (i, value) in parts.iter().enumerate() {
                     let n = signed::chunk_name(name, i);
                     out.append(
@@ -824,51 +922,6 @@ impl Proxy {
         }
         headers::add_private(out);
         Ok(())
-    }
-
-    fn finish_error(&self, e: FinishError) -> Response<RespBody> {
-        match e {
-            FinishError::Interrupted => error_response(
-                StatusCode::BAD_REQUEST,
-                "the session was deleted by a concurrent request (logout or key change); its changes were not saved",
-            ),
-            FinishError::Store(e) => self.store_error(e),
-            FinishError::TooLarge(e) => {
-                tracing::warn!(size = e.size, limit = e.limit, "session too large for signed cookies");
-                error_response(StatusCode::BAD_GATEWAY, &e.to_string())
-            }
-        }
-    }
-
-    // Counted in `sessiongate_store_errors_total` where the call was made.
-    fn store_error(&self, e: StoreError) -> Response<RespBody> {
-        tracing::warn!(error = %e, "session store failed");
-        error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the session store is unavailable; try again shortly",
-        )
-    }
-
-    fn upstream_error(&self, route: &Route, e: UpstreamError) -> Response<RespBody> {
-        tracing::warn!(route = %route.cfg.name, error = %e, "upstream request failed");
-        let kind = match &e {
-            UpstreamError::Connect(_) => Some(UpstreamErrorKind::Connect),
-            UpstreamError::Timeout(_) => Some(UpstreamErrorKind::Timeout),
-            UpstreamError::Failed(_) => Some(UpstreamErrorKind::Protocol),
-            UpstreamError::BodyTooLarge(_) => None,
-        };
-        if let (Some(k), Some(o)) = (kind, self.route_ops.get(route.index)) {
-            o.metrics.upstream_error(k);
-        }
-        let msg = match &e {
-            UpstreamError::Connect(_) => "upstream unreachable".to_string(),
-            UpstreamError::Failed(_) => "upstream failed to answer".to_string(),
-            UpstreamError::Timeout(d) => {
-                format!("upstream did not answer within {}s", d.as_secs_f64())
-            }
-            UpstreamError::BodyTooLarge(n) => format!("request body larger than {n} bytes"),
-        };
-        error_response(e.status(), &msg)
     }
 
     fn login_redirect(&self, route: &Route, method: &Method, uri: &Uri) -> Response<RespBody> {
@@ -913,7 +966,7 @@ impl Proxy {
         conn: &'a ConnInfo,
         host: Option<HeaderValue>,
         mut added: Added,
-    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + 'a {
+    ) -> impl Future<Output = Result<Response<PooledBody>, ProxyError>> + 'a {
         // A block, not an `async fn`: the arguments are captured once
         // instead of being copied into locals beside themselves, which
         // keeps the request's future (moved whole at each step) smaller.
@@ -957,19 +1010,22 @@ impl Proxy {
             };
             let target = target.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-            let mut last_err = None;
             let order = route.upstream_order(|| self.clock.now_ms());
-            let mut body = Some(UpstreamBody::new(body, self.max_body));
-            for &i in order.iter() {
+            let mut body = Some(UpstreamBody::new(
+                body,
+                self.max_body,
+                self.client_body_timeout,
+                &self.timer,
+            ));
+            let mut last_err = None;
+            for (n, &i) in order.iter().enumerate() {
                 let up = &route.cfg.upstreams[i];
                 let pq = if up.path.is_empty() {
                     target.clone()
                 } else {
                     format!("{}{}", up.path, target.as_str())
                         .parse()
-                        .map_err(|_| {
-                            UpstreamError::Failed("request target not valid upstream".into())
-                        })?
+                        .map_err(ProxyError::UpstreamTarget)?
                 };
                 let Some(b) = body.take() else { break };
                 // preserve_host with no Host from the client (HTTP/1.0, or h2
@@ -978,14 +1034,15 @@ impl Proxy {
                     (Some(h), true) => h,
                     _ => &up.host_value,
                 };
-                let sent = self.timer.timeout(
-                    self.upstream_timeout,
-                    self.pool.send(route.slots[i], &parts, &pq, b, hv, &added),
-                );
+                // `upstream_timeout` is the pool's: it does not run while the
+                // client's body keeps it waiting.
                 let sent_at = Instant::now();
-                match sent.await {
-                    Err(_) => return Err(UpstreamError::Timeout(self.upstream_timeout)),
-                    Ok(Ok(mut resp)) => {
+                let sent = self
+                    .pool
+                    .send(route.slots[i], &parts, &pq, b, hv, &added)
+                    .await;
+                match sent {
+                    Ok(mut resp) => {
                         let took = sent_at.elapsed();
                         if let Some(o) = self.route_ops.get(route.index) {
                             o.metrics.upstream_duration.observe(took);
@@ -999,31 +1056,40 @@ impl Proxy {
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let proto = resp.headers().get(header::UPGRADE).cloned();
                         headers::remove_hop_by_hop(resp.headers_mut());
-                        if let (true, Some(proto)) = (switching, proto) {
+                        if switching {
+                            // Only to a WebSocket upgrade, and only into one.
+                            let websocket = proto
+                                .as_ref()
+                                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                            if !websocket {
+                                return Err(ProxyError::UpstreamSwitched);
+                            }
                             let h = resp.headers_mut();
                             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                            h.insert(header::UPGRADE, proto);
+                            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
                         }
                         return Ok(resp);
                     }
-                    Ok(Err(SendError::Failed {
-                        body_too_large: true,
-                        ..
-                    })) => return Err(UpstreamError::BodyTooLarge(self.max_body)),
-                    Ok(Err(SendError::Failed { what, .. })) => {
-                        return Err(UpstreamError::Failed(what))
-                    }
-                    Ok(Err(SendError::Unreachable(what, b))) => {
-                        tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %what, "upstream unreachable; trying the next");
-                        route.mark_down(i, self.clock.now_ms());
-                        last_err = Some(UpstreamError::Connect(what));
+                    Err(SendError {
+                        error,
+                        unsent: Some(b),
+                    }) if !error.is_client_fault() => {
+                        // Nothing of the request was acted on: the next
+                        // upstream may have it.
+                        let next = order.len() > n + 1;
+                        if next {
+                            tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %error::one_line(&error), "upstream failed before the request was sent; trying the next upstream");
+                        }
+                        if matches!(error, ProxyError::UpstreamConnect(_)) {
+                            route.mark_down(i, self.clock.now_ms());
+                        }
+                        last_err = Some(error);
                         body = Some(b);
                     }
+                    Err(SendError { error, .. }) => return Err(error),
                 }
             }
-            Err(last_err.unwrap_or_else(|| {
-                UpstreamError::Connect("no upstream accepted the request".into())
-            }))
+            Err(last_err.unwrap_or(ProxyError::UpstreamClosed("answering")))
         }
     }
 }
@@ -1090,6 +1156,38 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed");
     }
+}
+
+/// What [`Proxy::admit`] decided.
+enum Admitted<'a> {
+    /// Forward on this route, with the request's authority.
+    Forward(&'a Route, Option<HeaderValue>),
+    /// `OPTIONS` with `Max-Forwards: 0`: the proxy is the final recipient.
+    OptionsHere,
+}
+
+/// `Max-Forwards` on `OPTIONS` (RFC 9110 7.6.2): true when it is `0` (the
+/// proxy answers itself); otherwise a valid value is decremented for the
+/// upstream. A value that is not a number is left as it came.
+fn max_forwards(h: &mut HeaderMap) -> bool {
+    let Some(v) = h.get(header::MAX_FORWARDS) else {
+        return false;
+    };
+    let Some(n) = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) else {
+        return false;
+    };
+    if n == 0 {
+        return true;
+    }
+    h.insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+    false
+}
+
+/// The proxy's own answer to `OPTIONS` with `Max-Forwards: 0`.
+fn options_response() -> Response<RespBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+    r.headers_mut().insert(header::ALLOW, ALLOW.clone());
+    r
 }
 
 /// Characters escaped in `?next=`: everything but unreserved and `/`.

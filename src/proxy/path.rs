@@ -41,30 +41,37 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(path));
     }
     // 1. Decode %XX of unreserved characters; keep other escapes, upper-cased.
+    // Bytes, not chars: runs between escapes (raw UTF-8 included) are
+    // copied as they came, so the result stays the same UTF-8.
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
-            let (h, l) = match (
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            ) {
-                (Some(h), Some(l)) => (h, l),
-                _ => return Err(PathError::BadEscape),
-            };
-            let c = h * 16 + l;
-            if unreserved(c) {
-                decoded.push(c as char);
-            } else {
-                decoded.push('%');
-                decoded.push(char::from(b"0123456789ABCDEF"[h as usize]));
-                decoded.push(char::from(b"0123456789ABCDEF"[l as usize]));
-            }
-            i += 3;
-        } else {
-            decoded.push(b[i] as char);
-            i += 1;
+        if b[i] != b'%' {
+            // `%` is ASCII, so the run ends on a char boundary.
+            let end = b[i..]
+                .iter()
+                .position(|&c| c == b'%')
+                .map_or(b.len(), |n| i + n);
+            decoded.push_str(&path[i..end]);
+            i = end;
+            continue;
         }
+        let (h, l) = match (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (Some(h), Some(l)) => (h, l),
+            _ => return Err(PathError::BadEscape),
+        };
+        let c = h * 16 + l;
+        if unreserved(c) {
+            decoded.push(char::from(c));
+        } else {
+            decoded.push('%');
+            decoded.push(char::from(b"0123456789ABCDEF"[h as usize]));
+            decoded.push(char::from(b"0123456789ABCDEF"[l as usize]));
+        }
+        i += 3;
     }
     // 2. Resolve dot segments and merge slashes.
     let mut segs: Vec<&str> = Vec::new();
@@ -131,6 +138,13 @@ mod tests {
         assert_eq!(n("/a%2fb").unwrap(), "/a%2Fb");
         assert_eq!(n("/a%20b").unwrap(), "/a%20b");
         assert_eq!(n("/caf%C3%A9").unwrap(), "/caf%C3%A9");
+    }
+
+    #[test]
+    fn raw_non_ascii_bytes_are_kept() {
+        assert_eq!(n("/café//x").unwrap(), "/café/x");
+        assert_eq!(n("/ü/./%61/../ß%2f").unwrap(), "/ü/ß%2F");
+        assert_eq!(n("/日本//%E6%97%A5").unwrap(), "/日本/%E6%97%A5");
     }
 
     #[test]

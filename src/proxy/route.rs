@@ -65,6 +65,9 @@ impl Route {
 
 pub struct Router {
     pub routes: Vec<Route>,
+    /// The header names of every route's `forward` table, once each:
+    /// removed from every request on every route (SPEC 3.1).
+    pub forward_names: Vec<http::HeaderName>,
 }
 
 /// Whether `path` is under `prefix` on a segment boundary.
@@ -80,8 +83,15 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 impl Router {
     pub fn new(routes: Vec<RouteConfig>) -> Router {
+        let mut forward_names: Vec<http::HeaderName> = Vec::new();
+        for (name, _) in routes.iter().flat_map(|r| &r.forward) {
+            if !forward_names.contains(name) {
+                forward_names.push(name.clone());
+            }
+        }
         Router {
             routes: routes.into_iter().map(Route::new).collect(),
+            forward_names,
         }
     }
 

@@ -34,11 +34,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-use super::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError, SendFraming};
+use super::h1::{self, ChunkedDecoder, Decoded, Framing, SendFraming};
 use crate::session::headers::Added;
 use crate::timer::{Sleep, Wheel};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::error::BoxError;
+use super::error::ProxyError;
 
 /// Idle connections kept per upstream address (more are closed when they
 /// come back).
@@ -197,15 +198,19 @@ impl Pool {
 
     /// A new TCP connection to the slot's address, or why none could be
     /// made.
-    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, String> {
-        let Slot { authority, uri, .. } = &self.slots[slot];
+    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, ProxyError> {
+        let Slot { uri, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
-        async {
+        let connect = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
+        };
+        // `upstream_connect_timeout` bounds the connecting, not the name's
+        // resolution: `upstream_timeout` bounds both.
+        match self.timer.timeout(self.read_timeout, connect).await {
+            Ok(r) => r.map_err(|e| ProxyError::UpstreamConnect(Box::new(e))),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.read_timeout)),
         }
-        .await
-        .map_err(|e| format!("connect to {authority}: {}", chain(&e)))
     }
 
     fn push_idle(&self, slot: usize, conn: Conn) {
@@ -234,7 +239,9 @@ impl Pool {
     /// byte of an answer (the upstream closed it while it sat idle) is sent
     /// again on another connection when it cannot have been acted on: its
     /// head could not be written, or its method is idempotent (RFC 9110
-    /// 9.2.2, as nginx's `proxy_next_upstream` does).
+    /// 9.2.2, as nginx's `proxy_next_upstream` does). When a new
+    /// connection fails that way too, the error gives the body back
+    /// ([`SendError::unsent`]) for the next upstream.
     pub async fn send(
         self: &Arc<Self>,
         slot: usize,
@@ -251,7 +258,14 @@ impl Pool {
             added.apply_to(req.headers_mut());
             // Boxed: hyper's handshake makes this future large, and it is
             // rare; inline it would enlarge every request's future.
-            return Box::pin(self.send_upgrade(slot, req)).await;
+            let timeout = self.read_timeout;
+            return match Box::pin(self.timer.timeout(timeout, self.send_upgrade(slot, req))).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError {
+                    error: ProxyError::UpstreamTimeout(timeout),
+                    unsent: None,
+                }),
+            };
         }
         let framing = if body.is_end_stream() {
             SendFraming::None
@@ -285,9 +299,12 @@ impl Pool {
                         },
                         false,
                     ),
-                    Err(what) => {
+                    Err(error) => {
                         let body = body.take().expect("the body is kept until it is sent");
-                        return Err(SendError::Unreachable(what, body));
+                        return Err(SendError {
+                            error,
+                            unsent: Some(body),
+                        });
                     }
                 },
             };
@@ -304,20 +321,30 @@ impl Pool {
                 SendFraming::None => None,
                 _ => body.take().map(|b| Upload::new(b, framing)),
             };
-            match exchange(&mut conn, &parts.method, &mut upload).await {
+            match exchange(&mut conn, &parts.method, &mut upload, self).await {
                 Ok(answer) => return Ok(self.respond(slot, conn, upload, answer)),
                 Err(f) => {
-                    let retry = reused
-                        && framing == SendFraming::None
-                        && f.nothing_received
-                        && (f.head_unsent || parts.method.is_idempotent());
-                    if retry {
+                    // Nothing of the request was acted on: its head never
+                    // left, or it has no body, no answer came and its
+                    // method is idempotent.
+                    let unacted = f.nothing_received
+                        && (f.head_unsent
+                            || (framing == SendFraming::None && parts.method.is_idempotent()));
+                    if reused && framing == SendFraming::None && unacted {
                         tracing::debug!(error = %f.error, "a kept-alive upstream connection had closed; sending again on another");
                         continue;
                     }
-                    return Err(SendError::Failed {
-                        body_too_large: matches!(f.error, ClientError::TooLarge),
-                        what: f.error.to_string(),
+                    // A body not yet taken by an upload (no body, or its
+                    // head unsent) is still whole: it can go elsewhere.
+                    let unsent = match (unacted, upload, body.take()) {
+                        (false, _, _) => None,
+                        (true, None, b @ Some(_)) => b,
+                        (true, Some(up), None) if up.untouched() => Some(up.body),
+                        _ => None,
+                    };
+                    return Err(SendError {
+                        error: f.error,
+                        unsent,
                     });
                 }
             }
@@ -397,11 +424,16 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendError> {
         let io = match self.dial(slot).await {
             Ok(io) => io,
-            Err(what) => return Err(SendError::Unreachable(what, req.into_body())),
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    unsent: Some(req.into_body()),
+                })
+            }
         };
-        let failed = |e: hyper::Error| SendError::Failed {
-            body_too_large: body_too_large(&e),
-            what: chain(&e),
+        let failed = |e: hyper::Error| SendError {
+            error: from_hyper(e),
+            unsent: None,
         };
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -409,7 +441,7 @@ impl Pool {
             .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %chain(&e), "upstream connection closed");
+                tracing::debug!(error = %super::error::one_line(&e), "upstream connection closed");
             }
         });
         let resp = sender.send_request(req).await.map_err(failed)?;
@@ -427,7 +459,7 @@ struct Answer {
 
 /// Why an exchange failed, and whether it could be tried again.
 struct Failure {
-    error: ClientError,
+    error: ProxyError,
     /// Not a byte of an answer arrived.
     nothing_received: bool,
     /// The request head was not (completely) written.
@@ -438,12 +470,19 @@ struct Failure {
 /// response head (an upstream may answer before the body is complete: the
 /// rest of the upload then goes on in a task of its own). Interim
 /// 1xx responses are skipped.
+///
+/// `upstream_timeout` (the pool's `read_timeout`) runs from the head's
+/// writing, and again from each write of the body, to the response head;
+/// not while the upload waits for the client's next bytes, which is
+/// `client_body_timeout`'s business: a stalled client is never an
+/// upstream timeout.
 async fn exchange(
     conn: &mut Conn,
     method: &Method,
     upload: &mut Option<Upload>,
+    pool: &Pool,
 ) -> Result<Answer, Failure> {
-    let fail = |error: ClientError, nothing_received: bool, head_unsent: bool| Failure {
+    let fail = |error: ProxyError, nothing_received: bool, head_unsent: bool| Failure {
         error,
         nothing_received,
         head_unsent,
@@ -456,6 +495,9 @@ async fn exchange(
     }
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
+    // Armed while the upstream is the one awaited.
+    let mut deadline = Silence::default();
+    let mut written = 0u64;
     let head = std::future::poll_fn(|cx| loop {
         let parsed = match conn.rbuf.is_empty() {
             true => Ok(None),
@@ -464,7 +506,7 @@ async fn exchange(
         match parsed {
             Ok(Some(head)) if head.status.is_informational() => {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Poll::Ready(Err(fail(ClientError::Switched, false, false)));
+                    return Poll::Ready(Err(fail(ProxyError::UpstreamSwitched, false, false)));
                 }
                 continue;
             }
@@ -479,8 +521,10 @@ async fn exchange(
                 Ok(0) => {
                     let e = match write_failed.take() {
                         Some(e) => e.into(),
-                        None if received => ClientError::Closed("the end of the response head"),
-                        None => ClientError::Closed("answering"),
+                        None if received => {
+                            ProxyError::UpstreamClosed("the end of the response head")
+                        }
+                        None => ProxyError::UpstreamClosed("answering"),
                     };
                     return Poll::Ready(Err(fail(e, !received, false)));
                 }
@@ -490,20 +534,38 @@ async fn exchange(
             continue;
         }
         if let Some(up) = upload.as_mut() {
-            match up.poll(&mut conn.io, cx) {
+            let polled = up.poll(&mut conn.io, cx);
+            if up.written != written {
+                // The upstream took more of the body: its time restarts.
+                written = up.written;
+                deadline.progress();
+            }
+            if polled.is_pending() && up.waiting_on_client {
+                deadline.pause();
+                return Poll::Pending;
+            }
+            match polled {
                 Poll::Ready(Ok(())) => *upload = None,
                 // The upstream may have answered and stopped reading: its
                 // answer, if one comes, wins over the write error.
-                Poll::Ready(Err(ClientError::Io(e))) => {
+                Poll::Ready(Err(ProxyError::UpstreamIo(e))) => {
                     write_failed = Some(e);
                     *upload = None;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e, !received, false))),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {}
+            }
+            if upload.is_some() {
+                // Waiting for the upstream to take more of the body.
+                return deadline
+                    .poll(&pool.timer, pool.read_timeout, cx)
+                    .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
             }
             continue;
         }
-        return Poll::Pending;
+        return deadline
+            .poll(&pool.timer, pool.read_timeout, cx)
+            .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
     })
     .await?;
     let mut head = head;
@@ -515,6 +577,55 @@ async fn exchange(
     })
 }
 
+fn upstream_timeout(pool: &Pool) -> ProxyError {
+    ProxyError::UpstreamTimeout(pool.read_timeout)
+}
+
+/// "Nothing happened for a while": one timer of the worker's wheel, armed
+/// on the first wait and pushed back (when it fires) to `d` after the start
+/// of the current wait, so that progress costs a clock read when the next
+/// wait starts, not a new timer. Time when nobody waits (the task busy
+/// elsewhere) is never counted.
+#[derive(Default)]
+struct Silence {
+    sleep: Option<Sleep>,
+    /// When the current wait started.
+    since: Option<tokio::time::Instant>,
+    /// Progress since `since`: the next poll starts a new wait.
+    moved: bool,
+}
+
+impl Silence {
+    fn progress(&mut self) {
+        self.moved = true;
+    }
+
+    /// The wait is over (not counted until the next one).
+    fn pause(&mut self) {
+        self.sleep = None;
+        self.since = None;
+    }
+
+    /// Ready once `d` has passed in one wait.
+    fn poll(&mut self, timer: &Wheel, d: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        if self.moved || self.since.is_none() {
+            self.moved = false;
+            self.since = Some(tokio::time::Instant::now());
+        }
+        let since = self.since.expect("set above");
+        loop {
+            let sleep = self.sleep.get_or_insert_with(|| timer.sleep(d));
+            ready!(std::future::Future::poll(Pin::new(sleep), cx));
+            if since.elapsed() < d {
+                self.sleep = Some(timer.sleep_until(since + d));
+                continue;
+            }
+            self.pause();
+            return Poll::Ready(());
+        }
+    }
+}
+
 /// A request body on its way to the upstream.
 struct Upload {
     body: UpstreamBody,
@@ -523,9 +634,19 @@ struct Upload {
     out: Vec<u8>,
     pos: usize,
     ended: bool,
+    /// Bytes written so far (framing included).
+    written: u64,
+    /// The last `poll` was pending on the client's body, not on the
+    /// upstream.
+    waiting_on_client: bool,
 }
 
 impl Upload {
+    /// Nothing of the body has been read from the client yet.
+    fn untouched(&self) -> bool {
+        self.body.seen == 0 && self.out.is_empty() && !self.ended
+    }
+
     fn new(body: UpstreamBody, framing: SendFraming) -> Upload {
         Upload {
             body,
@@ -533,6 +654,8 @@ impl Upload {
             out: Vec::new(),
             pos: 0,
             ended: false,
+            written: 0,
+            waiting_on_client: false,
         }
     }
 
@@ -542,20 +665,23 @@ impl Upload {
         &mut self,
         io: &mut W,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), ClientError>> {
+    ) -> Poll<Result<(), ProxyError>> {
         loop {
+            self.waiting_on_client = false;
             while self.pos < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.pos += n;
+                self.written += n as u64;
             }
             self.out.clear();
             self.pos = 0;
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
+            self.waiting_on_client = true;
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 None => {
                     self.ended = true;
@@ -581,41 +707,19 @@ impl Upload {
                         }
                     }
                 }
-                Some(Err(e)) if e.is::<TooLarge>() => {
-                    return Poll::Ready(Err(ClientError::TooLarge))
-                }
-                Some(Err(e)) => return Poll::Ready(Err(ClientError::Body(chain(&*e)))),
+                Some(Err(e)) => return Poll::Ready(Err(client_body_boxed(e))),
             }
         }
     }
 }
 
-/// What went wrong talking to an upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error("the upstream closed the connection before {0}")]
-    Closed(&'static str),
-    #[error("reading the request body: {0}")]
-    Body(String),
-    #[error("request body over the limit")]
-    TooLarge,
-    #[error("the upstream switched protocols without an upgrade request")]
-    Switched,
-    #[error("the upstream sent nothing more of the response body for {0:?}")]
-    ReadTimeout(Duration),
-}
-
 /// Why [`Pool::send`] failed.
-pub enum SendError {
-    /// No connection could be made: the request body is given back, unsent.
-    Unreachable(String, UpstreamBody),
-    /// The exchange failed after the request was handed to a connection
-    /// (`body_too_large`: because the request body went over its limit).
-    Failed { what: String, body_too_large: bool },
+pub struct SendError {
+    pub error: ProxyError,
+    /// The request body, when nothing of the request was acted on (no
+    /// connection, its head never sent, or an idempotent request without
+    /// a body that got no answer): the request may go to another upstream.
+    pub unsent: Option<UpstreamBody>,
 }
 
 /// The upstream's response body; the connection goes back to the pool
@@ -667,7 +771,7 @@ impl Streaming {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
         loop {
             let rbuf = &mut self.rbuf;
             match &mut self.state {
@@ -707,7 +811,7 @@ impl Streaming {
                     .idle
                     .get_or_insert_with(|| pool.timer.sleep(pool.read_timeout));
                 if std::future::Future::poll(Pin::new(idle), cx).is_ready() {
-                    return Poll::Ready(Some(Err(ClientError::ReadTimeout(
+                    return Poll::Ready(Some(Err(ProxyError::UpstreamReadTimeout(
                         self.pool.read_timeout,
                     ))));
                 }
@@ -720,7 +824,7 @@ impl Streaming {
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
-                    return Poll::Ready(Some(Err(ClientError::Closed(
+                    return Poll::Ready(Some(Err(ProxyError::UpstreamClosed(
                         "the end of the response body",
                     ))))
                 }
@@ -866,60 +970,76 @@ impl Body for PooledBody {
     }
 }
 
-/// Why a request could not be answered by the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("upstream unreachable: {0}")]
-    Connect(String),
-    #[error("upstream failed: {0}")]
-    Failed(String),
-    #[error("upstream did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(u64),
-}
-
-impl UpstreamError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            UpstreamError::Connect(_) | UpstreamError::Failed(_) => StatusCode::BAD_GATEWAY,
-            UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        }
-    }
-}
-
+/// The request body went over `max_request_body`.
 #[derive(Debug, thiserror::Error)]
 #[error("request body over the limit")]
-pub struct TooLarge;
+pub struct TooLarge(pub u64);
 
-/// Whether a client error was caused by [`UpstreamBody`] going over its
-/// limit.
-fn body_too_large(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// Nothing of the request body arrived for `client_body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled")]
+pub struct BodyTimeout(pub Duration);
+
+/// The client's side of a failed request body, as [`UpstreamBody`] gave it:
+/// over the limit, stalled, or broken framing (hyper's error).
+fn client_body_boxed(e: BoxError) -> ProxyError {
+    if let Some(t) = e.downcast_ref::<TooLarge>() {
+        return ProxyError::BodyTooLarge(t.0);
+    }
+    if let Some(t) = e.downcast_ref::<BodyTimeout>() {
+        return ProxyError::ClientBodyTimeout(t.0);
+    }
+    ProxyError::ClientBody(e)
+}
+
+/// A failure of hyper's client (upgrade requests): the request body's
+/// when its cause is an [`UpstreamBody`] error, else the upstream's.
+fn from_hyper(e: hyper::Error) -> ProxyError {
+    let mut src = std::error::Error::source(&e);
     while let Some(c) = src {
-        if c.is::<TooLarge>() {
-            return true;
+        if let Some(t) = c.downcast_ref::<TooLarge>() {
+            return ProxyError::BodyTooLarge(t.0);
+        }
+        if let Some(t) = c.downcast_ref::<BodyTimeout>() {
+            return ProxyError::ClientBodyTimeout(t.0);
+        }
+        // The client's own connection failed under its body.
+        if c.is::<hyper::Error>() {
+            return ProxyError::ClientBody(Box::new(e));
         }
         src = c.source();
     }
-    false
+    ProxyError::UpstreamUpgrade(Box::new(e))
 }
 
 /// The client's request body on its way upstream: streamed frame by frame,
 /// failing once more than `limit` bytes have passed.
+///
+/// A body silent for longer than `client_body_timeout` fails with
+/// [`BodyTimeout`]; the timer runs only while the body is asked for and
+/// has nothing (an upstream slow to read holds no client to account).
 pub struct UpstreamBody {
     inner: Option<Incoming>,
     seen: u64,
     limit: u64,
+    timeout: Duration,
+    /// None for a body that is over before it starts (a GET): no clone of
+    /// the timers on the read path.
+    timer: Option<Wheel>,
+    /// Armed while waiting for the client's next bytes (boxed: most bodies
+    /// never wait, and this sits in every request's future).
+    idle: Option<Box<Silence>>,
 }
 
 impl UpstreamBody {
-    pub fn new(body: Incoming, limit: u64) -> UpstreamBody {
+    pub fn new(body: Incoming, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
         UpstreamBody {
+            timer: (!body.is_end_stream()).then(|| timer.clone()),
             inner: Some(body),
             seen: 0,
             limit,
+            timeout,
+            idle: None,
         }
     }
 }
@@ -936,20 +1056,40 @@ impl Body for UpstreamBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if polled.is_ready() {
+            if let Some(idle) = &mut this.idle {
+                idle.progress();
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if this.seen > this.limit {
                         this.inner = None;
-                        return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(this.limit)))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let (Some(timer), timeout) = (&this.timer, this.timeout) else {
+                    return Poll::Pending;
+                };
+                let idle = this.idle.get_or_insert_with(Box::default);
+                if idle.poll(timer, timeout, cx).is_ready() {
+                    this.inner = None;
+                    this.idle = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -963,16 +1103,4 @@ impl Body for UpstreamBody {
             .map(|b| b.size_hint())
             .unwrap_or_default()
     }
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -11,6 +11,7 @@
 //! - `delete` is idempotent; `clear_expired` removes what has expired and
 //!   says how many.
 
+pub mod db;
 pub mod file;
 pub mod memory;
 pub mod redis;
@@ -21,6 +22,7 @@ use std::future::Future;
 use crate::config::{Config, Engine};
 use crate::session::{Patch, Policy, Record, SessionKey};
 
+pub use db::DbStore;
 pub use file::FileStore;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -106,6 +108,8 @@ pub enum AnyStore {
     /// `signed_cookies`: no server state; the proxy encodes and decodes
     /// the session in the cookie (see [`AnyStore::as_signed`]).
     Signed(SignedCookies),
+    /// `db`: Django's table on SQLite or PostgreSQL.
+    Db(DbStore),
 }
 
 impl AnyStore {
@@ -123,6 +127,22 @@ impl AnyStore {
                 )))
             }
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
+            Engine::Db => {
+                let url =
+                    c.db.as_ref()
+                        .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
+                let s = &config.session;
+                Ok(AnyStore::Db(
+                    DbStore::open(
+                        url,
+                        &c.table,
+                        c.timeout,
+                        &s.secret_key,
+                        &s.secret_key_fallbacks,
+                    )
+                    .await?,
+                ))
+            }
             Engine::File | Engine::CachedFile => {
                 let path = c
                     .path
@@ -171,6 +191,8 @@ macro_rules! dispatch {
             // much larger, whatever the engine.
             AnyStore::Redis($s) => Box::pin($e).await,
             AnyStore::Signed($s) => $e.await,
+            // Boxed for the same reason.
+            AnyStore::Db($s) => Box::pin($e).await,
         }
     };
 }

@@ -1,0 +1,357 @@
+//! The `db` engine on PostgreSQL: `tokio-postgres` with a `deadpool-postgres`
+//! pool, prepared statements (cached per connection), `expire_date` as
+//! `timestamp with time zone` (as Django makes it).
+//!
+//! Each patch is one transaction that locks the newest row
+//! (`SELECT ... FOR UPDATE`), applies the patch, writes and commits, so
+//! patches from any number of sessiongate instances on one database are
+//! serialised per session and none is lost.
+//!
+//! The pool connects lazily and replaces broken connections, so a database
+//! that is down gives `503`s and sessiongate recovers by itself when it is
+//! back. At start, a refused password or a missing database is an error
+//! (the configuration is wrong); a database that is merely unreachable is
+//! logged and the proxy starts.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use super::{apply_row, Codec, DbError, Migrated};
+use crate::session::{Patch, Record, SessionKey};
+use crate::store::{Applied, WriteCtx};
+
+const POOL: usize = 16;
+
+struct Sql {
+    load: String,
+    lock: String,
+    insert: String,
+    update: String,
+    delete: String,
+    clear: String,
+}
+
+impl Sql {
+    fn new(table: &str) -> Sql {
+        Sql {
+            load: format!(
+                "SELECT session_data, expire_date FROM \"{table}\" WHERE session_key = $1"
+            ),
+            lock: format!(
+                "SELECT session_data, expire_date FROM \"{table}\" WHERE session_key = $1 FOR UPDATE"
+            ),
+            insert: format!(
+                "INSERT INTO \"{table}\" (session_key, session_data, expire_date) VALUES ($1, $2, $3) ON CONFLICT (session_key) DO NOTHING"
+            ),
+            update: format!(
+                "UPDATE \"{table}\" SET session_data = $2, expire_date = $3 WHERE session_key = $1"
+            ),
+            delete: format!("DELETE FROM \"{table}\" WHERE session_key = $1"),
+            clear: format!("DELETE FROM \"{table}\" WHERE expire_date < $1"),
+        }
+    }
+}
+
+pub(super) struct Postgres {
+    pool: Pool,
+    timeout: Duration,
+    sql: Sql,
+    codec: Codec,
+}
+
+fn ts(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn pool(url: &str, timeout: Duration) -> Result<Pool, DbError> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(DbError::Url)?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(timeout);
+    }
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(POOL)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Errors that mean the configuration is wrong, not that the database is down.
+fn is_misconfiguration(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::INVALID_PASSWORD
+            || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            || *c == SqlState::INVALID_CATALOG_NAME
+    })
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> DbError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => DbError::Postgres(e),
+        other => DbError::Pool(other.to_string()),
+    }
+}
+
+async fn table_exists(
+    c: &deadpool_postgres::Client,
+    table: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("\"{table}\"")],
+        )
+        .await?;
+    row.try_get(0)
+}
+
+/// Django's `sessions.0001_initial` on PostgreSQL (`manage.py sqlmigrate sessions 0001`).
+fn create_sql(table: &str) -> String {
+    let (idx, like) = if table == "django_session" {
+        (
+            "django_session_expire_date_a5c62663".to_string(),
+            "django_session_session_key_c0390e0f_like".to_string(),
+        )
+    } else {
+        (
+            format!("{table}_expire_date_idx"),
+            format!("{table}_session_key_like"),
+        )
+    };
+    format!(
+        "BEGIN;\n\
+         CREATE TABLE \"{table}\" (\"session_key\" varchar(40) NOT NULL PRIMARY KEY, \"session_data\" text NOT NULL, \"expire_date\" timestamp with time zone NOT NULL);\n\
+         CREATE INDEX \"{idx}\" ON \"{table}\" (\"expire_date\");\n\
+         CREATE INDEX \"{like}\" ON \"{table}\" (\"session_key\" varchar_pattern_ops);\n\
+         COMMIT;"
+    )
+}
+
+pub(super) async fn migrate(
+    url: &str,
+    table: &str,
+    timeout: Duration,
+) -> Result<Migrated, DbError> {
+    let pool = pool(url, timeout)?;
+    let work = async {
+        let c = pool.get().await.map_err(pool_error)?;
+        if table_exists(&c, table).await.map_err(DbError::Postgres)? {
+            return Ok(Migrated::AlreadyThere);
+        }
+        c.batch_execute(&create_sql(table))
+            .await
+            .map_err(DbError::Postgres)?;
+        Ok(Migrated::Created)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| DbError::Timeout(timeout))?
+}
+
+impl Postgres {
+    pub(super) async fn open(
+        url: &str,
+        table: &str,
+        timeout: Duration,
+        codec: Codec,
+    ) -> Result<Postgres, DbError> {
+        let pool = pool(url, timeout)?;
+        let check = async {
+            let c = pool.get().await.map_err(pool_error)?;
+            table_exists(&c, table).await.map_err(DbError::Postgres)
+        };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                return Err(DbError::NoTable {
+                    table: table.to_string(),
+                })
+            }
+            Ok(Err(DbError::Postgres(e))) if is_misconfiguration(&e) => {
+                return Err(DbError::Postgres(e))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "PostgreSQL is not reachable at start; session routes answer 503 until it is");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    ?timeout,
+                    "PostgreSQL did not answer at start; session routes answer 503 until it does"
+                );
+            }
+        }
+        Ok(Postgres {
+            pool,
+            timeout,
+            sql: Sql::new(table),
+            codec,
+        })
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| DbError::Timeout(self.timeout))?
+    }
+
+    pub(super) async fn load(&self, key: &SessionKey, now: i64) -> Result<Option<Record>, DbError> {
+        self.bounded(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached(&self.sql.load)
+                .await
+                .map_err(DbError::Postgres)?;
+            let row = c
+                .query_opt(&st, &[&key.as_str()])
+                .await
+                .map_err(DbError::Postgres)?;
+            Ok(row.and_then(|r| {
+                let data: String = r.get(0);
+                let exp: OffsetDateTime = r.get(1);
+                self.codec.decode(&data, ms(exp), now)
+            }))
+        })
+        .await
+    }
+
+    pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
+        let data = self.codec.encode(&record);
+        let exp = ts(record.expires_at);
+        self.bounded(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached(&self.sql.insert)
+                .await
+                .map_err(DbError::Postgres)?;
+            loop {
+                let key = SessionKey::generate();
+                let n = c
+                    .execute(&st, &[&key.as_str(), &data, &exp])
+                    .await
+                    .map_err(DbError::Postgres)?;
+                if n == 1 {
+                    return Ok(key);
+                }
+            }
+        })
+        .await
+    }
+
+    pub(super) async fn apply(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> Result<Applied, DbError> {
+        self.bounded(async {
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let lock = c
+                .prepare_cached(&self.sql.lock)
+                .await
+                .map_err(DbError::Postgres)?;
+            let update = c
+                .prepare_cached(&self.sql.update)
+                .await
+                .map_err(DbError::Postgres)?;
+            let insert = c
+                .prepare_cached(&self.sql.insert)
+                .await
+                .map_err(DbError::Postgres)?;
+            let delete = c
+                .prepare_cached(&self.sql.delete)
+                .await
+                .map_err(DbError::Postgres)?;
+            let tx = c.transaction().await.map_err(DbError::Postgres)?;
+            let row = tx
+                .query_opt(&lock, &[&key.as_str()])
+                .await
+                .map_err(DbError::Postgres)?;
+            let Some(current) = row.and_then(|r| {
+                let data: String = r.get(0);
+                let exp: OffsetDateTime = r.get(1);
+                self.codec.decode(&data, ms(exp), ctx.now)
+            }) else {
+                return Ok(Applied::Missing);
+            };
+            let applied = apply_row(key, &current, patch, ctx);
+            let Applied::Saved {
+                key: mut new_key,
+                record,
+            } = applied
+            else {
+                return Ok(applied);
+            };
+            let data = self.codec.encode(&record);
+            let exp = ts(record.expires_at);
+            if new_key == *key {
+                tx.execute(&update, &[&key.as_str(), &data, &exp])
+                    .await
+                    .map_err(DbError::Postgres)?;
+            } else {
+                while tx
+                    .execute(&insert, &[&new_key.as_str(), &data, &exp])
+                    .await
+                    .map_err(DbError::Postgres)?
+                    == 0
+                {
+                    new_key = SessionKey::generate();
+                }
+                tx.execute(&delete, &[&key.as_str()])
+                    .await
+                    .map_err(DbError::Postgres)?;
+            }
+            tx.commit().await.map_err(DbError::Postgres)?;
+            Ok(Applied::Saved {
+                key: new_key,
+                record,
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
+        self.bounded(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached(&self.sql.delete)
+                .await
+                .map_err(DbError::Postgres)?;
+            c.execute(&st, &[&key.as_str()])
+                .await
+                .map_err(DbError::Postgres)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {
+        self.bounded(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let st = c
+                .prepare_cached(&self.sql.clear)
+                .await
+                .map_err(DbError::Postgres)?;
+            c.execute(&st, &[&ts(now)]).await.map_err(DbError::Postgres)
+        })
+        .await
+    }
+}
