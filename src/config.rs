@@ -175,6 +175,15 @@ struct RawFile {
     store: RawStore,
     #[serde(default, rename = "route")]
     routes: Vec<RawRoute>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    token: Option<String>,
+    token_file: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -205,8 +214,6 @@ struct RawServer {
     shutdown_grace: Dur,
     #[serde(default = "d_body")]
     max_request_body: Size,
-    #[serde(default = "d_client_body")]
-    client_body_timeout: Dur,
     #[serde(default = "d_keepalive")]
     keepalive_timeout: Dur,
     #[serde(default = "d_max_connections")]
@@ -215,6 +222,16 @@ struct RawServer {
     h2_max_concurrent_streams: u32,
     #[serde(default)]
     max_upstream_connections: usize,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default = "d_access_log")]
+    access_log: String,
+    #[serde(default = "d_access_log_format")]
+    access_log_format: String,
+    #[serde(default = "d_client_body")]
+    client_body_timeout: Dur,
 }
 fn d_keepalive() -> Dur {
     secs(75)
@@ -224,6 +241,12 @@ fn d_max_connections() -> usize {
 }
 fn d_h2_streams() -> u32 {
     100
+}
+fn d_access_log() -> String {
+    "stderr".into()
+}
+fn d_access_log_format() -> String {
+    "combined".into()
 }
 fn d_client_body() -> Dur {
     secs(60)
@@ -376,6 +399,43 @@ pub struct Config {
     pub session: SessionConfig,
     pub store: StoreConfig,
     pub routes: Vec<RouteConfig>,
+    /// `[admin]`: no admin listener without it.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]` (SPEC 7.2).
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// `token` or the contents of `token_file` (for the sessions API).
+    pub token: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for AdminConfig {
+    // Never print the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Where the access log goes (`[server] access_log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stderr,
+    File(PathBuf),
+}
+
+/// `[server] access_log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// nginx's `combined`, then the request time in seconds.
+    Combined,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -389,8 +449,6 @@ pub struct ServerConfig {
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_request_body: u64,
-    /// The longest silence while reading a request body (-> 408).
-    pub client_body_timeout: Duration,
     /// An idle client connection is closed after this.
     pub keepalive_timeout: Duration,
     /// Client connections held at once (all workers together).
@@ -398,6 +456,22 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
     /// Connections per upstream address (each worker's share); 0: no limit.
     pub max_upstream_connections: usize,
+    /// Peers whose `X-Forwarded-For`/`-Proto`/`-Host` are believed (SPEC 7.4).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `listen` expects a PROXY protocol (v1 or v2) header first.
+    pub proxy_protocol: bool,
+    pub access_log: AccessLogTarget,
+    pub access_log_format: AccessLogFormat,
+    /// The longest silence while reading a request body (-> 408).
+    pub client_body_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Whether `ip` is one of `trusted_proxies`.
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -482,7 +556,7 @@ impl Engine {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub engine: Engine,
     pub path: Option<PathBuf>,
@@ -715,7 +789,31 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         upstream_timeout: nonzero("[server] upstream_timeout", s.upstream_timeout.0)?,
         shutdown_grace: s.shutdown_grace.0,
         max_request_body: s.max_request_body.0,
-        client_body_timeout: nonzero("[server] client_body_timeout", s.client_body_timeout.0)?,
+        trusted_proxies: s
+            .trusted_proxies
+            .iter()
+            .map(|c| parse_cidr(c))
+            .collect::<Result<_, _>>()?,
+        proxy_protocol: s.proxy_protocol,
+        access_log: match s.access_log.as_str() {
+            "off" => AccessLogTarget::Off,
+            "stderr" => AccessLogTarget::Stderr,
+            "" => {
+                return Err(
+                    "[server] access_log: expected \"off\", \"stderr\" or a file path".into(),
+                )
+            }
+            p => AccessLogTarget::File(resolve(base, p)),
+        },
+        access_log_format: match s.access_log_format.as_str() {
+            "combined" => AccessLogFormat::Combined,
+            "json" => AccessLogFormat::Json,
+            other => {
+                return Err(format!(
+                    "[server] access_log_format: {other:?}: expected \"combined\" or \"json\""
+                ))
+            }
+        },
         keepalive_timeout: nonzero("[server] keepalive_timeout", s.keepalive_timeout.0)?,
         max_connections: match s.max_connections {
             0 => return Err("[server] max_connections: must be at least 1".into()),
@@ -726,6 +824,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             n => n,
         },
         max_upstream_connections: s.max_upstream_connections,
+        client_body_timeout: nonzero("[server] client_body_timeout", s.client_body_timeout.0)?,
     };
 
     // [session]
@@ -978,13 +1077,65 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         }
     }
 
+    // [admin]
+    let admin = match raw.admin {
+        None => None,
+        Some(a) => {
+            let listen = parse_addr("listen", &a.listen)
+                .map_err(|m| m.replacen("[server]", "[admin]", 1))?;
+            let token = match (a.token, a.token_file) {
+                (Some(_), Some(_)) => {
+                    return Err("[admin]: set token or token_file, not both".into())
+                }
+                (Some(t), None) if t.is_empty() => None,
+                (Some(t), None) => Some(t.into_bytes()),
+                (None, Some(f)) => {
+                    let p = resolve(base, &f);
+                    let mut t = std::fs::read(&p).map_err(|e| {
+                        format!("[admin] token_file: cannot read {}: {e}", p.display())
+                    })?;
+                    while t.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                        t.pop();
+                    }
+                    if t.is_empty() {
+                        return Err(format!("[admin] token_file: {} is empty", p.display()));
+                    }
+                    Some(t)
+                }
+                (None, None) => None,
+            };
+            Some(AdminConfig { listen, token })
+        }
+    };
+    if let Some(a) = &admin {
+        if a.listen.port() != 0
+            && (a.listen == server.listen || Some(a.listen) == server.redirect_http)
+        {
+            return Err(
+                "[admin] listen: must differ from [server] listen and redirect_http".into(),
+            );
+        }
+    }
+
     Ok(Config {
         source: file.to_path_buf(),
         server,
         session,
         store,
         routes,
+        admin,
     })
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address (a /32 or /128).
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let t = s.trim();
+    t.parse::<ipnet::IpNet>()
+        .map(|n| n.trunc())
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("[server] trusted_proxies: {s:?} is not a CIDR such as \"10.0.0.0/8\" or an address")
+        })
 }
 
 fn nonzero(what: &str, d: Duration) -> Result<Duration, String> {

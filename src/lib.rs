@@ -8,11 +8,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
+pub mod ops;
 pub mod proxy;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod store;

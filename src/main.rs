@@ -31,6 +31,9 @@ enum Command {
     Check,
     /// Delete expired sessions from the configured store and print how many.
     ClearExpired,
+    /// Make the running server (the one on this file's `[admin] listen`)
+    /// re-read its configuration, as SIGHUP does, and print the outcome.
+    Reload,
     /// Create the `db` engine's table (Django's `django_session`) when it is missing.
     Migrate,
     /// Run the bundled demo app behind the proxy with a self-signed certificate.
@@ -79,11 +82,18 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run);
 
     if let Command::Check = command {
-        return match Config::load(&config_path) {
+        let loaded = Config::load(&config_path).and_then(|c| {
+            sessiongate::reload::check_files(&c)?;
+            Ok(c)
+        });
+        return match loaded {
             Ok(c) => match worker_settings() {
                 Ok((workers, affinity)) => {
                     for w in c.warnings() {
                         eprintln!("{}: warning: {w}", config_path.display());
+                    }
+                    if let Some(w) = sessiongate::ops::admin_exposure_warning(&c) {
+                        eprintln!("{}: warning: {w}", c.source.display());
                     }
                     println!("{}", summary(&c));
                     println!("workers {workers}, CPU affinity {affinity} (environment)");
@@ -140,6 +150,7 @@ fn main() -> ExitCode {
         match command {
             Command::Run => unreachable!("served above"),
             Command::ClearExpired => clear_expired(&config_path).await,
+            Command::Reload => reload(&config_path).await,
             Command::Migrate => migrate(&config_path).await,
             Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
             Command::Check => unreachable!(),
@@ -249,6 +260,59 @@ async fn clear_expired(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `sessiongate reload`: `POST /reload` on the admin listener the file
+/// names (with its token), printing the server's answer.
+async fn reload(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(admin) = &config.admin else {
+        eprintln!(
+            "{}: reload needs an [admin] listen to reach the running server (or send it SIGHUP)",
+            path.display()
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let mut auth = String::new();
+    if let Some(t) = &admin.token {
+        auth = format!("Authorization: Bearer {}\r\n", String::from_utf8_lossy(t));
+    }
+    let mut s = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(admin.listen),
+    )
+    .await
+    .context("the admin listener did not answer")?
+    .with_context(|| format!("cannot reach the admin listener at {}", admin.listen))?;
+    s.write_all(
+        format!(
+            "POST /reload HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
+            admin.listen
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .context("the reload did not finish in time")??;
+    let answer = String::from_utf8_lossy(&answer);
+    let ok = answer.starts_with("HTTP/1.1 200");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    if ok {
+        println!("{body}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("sessiongate: {body}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = match load_or_exit(path) {
         Ok(c) => c,
@@ -303,5 +367,28 @@ fn summary(c: &Config) -> String {
             if r.session { "" } else { " (no session)" }
         ));
     }
+    if let Some(a) = &c.admin {
+        out.push_str(&format!(
+            "\nadmin http://{} (/healthz /readyz /metrics)",
+            a.listen
+        ));
+    }
+    out.push_str(&format!(
+        "\naccess log {}",
+        match (&s.access_log, s.access_log_format) {
+            (sessiongate::config::AccessLogTarget::Off, _) => "off".to_string(),
+            (t, f) => format!(
+                "{} ({})",
+                match t {
+                    sessiongate::config::AccessLogTarget::File(p) => p.display().to_string(),
+                    _ => "stderr".into(),
+                },
+                match f {
+                    sessiongate::config::AccessLogFormat::Combined => "combined",
+                    sessiongate::config::AccessLogFormat::Json => "json",
+                }
+            ),
+        }
+    ));
     out
 }

@@ -29,7 +29,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::proxy::{error_response, Proxy, RespBody};
+use crate::metrics::{DeleteReason, Metrics};
+use crate::ops::{AdminListener, Ops, OpsError};
+use crate::proxy::{error_response, RespBody};
 use crate::session::Clock;
 use crate::store::{AnyStore, Store, StoreError};
 
@@ -57,6 +59,8 @@ pub enum ServerError {
     Runtime(#[source] std::io::Error),
     #[error("a worker thread panicked")]
     WorkerPanicked,
+    #[error(transparent)]
+    Ops(#[from] OpsError),
 }
 
 /// Builds the rustls configuration from PEM text.
@@ -140,6 +144,71 @@ pub struct Shared {
     pub tls: Option<TlsAcceptor>,
     /// `max_connections`: a permit per client connection.
     pub connections: Arc<Semaphore>,
+    /// Metrics and the access log (SPEC 7.2, 7.3).
+    pub ops: Ops,
+    /// The configuration serving now: a reload (SPEC 7.1) sends a new one,
+    /// and every worker follows.
+    pub generation: tokio::sync::watch::Sender<Arc<Generation>>,
+    /// How many times a worker has taken up a new generation, so that a
+    /// reload is reported once every worker serves it.
+    swaps: (std::sync::Mutex<usize>, std::sync::Condvar),
+    workers: usize,
+}
+
+/// One configuration as the workers serve it.
+pub struct Generation {
+    pub config: Config,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    /// Re-reads the configuration file (and its certificate, key, secret
+    /// and token files); when it is valid and changes nothing that needs
+    /// a restart, every worker serves it from its next connection and
+    /// request. Logged and counted either way.
+    pub fn reload(&self) -> Result<(), crate::reload::ReloadError> {
+        let current = self.generation.borrow().clone();
+        let path = current.config.source.clone();
+        let outcome = crate::reload::prepare(&current.config, &path).and_then(|p| {
+            crate::reload::restart_only_changes(&current.config, &p.config)?;
+            Ok(p)
+        });
+        let p = match outcome {
+            Ok(p) => p,
+            Err(e) => {
+                crate::reload::record_failure(&self.ops.metrics, &path, &e);
+                return Err(e);
+            }
+        };
+        let routes = p.config.routes.len();
+        let tls = match p.tls {
+            Some(t) => Some(TlsAcceptor::from(Arc::new(t))),
+            // TLS given in memory (the demo) stays.
+            None => current
+                .tls
+                .clone()
+                .filter(|_| p.config.server.tls.is_none()),
+        };
+        let (count, taken) = &self.swaps;
+        let target = *count.lock().unwrap_or_else(|e| e.into_inner()) + self.workers;
+        self.generation.send_replace(Arc::new(Generation {
+            config: p.config,
+            tls,
+        }));
+        // Reported once every worker serves it (bounded: a worker stuck
+        // elsewhere does not hold the reload).
+        let guard = count.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = taken.wait_timeout_while(guard, Duration::from_secs(5), |n| *n < target);
+        crate::reload::record_success(&self.ops.metrics, &path, routes);
+        Ok(())
+    }
+
+    /// A worker serves the newest generation.
+    fn swapped(&self) {
+        let (count, taken) = &self.swaps;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        taken.notify_all();
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -151,6 +220,7 @@ pub struct Server {
     affinity: Affinity,
     /// The one worker runs on the caller's runtime (`workers: 0`).
     inline: bool,
+    admin: Option<AdminListener>,
 }
 
 impl Server {
@@ -189,18 +259,37 @@ impl Server {
             _ => None,
         };
         let connections = Arc::new(Semaphore::new(config.server.max_connections));
+        let (ops, admin) = Ops::start(&config, &store).await?;
+        let tls = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
+        let (generation, _) = tokio::sync::watch::channel(Arc::new(Generation {
+            config: config.clone(),
+            tls: tls.clone(),
+        }));
+        let shared = Arc::new(Shared {
+            store,
+            clock,
+            tls,
+            connections,
+            config,
+            ops,
+            generation,
+            swaps: Default::default(),
+            workers,
+        });
+        if let Some(a) = &admin {
+            let weak = Arc::downgrade(&shared);
+            a.set_reload(Box::new(move || match weak.upgrade() {
+                Some(s) => s.reload().map_err(|e| e.to_string()),
+                None => Err("the server has stopped".into()),
+            }));
+        }
         Ok(Server {
-            shared: Arc::new(Shared {
-                store,
-                clock,
-                tls: tls.map(|t| TlsAcceptor::from(Arc::new(t))),
-                connections,
-                config,
-            }),
+            shared,
             listeners,
             redirect,
             affinity,
             inline,
+            admin,
         })
     }
 
@@ -220,6 +309,15 @@ impl Server {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(AdminListener::local_addr)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.ops.metrics
     }
 
     /// Serves until `shutdown` completes (or [`Shutdown::trigger`] on the
@@ -242,6 +340,7 @@ impl Server {
             mut redirect,
             affinity,
             inline,
+            admin,
         } = self;
         // The workers stop when this future ends, also when it is dropped
         // unfinished (a test's runtime ending).
@@ -257,7 +356,12 @@ impl Server {
             shared.store.clone(),
             shared.config.store.clear_expired_interval,
             shared.clock.clone(),
+            shared.ops.metrics.clone(),
         );
+        let admin = admin.map(AdminListener::spawn);
+        let reopen =
+            spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
+        let hup = spawn_reload_on_sighup(shared.clone()).map_err(ServerError::Runtime)?;
         let mut ended = tokio::task::JoinSet::new();
         let mut started = Ok(());
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -323,6 +427,13 @@ impl Server {
         if let Some(s) = sweeper {
             s.abort();
         }
+        if let Some(a) = admin {
+            a.abort();
+        }
+        reopen.abort();
+        hup.abort();
+        let log = shared.ops.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         shared.store.flush().await?;
         tracing::info!("stopped");
         result
@@ -369,17 +480,39 @@ async fn worker(
     // among them.
     let up = &mut config.server.max_upstream_connections;
     *up = up.div_ceil(workers);
-    let proxy = Arc::new(Proxy::new(
-        &config,
-        shared.store.clone(),
-        shared.clock.clone(),
-    ));
+    let proxy = Arc::new(
+        shared
+            .ops
+            .proxy(&config, shared.store.clone(), shared.clock.clone()),
+    );
+    let mut generations = shared.generation.subscribe();
+    let current = generations.borrow_and_update().clone();
     let worker = Arc::new(conn::Worker::new(
         proxy,
-        shared.tls.clone(),
+        current.tls.clone(),
         &config.server,
         https_port,
     ));
+    // Reloads: this worker's proxy (and pool) for each new configuration,
+    // built on this worker's thread.
+    let follower = {
+        let (worker, shared) = (worker.clone(), shared.clone());
+        tokio::spawn(async move {
+            while generations.changed().await.is_ok() {
+                let g = generations.borrow_and_update().clone();
+                let mut config = g.config.clone();
+                let up = &mut config.server.max_upstream_connections;
+                *up = up.div_ceil(workers);
+                let proxy = Arc::new(shared.ops.proxy(
+                    &config,
+                    shared.store.clone(),
+                    shared.clock.clone(),
+                ));
+                worker.swap(proxy, g.tls.clone(), &config.server);
+                shared.swapped();
+            }
+        })
+    };
     listener::Listener {
         listener,
         redirect,
@@ -389,6 +522,7 @@ async fn worker(
     }
     .run(stop)
     .await;
+    follower.abort();
     Ok(())
 }
 
@@ -584,6 +718,7 @@ fn spawn_sweeper(
     store: Arc<AnyStore>,
     every: Duration,
     clock: Clock,
+    metrics: Arc<Metrics>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if every.is_zero() {
         return None;
@@ -596,9 +731,42 @@ fn spawn_sweeper(
             tick.tick().await;
             match store.clear_expired(clock.now_ms()).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, "expired sessions swept"),
+                Ok(n) => {
+                    metrics.sessions_deleted(DeleteReason::Expired, n);
+                    tracing::info!(removed = n, "expired sessions swept");
+                }
                 Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
             }
+        }
+    }))
+}
+
+/// Reloads the configuration on each SIGHUP (SPEC 7.1).
+fn spawn_reload_on_sighup(shared: Arc<Shared>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+        }
+    }))
+}
+
+/// Reopens the access log file on each SIGUSR1 (logrotate's
+/// `postrotate`), as nginx does.
+fn spawn_reopen_on_sigusr1(
+    log: crate::access_log::AccessLog,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    Ok(tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1 received: reopening the access log");
+            let log = log.clone();
+            // `reopen` waits for room in the writer's channel.
+            let _ = tokio::task::spawn_blocking(move || log.reopen()).await;
         }
     }))
 }

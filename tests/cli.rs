@@ -103,6 +103,107 @@ fn check_accepts_a_valid_file_and_prints_a_summary() {
 }
 
 #[test]
+fn check_reads_the_certificate_and_key_and_names_the_wrong_file() {
+    let dir = TempDir::new("cli");
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
+    dir.write("cert.pem", &a.cert.pem());
+    dir.write("key.pem", &a.signing_key.serialize_pem());
+    dir.write("other-key.pem", &b.signing_key.serialize_pem());
+    dir.write("garbage.pem", "hello\n");
+    let tls = |cert: &str, key: &str| {
+        valid_config("http://127.0.0.1:9000").replace(
+            "tls = false",
+            &format!("tls = true\ncert = \"{cert}\"\nkey = \"{key}\""),
+        )
+    };
+    let path = dir.write("good.toml", &tls("cert.pem", "key.pem"));
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    for (name, cert, key, want) in [
+        (
+            "mismatch.toml",
+            "cert.pem",
+            "other-key.pem",
+            "[server] key: ",
+        ),
+        ("notkey.toml", "cert.pem", "garbage.pem", "[server] key: "),
+        ("notcert.toml", "garbage.pem", "key.pem", "[server] cert: "),
+        ("missing.toml", "nope.pem", "key.pem", "[server] cert: "),
+    ] {
+        let path = dir.write(name, &tls(cert, key));
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&format!("{}: {want}", path.display())),
+            "{name}: {err}"
+        );
+        let named = if want.contains("key") { key } else { cert };
+        assert!(err.contains(named), "{name} names {named}: {err}");
+        let what = match name {
+            "mismatch.toml" => "key does not match certificate",
+            "notkey.toml" => "not a PEM private key",
+            "notcert.toml" => "not a PEM certificate chain",
+            _ => "cannot read",
+        };
+        assert!(err.contains(what), "{name}: {err}");
+    }
+}
+
+#[test]
+fn check_warns_when_the_admin_listener_is_not_loopback() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    let path = dir.write(
+        "sessiongate.toml",
+        &format!("{base}\n[admin]\nlisten = \"0.0.0.0:9901\"\n"),
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("warning: [admin] listen = \"0.0.0.0:9901\" is not a loopback address"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("admin http://0.0.0.0:9901"),
+        "{}",
+        stdout(&out)
+    );
+    let path = dir.write(
+        "loopback.toml",
+        &format!("{base}\n[admin]\nlisten = \"127.0.0.1:9901\"\n"),
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_names_a_bad_operations_setting() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    for (line, want) in [
+        (
+            "trusted_proxies = [\"10.0.0.0/33\"]",
+            "[server] trusted_proxies: \"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "access_log_format = \"apache\"",
+            "[server] access_log_format: \"apache\": expected \"combined\" or \"json\"",
+        ),
+    ] {
+        let text = base.replace("[session]", &format!("{line}\n\n[session]"));
+        let path = dir.write("bad.toml", &text);
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{line}");
+        assert!(stderr(&out).contains(want), "{line}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn check_reports_an_unknown_key_with_file_line_and_column() {
     let dir = TempDir::new("cli");
     let text = format!(
@@ -508,16 +609,12 @@ async fn sigint_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_is_opt_in_and_never_carries_secrets() {
+async fn access_log_is_on_by_default_in_combined_format_and_never_carries_secrets() {
     let up =
         upstream(|_| directives(&[("x-session-update", r#"{"card":"4111-SECRET-DATA"}"#)])).await;
     let dir = TempDir::new("cli");
     let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
-    let mut s = serve_env(
-        &["run", "--config", path.to_str().unwrap()],
-        &[("RUST_LOG", "info,sessiongate::access=debug")],
-    )
-    .await;
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<Bytes>>();
     let req = http::Request::get(s.url("/account/page?token=QUERY-SECRET"))
@@ -525,6 +622,8 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
             "cookie",
             "sessionid=abcdefghijklmnopqrstuvwxyz012345; other=1",
         )
+        .header("referer", "http://shop.test/from?ref=REFERER-SECRET")
+        .header("user-agent", "test-agent/1.0")
         .body(http_body_util::Empty::new())
         .unwrap();
     let resp = within("a request", client.request(req)).await.unwrap();
@@ -540,14 +639,22 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
     let log = s.stderr.lock().unwrap().join("\n");
     let line = log
         .lines()
-        .find(|l| l.contains("sessiongate::access"))
+        .find(|l| l.contains("\"GET /account/page HTTP/1.1\""))
         .unwrap_or_else(|| panic!("an access line: {log}"));
+    // nginx's combined format, then the request time in seconds.
+    let shape = combined_shape(line);
+    assert!(shape, "not a combined line: {line}");
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(
-        line.contains("path=/account/page") && line.contains("status=200"),
+        line.contains(
+            "\"GET /account/page HTTP/1.1\" 200 2 \"http://shop.test/from\" \"test-agent/1.0\" "
+        ),
         "{line}"
     );
     for secret in [
         "QUERY-SECRET",
+        "REFERER-SECRET",
+        "other=1",
         "abcdefghijklmnopqrstuvwxyz012345",
         key.as_str(),
         "SECRET-DATA",
@@ -557,6 +664,50 @@ async fn access_log_is_opt_in_and_never_carries_secrets() {
             "{secret:?} must not be logged: {log}"
         );
     }
+}
+
+/// `ADDR - - [DD/Mon/YYYY:HH:MM:SS +0000] "..." STATUS BYTES "..." "..." SECS`
+fn combined_shape(line: &str) -> bool {
+    let Some((head, rest)) = line.split_once(" - - [") else {
+        return false;
+    };
+    let Some((time, rest)) = rest.split_once("] \"") else {
+        return false;
+    };
+    let secs = rest.rsplit(' ').next().unwrap_or("");
+    head.parse::<std::net::IpAddr>().is_ok()
+        && time.len() == 26
+        && time.ends_with(" +0000")
+        && secs.parse::<f64>().is_ok()
+        && secs.contains('.')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_file() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("cli");
+    let text = valid_config(&up.url()).replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\naccess_log = \"access.log\"\naccess_log_format = \"json\"",
+    );
+    let path = dir.write("sessiongate.toml", &text);
+    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    let log = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let (status, _) = get(s.url("/first?q=1")).await;
+    assert_eq!(status, 200);
+    std::fs::rename(&log, &rotated).unwrap();
+    s.signal("USR1");
+    s.wait_for_lines("access log reopened", 1).await;
+    let (status, _) = get(s.url("/second")).await;
+    assert_eq!(status, 200);
+    s.signal("TERM");
+    assert_eq!(s.exit_status().await.code(), Some(0));
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&log).unwrap();
+    let path_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].clone();
+    assert_eq!(old.lines().map(path_of).collect::<Vec<_>>(), ["/first"]);
+    assert_eq!(new.lines().map(path_of).collect::<Vec<_>>(), ["/second"]);
 }
 
 // ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@ key = "key.pem"
 hsts = "1d"
 upstream_timeout = "10s"
 shutdown_grace = "5s"
+access_log = "off"
 {server_extra}
 
 [session]

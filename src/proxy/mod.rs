@@ -11,9 +11,10 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -22,7 +23,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use crate::config::{Config, SessionConfig};
+use crate::access_log::{AccessLog, Entry};
+use crate::config::{AccessLogFormat, Config, SessionConfig};
+use crate::metrics::{DeleteReason, Metrics, RouteMetrics, StoreOp, UpstreamErrorKind};
 use crate::session::headers::Added;
 use crate::session::key::IdKey;
 use crate::session::{cookie, headers as sh, Clock, Patch, Policy, Record, SessionKey};
@@ -38,24 +41,108 @@ pub type RespBody = Either<PooledBody, Full<Bytes>>;
 const ADDED_CAPACITY: usize = 384;
 
 /// What the server knows about the connection a request came on.
-#[derive(Debug, Clone)]
+///
+/// The server clones it for each request, and a clone starts with empty
+/// notes: the request path writes into them (route, upstream, session id)
+/// for the metrics and the access log, with no allocation.
+#[derive(Debug)]
 pub struct ConnInfo {
+    /// The peer: the TCP peer, or the address a PROXY protocol header gave.
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer is one of `trusted_proxies` (SPEC 7.4).
+    pub trusted: bool,
     /// The peer's address as sent in `X-Forwarded-For`, formatted once per
     /// connection.
     forwarded_for: HeaderValue,
+    note: Note,
+}
+
+/// What one request's path found out, for the metrics and the access log.
+#[derive(Debug, Default)]
+struct Note {
+    /// The route's index + 1 (0: none matched).
+    route: AtomicUsize,
+    /// The upstream's index + 1 (0: none answered).
+    upstream: AtomicUsize,
+    /// Nanoseconds the upstream took to its response head.
+    upstream_ns: AtomicU64,
+    /// The `X-Session-Id` sent upstream (JSON access log only).
+    session_id: OnceLock<[u8; 32]>,
+}
+
+impl Clone for ConnInfo {
+    fn clone(&self) -> ConnInfo {
+        ConnInfo {
+            peer: self.peer,
+            tls: self.tls,
+            trusted: self.trusted,
+            forwarded_for: self.forwarded_for.clone(),
+            note: Note::default(),
+        }
+    }
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        ConnInfo::with_trust(peer, tls, false)
+    }
+
+    /// `trusted`: the peer is a trusted proxy, whose `X-Forwarded-*` are kept.
+    pub fn with_trust(peer: SocketAddr, tls: bool, trusted: bool) -> ConnInfo {
         let ip = peer.ip().to_canonical().to_string();
         ConnInfo {
             peer,
             tls,
+            trusted,
             forwarded_for: HeaderValue::from_str(&ip).expect("an IP address is a header value"),
+            note: Note::default(),
         }
     }
+}
+
+/// The client's address behind trusted proxies (nginx's
+/// `real_ip_recursive on`): the rightmost `X-Forwarded-For` address that is
+/// not itself trusted; the leftmost when all are; the peer when the header
+/// is absent or unreadable.
+pub fn real_client(h: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    let mut client = peer;
+    let mut values: Vec<&[u8]> = h
+        .get_all(&headers::X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    values.reverse();
+    for v in values {
+        let Ok(v) = std::str::from_utf8(v) else {
+            return client;
+        };
+        for part in v.rsplit(',') {
+            let part = part.trim();
+            let ip = part
+                .parse::<IpAddr>()
+                .or_else(|_| part.parse::<SocketAddr>().map(|s| s.ip()))
+                .or_else(|_| {
+                    part.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                });
+            let Ok(ip) = ip else { return client };
+            client = ip;
+            if !is_trusted(&ip) {
+                return ip;
+            }
+        }
+    }
+    client
+}
+
+/// What the proxy keeps per route for metrics and the access log.
+struct RouteOps {
+    metrics: RouteMetrics,
+    name: Arc<str>,
+    upstreams: Vec<Arc<str>>,
 }
 
 pub struct Proxy {
@@ -74,6 +161,13 @@ pub struct Proxy {
     /// This worker's coarse timers (upstream timeout, header-read timeout).
     timer: Wheel,
     hsts: Option<HeaderValue>,
+    metrics: Arc<Metrics>,
+    /// Per route (by index), then the requests no route matched.
+    route_ops: Vec<RouteOps>,
+    no_route: RouteMetrics,
+    access_log: AccessLog,
+    json_log: bool,
+    trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 /// A one-line plain-text error response.
@@ -105,7 +199,25 @@ static ALLOW: HeaderValue =
     HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS");
 
 impl Proxy {
+    /// A proxy with metrics of its own and no access log (tests, benches).
     pub fn new(config: &Config, store: Arc<AnyStore>, clock: Clock) -> Proxy {
+        Proxy::with_ops(
+            config,
+            store,
+            clock,
+            Arc::new(Metrics::new()),
+            AccessLog::off(),
+        )
+    }
+
+    /// A proxy that counts into `metrics` and logs into `access_log`.
+    pub fn with_ops(
+        config: &Config,
+        store: Arc<AnyStore>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+    ) -> Proxy {
         let s = &config.server;
         let mut router = Router::new(config.routes.clone());
         let timer = Wheel::new();
@@ -115,7 +227,8 @@ impl Proxy {
             timer.clone(),
         );
         pool.limit_connections(s.max_upstream_connections);
-        for route in &mut router.routes {
+        for (i, route) in router.routes.iter_mut().enumerate() {
+            route.index = i;
             route.slots = route
                 .cfg
                 .upstreams
@@ -123,7 +236,27 @@ impl Proxy {
                 .map(|u| pool.slot_for(&u.authority))
                 .collect();
         }
+        let route_ops = router
+            .routes
+            .iter()
+            .map(|r| RouteOps {
+                metrics: metrics.route(&r.cfg.name),
+                name: r.cfg.name.as_str().into(),
+                upstreams: r
+                    .cfg
+                    .upstreams
+                    .iter()
+                    .map(|u| u.base.as_str().into())
+                    .collect(),
+            })
+            .collect();
         Proxy {
+            no_route: metrics.route(crate::metrics::NO_ROUTE),
+            route_ops,
+            metrics,
+            json_log: access_log.is_on() && s.access_log_format == AccessLogFormat::Json,
+            access_log,
+            trusted_proxies: s.trusted_proxies.clone().into(),
             router,
             pool: Arc::new(pool),
             store,
@@ -145,6 +278,26 @@ impl Proxy {
         &self.store
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A store call, timed into `sessiongate_store_duration_seconds{op}`;
+    /// a failure counts in `sessiongate_store_errors_total`.
+    async fn timed<T>(
+        &self,
+        op: StoreOp,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = Instant::now();
+        let r = call.await;
+        self.metrics.store_op(op).observe(start.elapsed());
+        if r.is_err() {
+            self.metrics.store_errors.inc();
+        }
+        r
+    }
+
     /// The timers of this proxy's worker, for the server's header-read
     /// timeout.
     pub fn timer(&self) -> &Wheel {
@@ -162,28 +315,62 @@ impl Proxy {
         // instead of being copied into locals beside themselves, which
         // keeps the request's future (moved whole at each step) smaller.
         async move {
-            // Access log, off by default (RUST_LOG=info,sessiongate::access=debug):
-            // method, path without query, status, time to the response head.
-            // Never a cookie, a key or session data.
-            let access = tracing::enabled!(target: "sessiongate::access", tracing::Level::DEBUG)
-                .then(|| {
-                    (
-                        std::time::Instant::now(),
-                        req.method().clone(),
-                        req.uri().path().to_string(),
-                    )
-                });
+            let start = Instant::now();
+            // The access log's fields, taken before the request is consumed:
+            // shared values (no copy), never a cookie, a key or session data.
+            let access = self.access_log.is_on().then(|| {
+                let h = req.headers();
+                let client = if conn.trusted {
+                    real_client(h, conn.peer.ip(), &self.trusted_proxies)
+                } else {
+                    conn.peer.ip()
+                };
+                (
+                    SystemTime::now(),
+                    client,
+                    req.method().clone(),
+                    req.uri().path_and_query().cloned(),
+                    req.version(),
+                    h.get(header::REFERER).cloned(),
+                    h.get(header::USER_AGENT).cloned(),
+                )
+            });
             let mut resp = self.serve(req, &conn).await;
-            if let Some((start, method, path)) = access {
-                tracing::debug!(
-                    target: "sessiongate::access",
-                    peer = %conn.peer.ip(),
-                    %method,
-                    path = %path,
-                    status = resp.status().as_u16(),
-                    ms = start.elapsed().as_secs_f64() * 1000.0,
-                    "request"
-                );
+            let took = start.elapsed();
+            let status = resp.status().as_u16();
+            let ops = conn
+                .note
+                .route
+                .load(Ordering::Relaxed)
+                .checked_sub(1)
+                .and_then(|i| self.route_ops.get(i));
+            match ops {
+                Some(o) => o.metrics.request(status, took),
+                None => self.no_route.request(status, took),
+            }
+            if let Some((time, client, method, target, version, referer, user_agent)) = access {
+                use http_body::Body as _;
+                let upstream = conn.note.upstream.load(Ordering::Relaxed).checked_sub(1);
+                self.access_log.log(Entry {
+                    time,
+                    client,
+                    method,
+                    target,
+                    version,
+                    status,
+                    bytes: resp.body().size_hint().exact(),
+                    referer,
+                    user_agent,
+                    duration: took,
+                    route: ops.map(|o| o.name.clone()),
+                    upstream: ops
+                        .zip(upstream)
+                        .and_then(|(o, i)| o.upstreams.get(i).cloned()),
+                    upstream_time: upstream.map(|_| {
+                        Duration::from_nanos(conn.note.upstream_ns.load(Ordering::Relaxed))
+                    }),
+                    session_id: conn.note.session_id.get().copied(),
+                });
             }
             if conn.tls {
                 if let Some(h) = &self.hsts {
@@ -211,6 +398,7 @@ impl Proxy {
                 Ok(Admitted::OptionsHere) => return options_response(),
                 Err(e) => return self.error_reply(None, e),
             };
+            conn.note.route.store(route.index + 1, Ordering::Relaxed);
             if let Some(len) = content_length(&parts.headers) {
                 if len > self.max_body {
                     let mut r =
@@ -354,6 +542,19 @@ impl Proxy {
     /// The response for a failure of the proxy's (SPEC 6), logged: the
     /// client's faults at debug, the rest at warn.
     fn error_reply(&self, route: Option<&Route>, e: ProxyError) -> Response<RespBody> {
+        let kind = match &e {
+            ProxyError::UpstreamConnect(_) => Some(UpstreamErrorKind::Connect),
+            ProxyError::UpstreamTimeout(_) => Some(UpstreamErrorKind::Timeout),
+            ProxyError::UpstreamIo(_)
+            | ProxyError::UpstreamProtocol(_)
+            | ProxyError::UpstreamClosed(_)
+            | ProxyError::UpstreamSwitched
+            | ProxyError::UpstreamUpgrade(_) => Some(UpstreamErrorKind::Protocol),
+            _ => None,
+        };
+        if let (Some(k), Some(o)) = (kind, route.and_then(|r| self.route_ops.get(r.index))) {
+            o.metrics.upstream_error(k);
+        }
         let (status, body) = e.status_and_body();
         let route = route.map_or("", |r| r.cfg.name.as_str());
         if status.is_client_error() {
@@ -419,6 +620,11 @@ impl Proxy {
                 Some((k, r)) => (Some(k), Some(r)),
                 None => (None, None),
             };
+            if self.json_log {
+                if let Some(k) = key {
+                    let _ = conn.note.session_id.set(k.public_id_hex(&self.ids));
+                }
+            }
             let view = sh::View {
                 // Django's signed-cookie format carries no key.
                 key: key.filter(|_| !self.store.as_signed().is_some_and(|c| c.is_django())),
@@ -495,8 +701,7 @@ impl Proxy {
         };
         let live = match SessionKey::parse_bytes(value) {
             Some(k) => self
-                .store
-                .load(&k, now)
+                .timed(StoreOp::Load, self.store.load(&k, now))
                 .await?
                 .filter(|r| self.within_absolute(r, now))
                 .map(|r| (k, r)),
@@ -598,8 +803,11 @@ impl Proxy {
         if patch.flush {
             if let Some(k) = current.take() {
                 if codec.is_none() {
-                    self.store.delete(&k).await.map_err(ProxyError::Store)?;
+                    self.timed(StoreOp::Delete, self.store.delete(&k))
+                        .await
+                        .map_err(ProxyError::Store)?;
                 }
+                self.metrics.session_deleted(DeleteReason::Flush);
             }
             patch.flush = false;
         }
@@ -620,13 +828,16 @@ impl Proxy {
                         crate::store::apply_local(&key, record, &patch, ctx)
                     }
                     _ => self
-                        .store
-                        .apply(&key, &patch, ctx)
+                        .timed(StoreOp::Apply, self.store.apply(&key, &patch, ctx))
                         .await
                         .map_err(ProxyError::Store)?,
                 };
                 match applied {
                     Applied::Saved { key, record } => {
+                        self.metrics.sessions_saved.inc();
+                        if patch.cycle {
+                            self.metrics.session_deleted(DeleteReason::Cycle);
+                        }
                         self.set_cookie(out, loaded, &key, &record, now)?
                     }
                     Applied::Unchanged => {}
@@ -635,7 +846,10 @@ impl Proxy {
                     // nothing in the session as this request loaded it (a
                     // Delete of an absent key, say) is not interrupted.
                     Applied::Missing if !self.would_save(loaded, &patch, now) => {}
-                    Applied::Missing => return Err(ProxyError::Interrupted),
+                    Applied::Missing => {
+                        self.metrics.sessions_interrupted.inc();
+                        return Err(ProxyError::Interrupted);
+                    }
                 }
             }
             None => {
@@ -650,11 +864,11 @@ impl Proxy {
                     let key = match codec {
                         Some(_) => SessionKey::generate(),
                         None => self
-                            .store
-                            .create(record.clone())
+                            .timed(StoreOp::Create, self.store.create(record.clone()))
                             .await
                             .map_err(ProxyError::Store)?,
                     };
+                    self.metrics.sessions_created.inc();
                     self.set_cookie(out, loaded, &key, &record, now)?;
                 } else if loaded.presented {
                     out.append(header::SET_COOKIE, cookie::delete(&self.session));
@@ -762,26 +976,26 @@ impl Proxy {
         async move {
             let h = &mut parts.headers;
             // The client's own X-Forwarded-* are dropped: the proxy's replace
-            // them. So is `Expect`, as nginx does: the client already had its
-            // `100 Continue` from this proxy, which sends the body without
-            // waiting, and an old upstream may refuse the field with a 417.
-            for name in [
-                &headers::X_FORWARDED_FOR,
-                &headers::X_FORWARDED_PROTO,
-                &headers::X_FORWARDED_HOST,
-                &header::EXPECT,
-            ] {
-                h.remove(name);
-            }
-            added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
-            static HTTPS: HeaderValue = HeaderValue::from_static("https");
-            static HTTP: HeaderValue = HeaderValue::from_static("http");
-            added.push_value(
-                &headers::X_FORWARDED_PROTO,
-                if conn.tls { &HTTPS } else { &HTTP },
-            );
-            if let Some(v) = &host {
-                added.push_value(&headers::X_FORWARDED_HOST, v);
+            // them (a trusted proxy's are kept: SPEC 7.4). So is `Expect`, as
+            // nginx does: the client already had its `100 Continue` from this
+            // proxy, which sends the body without waiting, and an old
+            // upstream may refuse the field with a 417.
+            h.remove(&header::EXPECT);
+            if conn.trusted {
+                forwarded_by_trusted(h, &mut added, conn, host.as_ref());
+            } else {
+                for name in [
+                    &headers::X_FORWARDED_FOR,
+                    &headers::X_FORWARDED_PROTO,
+                    &headers::X_FORWARDED_HOST,
+                ] {
+                    h.remove(name);
+                }
+                added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
+                added.push_value(&headers::X_FORWARDED_PROTO, scheme_value(conn.tls));
+                if let Some(v) = &host {
+                    added.push_value(&headers::X_FORWARDED_HOST, v);
+                }
             }
             join_cookies(h);
             parts.version = Version::HTTP_11;
@@ -825,12 +1039,22 @@ impl Proxy {
                 };
                 // `upstream_timeout` is the pool's: it does not run while the
                 // client's body keeps it waiting.
+                let sent_at = Instant::now();
                 let sent = self
                     .pool
                     .send(route.slots[i], &parts, &pq, b, hv, &added)
                     .await;
                 match sent {
                     Ok(mut resp) => {
+                        let took = sent_at.elapsed();
+                        if let Some(o) = self.route_ops.get(route.index) {
+                            o.metrics.upstream_duration.observe(took);
+                        }
+                        conn.note.upstream.store(i + 1, Ordering::Relaxed);
+                        conn.note.upstream_ns.store(
+                            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                            Ordering::Relaxed,
+                        );
                         route.mark_up(i);
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let proto = resp.headers().get(header::UPGRADE).cloned();
@@ -870,6 +1094,53 @@ impl Proxy {
             }
             Err(last_err.unwrap_or(ProxyError::UpstreamClosed("answering")))
         }
+    }
+}
+
+fn scheme_value(tls: bool) -> &'static HeaderValue {
+    static HTTPS: HeaderValue = HeaderValue::from_static("https");
+    static HTTP: HeaderValue = HeaderValue::from_static("http");
+    if tls {
+        &HTTPS
+    } else {
+        &HTTP
+    }
+}
+
+/// `X-Forwarded-*` for a request from a trusted proxy (SPEC 7.4): the
+/// peer's address appended to the incoming `X-Forwarded-For` (as every
+/// proxy in a chain does), the incoming `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` kept (the listener's scheme and the Host when absent).
+fn forwarded_by_trusted(
+    h: &mut HeaderMap,
+    added: &mut Added,
+    conn: &ConnInfo,
+    host: Option<&HeaderValue>,
+) {
+    let incoming: Vec<&[u8]> = h
+        .get_all(&headers::X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes())
+        .filter(|v| !v.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    let xff = if incoming.is_empty() {
+        conn.forwarded_for.clone()
+    } else {
+        let mut v = incoming.join(&b", "[..]);
+        v.extend_from_slice(b", ");
+        v.extend_from_slice(conn.forwarded_for.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.forwarded_for.clone())
+    };
+    h.remove(&headers::X_FORWARDED_FOR);
+    added.push_value(&headers::X_FORWARDED_FOR, &xff);
+    let proto = h.remove(&headers::X_FORWARDED_PROTO);
+    added.push_value(
+        &headers::X_FORWARDED_PROTO,
+        proto.as_ref().unwrap_or(scheme_value(conn.tls)),
+    );
+    let fhost = h.remove(&headers::X_FORWARDED_HOST);
+    if let Some(v) = fhost.as_ref().or(host) {
+        added.push_value(&headers::X_FORWARDED_HOST, v);
     }
 }
 

@@ -12,6 +12,8 @@ pub struct Route {
     pub cfg: RouteConfig,
     /// Per upstream: its slot in the connection pool (set by the proxy).
     pub slots: Vec<usize>,
+    /// Its place in the router (set by the proxy: metrics, access log).
+    pub index: usize,
     next: AtomicUsize,
     /// Per upstream: Unix ms until which it is skipped after a failure.
     down_until: Vec<AtomicI64>,
@@ -26,6 +28,7 @@ impl Route {
         Route {
             cfg,
             slots: vec![0; n],
+            index: 0,
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| AtomicI64::new(0)).collect(),
         }

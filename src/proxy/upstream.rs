@@ -633,7 +633,9 @@ impl Silence {
         }
         let since = self.since.expect("set above");
         loop {
-            let sleep = self.sleep.get_or_insert_with(|| timer.sleep_until(since + d));
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| timer.sleep_until(since + d));
             ready!(std::future::Future::poll(Pin::new(sleep), cx));
             if since.elapsed() < d {
                 self.sleep = Some(timer.sleep_until(since + d));

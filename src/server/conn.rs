@@ -43,8 +43,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// What the connections of one worker share.
 pub(super) struct Worker {
-    pub(super) proxy: Arc<Proxy>,
-    pub(super) tls: Option<TlsAcceptor>,
+    /// What a reload replaces: new connections take the TLS acceptor and
+    /// the PROXY/trust settings of the newest, every request its proxy.
+    gen: arc_swap::ArcSwap<Gen>,
     pub(super) drain: Drain,
     /// The https port the redirect listener sends clients to.
     pub(super) https_port: u16,
@@ -55,6 +56,14 @@ pub(super) struct Worker {
     timer: Wheel,
     keepalive: Duration,
     header_read: Duration,
+}
+
+/// One configuration's share of a worker (SPEC 7.1).
+struct Gen {
+    proxy: Arc<Proxy>,
+    tls: Option<TlsAcceptor>,
+    /// PROXY protocol, trusted proxies, the connections gauge.
+    ops: crate::ops::ConnOps,
 }
 
 impl Worker {
@@ -103,8 +112,6 @@ impl Worker {
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
         Worker {
-            proxy,
-            tls,
             drain: Drain::new(),
             https_port,
             h1,
@@ -113,6 +120,11 @@ impl Worker {
             timer,
             keepalive: s.keepalive_timeout,
             header_read: s.header_read_timeout,
+            gen: arc_swap::ArcSwap::from_pointee(Gen {
+                ops: crate::ops::ConnOps::new(s, proxy.metrics()),
+                proxy,
+                tls,
+            }),
         }
     }
 }
@@ -146,6 +158,19 @@ impl<B: Body> Body for Tracked<B> {
     }
 }
 
+impl Worker {
+    /// A reload: connections accepted from now on use `tls` and the
+    /// settings of `s`, and every request from now on `proxy`; requests in
+    /// flight finish on the proxy they started with.
+    pub(super) fn swap(&self, proxy: Arc<Proxy>, tls: Option<TlsAcceptor>, s: &ServerConfig) {
+        self.gen.store(Arc::new(Gen {
+            ops: crate::ops::ConnOps::new(s, proxy.metrics()),
+            proxy,
+            tls,
+        }));
+    }
+}
+
 /// Serves one accepted connection (holding its `max_connections` permit).
 pub(super) async fn serve(
     w: Arc<Worker>,
@@ -167,8 +192,23 @@ pub(super) async fn serve(
         let conn = w.auto.serve_connection(TokioIo::new(io), svc);
         return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
     }
-    let Some(acceptor) = &w.tls else {
-        let svc = service(&w, &state, ConnInfo::new(peer, false));
+    let g = w.gen.load_full();
+    let _counted = crate::ops::ConnGuard::new(&g.ops.gauge);
+    let mut stream = stream;
+    // With `proxy_protocol`, the PROXY header comes first; a connection
+    // without a valid one is closed before anything else is read.
+    let info = tokio::select! {
+        r = g.ops.conn_info(&mut stream, peer, g.tls.is_some()) => match r {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
+                return;
+            }
+        },
+        () = w.drain.started() => return,
+    };
+    let Some(acceptor) = &g.tls else {
+        let svc = service(&w, &state, info);
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
         let conn = w.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
         return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
@@ -192,7 +232,7 @@ pub(super) async fn serve(
     };
     // What ALPN chose, and nothing else: no sniffing on TLS.
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let svc = service(&w, &state, ConnInfo::new(peer, true));
+    let svc = service(&w, &state, info);
     if h2 {
         let io = ConnIo::new(tls, state.clone(), Proto::Http2);
         let conn = w.h2.serve_connection(TokioIo::new(io), svc);
@@ -213,7 +253,7 @@ fn track<B>(resp: Response<B>, guard: InFlight) -> Response<Tracked<B>> {
 
 /// The proxy's service for one connection, each request counted in flight.
 fn service(
-    w: &Worker,
+    w: &Arc<Worker>,
     state: &Arc<ConnState>,
     info: ConnInfo,
 ) -> impl hyper::service::Service<
@@ -226,11 +266,11 @@ fn service(
 > + Clone
        + Send
        + 'static {
-    let proxy = w.proxy.clone();
+    let w = w.clone();
     let state = state.clone();
     service_fn(move |req: Request<Incoming>| {
         let guard = state.request();
-        let handled = proxy.clone().handle(req, info.clone());
+        let handled = w.gen.load().proxy.clone().handle(req, info.clone());
         async move {
             let resp = handled.await?;
             Ok(track(resp, guard))

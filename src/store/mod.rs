@@ -90,6 +90,12 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async { Ok(()) }
     }
+
+    /// Whether the store answers (`/readyz`). Engines inside the process
+    /// always do.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// The configured engine.
@@ -240,6 +246,9 @@ impl Store for AnyStore {
     }
     async fn flush(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.flush())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping())
     }
 }
 

@@ -311,6 +311,7 @@ pub fn config_with(server_extra: &str, session_extra: &str, routes: &str) -> Str
         ("upstream_connect_timeout", "\"2s\""),
         ("upstream_timeout", "\"10s\""),
         ("shutdown_grace", "\"5s\""),
+        ("access_log", "\"off\""),
     ] {
         if !has(k) {
             server.push_str(&format!("{k} = {v}\n"));

@@ -166,6 +166,7 @@ tls = false
 upstream_connect_timeout = "2s"
 upstream_timeout = "10s"
 shutdown_grace = "5s"
+access_log = "off"
 
 [session]
 secret_key = "{SECRET}"
@@ -194,6 +195,8 @@ pub fn route(upstream: &Upstream, extra: &str) -> String {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the configuration has `[admin]`.
+    pub admin: Option<SocketAddr>,
     pub clock: Clock,
     pub store: Arc<AnyStore>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -242,6 +245,7 @@ pub async fn start_workers(config: Config, store: AnyStore, workers: usize) -> P
     };
     let server = Server::bind(config, options).await.expect("bind");
     let addr = server.local_addr();
+    let admin = server.admin_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
         server
@@ -253,6 +257,7 @@ pub async fn start_workers(config: Config, store: AnyStore, workers: usize) -> P
     });
     Proxy {
         addr,
+        admin,
         clock,
         store,
         shutdown: Some(tx),

@@ -131,6 +131,7 @@ tls = false
 upstream_connect_timeout = "2s"
 upstream_timeout = "20s"
 shutdown_grace = "5s"
+access_log = "off"
 
 [session]
 secret_key = "{SECRET}"

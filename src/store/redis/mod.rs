@@ -706,6 +706,14 @@ impl Store for RedisStore {
     async fn clear_expired(&self, _now: i64) -> Result<u64, StoreError> {
         Ok(0)
     }
+
+    /// `PING`, within the timeout.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.op(true, |mut c| async move {
+            redis::cmd("PING").query_async::<()>(&mut c).await
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

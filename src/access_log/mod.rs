@@ -1,0 +1,493 @@
+//! The access log (SPEC 7.3): one line per request, in nginx's `combined`
+//! format followed by the request time in seconds, or one JSON object a
+//! line.
+//!
+//! The request path only moves an [`Entry`] (shared header values, no
+//! formatting, no allocation) into a bounded channel; a writer thread
+//! formats and writes. When the channel is full the line is dropped and
+//! counted (`sessiongate_access_log_dropped_total`): a slow disk never
+//! slows a request. A file target is reopened by [`AccessLog::reopen`]
+//! (SIGUSR1, for logrotate).
+//!
+//! Never logged: the query string (of the request target and of the
+//! `Referer`), any cookie, a session key or session data.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Method, Version};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::config::{AccessLogFormat, AccessLogTarget};
+
+/// Lines held for the writer before new ones are dropped.
+pub const CHANNEL_CAPACITY: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("access_log: cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("access_log: cannot start the writer thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// One request, as the request path hands it over.
+#[derive(Debug)]
+pub struct Entry {
+    /// When the request head arrived.
+    pub time: SystemTime,
+    pub client: IpAddr,
+    pub method: Method,
+    /// The request target; its query is cut off when the line is written.
+    pub target: Option<http::uri::PathAndQuery>,
+    pub version: Version,
+    pub status: u16,
+    /// The response body's length when it is known at the head.
+    pub bytes: Option<u64>,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    /// Time to the response head.
+    pub duration: Duration,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub upstream_time: Option<Duration>,
+    /// The `X-Session-Id` the upstream was sent (never the key).
+    pub session_id: Option<[u8; 32]>,
+}
+
+// Unboxed: the channel's slots are allocated once, a line is moved in.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Line(Entry),
+    Reopen,
+    /// Answered once everything before it is written.
+    Flush(SyncSender<()>),
+}
+
+/// The request path's end of the access log. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: Option<SyncSender<Msg>>,
+    dropped: Counter,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("on", &self.tx.is_some())
+            .finish()
+    }
+}
+
+impl AccessLog {
+    /// An access log that writes nothing.
+    pub fn off() -> AccessLog {
+        AccessLog {
+            tx: None,
+            dropped: Counter::default(),
+        }
+    }
+
+    /// Starts the writer thread for `target` (nothing for `Off`). A file is
+    /// opened here, so a path that cannot be written is an error at start.
+    pub fn start(
+        target: &AccessLogTarget,
+        format: AccessLogFormat,
+        dropped: Counter,
+    ) -> Result<AccessLog, AccessLogError> {
+        Self::start_with_capacity(target, format, dropped, CHANNEL_CAPACITY)
+    }
+
+    /// [`AccessLog::start`] with a given channel capacity (tests).
+    pub fn start_with_capacity(
+        target: &AccessLogTarget,
+        format: AccessLogFormat,
+        dropped: Counter,
+        capacity: usize,
+    ) -> Result<AccessLog, AccessLogError> {
+        let sink = match target {
+            AccessLogTarget::Off => return Ok(AccessLog { tx: None, dropped }),
+            AccessLogTarget::Stderr => Sink::Stderr,
+            AccessLogTarget::File(p) => Sink::File {
+                path: p.clone(),
+                out: BufWriter::new(open(p)?),
+            },
+        };
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        std::thread::Builder::new()
+            .name("sessiongate-access-log".into())
+            .spawn(move || writer(rx, sink, format))
+            .map_err(AccessLogError::Thread)?;
+        Ok(AccessLog {
+            tx: Some(tx),
+            dropped,
+        })
+    }
+
+    /// Whether lines are written (the request path skips collecting them
+    /// otherwise).
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Hands a line to the writer; drops and counts it when the writer is
+    /// behind. Never blocks.
+    pub fn log(&self, entry: Entry) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(Msg::Line(entry)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc();
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// Blocks until every line handed over so far is written (shutdown).
+    pub fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = mpsc::sync_channel(1);
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    /// Reopens the file (logrotate moved it away); nothing for stderr.
+    /// Waits for room in the channel: a reopen is never dropped.
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Reopen);
+        }
+    }
+}
+
+enum Sink {
+    Stderr,
+    File { path: PathBuf, out: BufWriter<File> },
+}
+
+fn open(path: &Path) -> Result<File, AccessLogError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| AccessLogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl Sink {
+    fn write(&mut self, line: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stderr => io::stderr().lock().write_all(line),
+            Sink::File { out, .. } => out.write_all(line),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stderr => Ok(()),
+            Sink::File { out, .. } => out.flush(),
+        }
+    }
+}
+
+/// The writer thread: formats, writes, and flushes whenever the channel
+/// runs empty. Ends when every sender is gone.
+fn writer(rx: Receiver<Msg>, mut sink: Sink, format: AccessLogFormat) {
+    let mut line = Vec::with_capacity(512);
+    let mut failed = false;
+    while let Ok(msg) = rx.recv() {
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Line(e) => {
+                    line.clear();
+                    match format {
+                        AccessLogFormat::Combined => combined(&mut line, &e),
+                        AccessLogFormat::Json => json(&mut line, &e),
+                    }
+                    line.push(b'\n');
+                    match sink.write(&line) {
+                        Ok(()) => failed = false,
+                        Err(e) if !failed => {
+                            failed = true;
+                            tracing::error!(error = %e, "access log: write failed");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                Msg::Reopen => {
+                    if let Sink::File { path, out } = &mut sink {
+                        let _ = out.flush();
+                        match open(path) {
+                            Ok(f) => {
+                                *out = BufWriter::new(f);
+                                tracing::info!(path = %path.display(), "access log reopened");
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "access log: reopen failed; writing on to the old file")
+                            }
+                        }
+                    }
+                }
+                Msg::Flush(done) => {
+                    let _ = sink.flush();
+                    let _ = done.send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = sink.flush() {
+            if !failed {
+                failed = true;
+                tracing::error!(error = %e, "access log: write failed");
+            }
+        }
+    }
+    let _ = sink.flush();
+}
+
+/// The path of the request target without its query.
+fn path_only(target: Option<&http::uri::PathAndQuery>) -> &str {
+    target.map_or("/", |t| t.path())
+}
+
+/// A header value with its query cut off (a `Referer`).
+fn without_query(v: &[u8]) -> &[u8] {
+    match v.iter().position(|&b| b == b'?' || b == b'#') {
+        Some(i) => &v[..i],
+        None => v,
+    }
+}
+
+/// Bytes as nginx escapes them in a log line: `"`, `\` and anything not
+/// printable ASCII as `\xHH`.
+fn escaped(out: &mut Vec<u8>, v: &[u8]) {
+    for &b in v {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            out.extend_from_slice(format!("\\x{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `01/Dec/2026:23:45:07 +0000` (UTC: see README).
+fn time_local(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+        t.day(),
+        MONTHS[usize::from(u8::from(t.month())) - 1],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// `$remote_addr - - [$time_local] "$request" $status $body_bytes_sent
+/// "$http_referer" "$http_user_agent" $request_time`
+pub fn combined(out: &mut Vec<u8>, e: &Entry) {
+    use std::io::Write as _;
+    let _ = write!(
+        out,
+        "{} - - [{}] \"",
+        e.client.to_canonical(),
+        time_local(e.time)
+    );
+    escaped(out, e.method.as_str().as_bytes());
+    out.push(b' ');
+    escaped(out, path_only(e.target.as_ref()).as_bytes());
+    let _ = write!(out, " {}\" {} ", version_str(e.version), e.status);
+    match e.bytes {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" \"");
+    match &e.referer {
+        Some(r) => escaped(out, without_query(r.as_bytes())),
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b"\" \"");
+    match &e.user_agent {
+        Some(u) => escaped(out, u.as_bytes()),
+        None => out.push(b'-'),
+    }
+    let _ = write!(out, "\" {:.3}", e.duration.as_secs_f64());
+}
+
+/// The same fields as [`combined`] plus `route`, `upstream`,
+/// `upstream_ms` and `session_id`, as one JSON object.
+pub fn json(out: &mut Vec<u8>, e: &Entry) {
+    let text = |v: &Option<HeaderValue>, cut: bool| {
+        v.as_ref().map(|v| {
+            let b = if cut {
+                without_query(v.as_bytes())
+            } else {
+                v.as_bytes()
+            };
+            String::from_utf8_lossy(b).into_owned()
+        })
+    };
+    let obj = serde_json::json!({
+        "time": time::OffsetDateTime::from(e.time)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        "remote_addr": e.client.to_canonical().to_string(),
+        "method": e.method.as_str(),
+        "path": path_only(e.target.as_ref()),
+        "protocol": version_str(e.version),
+        "status": e.status,
+        "body_bytes_sent": e.bytes,
+        "http_referer": text(&e.referer, true),
+        "http_user_agent": text(&e.user_agent, false),
+        "request_time": (e.duration.as_secs_f64() * 1e6).round() / 1e6,
+        "route": e.route.as_deref(),
+        "upstream": e.upstream.as_deref(),
+        "upstream_ms": e.upstream_time.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
+        "session_id": e.session_id.map(|id| String::from_utf8_lossy(&id).into_owned()),
+    });
+    let _ = serde_json::to_writer(&mut *out, &obj);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_254_707),
+            client: "::ffff:10.1.2.3".parse().unwrap(),
+            method: Method::GET,
+            target: Some("/cart/add?item=7&token=secret".parse().unwrap()),
+            version: Version::HTTP_11,
+            status: 200,
+            bytes: Some(1234),
+            referer: Some(HeaderValue::from_static("https://shop.test/list?sid=abc")),
+            user_agent: Some(HeaderValue::from_static("curl/8.0 \"quoted\"")),
+            duration: Duration::from_micros(1_250),
+            route: Some("app".into()),
+            upstream: Some("http://127.0.0.1:9000".into()),
+            upstream_time: Some(Duration::from_micros(900)),
+            session_id: Some(*b"0123456789abcdef0123456789abcdef"),
+        }
+    }
+
+    #[test]
+    fn combined_line_as_nginx_writes_it_without_queries() {
+        let mut out = Vec::new();
+        combined(&mut out, &entry());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"10.1.2.3 - - [02/Dec/2026:23:38:27 +0000] "GET /cart/add HTTP/1.1" 200 1234 "https://shop.test/list" "curl/8.0 \x22quoted\x22" 0.001"#
+        );
+    }
+
+    #[test]
+    fn combined_line_with_nothing_known() {
+        let mut e = entry();
+        e.bytes = None;
+        e.referer = None;
+        e.user_agent = None;
+        e.target = None;
+        e.method = Method::from_bytes(b"PROPFIND").unwrap();
+        let mut out = Vec::new();
+        combined(&mut out, &e);
+        let line = String::from_utf8(out).unwrap();
+        assert!(
+            line.ends_with(r#""PROPFIND / HTTP/1.1" 200 - "-" "-" 0.001"#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn json_line_has_the_extra_fields_and_no_query() {
+        let mut out = Vec::new();
+        json(&mut out, &entry());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/cart/add");
+        assert_eq!(v["remote_addr"], "10.1.2.3");
+        assert_eq!(v["http_referer"], "https://shop.test/list");
+        assert_eq!(v["route"], "app");
+        assert_eq!(v["upstream"], "http://127.0.0.1:9000");
+        assert_eq!(v["upstream_ms"], 0.9);
+        assert_eq!(v["session_id"], "0123456789abcdef0123456789abcdef");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["request_time"], 0.00125);
+        assert!(!String::from_utf8_lossy(&out).contains("secret"));
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts() {
+        let dropped = Counter::default();
+        // No writer: a channel of one that nobody reads.
+        let (tx, _rx) = mpsc::sync_channel(1);
+        let log = AccessLog {
+            tx: Some(tx),
+            dropped: dropped.clone(),
+        };
+        for _ in 0..5 {
+            log.log(entry());
+        }
+        assert_eq!(dropped.get(), 4);
+    }
+
+    #[test]
+    fn a_file_is_written_and_reopened() {
+        let dir = std::env::temp_dir().join(format!("sg-access-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::start(
+            &AccessLogTarget::File(path.clone()),
+            AccessLogFormat::Combined,
+            Counter::default(),
+        )
+        .unwrap();
+        log.log(entry());
+        log.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        let rotated = dir.join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        log.log(entry());
+        log.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            1
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
