@@ -18,7 +18,7 @@ TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
     TARGETS=(response_head chunked path directives cookie signed_cookie config)
 fi
-nice -n 19 cargo +nightly fuzz build
+cargo +nightly fuzz build
 BIN=target/x86_64-unknown-linux-gnu/release
 
 dict_for() {
