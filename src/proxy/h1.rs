@@ -429,12 +429,14 @@ impl ChunkedDecoder {
                         }
                         return Ok(Decoded::More);
                     };
-                    if nl == 0 || buf[nl - 1] != b'\r' {
-                        return Err(ProtocolError::Chunked("bare LF in the trailer section"));
-                    }
+                    // The size first: the same error whether the line
+                    // arrived whole or its start alone went over the limit.
                     self.trailer_bytes += nl + 1;
                     if self.trailer_bytes > MAX_TRAILERS {
                         return Err(ProtocolError::Chunked("trailer section too large"));
+                    }
+                    if nl == 0 || buf[nl - 1] != b'\r' {
+                        return Err(ProtocolError::Chunked("bare LF in the trailer section"));
                     }
                     if nl == 1 {
                         buf.advance(2);
@@ -761,6 +763,15 @@ mod tests {
             dechunk(long.as_bytes(), 64).is_err(),
             "line over several reads"
         );
+        // A trailer line over the limit that ends in a bare LF: the same
+        // error whether it arrives at once or in pieces.
+        let trailer = format!("0\r\nx: {}\n\r\n", "v".repeat(MAX_TRAILERS));
+        for step in [1 << 20, 1000] {
+            match dechunk(trailer.as_bytes(), step) {
+                Err(ProtocolError::Chunked(m)) => assert_eq!(m, "trailer section too large"),
+                other => panic!("{step}: {other:?}"),
+            }
+        }
     }
 
     #[test]
