@@ -16,32 +16,78 @@ const DEFAULT_CONFIG: &str = "config/sessiongate.toml";
 #[derive(Parser)]
 #[command(name = "sessiongate", version, about)]
 struct Cli {
-    /// Configuration file (when no subcommand is given: `run`).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// Configuration file, for `sessiongate --config FILE` (= `run`).
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// The configuration file of a command that reads one.
+#[derive(clap::Args, Clone, Default)]
+struct ConfigArg {
+    /// Configuration file [default: config/sessiongate.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve (the default).
-    Run,
+    Run(ConfigArg),
     /// Validate the configuration file and print a summary.
-    Check,
+    Check(ConfigArg),
     /// Delete expired sessions from the configured store and print how many.
-    ClearExpired,
+    ClearExpired(ConfigArg),
     /// Make the running server (the one on this file's `[admin] listen`)
     /// re-read its configuration, as SIGHUP does, and print the outcome.
-    Reload,
+    Reload(ConfigArg),
     /// Create the `db` engine's table (Django's `django_session`) when it is missing.
-    Migrate,
-    /// Run the bundled demo app behind the proxy with a self-signed certificate.
+    Migrate(ConfigArg),
+    /// Run the bundled demo app behind the proxy with a self-signed
+    /// certificate (on its own built-in configuration).
     Demo {
-        /// Address of the demo's HTTPS listener.
+        /// Address of the demo's HTTPS listener (a host name resolves; port 0
+        /// picks a free port).
         #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: std::net::SocketAddr,
+        listen: String,
     },
+}
+
+impl Default for Command {
+    fn default() -> Command {
+        Command::Run(ConfigArg::default())
+    }
+}
+
+impl Command {
+    /// The `--config` given to this command, if it takes one.
+    fn config(&self) -> Option<&ConfigArg> {
+        match self {
+            Command::Run(c)
+            | Command::Check(c)
+            | Command::ClearExpired(c)
+            | Command::Reload(c)
+            | Command::Migrate(c) => Some(c),
+            Command::Demo { .. } => None,
+        }
+    }
+}
+
+/// `host:port` to an address, resolving a host name as the config does.
+fn resolve_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("--listen {s}: the host name resolves to no address")),
+        Err(e) => Err(format!(
+            "--listen {s}: not an address such as 127.0.0.1:8443, or a host name that does not resolve ({e})"
+        )),
+    }
 }
 
 /// An environment setting: `None` when unset or blank (a `NAME=` left in a
@@ -75,13 +121,26 @@ fn worker_settings() -> Result<(usize, Affinity), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let config_path = cli
-        .config
+    let command = cli.command.unwrap_or_default();
+    let given = command
+        .config()
+        .and_then(|c| c.config.clone())
+        .or_else(|| cli.config.clone());
+    if let (Command::Demo { .. }, Some(_)) = (&command, &cli.config) {
+        eprintln!("sessiongate: demo takes no --config: it runs on its own built-in configuration");
+        return ExitCode::from(2);
+    }
+    let config_path = given
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let command = cli.command.unwrap_or(Command::Run);
+    if command.config().is_some() && given.is_none() && !config_path.exists() {
+        eprintln!(
+            "sessiongate: no configuration file at {DEFAULT_CONFIG} (the default path); pass --config FILE, or try `sessiongate demo` to see it work"
+        );
+        return ExitCode::from(2);
+    }
 
-    if let Command::Check = command {
+    if let Command::Check(_) = command {
         let loaded = Config::load(&config_path).and_then(|c| {
             sessiongate::reload::check_files(&c)?;
             Ok(c)
@@ -111,7 +170,7 @@ fn main() -> ExitCode {
         };
     }
 
-    if let Command::Run = command {
+    if let Command::Run(_) = command {
         let config = match load_or_exit(&config_path) {
             Ok(c) => c,
             Err(code) => return code,
@@ -148,12 +207,18 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match command {
-            Command::Run => unreachable!("served above"),
-            Command::ClearExpired => clear_expired(&config_path).await,
-            Command::Reload => reload(&config_path).await,
-            Command::Migrate => migrate(&config_path).await,
-            Command::Demo { listen } => Ok(sessiongate::demo::run(listen).await?),
-            Command::Check => unreachable!(),
+            Command::Run(_) => unreachable!("served above"),
+            Command::ClearExpired(_) => clear_expired(&config_path).await,
+            Command::Reload(_) => reload(&config_path).await,
+            Command::Migrate(_) => migrate(&config_path).await,
+            Command::Demo { listen } => match resolve_listen(&listen) {
+                Ok(addr) => Ok(sessiongate::demo::run(addr).await?),
+                Err(msg) => {
+                    eprintln!("sessiongate: {msg}");
+                    Ok(ExitCode::from(2))
+                }
+            },
+            Command::Check(_) => unreachable!(),
         }
     });
     match result {

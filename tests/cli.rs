@@ -978,3 +978,163 @@ fn check_accepts_sentinel_and_cluster_urls_and_explains_malformed_ones() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The first hour: what a newcomer reads
+// ---------------------------------------------------------------------------
+
+#[test]
+fn with_no_config_at_the_default_path_it_says_so_and_points_to_demo() {
+    let dir = TempDir::new("cli");
+    for args in [&["check"][..], &["run"], &["clear-expired"], &[]] {
+        let mut c = bin();
+        c.current_dir(dir.path()).args(args);
+        let out = run_bounded(c);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            stderr(&out).trim(),
+            "sessiongate: no configuration file at config/sessiongate.toml (the default path); pass --config FILE, or try `sessiongate demo` to see it work",
+            "{args:?}"
+        );
+    }
+    // A path given on purpose that does not exist is named as it was given.
+    let out = check(dir.path(), "missing.toml");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with("missing.toml: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn demo_offers_no_config_flag() {
+    let mut c = bin();
+    c.args(["demo", "--config", "x.toml"]);
+    let out = run_bounded(c);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unexpected argument '--config'"),
+        "{}",
+        stderr(&out)
+    );
+    let mut c = bin();
+    c.args(["--config", "x.toml", "demo"]);
+    let out = run_bounded(c);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr(&out).trim(),
+        "sessiongate: demo takes no --config: it runs on its own built-in configuration"
+    );
+    // The help of demo does not list it; the commands that read a file do.
+    let mut c = bin();
+    c.args(["demo", "--help"]);
+    assert!(!stdout(&run_bounded(c)).contains("--config"));
+    let mut c = bin();
+    c.args(["check", "--help"]);
+    assert!(stdout(&run_bounded(c)).contains("--config <FILE>"));
+}
+
+#[test]
+fn demo_listen_takes_a_host_name() {
+    let mut child = bin()
+        .args(["demo", "--listen", "localhost:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("https://localhost:") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(LIMIT);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("the demo started on localhost:0 and printed its URL");
+    let port: u16 = line
+        .split("https://localhost:")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0, "a free port was picked");
+    // A name that does not resolve is said in plain words.
+    let mut c = bin();
+    c.args(["demo", "--listen", "no-such-host.invalid:0"]);
+    let out = run_bounded(c);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--listen no-such-host.invalid:0: not an address such as 127.0.0.1:8443, or a host name that does not resolve"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Every `sessiongate COMMAND` the README shows is a command `--help` lists.
+#[test]
+fn the_commands_the_readme_shows_exist() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut c = bin();
+    c.arg("--help");
+    let help = stdout(&run_bounded(c));
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        listed.contains(&"demo") && listed.contains(&"check"),
+        "{help}"
+    );
+    // Command lines: in code blocks, lines that run `sessiongate` (or a
+    // path to it); in prose, `sessiongate WORD` between backticks.
+    let mut shown = std::collections::BTreeSet::new();
+    let mut in_code = false;
+    let word_after = |rest: &str| -> Option<String> {
+        let w: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+            .collect();
+        (!w.is_empty() && !w.starts_with('-')).then_some(w)
+    };
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code {
+            let mut tokens = line.split_whitespace();
+            if let Some(first) = tokens.next() {
+                if first == "sessiongate" || first.ends_with("/sessiongate") {
+                    if let Some(w) = tokens.next().and_then(word_after) {
+                        shown.insert(w);
+                    }
+                }
+            }
+        } else {
+            for (i, _) in line.match_indices("`sessiongate ") {
+                if let Some(w) = word_after(&line[i + "`sessiongate ".len()..]) {
+                    shown.insert(w);
+                }
+            }
+        }
+    }
+    assert!(shown.contains("run") && shown.contains("demo"), "{shown:?}");
+    for word in &shown {
+        assert!(
+            listed.contains(&word.as_str()),
+            "README shows `sessiongate {word}`, which --help does not list: {listed:?}"
+        );
+    }
+}
