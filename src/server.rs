@@ -46,8 +46,10 @@ pub use shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// Which listener: `listen` or `redirect_http`.
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -243,6 +245,7 @@ impl Server {
         let tls = load_tls(&config, tls)?;
         let first = bind_reuseport(config.server.listen)?;
         let addr = first.local_addr().map_err(|source| ServerError::Bind {
+            what: "listen",
             addr: config.server.listen,
             source,
         })?;
@@ -252,7 +255,11 @@ impl Server {
         }
         let redirect = match (config.server.redirect_http, &tls) {
             (Some(a), Some(_)) => {
-                let err = |source| ServerError::Bind { addr: a, source };
+                let err = |source| ServerError::Bind {
+                    what: "redirect_http",
+                    addr: a,
+                    source,
+                };
                 let l = TcpListener::bind(a).await.map_err(err)?;
                 Some(l.into_std().map_err(err)?)
             }
@@ -415,6 +422,8 @@ impl Server {
             }
         }
         stop.trigger();
+        // Once for the process; each worker's listener logs at debug.
+        tracing::info!(grace = ?shared.config.server.shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
         while let Some(r) = ended.join_next().await {
             let r = r.unwrap_or(Err(ServerError::WorkerPanicked));
             if let Err(e) = r {
@@ -596,7 +605,11 @@ fn load_tls(
 /// A listening socket with `SO_REUSEPORT`, so every worker can have its own
 /// on the same address and the kernel spreads connections among them.
 fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
-    let err = |source| ServerError::Bind { addr, source };
+    let err = |source| ServerError::Bind {
+        what: "listen",
+        addr,
+        source,
+    };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {

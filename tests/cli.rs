@@ -594,7 +594,12 @@ async fn sigint_exits_0() {
     let up = upstream(|_| ok()).await;
     let dir = TempDir::new("cli");
     let path = dir.write("sessiongate.toml", &valid_config(&up.url()));
-    let mut s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    // Two workers: the shutdown is still said once.
+    let mut s = serve_env(
+        &["run", "--config", path.to_str().unwrap()],
+        &[("SESSIONGATE_WORKERS", "2")],
+    )
+    .await;
     let (status, _) = within("a request", get(s.url("/"))).await;
     assert_eq!(status, 200);
 
@@ -605,6 +610,48 @@ async fn sigint_exits_0() {
         Some(0),
         "stderr: {:?}",
         s.stderr.lock().unwrap()
+    );
+    // The reader of stderr may trail the exit: the last line first.
+    s.wait_for_lines("stopped", 1).await;
+    assert_eq!(
+        s.lines_with("shutting down"),
+        1,
+        "{:?}",
+        s.stderr.lock().unwrap()
+    );
+    assert_eq!(s.lines_with("SIGINT received"), 1);
+}
+
+#[test]
+fn an_address_in_use_names_its_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("cli");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    dir.write("cert.pem", &cert.cert.pem());
+    dir.write("key.pem", &cert.signing_key.serialize_pem());
+    let text = valid_config("http://127.0.0.1:9000").replace(
+        "tls = false",
+        &format!("tls = true\ncert = \"cert.pem\"\nkey = \"key.pem\"\nredirect_http = \"{addr}\""),
+    );
+    let path = dir.write("sessiongate.toml", &text);
+    let mut c = bin();
+    c.args(["run", "--config", path.to_str().unwrap()]);
+    let out = run_bounded(c);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (redirect_http): ")),
+        "{err}"
+    );
+    let text = valid_config("http://127.0.0.1:9000").replace("127.0.0.1:0", &addr);
+    let path = dir.write("listen.toml", &text);
+    let mut c = bin();
+    c.args(["run", "--config", path.to_str().unwrap()]);
+    let err = stderr(&run_bounded(c));
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (listen): ")),
+        "{err}"
     );
 }
 

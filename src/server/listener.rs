@@ -85,11 +85,11 @@ impl Listener {
         }
         drop(self.listener);
         drop(self.redirect);
-        tracing::info!(grace = ?self.grace, "shutting down: no new connections, finishing in-flight requests");
+        tracing::debug!(grace = ?self.grace, "listener closed; finishing its connections");
         self.worker.drain.start();
         let all_closed = async { while conns.join_next().await.is_some() {} };
         match tokio::time::timeout(self.grace, all_closed).await {
-            Ok(()) => tracing::info!("all connections closed"),
+            Ok(()) => tracing::debug!("all connections of this worker closed"),
             Err(_) => {
                 tracing::warn!(
                     open = conns.len(),
