@@ -226,3 +226,34 @@ async fn a_client_silent_in_its_tls_handshake_does_not_hold_the_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+/// Plain HTTP sent to the TLS port gets a readable 400, as nginx answers,
+/// not a failed handshake; TLS still works on the same port after it.
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_readable_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = certs();
+    let up = upstream(|_| text("over tls")).await;
+    let p = start_config(tls_config(&certs, &up, "")).await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within("the 400", c.read_to_end(&mut answer)).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(
+            "\r\n\r\nthis port speaks HTTPS: use https:// in the address, not http://\n"
+        ),
+        "{answer}"
+    );
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    let tls = connect(p.addr, &certs, &[b"http/1.1"]).await;
+    assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
+    p.stop().await;
+}

@@ -31,6 +31,9 @@ use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::timer::{Sleep, Wheel};
 
+/// The answer to a plain-HTTP request on a TLS listener.
+const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 65\r\nconnection: close\r\n\r\nthis port speaks HTTPS: use https:// in the address, not http://\n";
+
 /// The largest request head, HTTP/1.1 and HTTP/2 alike: a larger one is
 /// answered `431 Request Header Fields Too Large`. (HTTP/1: the head's
 /// bytes, hyper's read buffer limit; HTTP/2: SETTINGS_MAX_HEADER_LIST_SIZE,
@@ -215,10 +218,30 @@ pub(super) async fn serve(
     };
     // A connection still handshaking when the drain starts is dropped (it
     // has no request yet), not waited on.
-    let handshake = tokio::time::timeout(w.header_read, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(w.header_read, async move {
+        // A plain-HTTP request on the TLS port gets a readable 400, as
+        // nginx answers it, instead of a failed handshake (a TLS record
+        // starts with 0x16; a request line with a method's capitals).
+        let mut first = [0u8; 1];
+        if matches!(stream.peek(&mut first).await, Ok(1)) && first[0].is_ascii_uppercase() {
+            use tokio::io::AsyncWriteExt;
+            // What already came of the request is read first, so closing
+            // does not reset the answer away.
+            let mut sink = [0u8; 4096];
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+            let _ = stream.write_all(PLAIN_HTTP_ON_TLS).await;
+            let _ = stream.shutdown().await;
+            return Ok(None);
+        }
+        acceptor.accept(stream).await.map(Some)
+    });
     let tls = tokio::select! {
         r = handshake => match r {
-            Ok(Ok(s)) => s,
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => {
+                tracing::debug!(%peer, "plain HTTP on the TLS port: answered 400");
+                return;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
