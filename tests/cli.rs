@@ -1185,3 +1185,34 @@ fn the_commands_the_readme_shows_exist() {
         );
     }
 }
+
+/// "trying the next upstream" is said only when there is a next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trying_the_next_upstream_is_logged_only_when_there_is_one() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("cli");
+    // One upstream, unreachable: a 502 and no such line.
+    let path = dir.write("one.toml", &valid_config(&dead));
+    let s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    let (status, _) = within("a request", get(s.url("/"))).await;
+    assert_eq!(status, 502);
+    s.wait_for_lines("upstream", 1).await;
+    assert_eq!(s.lines_with("trying the next upstream"), 0);
+    drop(s);
+    // Two, the first unreachable: served, and the line says what happened.
+    let text = valid_config(&dead).replace(
+        &format!("upstream = \"{dead}\""),
+        &format!("upstreams = [\"{dead}\", \"{}\"]", up.url()),
+    );
+    let path = dir.write("two.toml", &text);
+    let s = serve(&["run", "--config", path.to_str().unwrap()]).await;
+    for _ in 0..2 {
+        let (status, _) = within("a request", get(s.url("/"))).await;
+        assert_eq!(status, 200);
+    }
+    s.wait_for_lines("trying the next upstream", 1).await;
+}
