@@ -605,21 +605,28 @@ fn load_tls(
 /// A listening socket with `SO_REUSEPORT`, so every worker can have its own
 /// on the same address and the kernel spreads connections among them.
 fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
-    let err = |source| ServerError::Bind {
-        what: "listen",
-        addr,
-        source,
-    };
+    listen_reuseport(addr, 1024)
+        .and_then(TcpListener::into_std)
+        .map_err(|source| ServerError::Bind {
+            what: "listen",
+            addr,
+            source,
+        })
+}
+
+/// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`
+/// (the workers' listeners, and the admin listener, so that a second
+/// process can bind beside this one).
+pub(crate) fn listen_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.set_reuseport(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(1024).map_err(err)?.into_std().map_err(err)
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Whether [`run_threaded`] pins each worker thread to a CPU of its own

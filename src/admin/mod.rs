@@ -173,17 +173,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// main listener: a new process started beside the old one for a binary
 /// upgrade can bind it too.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    let err = |source| AdminError::Bind { addr, source };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.set_reuseport(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(128).map_err(err)
+    crate::server::listen_reuseport(addr, 128).map_err(|source| AdminError::Bind { addr, source })
 }
 
 /// Serves the admin endpoints on `listener` until the task is aborted.

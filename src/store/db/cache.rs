@@ -83,6 +83,21 @@ pub(crate) enum Cached {
     Row(String, i64),
 }
 
+/// `cached_db`: after a commit, each written row (or its deletion) goes to
+/// Redis, unless a newer version is there already.
+pub(crate) async fn put_all(
+    cache: Option<&Cache>,
+    puts: super::Puts,
+) -> Result<(), super::DbError> {
+    if let Some(c) = cache {
+        for (k, v, row) in puts {
+            c.put(&k, v, row.as_ref().map(|(d, e)| (d.as_str(), *e)))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) struct Cache {
     client: Client,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,

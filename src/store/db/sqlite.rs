@@ -256,13 +256,7 @@ impl Sqlite {
     }
 
     async fn put_all(&self, puts: Puts) -> Result<(), DbError> {
-        if let Some(c) = &self.cache {
-            for (k, v, row) in puts {
-                c.put(&k, v, row.as_ref().map(|(d, e)| (d.as_str(), *e)))
-                    .await?;
-            }
-        }
-        Ok(())
+        super::cache::put_all(self.cache.as_deref(), puts).await
     }
 
     pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
