@@ -42,37 +42,12 @@ fn write_config(dir: &TempDir) -> std::path::PathBuf {
 
 /// Runs Django's `session_tool.py` (its own `SessionStore`) on `db`.
 fn tool(py: &Path, db: &Path, secret: &str, args: &[&str]) -> Value {
-    let out = Command::new(py)
-        .arg(django::dir().join("project/session_tool.py"))
-        .args(args)
-        .env("SG_DATABASE", db)
-        .env("SG_SECRET_KEY", secret)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "session_tool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = django::run_project(py, "session_tool.py", db, secret, args);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn manage(py: &Path, db: &Path, args: &[&str]) -> Output {
-    let out = Command::new(py)
-        .arg(django::dir().join("project/manage.py"))
-        .args(args)
-        .env("SG_DATABASE", db)
-        .env("SG_SECRET_KEY", SECRET)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run manage.py");
-    assert!(
-        out.status.success(),
-        "manage.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    django::run_project(py, "manage.py", db, SECRET, args)
 }
 
 #[test]

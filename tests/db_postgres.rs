@@ -213,19 +213,7 @@ async fn two_instances(up: &Upstream, text: &str) {
 
 /// Django's `session_tool.py` on the shared PostgreSQL database.
 fn tool(py: &Path, url: &str, args: &[&str]) -> Value {
-    let out = Command::new(py)
-        .arg(django::dir().join("project/session_tool.py"))
-        .args(args)
-        .env("SG_DATABASE", url)
-        .env("SG_SECRET_KEY", SECRET)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "session_tool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = django::run_project(py, "session_tool.py", url, SECRET, args);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

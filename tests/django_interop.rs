@@ -39,19 +39,7 @@ impl Drop for Django {
 }
 
 fn manage(py: &Path, db: &str, args: &[&str]) {
-    let out = Command::new(py)
-        .arg(django::dir().join("project/manage.py"))
-        .args(args)
-        .env("SG_DATABASE", db)
-        .env("SG_SECRET_KEY", SECRET)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run manage.py");
-    assert!(
-        out.status.success(),
-        "manage.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    django::run_project(py, "manage.py", db, SECRET, args);
 }
 
 /// Migrates `db`, adds the user ann (password pw) and serves Django on a free port.

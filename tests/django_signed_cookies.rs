@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use common::*;
 use http::Method;
@@ -16,19 +15,7 @@ mod django;
 
 /// Django's signed_cookies `SessionStore` (`session_tool.py signed-*`).
 fn tool(py: &Path, args: &[&str]) -> Value {
-    let out = Command::new(py)
-        .arg(django::dir().join("project/session_tool.py"))
-        .args(args)
-        .env("SG_DATABASE", ":memory:")
-        .env("SG_SECRET_KEY", SECRET)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "session_tool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = django::run_project(py, "session_tool.py", ":memory:", SECRET, args);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

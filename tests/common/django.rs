@@ -48,6 +48,31 @@ pub fn python() -> Option<PathBuf> {
     None
 }
 
+/// Runs `tests/django/project/SCRIPT ARGS` (`manage.py`, `session_tool.py`)
+/// on database `db` under `secret`; returns its output (panics on failure).
+pub fn run_project(
+    py: &std::path::Path,
+    script: &str,
+    db: impl AsRef<std::ffi::OsStr>,
+    secret: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let out = Command::new(py)
+        .arg(dir().join("project").join(script))
+        .args(args)
+        .env("SG_DATABASE", db)
+        .env("SG_SECRET_KEY", secret)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs `tests/django/SCRIPT ARGS` with `stdin`, returns stdout (panics on failure).
 pub fn run_script(py: &PathBuf, script: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
     let mut child = Command::new(py)
