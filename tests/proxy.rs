@@ -1125,16 +1125,18 @@ async fn an_early_answer_read_with_the_last_body_bytes_still_closes_the_connecti
 #[tokio::test]
 async fn a_client_slow_to_read_is_not_cut_off_by_the_body_read_timeout() {
     const N: usize = 32 << 20;
-    let (addr, _) = raw_upstream(|_, _| {
-        let resp = format!(
+    // Built once, before the request: formatting 32 MiB inside the upstream
+    // on a loaded machine could itself outlast the timeout to the head.
+    let resp: &'static str = Box::leak(
+        format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {N}\r\n\r\n{}",
             "a".repeat(N)
-        );
-        (resp, Then::KeepAlive)
-    })
-    .await;
+        )
+        .into_boxed_str(),
+    );
+    let (addr, _) = raw_upstream(move |_, _| (resp.to_owned(), Then::KeepAlive)).await;
     let p = start(&config_with(
-        "upstream_timeout = \"300ms\"",
+        "upstream_timeout = \"1s\"",
         "",
         &plain_route(addr),
     ))
@@ -1143,8 +1145,9 @@ async fn a_client_slow_to_read_is_not_cut_off_by_the_body_read_timeout() {
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    // Not reading: the proxy's buffers and the sockets fill up.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Not reading for longer than the upstream timeout: the proxy's buffers
+    // and the sockets fill up, and the proxy must wait for this client.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let mut all = Vec::new();
     within("the whole answer", c.read_to_end(&mut all))
         .await
