@@ -59,7 +59,7 @@
 #                    a few percent between two rows); ratios of rows not run
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
 #                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
-#                    nginx_1w sg_read_1w nginx_pin sg_read_pin
+#                    nginx_1w sg_read_1w nginx_pin sg_read_pin sg_read_nolog
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -296,6 +296,7 @@ free_port P_NGINX1
 free_port P_NGINX_HDR
 free_port P_NGINX_PIN
 free_port P_SG_PIN
+free_port P_SG_NOLOG
 free_port P_SG1
 free_port P_SG_REL
 
@@ -549,6 +550,14 @@ if [[ $PINNED == 1 ]]; then
     CPU_PIDS[sg_read_pin]=${PIDS[-1]}
 fi
 
+# The read path with the access log off, beside the default (on, to a file
+# here: the process's stderr): what the log costs (issue 16: at most 3 %).
+sg_conf "$WORK/sg-nolog.toml" "$P_SG_NOLOG" 'tls = false
+access_log = "off"'
+start sessiongate-nolog "$SG_BIN" run --config "$WORK/sg-nolog.toml"
+wait_http sessiongate-nolog "http://127.0.0.1:$P_SG_NOLOG/static/" "${PIDS[-1]}"
+CPU_PIDS[sg_read_nolog]=${PIDS[-1]}
+
 # ---------------------------------------------------------------- a live session
 
 session_cookie() { # base-url -> "sessionid=KEY"
@@ -574,6 +583,7 @@ COOKIE_1W=""
 [[ $ONE_WORKER == 1 ]] && COOKIE_1W=$(session_cookie "http://127.0.0.1:$P_SG1")
 COOKIE_PIN=""
 [[ $PINNED == 1 ]] && COOKIE_PIN=$(session_cookie "http://127.0.0.1:$P_SG_PIN")
+COOKIE_NOLOG=$(session_cookie "http://127.0.0.1:$P_SG_NOLOG")
 say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # ---------------------------------------------------------------- scenarios
@@ -588,6 +598,7 @@ if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
 fi
 SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
+SCEN+=("sg_read_nolog|sessiongate live session (read), access_log = \"off\"|wrk|http://127.0.0.1:$P_SG_NOLOG/|$COOKIE_NOLOG")
 if [[ $BUILT == pgo ]]; then
     SCEN+=("sg_read_rel|sessiongate live session (read), plain \`cargo build --release\`|wrk|http://127.0.0.1:$P_SG_REL/|$COOKIE_REL")
 fi
@@ -875,6 +886,7 @@ REPORT="$WORK/report.md"
     row "sessiongate TLS HTTP/1.1 read / nginx TLS HTTP/1.1 proxy" sg_tls_h1 nginx_tls_h1 1.0
     row "sessiongate TLS h2 read / nginx TLS h2 proxy" sg_tls_h2 nginx_tls_h2 1.0
     row "sessiongate write / read" sg_write sg_read 0.9
+    row "sessiongate read, access log on (the default) / off" sg_read sg_read_nolog 0.97
     row "sessiongate read / nginx proxy sending the same 9 request headers (like for like)" sg_read nginx_hdr
     row "nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides)" nginx_hdr nginx
     row "sessiongate TLS HTTP/1.1 / plain (read)" sg_tls_h1 sg_read
