@@ -292,6 +292,10 @@ struct RawSession {
     absolute_timeout: Dur,
     #[serde(default = "d_max_session")]
     max_session_size: Size,
+    #[serde(default)]
+    user_key: String,
+    #[serde(default)]
+    refresh_interval: Dur,
     secret_key: Option<String>,
     secret_key_file: Option<String>,
     #[serde(default)]
@@ -502,6 +506,11 @@ pub struct SessionConfig {
     pub absolute_timeout: Duration,
     /// The longest session JSON a change may make (0: no limit).
     pub max_session_size: u64,
+    /// The session key that names the user (SPEC 9); `None`: no user index.
+    pub user_key: Option<String>,
+    /// Sliding expiry (SPEC 10): refresh a persistent session whose last
+    /// write is older than this; zero: off.
+    pub refresh_interval: Duration,
     pub secret_key: Vec<u8>,
     pub secret_key_fallbacks: Vec<Vec<u8>>,
 }
@@ -521,6 +530,8 @@ impl fmt::Debug for SessionConfig {
             .field("save_every_request", &self.save_every_request)
             .field("absolute_timeout", &self.absolute_timeout)
             .field("max_session_size", &self.max_session_size)
+            .field("user_key", &self.user_key)
+            .field("refresh_interval", &self.refresh_interval)
             .field("secret_key", &"<redacted>")
             .field("secret_key_fallbacks", &self.secret_key_fallbacks.len())
             .finish()
@@ -945,6 +956,21 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
     if ss.absolute_timeout.0.as_secs() > CENTURY {
         return Err("[session] absolute_timeout: must be at most 100 years".into());
     }
+    if ss.refresh_interval.0.as_secs() > CENTURY {
+        return Err("[session] refresh_interval: must be at most 100 years".into());
+    }
+    if !ss.refresh_interval.0.is_zero() && ss.save_every_request {
+        return Err("[session] refresh_interval: not with save_every_request = true (every request already refreshes the session)".into());
+    }
+    let user_key =
+        match ss.user_key.as_str() {
+            "" => None,
+            "_session_expiry" => return Err(
+                "[session] user_key: \"_session_expiry\" is the expiry Django keeps, not a user"
+                    .into(),
+            ),
+            k => Some(k.to_owned()),
+        };
     let session = SessionConfig {
         cookie_name: name,
         cookie_age: ss.cookie_age.0,
@@ -957,6 +983,8 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         save_every_request: ss.save_every_request,
         absolute_timeout: ss.absolute_timeout.0,
         max_session_size: ss.max_session_size.0,
+        user_key,
+        refresh_interval: ss.refresh_interval.0,
         secret_key,
         secret_key_fallbacks: ss
             .secret_key_fallbacks
@@ -1036,6 +1064,9 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             ))
         }
     };
+    if engine == Engine::SignedCookies && session.user_key.is_some() {
+        return Err("[session] user_key: not with engine \"signed_cookies\" (the sessions live in the browsers, so there is no server-side index of a user's sessions to end)".into());
+    }
     let store = StoreConfig {
         django_format,
         cache_url,

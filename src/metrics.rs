@@ -204,16 +204,19 @@ pub enum StoreOp {
     Delete,
     ClearExpired,
     Ping,
+    /// Ending a user's sessions (SPEC 9).
+    Revoke,
 }
 
 impl StoreOp {
-    const ALL: [StoreOp; 6] = [
+    const ALL: [StoreOp; 7] = [
         StoreOp::Load,
         StoreOp::Create,
         StoreOp::Apply,
         StoreOp::Delete,
         StoreOp::ClearExpired,
         StoreOp::Ping,
+        StoreOp::Revoke,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -223,6 +226,7 @@ impl StoreOp {
             StoreOp::Delete => "delete",
             StoreOp::ClearExpired => "clear_expired",
             StoreOp::Ping => "ping",
+            StoreOp::Revoke => "revoke",
         }
     }
 }
@@ -294,7 +298,7 @@ pub struct Metrics {
     deleted: [Counter; 4],
     pub sessions_interrupted: Counter,
     pub store_errors: Counter,
-    store_ops: [Histo; 6],
+    store_ops: [Histo; 7],
     connections: Family<ListenerLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
     pub access_log_dropped: Counter,

