@@ -434,6 +434,51 @@ async fn a_reload_that_changes_the_token_takes_effect() {
         200
     );
     assert_eq!(admin(a, "POST", "/reload", Some(TOKEN)).await.status, 401);
+
+    // The user key is the store's index: a reload that changes it is refused.
+    std::fs::write(
+        &path,
+        text("a-new-token").replace("user_key = \"user_id\"", "user_key = \"uid\""),
+    )
+    .unwrap();
+    let r = admin(a, "POST", "/reload", Some("a-new-token")).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("[session] user_key"), "{}", r.text());
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_is_the_last_write_the_api_shows() {
+    let up = app().await;
+    let p = proxy(
+        &up,
+        &session_lines("refresh_interval = \"5m\""),
+        &admin_lines("127.0.0.1:0", Some(TOKEN)),
+    )
+    .await;
+    let a = p.admin.unwrap();
+    let mut b = Browser::default();
+    b.get(&p, "/login?alice").await;
+    let before = list(a, "alice").await.remove(0);
+    p.clock.advance(Duration::from_secs(60));
+    b.whoami(&p, &up).await;
+    assert_eq!(
+        list(a, "alice").await[0],
+        before,
+        "within the interval: no write"
+    );
+    p.clock.advance(Duration::from_secs(300));
+    b.whoami(&p, &up).await;
+    let after = list(a, "alice").await.remove(0);
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(after["created"], before["created"]);
+    // Whole seconds: the real time the test takes may cross one.
+    let moved = ms(&after["last_write"]) - ms(&before["last_write"]);
+    assert!((360_000..=361_000).contains(&moved), "{moved} ms");
+    assert_eq!(
+        ms(&after["expires"]) - ms(&after["last_write"]),
+        COOKIE_AGE * 1000
+    );
     p.stop().await;
 }
 
