@@ -143,11 +143,6 @@ impl Admin {
         self.live.store(Arc::new(Live::of(config)));
     }
 
-    /// Whether a bearer token is configured (required by the sessions API).
-    pub fn has_token(&self) -> bool {
-        self.live.load().token.is_some()
-    }
-
     /// Connects `POST /reload` to the server's reload (once).
     pub fn set_reload(&self, f: ReloadFn) {
         let _ = self.reload.set(f);
