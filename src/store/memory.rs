@@ -274,10 +274,7 @@ impl UserIndex {
 
     /// Whether the patch may change the user (else the tag stays).
     fn touched_by(&self, patch: &Patch) -> bool {
-        patch.replace.is_some()
-            || patch.clear
-            || patch.update.contains_key(&self.key)
-            || patch.delete.contains(&self.key)
+        super::touches_user(patch, &self.key)
     }
 
     fn shard(&self, tag: u32) -> std::sync::MutexGuard<'_, BTreeSet<(u32, Prefix)>> {
