@@ -1,5 +1,5 @@
 //! A user's sessions through the admin API (SPEC 9) end to end on the
-//! memory engine: the bearer token (401 without or wrong, 403 when none is
+//! memory engine (listing and revoking on file too): the bearer token (401 without or wrong, 403 when none is
 //! configured, a reload's new token), `GET /sessions?user=V` after logins
 //! from several browsers (ids the upstream saw as `X-Session-Id`, never a
 //! key, `created` fixed and `last_write` moving, expired sessions left
@@ -254,14 +254,32 @@ async fn bad_requests_are_400_and_wrong_methods_405() {
 }
 
 #[tokio::test]
-async fn list_revoke_by_id_and_by_user() {
+async fn memory_list_revoke_by_id_and_by_user() {
+    list_revoke_by_id_and_by_user("engine = \"memory\"").await;
+}
+
+#[tokio::test]
+async fn file_list_revoke_by_id_and_by_user() {
+    let dir = TempDir::new("user-admin-file");
+    let store = format!(
+        "engine = \"file\"\npath = \"{}\"",
+        dir.join("store").display()
+    );
+    list_revoke_by_id_and_by_user(&store).await;
+}
+
+async fn list_revoke_by_id_and_by_user(store: &str) {
     let up = app().await;
-    let p = proxy(
-        &up,
+    let toml = config(
         &session_lines(""),
-        &admin_lines("127.0.0.1:0", Some(TOKEN)),
+        &format!(
+            "{}\n{}",
+            route(&up, ""),
+            admin_lines("127.0.0.1:0", Some(TOKEN))
+        ),
     )
-    .await;
+    .replace("[store]\n", &format!("[store]\n{store}\n"));
+    let p = start_engine(&toml).await;
     let a = p.admin.unwrap();
 
     // alice from three browsers, one more for 30 s only, and bob.
