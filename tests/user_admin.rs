@@ -1,11 +1,12 @@
 //! A user's sessions through the admin API (SPEC 9) end to end on the
-//! memory engine (listing and revoking on file too): the bearer token (401 without or wrong, 403 when none is
-//! configured, a reload's new token), `GET /sessions?user=V` after logins
-//! from several browsers (ids the upstream saw as `X-Session-Id`, never a
-//! key, `created` fixed and `last_write` moving, expired sessions left
-//! out), `DELETE /sessions/ID` and `DELETE /sessions?user=V` (those
-//! browsers are new visitors), and the `sessiongate sessions` commands run
-//! as a subprocess against the proxy a configuration file describes.
+//! memory engine (listing and revoking on file too): the bearer token (401
+//! without or wrong, 403 when none is configured, a reload's new token),
+//! `GET /sessions?user=V` after logins from several browsers (ids the
+//! upstream saw as `X-Session-Id`, never a key, `created` fixed and
+//! `last_write` moving, expired sessions left out), `DELETE /sessions/ID`
+//! and `DELETE /sessions?user=V` (those browsers are new visitors), and the
+//! `sessiongate sessions` commands run as a subprocess against the proxy a
+//! configuration file describes.
 
 mod common;
 
