@@ -7,7 +7,12 @@
 //! Prints bytes per session in total, minus the payload, and minus the
 //! payload and the 32-byte key.
 //!
-//! Run: `cargo run --release --example mem_per_session [-- N]` (Linux only).
+//! With `--user-key K` the store keeps the index of a user's sessions
+//! under `K` (`[session] user_key`, SPEC 9): `--user-key _auth_user_id`
+//! indexes every session under its own user (the payload's ids differ).
+//!
+//! Run: `cargo run --release --example mem_per_session [-- N] [--user-key K]`
+//! (Linux only).
 
 use std::time::Instant;
 
@@ -47,8 +52,14 @@ fn update_header(i: u64) -> HeaderValue {
 }
 
 fn main() {
-    let n: u64 = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let user_key = args
+        .iter()
+        .position(|a| a == "--user-key")
+        .map(|i| args.get(i + 1).expect("--user-key K").clone());
+    let n: u64 = args
+        .iter()
+        .find(|a| a.starts_with(|c: char| c.is_ascii_digit()))
         .map(|a| {
             a.replace(['_', ','], "")
                 .parse()
@@ -69,7 +80,7 @@ fn main() {
         .expect("tokio runtime");
     let name = HeaderName::from_static("x-session-update");
 
-    let store = MemoryStore::new();
+    let store = MemoryStore::new().with_user_key(user_key.clone());
     let before = resident_bytes();
     let rss_before = vm_rss_kib();
     let started = Instant::now();
@@ -94,6 +105,13 @@ fn main() {
     let payload = payload_bytes as f64 / n as f64;
     let key = sessiongate::session::key::KEY_LEN as f64;
     println!("sessions stored:                {n}");
+    println!(
+        "user index:                     {}",
+        match &user_key {
+            Some(k) => format!("on (user_key {k:?}, {} entries)", store.user_index_len()),
+            None => "off".into(),
+        }
+    );
     println!("fill time:                      {elapsed:.2?}");
     println!("payload (stored JSON), mean:    {payload:.1} bytes");
     println!(

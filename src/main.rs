@@ -44,6 +44,10 @@ enum Command {
     Reload(ConfigArg),
     /// Create the `db` engine's table (Django's `django_session`) when it is missing.
     Migrate(ConfigArg),
+    /// A user's sessions, through the running proxy's admin API (needs
+    /// `[admin]` with a token and `[session] user_key`).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
     /// Run the bundled demo app behind the proxy with a self-signed
     /// certificate (on its own built-in configuration).
     Demo {
@@ -51,6 +55,33 @@ enum Command {
         /// picks a free port).
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// Print a table of the user's live sessions (id, created, last write, expires).
+    List {
+        /// The user: the value of `[session] user_key` in their sessions.
+        #[arg(long, value_name = "V")]
+        user: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// End the user's sessions (`--user`) or one session (`--id`, its
+    /// X-Session-Id) and print how many ended.
+    Revoke {
+        #[arg(
+            long,
+            value_name = "V",
+            required_unless_present = "id",
+            conflicts_with = "id"
+        )]
+        user: Option<String>,
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -69,6 +100,8 @@ impl Command {
             | Command::ClearExpired(c)
             | Command::Reload(c)
             | Command::Migrate(c) => Some(c),
+            Command::Sessions(SessionsCommand::List { config, .. })
+            | Command::Sessions(SessionsCommand::Revoke { config, .. }) => Some(config),
             Command::Demo { .. } => None,
         }
     }
@@ -211,6 +244,7 @@ fn main() -> ExitCode {
             Command::ClearExpired(_) => clear_expired(&config_path).await,
             Command::Reload(_) => reload(&config_path).await,
             Command::Migrate(_) => migrate(&config_path).await,
+            Command::Sessions(c) => sessions(&config_path, c).await,
             Command::Demo { listen } => match resolve_listen(&listen) {
                 Ok(addr) => Ok(sessiongate::demo::run(addr).await?),
                 Err(msg) => {
@@ -378,6 +412,54 @@ async fn reload(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `sessiongate sessions list|revoke`: the admin API of the proxy that the
+/// file describes. Every failure is one line on stderr and exit 1.
+async fn sessions(path: &std::path::Path, command: SessionsCommand) -> anyhow::Result<ExitCode> {
+    use sessiongate::admin::client::{table, SessionsClient, Target};
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let client = match SessionsClient::new(&config, &path.display().to_string()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sessiongate: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let outcome = match command {
+        SessionsCommand::List { user, .. } => client.list(&user).await.map(|list| {
+            if list.is_empty() {
+                println!("no live sessions for user {user:?}");
+            } else {
+                print!("{}", table(&list));
+                println!(
+                    "{} session{} of user {user:?}",
+                    list.len(),
+                    if list.len() == 1 { "" } else { "s" }
+                );
+            }
+        }),
+        SessionsCommand::Revoke { user, id, .. } => {
+            let target = match (user, id) {
+                (Some(u), _) => Target::User(u),
+                (None, Some(i)) => Target::Id(i),
+                (None, None) => unreachable!("clap requires --user or --id"),
+            };
+            client.revoke(&target).await.map(|n| {
+                println!("{n} session{} revoked", if n == 1 { "" } else { "s" });
+            })
+        }
+    };
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("sessiongate: {}", describe(&anyhow::Error::new(e)));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = match load_or_exit(path) {
         Ok(c) => c,
@@ -434,7 +516,7 @@ fn summary(c: &Config) -> String {
     }
     if let Some(a) = &c.admin {
         out.push_str(&format!(
-            "\nadmin http://{} (/healthz /readyz /metrics)",
+            "\nadmin http://{} (/healthz /readyz /metrics /sessions)",
             a.listen
         ));
     }

@@ -26,6 +26,9 @@ pub enum OpsError {
 pub struct Ops {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// The admin endpoints, when `[admin]` is configured (a reload
+    /// updates their token and secret).
+    pub admin: Option<Arc<Admin>>,
 }
 
 /// The admin listener, bound and not yet served.
@@ -55,6 +58,7 @@ impl Ops {
     pub async fn start(
         config: &Config,
         store: &Arc<AnyStore>,
+        clock: &Clock,
     ) -> Result<(Ops, Option<AdminListener>), OpsError> {
         let metrics = Arc::new(Metrics::new());
         let access_log = AccessLog::start(
@@ -68,7 +72,12 @@ impl Ops {
         let admin = match &config.admin {
             Some(a) => Some(AdminListener {
                 listener: crate::admin::bind(a.listen).await?,
-                admin: Arc::new(Admin::new(config, store.clone(), metrics.clone())),
+                admin: Arc::new(Admin::new(
+                    config,
+                    store.clone(),
+                    metrics.clone(),
+                    clock.clone(),
+                )),
             }),
             None => None,
         };
@@ -76,6 +85,7 @@ impl Ops {
             Ops {
                 metrics,
                 access_log,
+                admin: admin.as_ref().map(|a| a.admin.clone()),
             },
             admin,
         ))

@@ -168,7 +168,7 @@ pub fn prepare(running: &Config, path: &Path) -> Result<Prepared, ReloadError> {
 
 /// Refuses a new configuration that changes what is bound or opened once
 /// at start: the listeners, TLS on or off, the admin listener, the access
-/// log's target and format.
+/// log's target and format, the user key (the store's index).
 pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), ReloadError> {
     let (a, b) = (&running.server, &new.server);
     let mut changed = Vec::new();
@@ -186,6 +186,10 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), Reload
     }
     if running.admin.as_ref().map(|x| x.listen) != new.admin.as_ref().map(|x| x.listen) {
         changed.push("[admin] listen");
+    }
+    // The engine builds its index of users' sessions when it opens.
+    if running.session.user_key != new.session.user_key {
+        changed.push("[session] user_key");
     }
     if changed.is_empty() {
         Ok(())

@@ -191,6 +191,9 @@ impl Shared {
                 .clone()
                 .filter(|_| p.config.server.tls.is_none()),
         };
+        if let Some(a) = &self.ops.admin {
+            a.configure(&p.config);
+        }
         let (count, taken) = &self.swaps;
         let target = *count.lock().unwrap_or_else(|e| e.into_inner()) + self.workers;
         self.generation.send_replace(Arc::new(Generation {
@@ -266,7 +269,7 @@ impl Server {
             _ => None,
         };
         let connections = Arc::new(Semaphore::new(config.server.max_connections));
-        let (ops, admin) = Ops::start(&config, &store).await?;
+        let (ops, admin) = Ops::start(&config, &store, &clock).await?;
         let tls = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
         let (generation, _) = tokio::sync::watch::channel(Arc::new(Generation {
             config: config.clone(),

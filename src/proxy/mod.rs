@@ -914,13 +914,19 @@ impl Proxy {
     }
 
     /// `refresh_interval` (SPEC 10): a persistent session last written
-    /// longer ago than the interval is written again (its expiry slides).
+    /// longer ago than the interval is written again (its expiry slides:
+    /// `cookie_age`, or its own seconds, from now). Not a browser-close
+    /// session, and not one with a fixed end (`X-Session-Expiry` with a
+    /// date), whose expiry a write would not move.
     fn wants_refresh(&self, loaded: &Loaded) -> bool {
         if self.refresh_ms == 0 {
             return false;
         }
         match &loaded.live {
-            Some((_, r)) if !r.expire_at_browser_close(&self.policy) => {
+            Some((_, r))
+                if !r.expire_at_browser_close(&self.policy)
+                    && !matches!(r.expiry, crate::session::Expiry::At(_)) =>
+            {
                 self.clock.now_ms() - r.modified >= self.refresh_ms
             }
             _ => false,

@@ -133,6 +133,13 @@ impl SessionKey {
         Some(SessionKey(out))
     }
 
+    /// A key from the bytes of one that was generated or parsed (an
+    /// engine's compact copy of its own stored keys).
+    pub(crate) fn from_stored(b: [u8; KEY_LEN]) -> SessionKey {
+        debug_assert!(SessionKey::parse_bytes(&b).is_some());
+        SessionKey(b)
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ASCII is ever stored.
         std::str::from_utf8(&self.0).unwrap_or_default()

@@ -36,6 +36,14 @@
 //!   (), kept in the same transaction as every write, so `clear_expired`
 //!   scans only what has expired. A large sweep runs in chunks of
 //!   [`CLEAR_CHUNK`] per batch, so writers are not held behind it.
+//! - With `[session] user_key` (SPEC 9): multimap table `users`, the user's
+//!   text -> the keys of the user's sessions, changed by the same code that
+//!   puts and deletes records (so in the same transaction, and by the log's
+//!   replay too): it never disagrees with `sessions`, and survives restart
+//!   and `kill -9`. Table `users_meta` names the user key the index was
+//!   built for; opening with another (or none) rebuilds (or drops) it.
+//!   A revocation runs on the writer thread, in a batch like any write, so
+//!   a write in flight of a revoked session finds it missing.
 //! - A failed log append or commit answers its whole batch
 //!   [`StoreError::Unavailable`]; nothing more is appended until the store
 //!   has been reopened (recovery again), which is retried every
@@ -62,11 +70,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, DatabaseError, Durability, MultimapTableDefinition, ReadableDatabase,
+    ReadableMultimapTable, ReadableTable, TableDefinition,
+};
 use tokio::sync::oneshot;
 
 use super::memory::KeyHash;
-use super::{Applied, Store, StoreError, WriteCtx};
+use super::{Applied, KeyFilter, Store, StoreError, UserSession, WriteCtx};
 use crate::session::key::KEY_LEN;
 use crate::session::{Expiry, Patch, Record, SessionKey};
 
@@ -80,6 +91,11 @@ const EXPIRY: TableDefinition<&[u8; INDEX_KEY_LEN], ()> = TableDefinition::new("
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// In `META`: the sequence number of the last log frame redb holds durably.
 const CHECKPOINT_SEQ: &str = "checkpoint_seq";
+/// A user's text -> the keys of the user's sessions (`user_key`).
+const USERS: MultimapTableDefinition<&str, &[u8; KEY_LEN]> = MultimapTableDefinition::new("users");
+/// In `USERS_META` under [`USER_KEY`]: the user key `USERS` was built for.
+const USERS_META: TableDefinition<&str, &str> = TableDefinition::new("users_meta");
+const USER_KEY: &str = "user_key";
 
 const INDEX_KEY_LEN: usize = 8 + KEY_LEN;
 /// At most this many operations share one transaction.
@@ -145,6 +161,12 @@ fn decode(b: &[u8]) -> Result<Record, StoreError> {
         modified: header_int(b, 2),
         expires_at: header_int(b, 3),
     })
+}
+
+/// The user an encoded record names under `user_key`.
+fn user_in(b: &[u8], user_key: &str) -> Option<String> {
+    b.get(HEADER_LEN..)
+        .and_then(|data| super::user_of(data, user_key))
 }
 
 /// The `expires_at` of an encoded record, without decoding the rest.
@@ -283,7 +305,7 @@ type Opener = Box<dyn Fn() -> Result<(Database, Box<dyn LogFile>), String> + Sen
 
 /// Creates the tables, replays the log frames redb does not hold durably,
 /// checkpoints and empties the log. Returns the last sequence number.
-fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
+fn recover(db: &Database, log: &mut dyn LogFile, user_key: Option<&str>) -> Result<u64, String> {
     let started = Instant::now();
     let (mut replayed, mut skipped, mut found) = (0u64, 0u64, 0u64);
     let bytes = log
@@ -291,13 +313,20 @@ fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
         .map_err(|e| format!("cannot read the log {LOG_NAME}: {e}"))?;
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_quick_repair(true);
+    // The user index is kept through the replay if it was built for this
+    // user key, else rebuilt after it.
+    let indexed_for = txn
+        .open_table(USERS_META)
+        .and_then(|t| Ok(t.get(USER_KEY)?.map(|v| v.value().to_owned())))
+        .map_err(|e| e.to_string())?;
+    let index_ok = indexed_for.as_deref() == user_key;
     let (checkpoint, last) = {
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let checkpoint = meta
             .get(CHECKPOINT_SEQ)
             .map_err(|e| e.to_string())?
             .map_or(0, |v| v.value());
-        let mut t = Tables::open(&txn).map_err(|e| e.to_string())?;
+        let mut t = Tables::open(&txn, user_key.filter(|_| index_ok)).map_err(|e| e.to_string())?;
         let mut last = checkpoint;
         for (seq, payload) in frames(&bytes) {
             found += 1;
@@ -316,6 +345,14 @@ fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
             .map_err(|e| e.to_string())?;
         (checkpoint, last)
     };
+    if !index_ok {
+        let n = rebuild_user_index(&txn, user_key).map_err(|e| e.to_string())?;
+        tracing::info!(
+            user_key = user_key.unwrap_or(""),
+            indexed = n,
+            "session store: user index rebuilt for a changed user_key"
+        );
+    }
     txn.commit().map_err(|e| e.to_string())?;
     if !bytes.is_empty() {
         log.truncate(0)
@@ -335,6 +372,31 @@ fn recover(db: &Database, log: &mut dyn LogFile) -> Result<u64, String> {
     Ok(last)
 }
 
+/// Drops the user index and builds it again for `user_key` (none: dropped).
+fn rebuild_user_index(
+    txn: &redb::WriteTransaction,
+    user_key: Option<&str>,
+) -> Result<u64, redb::Error> {
+    txn.delete_multimap_table(USERS)?;
+    let mut meta = txn.open_table(USERS_META)?;
+    let Some(user_key) = user_key else {
+        meta.remove(USER_KEY)?;
+        return Ok(0);
+    };
+    let sessions = txn.open_table(SESSIONS)?;
+    let mut users = txn.open_multimap_table(USERS)?;
+    let mut n = 0;
+    for entry in sessions.iter()? {
+        let (k, v) = entry?;
+        if let Some(u) = user_in(v.value(), user_key) {
+            users.insert(u.as_str(), k.value())?;
+            n += 1;
+        }
+    }
+    meta.insert(USER_KEY, user_key)?;
+    Ok(n)
+}
+
 // ---------------------------------------------------------------------------
 // The store
 // ---------------------------------------------------------------------------
@@ -349,10 +411,25 @@ struct Shared {
     epoch: AtomicU64,
     /// Where the files are, for messages.
     dir: PathBuf,
+    /// `[session] user_key`: the user index is kept.
+    user_key: Option<String>,
 }
 
 impl Shared {
     fn read(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        self.reading(|txn| {
+            let table = txn.open_table(SESSIONS)?;
+            let got = table.get(key.as_bytes())?;
+            Ok(got.map(|v| decode(v.value())))
+        })?
+        .transpose()
+    }
+
+    /// Runs `f` in a read transaction on the calling task.
+    fn reading<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         let Some(db) = guard.as_ref() else {
             return Err(StoreError::Unavailable(format!(
@@ -362,12 +439,9 @@ impl Shared {
         };
         no_panic(&self.dir, || {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
-            let got = table.get(key.as_bytes()).map_err(|e| e.to_string())?;
-            Ok(got.map(|v| decode(v.value())))
+            f(&txn).map_err(|e| e.to_string())
         })
-        .map_err(StoreError::Unavailable)?
-        .transpose()
+        .map_err(StoreError::Unavailable)
     }
 }
 
@@ -378,6 +452,15 @@ enum Op {
     Apply(SessionKey, Box<Patch>, WriteCtx, Reply<Applied>),
     Delete(SessionKey, Reply<()>),
     Clear(i64, Reply<u64>),
+    /// End the sessions of a user but one; answers how many were live.
+    Revoke {
+        user: String,
+        keep: Option<SessionKey>,
+        now: i64,
+        reply: Reply<u64>,
+    },
+    /// End these sessions; answers how many were live.
+    RevokeKeys(Vec<SessionKey>, i64, Reply<u64>),
     /// Finish what is queued before it, checkpoint, stop the writer thread.
     Stop(oneshot::Sender<()>),
 }
@@ -390,23 +473,31 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
-    pub fn with_user_key(self, user_key: Option<String>) -> Self {
-        // Not built yet for this engine.
-        let _ = user_key;
-        self
-    }
-
     /// Opens (creating it and the directory if needed) the store in the
     /// directory `path`, replaying its log. `cached`: the `cached_file` engine.
     pub async fn open(path: &Path, cached: bool) -> Result<FileStore, StoreError> {
+        FileStore::open_with_user_key(path, cached, None).await
+    }
+
+    /// [`FileStore::open`], keeping the index of a user's sessions under
+    /// `user_key` (SPEC 9; built from the records if the store was last
+    /// opened without it or with another).
+    pub async fn open_with_user_key(
+        path: &Path,
+        cached: bool,
+        user_key: Option<String>,
+    ) -> Result<FileStore, StoreError> {
         let dir = path.to_path_buf();
-        tokio::task::spawn_blocking(move || FileStore::open_blocking(&dir, cached))
+        tokio::task::spawn_blocking(move || FileStore::open_blocking(&dir, cached, user_key))
             .await
             .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?
     }
 
-    fn open_blocking(dir: &Path, cached: bool) -> Result<FileStore, StoreError> {
+    fn open_blocking(
+        dir: &Path,
+        cached: bool,
+        user_key: Option<String>,
+    ) -> Result<FileStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Open(format!("cannot create directory {}: {e}", dir.display()))
         })?;
@@ -423,7 +514,7 @@ impl FileStore {
                 .map_err(|e| format!("cannot open {}: {e}", log_file.display()))?;
             Ok((db, Box::new(log) as Box<dyn LogFile>))
         });
-        let store = FileStore::with_opener(dir, opener, cached)?;
+        let store = FileStore::with_opener(dir, opener, cached, user_key)?;
         // The files' directory entries must survive a power loss too.
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -432,10 +523,15 @@ impl FileStore {
     }
 
     /// Opens the database and log through `opener` (tests inject failures).
-    fn with_opener(dir: &Path, opener: Opener, cached: bool) -> Result<FileStore, StoreError> {
+    fn with_opener(
+        dir: &Path,
+        opener: Opener,
+        cached: bool,
+        user_key: Option<String>,
+    ) -> Result<FileStore, StoreError> {
         let (db, log, seq) = no_panic(dir, || {
             let (db, mut log) = opener()?;
-            let seq = recover(&db, &mut *log)
+            let seq = recover(&db, &mut *log, user_key.as_deref())
                 .map_err(|e| format!("{}: recovery failed: {e}", dir.display()))?;
             Ok((db, log, seq))
         })
@@ -445,6 +541,7 @@ impl FileStore {
             cache: cached.then(|| DashMap::with_hasher(KeyHash)),
             epoch: AtomicU64::new(0),
             dir: dir.to_path_buf(),
+            user_key,
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -564,6 +661,71 @@ impl Store for FileStore {
         self.call(|r| Op::Clear(now, r)).await
     }
 
+    async fn user_sessions(&self, user: &str, now: i64) -> Result<Vec<UserSession>, StoreError> {
+        let s = &self.shared;
+        let Some(user_key) = s.user_key.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let mut out = s.reading(|txn| {
+            let users = txn.open_multimap_table(USERS)?;
+            let sessions = txn.open_table(SESSIONS)?;
+            let mut out = Vec::new();
+            for k in users.get(user)? {
+                let k = *k?.value();
+                let Some(v) = sessions.get(&k)? else {
+                    continue;
+                };
+                let (Ok(r), Some(key)) = (decode(v.value()), SessionKey::parse_bytes(&k)) else {
+                    continue;
+                };
+                if r.is_live(now) && super::user_of(&r.data, user_key).as_deref() == Some(user) {
+                    out.push(UserSession::of(key, &r));
+                }
+            }
+            Ok(out)
+        })?;
+        out.sort_by_key(|s| (s.created, s.key));
+        Ok(out)
+    }
+
+    async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        if self.shared.user_key.is_none() {
+            return Ok(0);
+        }
+        self.call(|reply| Op::Revoke {
+            user: user.to_owned(),
+            keep: keep.copied(),
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke_matching(&self, matches: KeyFilter<'_>, now: i64) -> Result<u64, StoreError> {
+        let keys = self.shared.reading(|txn| {
+            let sessions = txn.open_table(SESSIONS)?;
+            let mut keys = Vec::new();
+            for entry in sessions.iter()? {
+                let (k, _) = entry?;
+                if let Some(key) = SessionKey::parse_bytes(k.value()) {
+                    if matches(&key) {
+                        keys.push(key);
+                    }
+                }
+            }
+            Ok(keys)
+        })?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.call(|r| Op::RevokeKeys(keys, now, r)).await
+    }
+
     /// Every write is durable when acknowledged; this waits for the queued
     /// ones, checkpoints (the log is left empty) and stops the writer
     /// thread. Later writes fail as Unavailable; reads still work.
@@ -591,6 +753,7 @@ enum Outcome {
     Key(Reply<SessionKey>, Result<SessionKey, StoreError>),
     Applied(Reply<Applied>, Result<Applied, StoreError>),
     Done(Reply<()>),
+    Count(Reply<u64>, u64),
 }
 
 impl Outcome {
@@ -599,6 +762,7 @@ impl Outcome {
             Outcome::Key(r, v) => drop(r.send(v)),
             Outcome::Applied(r, v) => drop(r.send(v)),
             Outcome::Done(r) => drop(r.send(Ok(()))),
+            Outcome::Count(r, n) => drop(r.send(Ok(n))),
         }
     }
     fn fail(self, e: &StoreError) {
@@ -606,6 +770,7 @@ impl Outcome {
             Outcome::Key(r, _) => drop(r.send(Err(again(e)))),
             Outcome::Applied(r, _) => drop(r.send(Err(again(e)))),
             Outcome::Done(r) => drop(r.send(Err(again(e)))),
+            Outcome::Count(r, _) => drop(r.send(Err(again(e)))),
         }
     }
 }
@@ -616,6 +781,8 @@ fn fail_op(op: Op, e: &StoreError) {
         Op::Apply(_, _, _, r) => drop(r.send(Err(again(e)))),
         Op::Delete(_, r) => drop(r.send(Err(again(e)))),
         Op::Clear(_, r) => drop(r.send(Err(again(e)))),
+        Op::Revoke { reply, .. } => drop(reply.send(Err(again(e)))),
+        Op::RevokeKeys(_, _, r) => drop(r.send(Err(again(e)))),
         Op::Stop(s) => drop(s.send(())),
     }
 }
@@ -830,7 +997,7 @@ impl Writer {
         txn.set_durability(Durability::None)
             .map_err(|e| self.error("write failed", e))?;
         let payload = {
-            let mut t = Tables::open(&txn).map_err(werr)?;
+            let mut t = Tables::open(&txn, self.shared.user_key.as_deref()).map_err(werr)?;
             for op in ops {
                 outcomes.push(t.run(op, updates).map_err(werr)?);
             }
@@ -919,7 +1086,7 @@ impl Writer {
         let dir = self.shared.dir.clone();
         let opened = no_panic(&dir, || {
             let (db, mut log) = (self.opener)()?;
-            let seq = recover(&db, &mut *log)?;
+            let seq = recover(&db, &mut *log, self.shared.user_key.as_deref())?;
             Ok((db, log, seq))
         });
         match opened {
@@ -948,21 +1115,57 @@ impl Writer {
     }
 }
 
-/// The two tables inside a write transaction, and the log payload of what
+/// The tables inside a write transaction, and the log payload of what
 /// was changed through them.
 struct Tables<'t> {
     sessions: redb::Table<'t, &'static [u8; KEY_LEN], &'static [u8]>,
     expiry: redb::Table<'t, &'static [u8; INDEX_KEY_LEN], ()>,
+    /// With a user key: the user index, and the key.
+    users: Option<(
+        redb::MultimapTable<'t, &'static str, &'static [u8; KEY_LEN]>,
+        &'t str,
+    )>,
     log: Vec<u8>,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>, redb::Error> {
+    fn open(
+        txn: &'t redb::WriteTransaction,
+        user_key: Option<&'t str>,
+    ) -> Result<Tables<'t>, redb::Error> {
         Ok(Tables {
             sessions: txn.open_table(SESSIONS)?,
             expiry: txn.open_table(EXPIRY)?,
+            users: match user_key {
+                Some(k) => Some((txn.open_multimap_table(USERS)?, k)),
+                None => None,
+            },
             log: Vec::new(),
         })
+    }
+
+    /// Moves `key` in the user index from the user `old` names to the one
+    /// `new` names (encoded records; `None`: absent).
+    fn relink(
+        &mut self,
+        key: &[u8; KEY_LEN],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<(), redb::Error> {
+        let Some((users, user_key)) = &mut self.users else {
+            return Ok(());
+        };
+        let old = old.and_then(|b| user_in(b, user_key));
+        let new = new.and_then(|b| user_in(b, user_key));
+        if old != new {
+            if let Some(o) = old {
+                users.remove(o.as_str(), key)?;
+            }
+            if let Some(n) = new {
+                users.insert(n.as_str(), key)?;
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &SessionKey) -> Result<Option<Result<Record, StoreError>>, redb::Error> {
@@ -972,13 +1175,23 @@ impl<'t> Tables<'t> {
             .map(|v| decode(v.value())))
     }
 
-    /// Stores encoded `bytes` under `key`, moving its index entry.
-    fn put_bytes(&mut self, key: &[u8; KEY_LEN], bytes: &[u8]) -> Result<(), redb::Error> {
+    /// Stores encoded `bytes` under `key`, moving its index entries (the
+    /// user index's only when `same_user` is false).
+    fn put_bytes(
+        &mut self,
+        key: &[u8; KEY_LEN],
+        bytes: &[u8],
+        same_user: bool,
+    ) -> Result<(), redb::Error> {
         let new = expires_of(bytes);
-        let old = self
-            .sessions
-            .insert(key, bytes)?
-            .and_then(|v| expires_of(v.value()));
+        let relink = self.users.is_some() && !same_user;
+        let (old, old_bytes) = match self.sessions.insert(key, bytes)? {
+            Some(v) => (expires_of(v.value()), relink.then(|| v.value().to_vec())),
+            None => (None, None),
+        };
+        if relink {
+            self.relink(key, old_bytes.as_deref(), Some(bytes))?;
+        }
         if old != new {
             if let Some(o) = old {
                 self.expiry.remove(&index_key(o, key))?;
@@ -992,19 +1205,25 @@ impl<'t> Tables<'t> {
 
     /// Removes `key` and its index entry; whether it was there.
     fn del_bytes(&mut self, key: &[u8; KEY_LEN]) -> Result<bool, redb::Error> {
-        let old = match self.sessions.remove(key)? {
+        let (old, old_bytes) = match self.sessions.remove(key)? {
             None => return Ok(false),
-            Some(v) => expires_of(v.value()),
+            Some(v) => (
+                expires_of(v.value()),
+                self.users.is_some().then(|| v.value().to_vec()),
+            ),
         };
+        if old_bytes.is_some() {
+            self.relink(key, old_bytes.as_deref(), None)?;
+        }
         if let Some(o) = old {
             self.expiry.remove(&index_key(o, key))?;
         }
         Ok(true)
     }
 
-    fn put(&mut self, key: &SessionKey, r: &Record) -> Result<(), redb::Error> {
+    fn put(&mut self, key: &SessionKey, r: &Record, same_user: bool) -> Result<(), redb::Error> {
         let bytes = encode(r);
-        self.put_bytes(key.as_bytes(), &bytes)?;
+        self.put_bytes(key.as_bytes(), &bytes, same_user)?;
         self.log.push(PUT);
         self.log.extend_from_slice(key.as_bytes());
         self.log
@@ -1038,7 +1257,8 @@ impl<'t> Tables<'t> {
                         .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
                         .ok_or_else(bad)?;
                     let bytes = rest.get(4..4 + len).ok_or_else(bad)?;
-                    self.put_bytes(key, bytes).map_err(|e| e.to_string())?;
+                    self.put_bytes(key, bytes, false)
+                        .map_err(|e| e.to_string())?;
                     p = &rest[4 + len..];
                 }
                 DEL => {
@@ -1064,7 +1284,7 @@ impl<'t> Tables<'t> {
         Ok(match op {
             Op::Create(record, reply) => {
                 let key = self.fresh_key()?;
-                self.put(&key, &record)?;
+                self.put(&key, &record, false)?;
                 updates.push((key, Some(record)));
                 Outcome::Key(reply, Ok(key))
             }
@@ -1077,6 +1297,22 @@ impl<'t> Tables<'t> {
             Op::Apply(key, patch, ctx, reply) => {
                 let result = self.apply(&key, &patch, ctx, updates)?;
                 Outcome::Applied(reply, result)
+            }
+            Op::Revoke {
+                user,
+                keep,
+                now,
+                reply,
+            } => {
+                let n = self.revoke(&user, keep.as_ref(), now, updates)?;
+                Outcome::Count(reply, n)
+            }
+            Op::RevokeKeys(keys, now, reply) => {
+                let mut n = 0;
+                for key in keys {
+                    n += self.end(&key, now, updates)?;
+                }
+                Outcome::Count(reply, n)
             }
             Op::Clear(..) | Op::Stop(_) => unreachable!("handled by the batch"),
         })
@@ -1101,7 +1337,7 @@ impl<'t> Tables<'t> {
             updates.push((*key, None));
             record.apply_patch(patch, ctx.now, &ctx.policy);
             let new_key = self.fresh_key()?;
-            self.put(&new_key, &record)?;
+            self.put(&new_key, &record, false)?;
             updates.push((new_key, Some(record.clone())));
             return Ok(Ok(Applied::Saved {
                 key: new_key,
@@ -1111,9 +1347,60 @@ impl<'t> Tables<'t> {
         if !record.apply_patch(patch, ctx.now, &ctx.policy) && !ctx.touch {
             return Ok(Ok(Applied::Unchanged));
         }
-        self.put(key, &record)?;
+        let same_user = self
+            .users
+            .as_ref()
+            .is_none_or(|(_, k)| !super::touches_user(patch, k));
+        self.put(key, &record, same_user)?;
         updates.push((*key, Some(record.clone())));
         Ok(Ok(Applied::Saved { key: *key, record }))
+    }
+
+    /// Deletes the session `key`; 1 if it was live, else 0.
+    fn end(
+        &mut self,
+        key: &SessionKey,
+        now: i64,
+        updates: &mut CacheUpdates,
+    ) -> Result<u64, redb::Error> {
+        let live = match self.get(key)? {
+            None => return Ok(0),
+            Some(r) => r.is_ok_and(|r| r.is_live(now)),
+        };
+        self.del(key)?;
+        updates.push((*key, None));
+        Ok(u64::from(live))
+    }
+
+    /// Deletes every session of `user` but `keep`; how many were live.
+    fn revoke(
+        &mut self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        now: i64,
+        updates: &mut CacheUpdates,
+    ) -> Result<u64, redb::Error> {
+        let Some((users, _)) = &self.users else {
+            return Ok(0);
+        };
+        let mut keys = Vec::new();
+        for k in users.get(user)? {
+            keys.push(*k?.value());
+        }
+        let mut n = 0;
+        for k in keys {
+            match SessionKey::parse_bytes(&k) {
+                Some(key) if Some(&key) != keep => n += self.end(&key, now, updates)?,
+                Some(_) => {}
+                // Never written so; dropped if found.
+                None => {
+                    if let Some((users, _)) = &mut self.users {
+                        users.remove(user, &k)?;
+                    }
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Deletes up to [`CLEAR_CHUNK`] expired sessions; returns how many and
@@ -1357,7 +1644,7 @@ mod tests {
             };
             Ok((db, Box::new(log) as Box<dyn LogFile>))
         });
-        let s = FileStore::with_opener(&dir, opener, cached).unwrap();
+        let s = FileStore::with_opener(&dir, opener, cached, None).unwrap();
         (s, fail, dir)
     }
 
@@ -1504,5 +1791,129 @@ mod tests {
         assert!(s.load(&k, T0).await.unwrap().is_some(), "reads still work");
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn user_record(user: Value) -> Record {
+        let mut r = Record::new_at(T0);
+        r.apply_patch(&update("uid", user), T0, &ctx().policy);
+        r
+    }
+
+    async fn keys_of(s: &FileStore, user: &str) -> Vec<SessionKey> {
+        let mut k: Vec<_> = s
+            .user_sessions(user, T0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.key)
+            .collect();
+        k.sort();
+        k
+    }
+
+    fn sorted(mut k: Vec<SessionKey>) -> Vec<SessionKey> {
+        k.sort();
+        k
+    }
+
+    use serde_json::{json, Value};
+
+    /// The user index follows creation, re-login, Cycle-Key, delete and
+    /// revocation, survives a reopen, a replay of the log after a crash
+    /// (frames redb does not hold), and is rebuilt when the user key changes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_user_index_follows_writes_and_survives_reopen_and_replay() {
+        for cached in [false, true] {
+            let dir = tmp("users");
+            let uid = || Some("uid".to_string());
+            let s = FileStore::open_with_user_key(&dir, cached, uid())
+                .await
+                .unwrap();
+            let a = s.create(user_record(json!("alice"))).await.unwrap();
+            let b = s.create(user_record(json!(7))).await.unwrap();
+            let c = s.create(user_record(json!("7"))).await.unwrap();
+            assert_eq!(keys_of(&s, "alice").await, vec![a]);
+            assert_eq!(keys_of(&s, "7").await, sorted(vec![b, c]));
+            // b logs in as alice; then Cycle-Key moves a.
+            s.apply(&b, &update("uid", "alice"), ctx()).await.unwrap();
+            let mut cycle = update("n", 1);
+            cycle.cycle = true;
+            let Applied::Saved { key: a2, .. } = s.apply(&a, &cycle, ctx()).await.unwrap() else {
+                panic!()
+            };
+            assert_eq!(keys_of(&s, "alice").await, sorted(vec![a2, b]));
+            assert_eq!(keys_of(&s, "7").await, vec![c]);
+            drop(s);
+            let s = FileStore::open_with_user_key(&dir, cached, uid())
+                .await
+                .unwrap();
+            assert_eq!(keys_of(&s, "alice").await, sorted(vec![a2, b]));
+            // Revocation, keeping one; an in-flight write of the other is Missing.
+            assert_eq!(s.revoke_user("alice", Some(&a2), T0).await.unwrap(), 1);
+            assert!(s.load(&b, T0).await.unwrap().is_none());
+            assert_eq!(
+                s.apply(&b, &update("late", 1), ctx()).await.unwrap(),
+                Applied::Missing
+            );
+            assert_eq!(keys_of(&s, "alice").await, vec![a2]);
+            s.delete(&a2).await.unwrap();
+            assert!(keys_of(&s, "alice").await.is_empty());
+            drop(s);
+
+            // A crash: frames in the log that redb does not hold.
+            let (d, e) = (SessionKey::generate(), SessionKey::generate());
+            let mut del = vec![DEL];
+            del.extend_from_slice(c.as_bytes());
+            let frames = [
+                put_entry(&d, &user_record(json!("dora"))),
+                put_entry(&e, &user_record(json!("dora"))),
+                del,
+            ]
+            .concat();
+            {
+                let s = FileStore::open_with_user_key(&dir, cached, uid())
+                    .await
+                    .unwrap();
+                s.flush().await.unwrap();
+            }
+            let seq = {
+                let db = redb::Database::open(dir.join(FILE_NAME)).unwrap();
+                let t = db.begin_read().unwrap();
+                let m = t.open_table(META).unwrap();
+                let v = m.get(CHECKPOINT_SEQ).unwrap().unwrap().value();
+                v
+            };
+            std::fs::write(dir.join(LOG_NAME), frame(seq + 1, &frames)).unwrap();
+            let s = FileStore::open_with_user_key(&dir, cached, uid())
+                .await
+                .unwrap();
+            assert_eq!(keys_of(&s, "dora").await, sorted(vec![d, e]));
+            assert!(keys_of(&s, "7").await.is_empty(), "c deleted by the replay");
+            drop(s);
+
+            // Another user key: rebuilt for it; none: dropped; back: rebuilt.
+            let s = FileStore::open_with_user_key(&dir, cached, Some("n".into()))
+                .await
+                .unwrap();
+            assert!(keys_of(&s, "dora").await.is_empty());
+            drop(s);
+            let s = FileStore::open(&dir, cached).await.unwrap();
+            assert_eq!(s.revoke_user("dora", None, T0).await.unwrap(), 0);
+            s.apply(&d, &update("uid", "zed"), ctx()).await.unwrap();
+            drop(s);
+            let s = FileStore::open_with_user_key(&dir, cached, uid())
+                .await
+                .unwrap();
+            assert_eq!(keys_of(&s, "dora").await, vec![e]);
+            assert_eq!(keys_of(&s, "zed").await, vec![d]);
+            // The sweep takes them out of the index.
+            let expires = s.load(&d, T0).await.unwrap().unwrap().expires_at;
+            assert_eq!(s.clear_expired(expires).await.unwrap(), 2);
+            assert!(keys_of(&s, "zed").await.is_empty());
+            assert!(keys_of(&s, "dora").await.is_empty());
+            assert_eq!(s.cached_len(), 0);
+            drop(s);
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

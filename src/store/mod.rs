@@ -94,6 +94,15 @@ pub fn user_value(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Whether `patch` may change the user a session names under `user_key`
+/// (else the user stays what it was, and no index needs to look).
+pub fn touches_user(patch: &Patch, user_key: &str) -> bool {
+    patch.replace.is_some()
+        || patch.clear
+        || patch.update.contains_key(user_key)
+        || patch.delete.iter().any(|k| k == user_key)
+}
+
 /// A predicate over keys (the admin API's `DELETE /sessions/ID` matches the
 /// `X-Session-Id` computed from each key).
 pub type KeyFilter<'a> = &'a (dyn Fn(&SessionKey) -> bool + Send + Sync);
@@ -248,9 +257,8 @@ impl AnyStore {
                     .as_deref()
                     .ok_or_else(|| StoreError::Open("[store] path is required".into()))?;
                 Ok(AnyStore::File(
-                    FileStore::open(path, c.engine == Engine::CachedFile)
-                        .await?
-                        .with_user_key(user_key),
+                    FileStore::open_with_user_key(path, c.engine == Engine::CachedFile, user_key)
+                        .await?,
                 ))
             }
             Engine::Redis | Engine::CachedRedis => {
