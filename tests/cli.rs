@@ -252,6 +252,31 @@ fn check_rejects_a_host_prefixed_cookie_with_a_domain() {
 }
 
 #[test]
+fn check_refuses_user_key_with_signed_cookies() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    let signed = base
+        .replace(
+            "cookie_secure = false",
+            "cookie_secure = false\nuser_key = \"_auth_user_id\"",
+        )
+        .replace("[store]", "[store]\nengine = \"signed_cookies\"");
+    let path = dir.write("sessiongate.toml", &signed);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "stdout: {}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("user_key") && err.contains("signed_cookies"),
+        "names the key and the engine: {err}"
+    );
+    // The same user key on the memory engine is fine.
+    let memory = signed.replace("engine = \"signed_cookies\"", "engine = \"memory\"");
+    let path = dir.write("sessiongate.toml", &memory);
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+}
+
+#[test]
 fn check_requires_a_secret_key() {
     let dir = TempDir::new("cli");
     let text =

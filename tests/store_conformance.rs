@@ -484,3 +484,168 @@ conformance!(cached_file_engine, cached_file);
 conformance!(db_sqlite_engine, db_sqlite);
 conformance!(db_postgres_engine, db_postgres);
 conformance!(cached_db_sqlite_engine, cached_db_sqlite);
+
+// ---------------------------------------------------------------------------
+// The user index (SPEC 9): the engines that keep one, with `user_key = "uid"`.
+// Redis and db join with one line each once they keep it.
+// ---------------------------------------------------------------------------
+
+const UID: &str = "uid";
+
+pub async fn memory_users() -> (AnyStore, Guard) {
+    (
+        AnyStore::Memory(MemoryStore::new().with_user_key(Some(UID.into()))),
+        Box::new(()),
+    )
+}
+
+async fn file_users_at(cached: bool) -> (AnyStore, Guard) {
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "sessiongate-conformance-users-{}-{}",
+        std::process::id(),
+        SessionKey::generate().as_str()
+    ));
+    let store = sessiongate::store::FileStore::open_with_user_key(&dir, cached, Some(UID.into()))
+        .await
+        .expect("open the file store");
+    (AnyStore::File(store), Box::new(RemoveDir(dir)))
+}
+
+pub async fn file_users() -> (AnyStore, Guard) {
+    file_users_at(false).await
+}
+
+pub async fn cached_file_users() -> (AnyStore, Guard) {
+    file_users_at(true).await
+}
+
+async fn keys_of<S: Store>(s: &S, user: &str, now: i64) -> Vec<SessionKey> {
+    let mut k: Vec<_> = s
+        .user_sessions(user, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.key)
+        .collect();
+    k.sort();
+    k
+}
+
+fn sorted(mut k: Vec<SessionKey>) -> Vec<SessionKey> {
+    k.sort();
+    k
+}
+
+/// The index follows creation, a login as another user, Cycle-Key, the
+/// user key's deletion, delete and the sweep; 42 and "42" are one user;
+/// listings carry the record's times, oldest first.
+pub async fn user_index_follows_every_change<S: Store>(s: &S) {
+    let a = s.create(record(json!({UID: 42}), T0)).await.unwrap();
+    let b = s.create(record(json!({UID: "42"}), T0 + 1)).await.unwrap();
+    let c = s.create(record(json!({"cart": 1}), T0)).await.unwrap();
+    let listed = s.user_sessions("42", T0 + 1).await.unwrap();
+    assert_eq!(listed.iter().map(|u| u.key).collect::<Vec<_>>(), vec![a, b]);
+    assert_eq!(listed[0].created, T0);
+    assert_eq!(listed[0].last_write, T0);
+    assert_eq!(listed[0].expires_at, T0 + 3_600_000);
+    s.apply(&c, &update(json!({UID: "bob"})), ctx(T0 + 2))
+        .await
+        .unwrap();
+    s.apply(&a, &update(json!({UID: "bob"})), ctx(T0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(keys_of(s, "42", T0 + 2).await, vec![b]);
+    assert_eq!(keys_of(s, "bob", T0 + 2).await, sorted(vec![a, c]));
+    let mut cycle = update(json!({"n": 1}));
+    cycle.cycle = true;
+    let Applied::Saved { key: a2, .. } = s.apply(&a, &cycle, ctx(T0 + 3)).await.unwrap() else {
+        panic!("cycled")
+    };
+    assert_eq!(keys_of(s, "bob", T0 + 3).await, sorted(vec![a2, c]));
+    let mut logout = Patch::default();
+    logout.delete.push(UID.into());
+    s.apply(&a2, &logout, ctx(T0 + 4)).await.unwrap();
+    assert_eq!(keys_of(s, "bob", T0 + 4).await, vec![c]);
+    s.delete(&c).await.unwrap();
+    assert!(keys_of(s, "bob", T0 + 4).await.is_empty());
+    // b expires at T0 + 1 + 1h: not listed after, and swept.
+    let end = T0 + 1 + 3_600_000;
+    assert_eq!(keys_of(s, "42", end - 1).await, vec![b]);
+    assert!(keys_of(s, "42", end).await.is_empty());
+    assert!(s.clear_expired(end).await.unwrap() >= 1);
+    assert_eq!(s.revoke_user("42", None, end).await.unwrap(), 0);
+}
+
+/// Revoking a user ends the user's sessions but the kept one, counts the
+/// live ones, and leaves other users alone; a write of a revoked session
+/// is Missing and does not bring it back.
+pub async fn revoke_user_ends_exactly_that_users_sessions<S: Store>(s: &S) {
+    let keys: Vec<_> =
+        futures_util::future::join_all((0..5).map(|_| s.create(record(json!({UID: "alice"}), T0))))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let bob = s.create(record(json!({UID: "bob"}), T0)).await.unwrap();
+    let expired = s
+        .create(record(json!({UID: "alice"}), T0 - 3_600_000))
+        .await
+        .unwrap();
+    assert_eq!(s.revoke_user("alice", Some(&keys[0]), T0).await.unwrap(), 4);
+    assert_eq!(keys_of(s, "alice", T0).await, vec![keys[0]]);
+    assert_eq!(keys_of(s, "bob", T0).await, vec![bob]);
+    assert!(
+        s.load(&expired, T0 - 1).await.unwrap().is_none(),
+        "ended too"
+    );
+    for k in &keys[1..] {
+        assert!(s.load(k, T0).await.unwrap().is_none());
+        let got = s
+            .apply(k, &update(json!({"late": 1})), ctx(T0))
+            .await
+            .unwrap();
+        assert_eq!(got, Applied::Missing);
+        assert!(s.load(k, T0).await.unwrap().is_none(), "not resurrected");
+    }
+    let first = keys[0];
+    let n = s
+        .revoke_matching(&move |k: &SessionKey| *k == first, T0)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(keys_of(s, "alice", T0).await.is_empty());
+    assert_eq!(keys_of(s, "bob", T0).await, vec![bob]);
+}
+
+macro_rules! user_index {
+    ($engine:ident, $ctor:path) => {
+        mod $engine {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn user_index_follows_every_change() {
+                let (s, _g) = $ctor().await;
+                super::user_index_follows_every_change(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn revoke_user_ends_exactly_that_users_sessions() {
+                let (s, _g) = $ctor().await;
+                super::revoke_user_ends_exactly_that_users_sessions(&s).await;
+            }
+        }
+    };
+}
+
+user_index!(memory_user_index, memory_users);
+user_index!(file_user_index, file_users);
+user_index!(cached_file_user_index, cached_file_users);
+// The whole contract holds with the index on, too.
+conformance!(memory_engine_with_user_key, memory_users);
+conformance!(file_engine_with_user_key, file_users);
+conformance!(cached_file_engine_with_user_key, cached_file_users);
