@@ -113,7 +113,13 @@ pub(crate) struct UserIndex {
 impl Codec {
     /// The user a row names, decoded (`None`: gone, expired, unreadable or
     /// no user).
-    pub(crate) fn user_in_row(&self, user_key: &str, data: &str, exp: i64, now: i64) -> Option<(String, Record)> {
+    pub(crate) fn user_in_row(
+        &self,
+        user_key: &str,
+        data: &str,
+        exp: i64,
+        now: i64,
+    ) -> Option<(String, Record)> {
         let r = self.decode(data, exp, now)?;
         let u = super::user_of(&r.data, user_key)?;
         Some((u, r))

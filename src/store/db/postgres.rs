@@ -429,7 +429,11 @@ impl Postgres {
 }
 
 /// The user index table (see [`index`]), when missing.
-pub(super) async fn migrate_index(url: &str, table: &str, timeout: Duration) -> Result<(), DbError> {
+pub(super) async fn migrate_index(
+    url: &str,
+    table: &str,
+    timeout: Duration,
+) -> Result<(), DbError> {
     let pool = pool(url, timeout)?;
     let work = async {
         let c = pool.get().await.map_err(pool_error)?;
@@ -559,10 +563,7 @@ impl Postgres {
             "SELECT session_key, session_data, expire_date FROM \"{}\" WHERE session_key = ANY($1) FOR UPDATE",
             ix.table
         );
-        let rows = tx
-            .query(&lock, &[&keys])
-            .await
-            .map_err(DbError::Postgres)?;
+        let rows = tx.query(&lock, &[&keys]).await.map_err(DbError::Postgres)?;
         let mut found = std::collections::HashMap::with_capacity(rows.len());
         for r in rows {
             let k: String = r.get(0);
@@ -656,10 +657,7 @@ impl Postgres {
                 let ended_text: Vec<String> =
                     ended.iter().map(|k| k.as_str().to_string()).collect();
                 if !ended_text.is_empty() {
-                    let sql = format!(
-                        "DELETE FROM \"{}\" WHERE session_key = ANY($1)",
-                        ix.table
-                    );
+                    let sql = format!("DELETE FROM \"{}\" WHERE session_key = ANY($1)", ix.table);
                     tx.execute(&sql, &[&ended_text])
                         .await
                         .map_err(DbError::Postgres)?;
@@ -684,7 +682,11 @@ impl Postgres {
     }
 
     /// Every key of a live row (a full scan of the table).
-    pub(super) async fn live_keys(&self, table: &str, now: i64) -> Result<Vec<SessionKey>, DbError> {
+    pub(super) async fn live_keys(
+        &self,
+        table: &str,
+        now: i64,
+    ) -> Result<Vec<SessionKey>, DbError> {
         let sql = format!("SELECT session_key FROM \"{table}\" WHERE expire_date > $1");
         self.bounded(async {
             let c = self.pool.get().await.map_err(pool_error)?;

@@ -443,10 +443,11 @@ impl Sqlite {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let key = loop {
                     let key = SessionKey::generate();
-                    match tx
-                        .prepare_cached(&i.sql.insert)?
-                        .execute(params![key.as_str(), data, exp])
-                    {
+                    match tx.prepare_cached(&i.sql.insert)?.execute(params![
+                        key.as_str(),
+                        data,
+                        exp
+                    ]) {
                         Ok(_) => break key,
                         Err(e) if is_duplicate_key(&e) => continue,
                         Err(e) => return Err(e.into()),
@@ -547,7 +548,11 @@ impl Sqlite {
     }
 
     /// Every key of a live row (a full scan of the table).
-    pub(super) async fn live_keys(&self, table: &str, now: i64) -> Result<Vec<SessionKey>, DbError> {
+    pub(super) async fn live_keys(
+        &self,
+        table: &str,
+        now: i64,
+    ) -> Result<Vec<SessionKey>, DbError> {
         let sql = format!("SELECT session_key FROM \"{table}\" WHERE expire_date > ?1");
         self.run(move |_, c| {
             let mut st = c.prepare(&sql)?;

@@ -870,10 +870,7 @@ impl RedisStore {
         let nodes: Vec<Option<(String, u16)>> = match c {
             Conn::Single(_) => vec![None],
             Conn::Cluster(cc) => {
-                let text: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(cc)
-                    .await?;
+                let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(cc).await?;
                 primaries(&text).into_iter().map(Some).collect()
             }
         };
@@ -1020,12 +1017,7 @@ struct Plan {
     moved: bool,
 }
 
-async fn index_add(
-    c: &mut Conn,
-    user: &str,
-    key: &SessionKey,
-    ttl: i64,
-) -> Result<(), RedisError> {
+async fn index_add(c: &mut Conn, user: &str, key: &SessionKey, ttl: i64) -> Result<(), RedisError> {
     let _: i64 = SCRIPTS
         .index_add
         .key(user_set(user))
