@@ -66,7 +66,7 @@ async fn writes(store: &Arc<RedisStore>, keys: &[SessionKey], secs: f64) -> f64 
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for k in keys.iter().copied() {
+    for &k in keys {
         let (store, done, stop) = (store.clone(), done.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
@@ -119,7 +119,7 @@ async fn main() {
     // --- The write path, user_key unset (A) against set (B) ---
     let plain = open(&url, None).await;
     let indexed = open(&url, Some("uid")).await;
-    let mut sessions = |store: Arc<RedisStore>| async move {
+    let sessions = |store: Arc<RedisStore>| async move {
         let mut keys = Vec::new();
         for i in 0..concurrency {
             let data = format!(r#"{{"cart":[1,2,3],"uid":"user{i}"}}"#);

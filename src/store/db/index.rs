@@ -112,3 +112,52 @@ pub(crate) fn plan_create(user_key: &str, key: &SessionKey, r: &Record) -> Index
         upsert: crate::store::user_of(&r.data, user_key).map(|u| (u, *key)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::{record, T0};
+
+    #[test]
+    fn writes_follow_the_user() {
+        let (k1, k2) = (SessionKey::generate(), SessionKey::generate());
+        let none = record(T0, "cart", 1);
+        let u1 = record(T0, "uid", 1);
+        let u2 = record(T0, "uid", "2");
+        // First login, same user again (upserted: heals a row Django wrote),
+        // another user, user key removed, Cycle-Key.
+        assert_eq!(
+            plan("uid", &k1, &none, &k1, &u1),
+            IndexWrite {
+                delete: None,
+                upsert: Some(("1".into(), k1))
+            }
+        );
+        assert_eq!(
+            plan("uid", &k1, &u1, &k1, &u1).upsert,
+            Some(("1".into(), k1))
+        );
+        assert_eq!(
+            plan("uid", &k1, &u1, &k1, &u2).upsert,
+            Some(("2".into(), k1))
+        );
+        assert_eq!(
+            plan("uid", &k1, &u1, &k1, &none),
+            IndexWrite {
+                delete: Some(k1),
+                upsert: None
+            }
+        );
+        assert_eq!(plan("uid", &k1, &none, &k1, &none), IndexWrite::default());
+        assert_eq!(
+            plan("uid", &k1, &u1, &k2, &u1),
+            IndexWrite {
+                delete: Some(k1),
+                upsert: Some(("1".into(), k2))
+            }
+        );
+        assert_eq!(plan_create("uid", &k2, &none), IndexWrite::default());
+        assert_eq!(table_name("django_session"), "sessiongate_user_session");
+        assert_eq!(table_name("s"), "s_sessiongate_user");
+    }
+}

@@ -99,7 +99,8 @@ pub enum Migrated {
 pub(crate) struct Codec {
     signer: Signer,
     /// `[session] user_key` and the index statements (SPEC 9).
-    pub(crate) index: Option<UserIndex>,
+    /// Boxed: most stores have none, and the store sits in an enum.
+    pub(crate) index: Option<Box<UserIndex>>,
 }
 
 /// The user index of a database (see [`index`]).
@@ -300,19 +301,19 @@ impl DbStore {
         match &mut self.backend {
             Backend::Sqlite(b) => {
                 b.create_index_table(&self.table).await.map_err(open)?;
-                b.set_index(UserIndex {
+                b.set_index(Box::new(UserIndex {
                     user_key,
                     sql: index::IndexSql::new(&self.table, false),
                     table: self.table.clone(),
-                });
+                }));
             }
             Backend::Postgres(b) => {
                 b.create_index_table(&self.table).await.map_err(open)?;
-                b.set_index(UserIndex {
+                b.set_index(Box::new(UserIndex {
                     user_key,
                     sql: index::IndexSql::new(&self.table, true),
                     table: self.table.clone(),
-                });
+                }));
             }
         }
         Ok(self)

@@ -499,7 +499,7 @@ impl Postgres {
         }
     }
 
-    pub(super) fn set_index(&mut self, ix: UserIndex) {
+    pub(super) fn set_index(&mut self, ix: Box<UserIndex>) {
         self.codec.index = Some(ix);
     }
 

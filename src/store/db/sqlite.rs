@@ -425,7 +425,7 @@ impl Sqlite {
         self.write(move |_, c| Ok(c.execute_batch(&sql)?)).await
     }
 
-    pub(super) fn set_index(&mut self, ix: UserIndex) {
+    pub(super) fn set_index(&mut self, ix: Box<UserIndex>) {
         Arc::get_mut(&mut self.inner)
             .expect("the store is not shared while it is opened")
             .codec

@@ -1226,6 +1226,35 @@ mod tests {
     }
 
     #[test]
+    fn cluster_primaries() {
+        let text = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                    c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
+                    d4 127.0.0.1:7003@17003 master,fail - 0 0 3 connected\n";
+        assert_eq!(
+            primaries(text),
+            vec![
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7001)
+            ]
+        );
+    }
+
+    #[test]
+    fn index_fields() {
+        let v = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            parse_index(Some(v("42")), Some(v("1000"))),
+            Some(Index {
+                user: "42".into(),
+                until: 1000
+            })
+        );
+        assert_eq!(parse_index(Some(Value::Nil), Some(Value::Nil)), None);
+        assert_eq!(parse_index(None, None), None);
+    }
+
+    #[test]
     fn versions_are_distinct() {
         assert_ne!(new_version(), new_version());
         assert_eq!(new_version().len(), 16);
