@@ -485,6 +485,15 @@ async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             println!("table {table:?} already exists in {url:?}: nothing to do")
         }
     }
+    if config.session.user_key.is_some() {
+        sessiongate::store::DbStore::migrate_user_index(url, table, config.store.timeout)
+            .await
+            .context("migrate the user index")?;
+        println!(
+            "user index table {:?} is in place ([session] user_key)",
+            sessiongate::store::db::index::table_name(table)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

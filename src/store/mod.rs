@@ -248,7 +248,8 @@ impl AnyStore {
                         c.cache_url.as_deref(),
                     )
                     .await?
-                    .with_user_key(user_key),
+                    .with_user_key(user_key)
+                    .await?,
                 ))
             }
             Engine::File | Engine::CachedFile => {

@@ -164,8 +164,12 @@ impl Instance {
         timeout: &str,
         up: &Upstream,
     ) -> Result<Instance, String> {
-        let text = config_text(engine, url, timeout, up);
-        let config = Config::parse(&text, Path::new("test.toml")).map_err(|e| e.to_string())?;
+        Self::try_start_text(&config_text(engine, url, timeout, up)).await
+    }
+
+    /// An instance from a whole configuration text (see [`config_text`]).
+    pub async fn try_start_text(text: &str) -> Result<Instance, String> {
+        let config = Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())?;
         let server = Server::bind(config, sessiongate::server::ServerOptions::workers(1))
             .await
             .map_err(|e| e.to_string())?;

@@ -221,3 +221,33 @@ impl Cache {
         Ok(())
     }
 }
+
+/// How many cache calls run at once for a batch (a revocation).
+const BATCH_IN_FLIGHT: usize = 256;
+
+impl Cache {
+    /// [`Cache::bump`] for many keys at once (in the keys' order).
+    pub(crate) async fn bump_many(&self, keys: &[SessionKey]) -> Result<Vec<i64>, DbError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        stream::iter(keys.iter().copied())
+            .map(|k| async move { self.bump(&k).await })
+            .buffered(BATCH_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
+}
+
+/// [`put_all`] with many puts in flight at once.
+pub(crate) async fn put_many(cache: Option<&Cache>, puts: super::Puts) -> Result<(), DbError> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let Some(c) = cache else { return Ok(()) };
+    stream::iter(puts)
+        .map(|(k, v, row)| async move {
+            c.put(&k, v, row.as_ref().map(|(d, e)| (d.as_str(), *e)))
+                .await
+        })
+        .buffer_unordered(BATCH_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}

@@ -22,6 +22,7 @@
 
 mod cache;
 pub mod django;
+pub mod index;
 mod postgres;
 mod sqlite;
 
@@ -97,6 +98,33 @@ pub enum Migrated {
 /// Encodes and decodes rows (shared by the databases).
 pub(crate) struct Codec {
     signer: Signer,
+    /// `[session] user_key` and the index statements (SPEC 9).
+    /// Boxed: most stores have none, and the store sits in an enum.
+    pub(crate) index: Option<Box<UserIndex>>,
+}
+
+/// The user index of a database (see [`index`]).
+pub(crate) struct UserIndex {
+    pub user_key: String,
+    pub sql: index::IndexSql,
+    /// The session table.
+    pub table: String,
+}
+
+impl Codec {
+    /// The user a row names, decoded (`None`: gone, expired, unreadable or
+    /// no user).
+    pub(crate) fn user_in_row(
+        &self,
+        user_key: &str,
+        data: &str,
+        exp: i64,
+        now: i64,
+    ) -> Option<(String, Record)> {
+        let r = self.decode(data, exp, now)?;
+        let u = super::user_of(&r.data, user_key)?;
+        Some((u, r))
+    }
 }
 
 impl Codec {
@@ -254,6 +282,7 @@ pub struct DbStore {
     backend: Backend,
     codec: Codec,
     cache: Option<Arc<cache::Cache>>,
+    table: String,
 }
 
 enum Backend {
@@ -262,11 +291,45 @@ enum Backend {
 }
 
 impl DbStore {
-    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
-    pub fn with_user_key(self, user_key: Option<String>) -> Self {
-        // Not built yet for this engine.
-        let _ = user_key;
-        self
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9), in
+    /// a table of ours (see [`index`]), created here when missing.
+    pub async fn with_user_key(mut self, user_key: Option<String>) -> Result<Self, StoreError> {
+        let Some(user_key) = user_key else {
+            return Ok(self);
+        };
+        let open = |e: DbError| StoreError::Open(format!("the user index table: {e}"));
+        match &mut self.backend {
+            Backend::Sqlite(b) => {
+                b.create_index_table(&self.table).await.map_err(open)?;
+                b.set_index(Box::new(UserIndex {
+                    user_key,
+                    sql: index::IndexSql::new(&self.table, false),
+                    table: self.table.clone(),
+                }));
+            }
+            Backend::Postgres(b) => {
+                b.create_index_table(&self.table).await.map_err(open)?;
+                b.set_index(Box::new(UserIndex {
+                    user_key,
+                    sql: index::IndexSql::new(&self.table, true),
+                    table: self.table.clone(),
+                }));
+            }
+        }
+        Ok(self)
+    }
+
+    /// `sessiongate migrate` with `user_key` set: the index table too.
+    pub async fn migrate_user_index(
+        url: &DbUrl,
+        table: &str,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
+        let r = match url {
+            DbUrl::Sqlite(path) => sqlite::migrate_index(path, table, timeout).await,
+            DbUrl::Postgres(u) => postgres::migrate_index(u, table, timeout).await,
+        };
+        r.map_err(|e| StoreError::Open(e.to_string()))
     }
 
     /// Opens the table (which must exist: see [`DbStore::migrate`]).
@@ -291,6 +354,7 @@ impl DbStore {
     ) -> Result<DbStore, StoreError> {
         let codec = || Codec {
             signer: Signer::new(django::SESSION_SALT, secret, fallbacks),
+            index: None,
         };
         let cache = match cache_url {
             Some(u) => Some(Arc::new(
@@ -314,6 +378,7 @@ impl DbStore {
             backend,
             codec: codec(),
             cache,
+            table: table.to_string(),
         })
     }
 
@@ -389,6 +454,50 @@ impl Store for DbStore {
     async fn clear_expired(&self, now: i64) -> Result<u64, StoreError> {
         backend!(self, b => b.clear_expired(now))
     }
+
+    /// The index entries are checked against the rows (which Django may
+    /// have rewritten or deleted behind sessiongate's back); entries that
+    /// no longer match are deleted.
+    async fn user_sessions(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> Result<Vec<super::UserSession>, StoreError> {
+        let mut v: Vec<super::UserSession> = match &self.backend {
+            Backend::Sqlite(b) => b.user_sessions(user, now).await?,
+            Backend::Postgres(b) => b.user_sessions(user, now).await?,
+        };
+        v.sort_by_key(|s| (s.created, *s.key.as_bytes()));
+        Ok(v)
+    }
+
+    async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        backend!(self, b => b.revoke_user(user, keep.copied(), now))
+    }
+
+    /// Reads every key of the table (a scan: for the admin API's
+    /// `DELETE /sessions/ID`, not a request path).
+    async fn revoke_matching(
+        &self,
+        matches: super::KeyFilter<'_>,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let keys = match &self.backend {
+            Backend::Sqlite(b) => b.live_keys(&self.table, now).await?,
+            Backend::Postgres(b) => b.live_keys(&self.table, now).await?,
+        };
+        let mut n = 0;
+        for k in keys.iter().filter(|k| matches(k)) {
+            self.delete(k).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +508,7 @@ mod tests {
     fn codec() -> Codec {
         Codec {
             signer: Signer::new(django::SESSION_SALT, &[b'k'; 40], &[]),
+            index: None,
         }
     }
 
@@ -453,6 +563,7 @@ mod tests {
         }
         let other = Codec {
             signer: Signer::new(django::SESSION_SALT, &[b'o'; 40], &[]),
+            index: None,
         };
         let data = c.encode(&record(T0, "a", 1));
         assert!(other.decode(&data, T0 + 1, T0).is_none(), "bad signature");

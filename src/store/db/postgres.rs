@@ -24,7 +24,8 @@ use tokio_postgres::NoTls;
 use std::sync::Arc;
 
 use super::cache::Cache;
-use super::{apply_row, Codec, DbError, Migrated, Puts};
+use super::index::{self, IndexWrite};
+use super::{apply_row, Codec, DbError, Migrated, Puts, UserIndex};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
@@ -255,6 +256,9 @@ impl Postgres {
     }
 
     pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
+        if self.codec.index.is_some() {
+            return self.create_indexed(record).await;
+        }
         let data = self.codec.encode(&record);
         let exp = ts(record.expires_at);
         let (key, puts) = self
@@ -357,6 +361,10 @@ impl Postgres {
                     puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
                     puts.extend(v_old.map(|v| (*key, v, None)));
                 }
+                if let Some(ix) = &self.codec.index {
+                    let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
+                    index_write(ix, &tx, &w).await?;
+                }
                 tx.commit().await.map_err(DbError::Postgres)?;
                 Ok((
                     Applied::Saved {
@@ -383,6 +391,13 @@ impl Postgres {
                 tx.execute(&st, &[&key.as_str()])
                     .await
                     .map_err(DbError::Postgres)?;
+                if let Some(ix) = &self.codec.index {
+                    let w = IndexWrite {
+                        delete: Some(*key),
+                        upsert: None,
+                    };
+                    index_write(ix, &tx, &w).await?;
+                }
                 let v = self.bump(key).await?;
                 tx.commit().await.map_err(DbError::Postgres)?;
                 Ok(v.map(|v| (*key, v, None)).into_iter().collect::<Puts>())
@@ -394,11 +409,295 @@ impl Postgres {
     pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {
         self.bounded(async {
             let c = self.pool.get().await.map_err(pool_error)?;
+            if let Some(ix) = &self.codec.index {
+                let st = c
+                    .prepare_cached(&ix.sql.clear)
+                    .await
+                    .map_err(DbError::Postgres)?;
+                c.execute(&st, &[&ts(now)])
+                    .await
+                    .map_err(DbError::Postgres)?;
+            }
             let st = c
                 .prepare_cached(&self.sql.clear)
                 .await
                 .map_err(DbError::Postgres)?;
             c.execute(&st, &[&ts(now)]).await.map_err(DbError::Postgres)
+        })
+        .await
+    }
+}
+
+/// The user index table (see [`index`]), when missing.
+pub(super) async fn migrate_index(
+    url: &str,
+    table: &str,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    let pool = pool(url, timeout)?;
+    let work = async {
+        let c = pool.get().await.map_err(pool_error)?;
+        c.batch_execute(&index::create_sql(table))
+            .await
+            .map_err(DbError::Postgres)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| DbError::Timeout(timeout))?
+}
+
+/// Carries out an index write inside the caller's transaction.
+async fn index_write(
+    ix: &UserIndex,
+    tx: &deadpool_postgres::Transaction<'_>,
+    w: &IndexWrite,
+) -> Result<(), DbError> {
+    if let Some(k) = &w.delete {
+        let st = tx
+            .prepare_cached(&ix.sql.delete)
+            .await
+            .map_err(DbError::Postgres)?;
+        tx.execute(&st, &[&k.as_str()])
+            .await
+            .map_err(DbError::Postgres)?;
+    }
+    if let Some((u, k)) = &w.upsert {
+        let st = tx
+            .prepare_cached(&ix.sql.upsert)
+            .await
+            .map_err(DbError::Postgres)?;
+        tx.execute(&st, &[u, &k.as_str()])
+            .await
+            .map_err(DbError::Postgres)?;
+    }
+    Ok(())
+}
+
+/// What the index lists for a user, with the rows locked: (key, decoded
+/// user and record when the row is live and names one).
+type Listed = Vec<(SessionKey, Option<(String, Record)>)>;
+
+impl Postgres {
+    pub(super) async fn create_index_table(&self, table: &str) -> Result<(), DbError> {
+        let sql = index::create_sql(table);
+        match self
+            .bounded(async {
+                let c = self.pool.get().await.map_err(pool_error)?;
+                c.batch_execute(&sql).await.map_err(DbError::Postgres)
+            })
+            .await
+        {
+            // A database that is down at start: the proxy starts (503s
+            // until it is back); the table is made by `migrate`, or at the
+            // next start.
+            Err(DbError::Postgres(e)) if e.as_db_error().is_some() => Err(DbError::Postgres(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the user index table at start");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    pub(super) fn set_index(&mut self, ix: Box<UserIndex>) {
+        self.codec.index = Some(ix);
+    }
+
+    /// [`Postgres::create`] with the index entry, in one transaction.
+    async fn create_indexed(&self, record: Record) -> Result<SessionKey, DbError> {
+        let ix = self.codec.index.as_ref().expect("indexed");
+        let data = self.codec.encode(&record);
+        let exp = ts(record.expires_at);
+        let (key, puts) = self
+            .bounded(async {
+                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let st = c
+                    .prepare_cached(&self.sql.insert)
+                    .await
+                    .map_err(DbError::Postgres)?;
+                let tx = c.transaction().await.map_err(DbError::Postgres)?;
+                let key = loop {
+                    let key = SessionKey::generate();
+                    let n = tx
+                        .execute(&st, &[&key.as_str(), &data, &exp])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    if n == 1 {
+                        break key;
+                    }
+                };
+                index_write(ix, &tx, &index::plan_create(&ix.user_key, &key, &record)).await?;
+                let v = self.bump(&key).await?;
+                tx.commit().await.map_err(DbError::Postgres)?;
+                let puts: Puts = v
+                    .map(|v| (key, v, Some((data.clone(), record.expires_at))))
+                    .into_iter()
+                    .collect();
+                Ok((key, puts))
+            })
+            .await?;
+        self.bounded(self.put_all(puts)).await?;
+        Ok(key)
+    }
+
+    /// The keys the index lists for `user`, their rows locked and decoded.
+    async fn listed(
+        &self,
+        ix: &UserIndex,
+        tx: &deadpool_postgres::Transaction<'_>,
+        user: &str,
+        now: i64,
+    ) -> Result<Listed, DbError> {
+        let st = tx
+            .prepare_cached(&ix.sql.keys_of)
+            .await
+            .map_err(DbError::Postgres)?;
+        let keys: Vec<String> = tx
+            .query(&st, &[&user])
+            .await
+            .map_err(DbError::Postgres)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let lock = format!(
+            "SELECT session_key, session_data, expire_date FROM \"{}\" WHERE session_key = ANY($1) FOR UPDATE",
+            ix.table
+        );
+        let rows = tx.query(&lock, &[&keys]).await.map_err(DbError::Postgres)?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for r in rows {
+            let k: String = r.get(0);
+            let data: String = r.get(1);
+            let exp: OffsetDateTime = r.get(2);
+            found.insert(k, self.codec.user_in_row(&ix.user_key, &data, ms(exp), now));
+        }
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
+                let key = SessionKey::parse(k)?;
+                Some((key, found.remove(k).flatten()))
+            })
+            .collect())
+    }
+
+    async fn delete_entries(
+        &self,
+        ix: &UserIndex,
+        tx: &deadpool_postgres::Transaction<'_>,
+        keys: &[String],
+    ) -> Result<(), DbError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "DELETE FROM \"{}\" WHERE session_key = ANY($1)",
+            index::table_name(&ix.table)
+        );
+        tx.execute(&sql, &[&keys])
+            .await
+            .map_err(DbError::Postgres)?;
+        Ok(())
+    }
+
+    /// The live sessions the index lists for `user` and whose row still
+    /// names that user; the other entries are deleted (lazy repair), with
+    /// the rows locked so no sessiongate write races the repair.
+    pub(super) async fn user_sessions(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> Result<Vec<crate::store::UserSession>, DbError> {
+        let Some(ix) = &self.codec.index else {
+            return Ok(Vec::new());
+        };
+        self.bounded(async {
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let tx = c.transaction().await.map_err(DbError::Postgres)?;
+            let mut live = Vec::new();
+            let mut stale = Vec::new();
+            for (k, names) in self.listed(ix, &tx, user, now).await? {
+                match names {
+                    Some((u, r)) if u == user => live.push(crate::store::UserSession::of(k, &r)),
+                    _ => stale.push(k.as_str().to_string()),
+                }
+            }
+            self.delete_entries(ix, &tx, &stale).await?;
+            tx.commit().await.map_err(DbError::Postgres)?;
+            Ok(live)
+        })
+        .await
+    }
+
+    /// Deletes, in one transaction, every row the index lists for `user`
+    /// that still names that user (but `keep`), and the entries.
+    pub(super) async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<SessionKey>,
+        now: i64,
+    ) -> Result<u64, DbError> {
+        let Some(ix) = &self.codec.index else {
+            return Ok(0);
+        };
+        let (n, puts) = self
+            .bounded(async {
+                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let tx = c.transaction().await.map_err(DbError::Postgres)?;
+                let mut ended = Vec::new();
+                let mut entries = Vec::new();
+                for (k, names) in self.listed(ix, &tx, user, now).await? {
+                    if Some(k) == keep {
+                        continue;
+                    }
+                    if matches!(&names, Some((u, _)) if u == user) {
+                        ended.push(k);
+                    }
+                    entries.push(k.as_str().to_string());
+                }
+                let ended_text: Vec<String> =
+                    ended.iter().map(|k| k.as_str().to_string()).collect();
+                if !ended_text.is_empty() {
+                    let sql = format!("DELETE FROM \"{}\" WHERE session_key = ANY($1)", ix.table);
+                    tx.execute(&sql, &[&ended_text])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                }
+                self.delete_entries(ix, &tx, &entries).await?;
+                let versions = match &self.cache {
+                    Some(c) => c.bump_many(&ended).await?,
+                    None => Vec::new(),
+                };
+                tx.commit().await.map_err(DbError::Postgres)?;
+                let puts: Puts = ended
+                    .iter()
+                    .zip(versions)
+                    .map(|(k, v)| (*k, v, None))
+                    .collect();
+                Ok((ended.len() as u64, puts))
+            })
+            .await?;
+        self.bounded(super::cache::put_many(self.cache.as_deref(), puts))
+            .await?;
+        Ok(n)
+    }
+
+    /// Every key of a live row (a full scan of the table).
+    pub(super) async fn live_keys(
+        &self,
+        table: &str,
+        now: i64,
+    ) -> Result<Vec<SessionKey>, DbError> {
+        let sql = format!("SELECT session_key FROM \"{table}\" WHERE expire_date > $1");
+        self.bounded(async {
+            let c = self.pool.get().await.map_err(pool_error)?;
+            let rows = c
+                .query(&sql, &[&ts(now)])
+                .await
+                .map_err(DbError::Postgres)?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| SessionKey::parse(r.get::<_, &str>(0)))
+                .collect())
         })
         .await
     }

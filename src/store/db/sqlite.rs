@@ -15,7 +15,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::cache::Cache;
-use super::{apply_row, naive_utc_text, parse_iso, Codec, DbError, Migrated, Puts};
+use super::index::{self, IndexWrite};
+use super::{apply_row, naive_utc_text, parse_iso, Codec, DbError, Migrated, Puts, UserIndex};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
@@ -260,6 +261,9 @@ impl Sqlite {
     }
 
     pub(super) async fn create(&self, record: Record) -> Result<SessionKey, DbError> {
+        if self.inner.codec.index.is_some() {
+            return self.create_indexed(record).await;
+        }
         let cache = self.with_cache();
         let (key, puts) = self
             .write(move |i, c| {
@@ -338,6 +342,10 @@ impl Sqlite {
                     puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
                     puts.extend(v_old.map(|v| (key, v, None)));
                 }
+                if let Some(ix) = &i.codec.index {
+                    let w = index::plan(&ix.user_key, &key, &current, &new_key, &record);
+                    index_write(ix, &tx, &w)?;
+                }
                 tx.commit()?;
                 Ok((
                     Applied::Saved {
@@ -359,6 +367,9 @@ impl Sqlite {
             .write(move |i, c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 tx.prepare_cached(&i.sql.delete)?.execute([key.as_str()])?;
+                if let Some(ix) = &i.codec.index {
+                    tx.prepare_cached(&ix.sql.delete)?.execute([key.as_str()])?;
+                }
                 let v = Self::bump(&cache, &key)?;
                 tx.commit()?;
                 Ok(v.map(|v| (key, v, None)).into_iter().collect::<Puts>())
@@ -369,6 +380,10 @@ impl Sqlite {
 
     pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {
         self.write(move |i, c| {
+            if let Some(ix) = &i.codec.index {
+                c.prepare_cached(&ix.sql.clear)?
+                    .execute([naive_utc_text(now)])?;
+            }
             let n = c
                 .prepare_cached(&i.sql.clear)?
                 .execute([naive_utc_text(now)])?;
@@ -376,4 +391,186 @@ impl Sqlite {
         })
         .await
     }
+}
+
+/// The user index table (see [`index`]), when missing.
+pub(super) async fn migrate_index(
+    path: &Path,
+    table: &str,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    let path = path.to_path_buf();
+    let sql = index::create_sql(table);
+    blocking(timeout, move || -> rusqlite::Result<()> {
+        connect(&path, timeout)?.execute_batch(&sql)
+    })
+    .await
+}
+
+/// Carries out an index write inside the caller's transaction.
+fn index_write(ix: &UserIndex, c: &Connection, w: &IndexWrite) -> rusqlite::Result<()> {
+    if let Some(k) = &w.delete {
+        c.prepare_cached(&ix.sql.delete)?.execute([k.as_str()])?;
+    }
+    if let Some((u, k)) = &w.upsert {
+        c.prepare_cached(&ix.sql.upsert)?
+            .execute(params![u, k.as_str()])?;
+    }
+    Ok(())
+}
+
+impl Sqlite {
+    pub(super) async fn create_index_table(&self, table: &str) -> Result<(), DbError> {
+        let sql = index::create_sql(table);
+        self.write(move |_, c| Ok(c.execute_batch(&sql)?)).await
+    }
+
+    pub(super) fn set_index(&mut self, ix: Box<UserIndex>) {
+        Arc::get_mut(&mut self.inner)
+            .expect("the store is not shared while it is opened")
+            .codec
+            .index = Some(ix);
+    }
+
+    /// [`Sqlite::create`] with the index entry, in one transaction.
+    async fn create_indexed(&self, record: Record) -> Result<SessionKey, DbError> {
+        let cache = self.with_cache();
+        let (key, puts) = self
+            .write(move |i, c| {
+                let ix = i.codec.index.as_ref().expect("indexed");
+                let data = i.codec.encode(&record);
+                let exp = naive_utc_text(record.expires_at);
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let key = loop {
+                    let key = SessionKey::generate();
+                    match tx.prepare_cached(&i.sql.insert)?.execute(params![
+                        key.as_str(),
+                        data,
+                        exp
+                    ]) {
+                        Ok(_) => break key,
+                        Err(e) if is_duplicate_key(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                index_write(ix, &tx, &index::plan_create(&ix.user_key, &key, &record))?;
+                let v = Self::bump(&cache, &key)?;
+                tx.commit()?;
+                let puts: Puts = v
+                    .map(|v| (key, v, Some((data, record.expires_at))))
+                    .into_iter()
+                    .collect();
+                Ok((key, puts))
+            })
+            .await?;
+        self.put_all(puts).await?;
+        Ok(key)
+    }
+
+    /// The live sessions the index lists for `user` and whose row still
+    /// names that user; the other entries are deleted (lazy repair). One
+    /// write transaction, so no sessiongate write races the repair.
+    pub(super) async fn user_sessions(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> Result<Vec<crate::store::UserSession>, DbError> {
+        let Some(_) = &self.inner.codec.index else {
+            return Ok(Vec::new());
+        };
+        let user = user.to_string();
+        self.write(move |i, c| {
+            let ix = i.codec.index.as_ref().expect("indexed");
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let keys = keys_of(ix, &tx, &user)?;
+            let mut live = Vec::new();
+            for k in keys {
+                let row = i.read(&tx, &k)?;
+                match row.and_then(|(d, e)| i.codec.user_in_row(&ix.user_key, &d, e, now)) {
+                    Some((u, r)) if u == user => {
+                        live.push(crate::store::UserSession::of(k, &r));
+                    }
+                    _ => {
+                        tx.prepare_cached(&ix.sql.delete)?.execute([k.as_str()])?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(live)
+        })
+        .await
+    }
+
+    /// Deletes, in one transaction, every row the index lists for `user`
+    /// that still names that user (but `keep`), and the entries.
+    pub(super) async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<SessionKey>,
+        now: i64,
+    ) -> Result<u64, DbError> {
+        let Some(_) = &self.inner.codec.index else {
+            return Ok(0);
+        };
+        let user = user.to_string();
+        let cache = self.with_cache();
+        let (n, puts) = self
+            .write(move |i, c| {
+                let ix = i.codec.index.as_ref().expect("indexed");
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let keys = keys_of(ix, &tx, &user)?;
+                let mut ended = Vec::new();
+                for k in keys.into_iter().filter(|k| Some(*k) != keep) {
+                    let row = i.read(&tx, &k)?;
+                    let names =
+                        row.and_then(|(d, e)| i.codec.user_in_row(&ix.user_key, &d, e, now));
+                    if matches!(&names, Some((u, _)) if *u == user) {
+                        tx.prepare_cached(&i.sql.delete)?.execute([k.as_str()])?;
+                        ended.push(k);
+                    }
+                    tx.prepare_cached(&ix.sql.delete)?.execute([k.as_str()])?;
+                }
+                let versions = match &cache {
+                    Some((c, rt)) => rt.block_on(c.bump_many(&ended))?,
+                    None => Vec::new(),
+                };
+                tx.commit()?;
+                let puts: Puts = ended
+                    .iter()
+                    .zip(versions)
+                    .map(|(k, v)| (*k, v, None))
+                    .collect();
+                Ok((ended.len() as u64, puts))
+            })
+            .await?;
+        super::cache::put_many(self.cache.as_deref(), puts).await?;
+        Ok(n)
+    }
+
+    /// Every key of a live row (a full scan of the table).
+    pub(super) async fn live_keys(
+        &self,
+        table: &str,
+        now: i64,
+    ) -> Result<Vec<SessionKey>, DbError> {
+        let sql = format!("SELECT session_key FROM \"{table}\" WHERE expire_date > ?1");
+        self.run(move |_, c| {
+            let mut st = c.prepare(&sql)?;
+            let keys = st
+                .query_map([naive_utc_text(now)], |r| r.get::<_, String>(0))?
+                .filter_map(|k| k.ok().and_then(|k| SessionKey::parse(&k)))
+                .collect();
+            Ok(keys)
+        })
+        .await
+    }
+}
+
+fn keys_of(ix: &UserIndex, c: &Connection, user: &str) -> rusqlite::Result<Vec<SessionKey>> {
+    let mut st = c.prepare_cached(&ix.sql.keys_of)?;
+    let keys = st
+        .query_map([user], |r| r.get::<_, String>(0))?
+        .filter_map(|k| k.ok().and_then(|k| SessionKey::parse(&k)))
+        .collect();
+    Ok(keys)
 }

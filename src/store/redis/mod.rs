@@ -78,43 +78,83 @@ pub const KEY_PREFIX: &str = "sessiongate:s:";
 /// Records kept by `cached_redis` per instance before the cache is pruned.
 const CACHE_CAPACITY: usize = 100_000;
 
-/// Writes a new record unless the key exists. ARGV: version, meta, data, ttl ms.
+/// The prefix of the user index sets (`sessiongate:u:<user>`).
+pub const USER_PREFIX: &str = "sessiongate:u:";
+
+/// Writes a new record unless the key exists. ARGV: version, meta, data,
+/// ttl ms, user ('': none), index-until ms.
 const CREATE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'm', ARGV[2], 'd', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'u', ARGV[5], 'x', ARGV[6]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
 /// Compare-and-set. KEYS: the session. ARGV: expected version, new
-/// version, meta, data, ttl ms. Returns 0 (gone), 1 (written) or {v, m, d}
-/// (the newest state, when the version differs).
+/// version, meta, data, ttl ms, user ('': none), index-until ms. Returns 0
+/// (gone), 1 (written) or {v, m, d, u, x} (the newest state, when the
+/// version differs).
 const APPLY_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
-if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd') end
+if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x') end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
+if ARGV[6] == '' then
+  redis.call('HDEL', KEYS[1], 'u', 'x')
+else
+  redis.call('HSET', KEYS[1], 'u', ARGV[6], 'x', ARGV[7])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
 /// Compare-and-delete, the second step of a Cycle-Key. ARGV: expected
-/// version. Returns 0 (gone), 1 (deleted) or {v, m, d}.
+/// version. Returns 0 (gone), 1 (deleted) or {v, m, d, u, x}.
 const RETIRE_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
-if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd') end
+if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x') end
 redis.call('DEL', KEYS[1])
 return 1
 ";
 
 /// Version check. ARGV: the version the caller holds. Returns 0 (gone),
-/// 1 (still current) or {v, m, d}.
+/// 1 (still current) or {v, m, d, u, x}.
 const FRESH_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
 if v == ARGV[1] then return 1 end
-return redis.call('HMGET', KEYS[1], 'v', 'm', 'd')
+return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x')
+";
+
+/// Adds a session to a user's index set and makes the set live at least
+/// ARGV[2] ms. KEYS: the set. ARGV: the session key, ttl ms.
+const INDEX_ADD_LUA: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+local t = redis.call('PTTL', KEYS[1])
+if t < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+";
+
+/// Ends a session if it still belongs to the user. KEYS: the session.
+/// ARGV: the user. Returns 1 (deleted), 0 (gone already) or 2 (it belongs
+/// to another user, or none, now).
+const REVOKE_LUA: &str = r"
+local u = redis.call('HGET', KEYS[1], 'u')
+if u == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return 2
+";
+
+/// Deletes a session; returns {deleted (0/1), its user ('': none)}.
+const DELETE_LUA: &str = r"
+local u = redis.call('HGET', KEYS[1], 'u')
+local n = redis.call('DEL', KEYS[1])
+return {n, u or ''}
 ";
 
 /// A stored record with the version it was read or written at.
@@ -122,7 +162,20 @@ return redis.call('HMGET', KEYS[1], 'v', 'm', 'd')
 struct Versioned {
     version: String,
     record: Record,
+    /// The user index entry the record carries (fields `u` and `x`).
+    index: Option<Index>,
 }
+
+/// A session's place in the user index: the user (field `u`) and the Unix
+/// ms until which its index set is known to live (field `x`).
+#[derive(Clone, Debug, PartialEq)]
+struct Index {
+    user: String,
+    until: i64,
+}
+
+/// How many index commands run at once when listing or revoking.
+const FAN_OUT: usize = 256;
 
 /// What the version check said.
 enum Fresh {
@@ -137,6 +190,8 @@ pub struct RedisStore {
     link: Box<Link>,
     timeout: Duration,
     cache: Option<DashMap<SessionKey, Versioned, KeyHash>>,
+    /// `[session] user_key`: keep the user index (SPEC 9).
+    user_key: Option<String>,
 }
 
 struct Scripts {
@@ -144,6 +199,9 @@ struct Scripts {
     apply: Script,
     retire: Script,
     fresh: Script,
+    index_add: Script,
+    revoke: Script,
+    delete: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -151,6 +209,9 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     apply: Script::new(APPLY_LUA),
     retire: Script::new(RETIRE_LUA),
     fresh: Script::new(FRESH_LUA),
+    index_add: Script::new(INDEX_ADD_LUA),
+    revoke: Script::new(REVOKE_LUA),
+    delete: Script::new(DELETE_LUA),
 });
 
 /// One multiplexed connection, made on first use and replaced after a
@@ -295,8 +356,22 @@ fn bulk(v: Value) -> Option<Vec<u8>> {
     }
 }
 
-/// Parses `{v, m, d}` (an `HMGET` reply). `None`: the key does not exist.
-/// A record this engine cannot read is treated as absent (and logged).
+fn user_set(user: &str) -> String {
+    let mut k = String::with_capacity(USER_PREFIX.len() + user.len());
+    k.push_str(USER_PREFIX);
+    k.push_str(user);
+    k
+}
+
+/// Parses `u` and `x` (absent or unreadable: not indexed).
+fn parse_index(u: Option<Value>, x: Option<Value>) -> Option<Index> {
+    let user = String::from_utf8(bulk(u?)?).ok()?;
+    let until = std::str::from_utf8(&bulk(x?)?).ok()?.parse().ok()?;
+    Some(Index { user, until })
+}
+
+/// Parses `{v, m, d[, u, x]}` (an `HMGET` reply). `None`: the key does not
+/// exist. A record this engine cannot read is treated as absent (and logged).
 fn parse_state(key: &str, fields: Vec<Value>) -> Option<Versioned> {
     let mut it = fields.into_iter();
     let version = bulk(it.next()?)?;
@@ -306,6 +381,7 @@ fn parse_state(key: &str, fields: Vec<Value>) -> Option<Versioned> {
         Some(Versioned {
             version: String::from_utf8(version).ok()?,
             record: decode_record(&meta, data)?,
+            index: parse_index(it.next(), it.next()),
         })
     })();
     if parsed.is_none() {
@@ -327,10 +403,11 @@ fn unexpected(what: &str, v: &Value) -> RedisError {
 }
 
 impl RedisStore {
-    /// Keeps the index of a user's sessions under `user_key` (SPEC 9).
-    pub fn with_user_key(self, user_key: Option<String>) -> Self {
-        // Not built yet for this engine.
-        let _ = user_key;
+    /// Keeps the index of a user's sessions under `user_key` (SPEC 9): a
+    /// set per user, `sessiongate:u:<user>`, of session keys (see
+    /// [`RedisStore::user_sessions`] for how it is kept and repaired).
+    pub fn with_user_key(mut self, user_key: Option<String>) -> Self {
+        self.user_key = user_key;
         self
     }
 
@@ -363,6 +440,7 @@ impl RedisStore {
             }),
             timeout,
             cache: cached.then(|| DashMap::with_hasher(KeyHash)),
+            user_key: None,
         };
         let first = tokio::time::timeout(timeout, async {
             let (_, mut c, _) = store.link.get().await?;
@@ -469,6 +547,8 @@ impl RedisStore {
             .arg("v")
             .arg("m")
             .arg("d")
+            .arg("u")
+            .arg("x")
             .query_async(c)
             .await?;
         Ok(parse_state(rkey, fields))
@@ -557,6 +637,16 @@ impl RedisStore {
             let version = new_version();
             let ttl = (next.expires_at - ctx.now).max(1);
             let meta = encode_meta(&next);
+            // The user index (SPEC 9): what the record will carry, and
+            // whether its set must be written. For a key the browser
+            // already holds, the set is written *before* the record, so a
+            // failure in between leaves an extra member (repaired lazily),
+            // never an unindexed session.
+            let plan = self.plan_index(cur.index.as_ref(), &next, ctx.now, patch.cycle);
+            let (u_arg, x_arg) = match &plan.index {
+                Some(i) => (i.user.as_str(), i.until),
+                None => ("", 0),
+            };
             let reply: Value = if patch.cycle {
                 // Two keys, which on Cluster live in different slots: no
                 // script may touch both. First the new record under a fresh
@@ -577,6 +667,8 @@ impl RedisStore {
                         .arg(&meta)
                         .arg(next.data.as_ref())
                         .arg(ttl)
+                        .arg(u_arg)
+                        .arg(x_arg)
                         .invoke_async(&mut c)
                         .await?;
                     if written == 1 {
@@ -590,12 +682,21 @@ impl RedisStore {
                     .invoke_async(&mut c)
                     .await?;
                 if reply == Value::Int(1) {
+                    // The new key reached nobody yet: indexing it after the
+                    // write is enough (a failure here is a 503, no cookie).
+                    if let Some(i) = &plan.index {
+                        index_add(&mut c, &i.user, &new_key, i.until - ctx.now).await?;
+                    }
+                    if let Some(old) = &cur.index {
+                        srem(&mut c, &old.user, &[*key]).await?;
+                    }
                     self.forget(key);
                     self.remember(
                         new_key,
                         Versioned {
                             version,
                             record: next.clone(),
+                            index: plan.index,
                         },
                         ctx.now,
                     );
@@ -610,6 +711,11 @@ impl RedisStore {
                     .await?;
                 reply
             } else {
+                if plan.add {
+                    if let Some(i) = &plan.index {
+                        index_add(&mut c, &i.user, key, i.until - ctx.now).await?;
+                    }
+                }
                 SCRIPTS
                     .apply
                     .key(&rkey)
@@ -618,16 +724,32 @@ impl RedisStore {
                     .arg(&meta)
                     .arg(next.data.as_ref())
                     .arg(ttl)
+                    .arg(u_arg)
+                    .arg(x_arg)
                     .invoke_async(&mut c)
                     .await?
             };
             match reply {
                 Value::Int(1) => {
+                    if plan.moved {
+                        // A new user for this key: added again after the
+                        // write, in case a repair of that user's set
+                        // removed it between the first add and the write.
+                        if let Some(i) = &plan.index {
+                            index_add(&mut c, &i.user, key, i.until - ctx.now).await?;
+                        }
+                        if let Some(old) = &cur.index {
+                            if plan.index.as_ref().map(|i| &i.user) != Some(&old.user) {
+                                self.remove_checked(&mut c, &old.user, key, ctx.now).await?;
+                            }
+                        }
+                    }
                     self.remember(
                         *key,
                         Versioned {
                             version,
                             record: next.clone(),
+                            index: plan.index,
                         },
                         ctx.now,
                     );
@@ -649,6 +771,291 @@ impl RedisStore {
             }
         }
     }
+
+    /// What the index must become for a write of `next` over a record that
+    /// carried `cur`.
+    fn plan_index(&self, cur: Option<&Index>, next: &Record, now: i64, cycle: bool) -> Plan {
+        let Some(user_key) = self.user_key.as_deref() else {
+            // No index kept: a leftover entry is dropped from the record
+            // (the set forgets it lazily).
+            return Plan::default();
+        };
+        let Some(user) = super::user_of(&next.data, user_key) else {
+            return Plan {
+                index: None,
+                add: false,
+                moved: cur.is_some(),
+            };
+        };
+        match cur {
+            // Same user, and the set outlives the new expiry: nothing to
+            // write but the record (the steady state: no extra command).
+            Some(i) if i.user == user && i.until >= next.expires_at && !cycle => Plan {
+                index: Some(i.clone()),
+                add: false,
+                moved: false,
+            },
+            _ => {
+                // The set is made to live twice the session's remaining
+                // lifetime, so a sliding session renews it about once per
+                // lifetime, not on every write.
+                let ttl = (next.expires_at - now).max(1);
+                let moved = cur.map(|i| &i.user) != Some(&user);
+                Plan {
+                    index: Some(Index {
+                        user,
+                        until: now + 2 * ttl,
+                    }),
+                    add: true,
+                    moved,
+                }
+            }
+        }
+    }
+
+    /// Removes `key` from `user`'s set, then puts it back if the session
+    /// belongs to that user after all (a concurrent write moved it back): a
+    /// removal never leaves a session of the user outside its set.
+    async fn remove_checked(
+        &self,
+        c: &mut Conn,
+        user: &str,
+        key: &SessionKey,
+        now: i64,
+    ) -> Result<(), RedisError> {
+        srem(c, user, &[*key]).await?;
+        let (u, x): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(redis_key(key))
+            .arg("u")
+            .arg("x")
+            .query_async(c)
+            .await?;
+        if u.as_deref() == Some(user) {
+            let ttl = x.map(|x| x - now).unwrap_or(1);
+            index_add(c, user, key, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// The members of `user`'s set.
+    async fn members(c: &mut Conn, user: &str) -> Result<Vec<SessionKey>, RedisError> {
+        let raw: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+            .arg(user_set(user))
+            .query_async(c)
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|m| SessionKey::parse_bytes(m))
+            .collect())
+    }
+
+    /// Deletes a session and drops it from its user's set.
+    async fn delete_inner(&self, mut c: Conn, key: &SessionKey) -> Result<bool, RedisError> {
+        let (n, user): (i64, String) = SCRIPTS
+            .delete
+            .key(redis_key(key))
+            .invoke_async(&mut c)
+            .await?;
+        if !user.is_empty() {
+            srem(&mut c, &user, &[*key]).await?;
+        }
+        Ok(n == 1)
+    }
+
+    /// Every key of the sessions this engine wrote, node by node on
+    /// Cluster (`SCAN`: it walks the whole keyspace, in steps).
+    async fn scan_sessions(&self, c: &mut Conn) -> Result<Vec<SessionKey>, RedisError> {
+        let pattern = format!("{KEY_PREFIX}*");
+        let mut keys = Vec::new();
+        let nodes: Vec<Option<(String, u16)>> = match c {
+            Conn::Single(_) => vec![None],
+            Conn::Cluster(cc) => {
+                let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(cc).await?;
+                primaries(&text).into_iter().map(Some).collect()
+            }
+        };
+        for node in nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let reply: Value = match (&mut *c, &node) {
+                    (Conn::Cluster(cc), Some((host, port))) => {
+                        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                        cc.route_command(
+                            &cmd,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port: *port,
+                            }),
+                        )
+                        .await?
+                    }
+                    _ => cmd.query_async(c).await?,
+                };
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::from_redis_value(&reply)?;
+                keys.extend(batch.iter().filter_map(|k| {
+                    k.strip_prefix(KEY_PREFIX.as_bytes())
+                        .and_then(SessionKey::parse_bytes)
+                }));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        keys.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        keys.dedup();
+        Ok(keys)
+    }
+
+    async fn user_sessions_inner(
+        &self,
+        mut c: Conn,
+        user: &str,
+        now: i64,
+    ) -> Result<Vec<super::UserSession>, RedisError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        let members = Self::members(&mut c, user).await?;
+        let states: Vec<(SessionKey, Option<Versioned>)> = stream::iter(members)
+            .map(|k| {
+                let mut c = c.clone();
+                async move {
+                    let s = Self::fetch(&mut c, &redis_key(&k)).await?;
+                    Ok::<_, RedisError>((k, s))
+                }
+            })
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        let mut live = Vec::new();
+        let mut gone = Vec::new();
+        let mut moved = Vec::new();
+        for (k, s) in states {
+            match s {
+                None => gone.push(k),
+                Some(v) if v.index.as_ref().map(|i| i.user.as_str()) != Some(user) => moved.push(k),
+                Some(v) if v.record.is_live(now) => live.push(super::UserSession::of(k, &v.record)),
+                Some(_) => {}
+            }
+        }
+        // Lazy repair: a gone session never comes back (keys are never
+        // reused), so it is dropped as is; one that now names another user
+        // (or none) is dropped with a re-check.
+        for chunk in gone.chunks(1000) {
+            srem(&mut c, user, chunk).await?;
+        }
+        for k in &moved {
+            self.remove_checked(&mut c, user, k, now).await?;
+        }
+        live.sort_by_key(|s| (s.created, *s.key.as_bytes()));
+        Ok(live)
+    }
+
+    async fn revoke_user_inner(
+        &self,
+        mut c: Conn,
+        user: &str,
+        keep: Option<&SessionKey>,
+    ) -> Result<u64, RedisError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        let members: Vec<SessionKey> = Self::members(&mut c, user)
+            .await?
+            .into_iter()
+            .filter(|k| Some(k) != keep)
+            .collect();
+        // Forget first: this instance must not serve them from memory even
+        // if a call below fails. Other instances' caches check the version
+        // on every load and find the key gone.
+        for k in &members {
+            self.forget(k);
+        }
+        // One script per session (atomic: delete only if it still names
+        // this user), many in flight at once: on Cluster each goes to the
+        // node of its slot.
+        let results: Vec<(SessionKey, i64)> = stream::iter(members)
+            .map(|k| {
+                let mut c = c.clone();
+                async move {
+                    let n: i64 = SCRIPTS
+                        .revoke
+                        .key(redis_key(&k))
+                        .arg(user)
+                        .invoke_async(&mut c)
+                        .await?;
+                    Ok::<_, RedisError>((k, n))
+                }
+            })
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        let deleted = results.iter().filter(|(_, n)| *n == 1).count() as u64;
+        let drop: Vec<SessionKey> = results
+            .into_iter()
+            .filter(|(_, n)| *n != 2)
+            .map(|(k, _)| k)
+            .collect();
+        for chunk in drop.chunks(1000) {
+            srem(&mut c, user, chunk).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// What [`RedisStore::plan_index`] decided.
+#[derive(Default)]
+struct Plan {
+    /// The `u`/`x` fields the record will carry.
+    index: Option<Index>,
+    /// Write the set (add the key, extend its life).
+    add: bool,
+    /// The user changed: the old set loses the key.
+    moved: bool,
+}
+
+async fn index_add(c: &mut Conn, user: &str, key: &SessionKey, ttl: i64) -> Result<(), RedisError> {
+    let _: i64 = SCRIPTS
+        .index_add
+        .key(user_set(user))
+        .arg(key.as_str())
+        .arg(ttl.max(1))
+        .invoke_async(c)
+        .await?;
+    Ok(())
+}
+
+async fn srem(c: &mut Conn, user: &str, keys: &[SessionKey]) -> Result<(), RedisError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = redis::cmd("SREM");
+    cmd.arg(user_set(user));
+    for k in keys {
+        cmd.arg(k.as_str());
+    }
+    cmd.query_async::<()>(c).await
+}
+
+/// The primaries in a `CLUSTER NODES` reply, as `(host, port)`.
+fn primaries(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let _id = f.next()?;
+            let addr = f.next()?;
+            let flags = f.next()?;
+            if !flags.split(',').any(|x| x == "master") || flags.contains("fail") {
+                return None;
+            }
+            let addr = addr.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 impl Store for RedisStore {
@@ -659,11 +1066,17 @@ impl Store for RedisStore {
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
         let version = new_version();
         let meta = encode_meta(&record);
-        let ttl = (record.expires_at - record.modified).max(1);
-        let (v, m, d) = (&version, &meta, record.data.as_ref());
+        let now = record.modified;
+        let ttl = (record.expires_at - now).max(1);
+        let index = self.plan_index(None, &record, now, false).index;
+        let (v, m, d, ix) = (&version, &meta, record.data.as_ref(), &index);
         let key = self
             .op(false, |mut c| async move {
-                loop {
+                let (u, x) = match ix {
+                    Some(i) => (i.user.as_str(), i.until),
+                    None => ("", 0),
+                };
+                let key = loop {
                     let key = SessionKey::generate();
                     let written: i64 = SCRIPTS
                         .create
@@ -672,16 +1085,31 @@ impl Store for RedisStore {
                         .arg(m)
                         .arg(d)
                         .arg(ttl)
+                        .arg(u)
+                        .arg(x)
                         .invoke_async(&mut c)
                         .await?;
                     if written == 1 {
-                        return Ok(key);
+                        break key;
                     }
+                };
+                // Nobody holds the key until this call returns: indexing
+                // it after the write is enough.
+                if let Some(i) = ix {
+                    index_add(&mut c, &i.user, &key, i.until - now).await?;
                 }
+                Ok(key)
             })
             .await?;
-        let now = record.modified;
-        self.remember(key, Versioned { version, record }, now);
+        self.remember(
+            key,
+            Versioned {
+                version,
+                record,
+                index,
+            },
+            now,
+        );
         Ok(key)
     }
 
@@ -699,13 +1127,8 @@ impl Store for RedisStore {
         // Forget first: even if the DEL fails, this instance must not serve
         // the session from memory.
         self.forget(key);
-        self.op(true, |mut c| async move {
-            redis::cmd("DEL")
-                .arg(redis_key(key))
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        self.op(true, |c| self.delete_inner(c, key)).await?;
+        Ok(())
     }
 
     /// Redis expires every session by its TTL (set on each write): there is
@@ -718,6 +1141,56 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.op(true, |mut c| async move {
             redis::cmd("PING").query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
+    /// The index is a set per user, apart from the sessions (on Cluster
+    /// in another slot), so it can be behind: the set may hold sessions
+    /// that are gone or name another user now. Each member is read and
+    /// checked here, and those are dropped from the set (lazy repair).
+    async fn user_sessions(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> Result<Vec<super::UserSession>, StoreError> {
+        if self.user_key.is_none() {
+            return Ok(Vec::new());
+        }
+        self.op(true, |c| self.user_sessions_inner(c, user, now))
+            .await
+    }
+
+    async fn revoke_user(
+        &self,
+        user: &str,
+        keep: Option<&SessionKey>,
+        _now: i64,
+    ) -> Result<u64, StoreError> {
+        if self.user_key.is_none() {
+            return Ok(0);
+        }
+        self.op(true, |c| self.revoke_user_inner(c, user, keep))
+            .await
+    }
+
+    /// Walks every session key with `SCAN` (on Cluster, on every primary):
+    /// for the admin API's `DELETE /sessions/ID`, not for a request path.
+    async fn revoke_matching(
+        &self,
+        matches: super::KeyFilter<'_>,
+        _now: i64,
+    ) -> Result<u64, StoreError> {
+        self.op(true, |mut c| async move {
+            let keys = self.scan_sessions(&mut c).await?;
+            let mut n = 0;
+            for k in keys.iter().filter(|k| matches(k)) {
+                self.forget(k);
+                if self.delete_inner(c.clone(), k).await? {
+                    n += 1;
+                }
+            }
+            Ok(n)
         })
         .await
     }
@@ -750,6 +1223,35 @@ mod tests {
         assert!(decode_record(b"d 1 2", vec![]).is_none());
         assert!(decode_record(b"d 1 2 3 4", vec![]).is_none());
         assert!(decode_record(b"dd 1 2 3", vec![]).is_none());
+    }
+
+    #[test]
+    fn cluster_primaries() {
+        let text = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                    c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
+                    d4 127.0.0.1:7003@17003 master,fail - 0 0 3 connected\n";
+        assert_eq!(
+            primaries(text),
+            vec![
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7001)
+            ]
+        );
+    }
+
+    #[test]
+    fn index_fields() {
+        let v = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            parse_index(Some(v("42")), Some(v("1000"))),
+            Some(Index {
+                user: "42".into(),
+                until: 1000
+            })
+        );
+        assert_eq!(parse_index(Some(Value::Nil), Some(Value::Nil)), None);
+        assert_eq!(parse_index(None, None), None);
     }
 
     #[test]
