@@ -269,6 +269,24 @@ async fn file_list_revoke_by_id_and_by_user() {
     list_revoke_by_id_and_by_user(&store).await;
 }
 
+#[tokio::test]
+async fn redis_list_revoke_by_id_and_by_user() {
+    let Some(server) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let store = format!("engine = \"redis\"\nurl = \"{}\"", server.url());
+    list_revoke_by_id_and_by_user(&store).await;
+}
+
+#[tokio::test]
+async fn cached_redis_list_revoke_by_id_and_by_user() {
+    let Some(server) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let store = format!("engine = \"cached_redis\"\nurl = \"{}\"", server.url());
+    list_revoke_by_id_and_by_user(&store).await;
+}
+
 async fn list_revoke_by_id_and_by_user(store: &str) {
     let up = app().await;
     let toml = config(

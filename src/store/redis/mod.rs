@@ -138,12 +138,16 @@ return 1
 ";
 
 /// Ends a session if it still belongs to the user. KEYS: the session.
-/// ARGV: the user. Returns 1 (deleted), 0 (gone already) or 2 (it belongs
-/// to another user, or none, now).
+/// ARGV: the user, now (Unix ms). Returns 1 (a live session deleted), 3 (a
+/// session already past its end of life deleted: not counted), 0 (gone
+/// already) or 2 (it belongs to another user, or none, now).
 const REVOKE_LUA: &str = r"
 local u = redis.call('HGET', KEYS[1], 'u')
 if u == ARGV[1] then
+  local m = redis.call('HGET', KEYS[1], 'm')
   redis.call('DEL', KEYS[1])
+  local e = m and tonumber(string.match(m, '(%-?%d+)$'))
+  if e and e <= tonumber(ARGV[2]) then return 3 end
   return 1
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -961,6 +965,7 @@ impl RedisStore {
         mut c: Conn,
         user: &str,
         keep: Option<&SessionKey>,
+        now: i64,
     ) -> Result<u64, RedisError> {
         use futures_util::stream::{self, StreamExt, TryStreamExt};
         let members: Vec<SessionKey> = Self::members(&mut c, user)
@@ -985,6 +990,7 @@ impl RedisStore {
                         .revoke
                         .key(redis_key(&k))
                         .arg(user)
+                        .arg(now)
                         .invoke_async(&mut c)
                         .await?;
                     Ok::<_, RedisError>((k, n))
@@ -1165,12 +1171,12 @@ impl Store for RedisStore {
         &self,
         user: &str,
         keep: Option<&SessionKey>,
-        _now: i64,
+        now: i64,
     ) -> Result<u64, StoreError> {
         if self.user_key.is_none() {
             return Ok(0);
         }
-        self.op(true, |c| self.revoke_user_inner(c, user, keep))
+        self.op(true, |c| self.revoke_user_inner(c, user, keep, now))
             .await
     }
 
