@@ -368,6 +368,7 @@ struct RawRoute {
     path: String,
     upstream: Option<String>,
     upstreams: Option<Vec<String>>,
+    upstream_ca: Option<String>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default = "default_true")]
@@ -632,9 +633,17 @@ pub struct RouteConfig {
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http://host:port` as written (normalised, without a trailing slash).
+    /// `http://host:port` or `https://host:port` as written (normalised,
+    /// without a trailing slash).
     pub base: String,
+    /// Where to connect: the host and port as written (443 added to an
+    /// `https://` URL without one, 80 is the default of `http://`).
     pub authority: http::uri::Authority,
+    /// `https://`.
+    pub https: bool,
+    /// For `https://`: the client configuration and the certificate's
+    /// name (set once the route's `upstream_ca` is read).
+    pub tls: Option<crate::proxy::upstream_tls::UpstreamTls>,
     /// `Host` for the upstream when `preserve_host = false`.
     pub host_value: http::HeaderValue,
     /// Path prefix of the upstream URL ("" when none).
@@ -1060,7 +1069,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             None => format!("#{}", i + 1),
         };
         let route =
-            validate_route(r, label.clone()).map_err(|m| format!("route {label:?}: {m}"))?;
+            validate_route(r, label.clone(), base).map_err(|m| format!("route {label:?}: {m}"))?;
         routes.push(route);
     }
     for (i, a) in routes.iter().enumerate() {
@@ -1146,17 +1155,39 @@ fn nonzero(what: &str, d: Duration) -> Result<Duration, String> {
     }
 }
 
-fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
+fn validate_route(r: RawRoute, name: String, base: &Path) -> Result<RouteConfig, String> {
     let list = match (r.upstream, r.upstreams) {
         (Some(_), Some(_)) => return Err("set upstream or upstreams, not both".into()),
         (Some(u), None) => vec![u],
         (None, Some(v)) if !v.is_empty() => v,
         _ => return Err("upstream: required (or upstreams = [...])".into()),
     };
-    let upstreams = list
+    let mut upstreams = list
         .iter()
         .map(|u| parse_upstream(u))
         .collect::<Result<Vec<_>, _>>()?;
+    let https = upstreams.iter().any(|u| u.https);
+    let ca = r.upstream_ca.filter(|c| !c.is_empty());
+    if ca.is_some() && !https {
+        return Err("upstream_ca: only for https:// upstreams".into());
+    }
+    if https {
+        // One client configuration (roots, the CA file read now: by
+        // `check`, at start and at each reload) for the route's upstreams.
+        let ca = ca.map(|c| resolve(base, &c));
+        let config = crate::proxy::upstream_tls::client_config(ca.as_deref())
+            .map_err(|e| format!("upstream_ca: {e}"))?;
+        for u in upstreams.iter_mut().filter(|u| u.https) {
+            let server_name = crate::proxy::upstream_tls::server_name(u.authority.host())
+                .ok_or_else(|| {
+                    format!("upstream: {:?}: the host is not a valid TLS name", u.base)
+                })?;
+            u.tls = Some(crate::proxy::upstream_tls::UpstreamTls {
+                config: config.clone(),
+                server_name,
+            });
+        }
+    }
     if !r.path.starts_with('/') {
         return Err(format!("path: {:?} must start with \"/\"", r.path));
     }
@@ -1240,19 +1271,25 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
     let uri: http::Uri = u
         .parse()
         .map_err(|_| format!("upstream: {u:?} is not an URL such as \"http://127.0.0.1:9000\""))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
             return Err(format!(
-            "upstream: {u:?}: https upstreams are not supported; use http:// on a trusted network"
-        ))
+                "upstream: {u:?} must start with http:// or https://"
+            ))
         }
-        _ => return Err(format!("upstream: {u:?} must start with http://")),
-    }
-    let authority = uri
+    };
+    let written = uri
         .authority()
         .cloned()
         .ok_or_else(|| format!("upstream: {u:?} has no host"))?;
+    let authority = match (https, written.port_u16()) {
+        (true, None) => format!("{}:443", written.host())
+            .parse()
+            .map_err(|_| format!("upstream: {u:?} has an invalid host"))?,
+        _ => written.clone(),
+    };
     if uri.query().is_some() {
         return Err(format!("upstream: {u:?} must not have a query"));
     }
@@ -1260,11 +1297,13 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
     while path.ends_with('/') {
         path.pop();
     }
-    let host_value = http::HeaderValue::from_str(authority.as_str())
+    let host_value = http::HeaderValue::from_str(written.as_str())
         .map_err(|_| format!("upstream: {u:?} has an invalid host"))?;
     Ok(Upstream {
-        base: format!("http://{authority}"),
+        base: format!("{}://{written}", if https { "https" } else { "http" }),
         authority,
+        https,
+        tls: None,
         host_value,
         path,
     })
