@@ -135,12 +135,15 @@ pub enum ReloadError {
     /// Valid, but it changes what only a restart can change.
     #[error("reload refused: {0}")]
     Refused(String),
+    /// A new address cannot be bound (the message a start prints).
+    #[error("{0}")]
+    Bind(String),
 }
 
 impl ReloadError {
     pub fn result(&self) -> ReloadResult {
         match self {
-            ReloadError::Invalid(_) => ReloadResult::Invalid,
+            ReloadError::Invalid(_) | ReloadError::Bind(_) => ReloadResult::Invalid,
             ReloadError::Refused(_) => ReloadResult::Refused,
         }
     }
@@ -166,26 +169,21 @@ pub fn prepare(running: &Config, path: &Path) -> Result<Prepared, ReloadError> {
     Ok(Prepared { config, tls })
 }
 
-/// Refuses a new configuration that changes what is bound or opened once
-/// at start: the listeners, TLS on or off, the admin listener, the access
-/// log's target and format.
+/// Refuses a new configuration that changes what is set up once at start:
+/// TLS on or off (the listeners' protocol), an admin listener added or
+/// removed, the access log's target and format. A moved `listen`,
+/// `redirect_http` or `[admin] listen` is rebound by the reload.
 pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), ReloadError> {
     let (a, b) = (&running.server, &new.server);
     let mut changed = Vec::new();
-    if a.listen != b.listen {
-        changed.push("[server] listen");
-    }
     if a.tls.is_some() != b.tls.is_some() {
-        changed.push("[server] tls");
-    }
-    if a.redirect_http != b.redirect_http {
-        changed.push("[server] redirect_http");
+        changed.push("[server] tls (turning TLS on or off)");
     }
     if a.access_log != b.access_log || a.access_log_format != b.access_log_format {
         changed.push("[server] access_log");
     }
-    if running.admin.as_ref().map(|x| x.listen) != new.admin.as_ref().map(|x| x.listen) {
-        changed.push("[admin] listen");
+    if running.admin.is_some() != new.admin.is_some() {
+        changed.push("[admin] (added or removed)");
     }
     if changed.is_empty() {
         Ok(())
