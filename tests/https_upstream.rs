@@ -218,6 +218,8 @@ async fn an_https_upstream_with_upstream_ca_carries_sessions_over_kept_alive_con
     pki(&dir);
     let up = tls_upstream(&dir, |s| match s.uri.path() {
         "/login" => directives(&[("X-Session-Update", r#"{"user": "ann"}"#)]),
+        "/upload" => text(&format!("{} bytes", s.body.len())),
+        "/big" => text(&"x".repeat(300_000)),
         _ => text(s.header("x-session").unwrap_or("none")),
     })
     .await;
@@ -239,14 +241,24 @@ async fn an_https_upstream_with_upstream_ca_carries_sessions_over_kept_alive_con
         let data: serde_json::Value = serde_json::from_str(&me.body).unwrap();
         assert_eq!(data["user"], "ann", "the upstream saw the session");
     }
+    // A request body and a response body larger than a TLS record (16 KiB)
+    // and than a socket buffer, both ways over the same connection.
+    let body = "y".repeat(500_000);
+    let got = proxy.post("/upload", Some(&key), &body).await;
+    assert_eq!(
+        (got.status.as_u16(), got.body.as_str()),
+        (200, "500000 bytes")
+    );
+    let got = proxy.get("/big", Some(&key)).await;
+    assert_eq!((got.status.as_u16(), got.body.len()), (200, 300_000));
     let seen = up.seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 6);
+    assert_eq!(seen.len(), 8);
     assert_eq!(
         seen[0].header("host"),
         Some(format!("localhost:{}", up.addr.port()).as_str()),
         "preserve_host = false: the upstream's own Host"
     );
-    // Six requests, one after another: one connection, one handshake.
+    // Eight requests, one after another: one connection, one handshake.
     assert_eq!(up.count(&up.accepted), 1, "connections accepted");
     assert_eq!(up.count(&up.handshakes), 1, "TLS handshakes");
     assert_eq!(
@@ -370,4 +382,103 @@ fn check_names_a_bad_upstream_ca_file() {
             "{ca}: {err}"
         );
     }
+}
+
+/// A TLS upstream that switches every request to WebSocket and echoes.
+async fn tls_echo_upgrade_upstream(dir: &TempDir) -> SocketAddr {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut io = TokioIo::new(on.await.unwrap());
+                        let mut buf = [0u8; 64];
+                        loop {
+                            let n = io.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            io.write_all(&buf[..n]).await.unwrap();
+                        }
+                    });
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "websocket")
+                            .body(Full::<Bytes>::default())
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_goes_over_tls_to_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    log();
+    let dir = TempDir::new("https-up-ws");
+    pki(&dir);
+    let up = tls_echo_upgrade_upstream(&dir).await;
+    let config = proxy_config(
+        &dir,
+        &format!(
+            "upstream = \"https://localhost:{}\"\nupstream_ca = \"ca.pem\"",
+            up.port()
+        ),
+    );
+    let proxy = start_config(config).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    within("the 101", async {
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed in the head");
+            head.push(b[0]);
+        }
+    })
+    .await;
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("the echo", s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    proxy.stop().await;
 }
