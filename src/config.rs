@@ -1464,6 +1464,37 @@ mod tests {
     }
 
     #[test]
+    fn https_upstreams_get_port_443_and_a_tls_name() {
+        let c = parse(&minimal(
+            "",
+            "[[route]]\nupstreams = [\"https://app.internal\", \"https://[::1]:9443/base\", \"http://b:80\"]\n",
+        ))
+        .unwrap();
+        let u = &c.routes[0].upstreams;
+        assert_eq!(u[0].base, "https://app.internal");
+        assert_eq!(u[0].authority.as_str(), "app.internal:443");
+        assert_eq!(u[0].host_value, "app.internal");
+        assert_eq!(
+            u[0].tls.as_ref().unwrap().server_name.to_str(),
+            "app.internal"
+        );
+        assert_eq!(u[1].authority.as_str(), "[::1]:9443");
+        assert_eq!(u[1].path, "/base");
+        assert_eq!(u[1].tls.as_ref().unwrap().server_name.to_str(), "::1");
+        assert!(u[2].tls.is_none() && !u[2].https);
+        let e = parse(&minimal(
+            "",
+            "[[route]]\nname = \"p\"\nupstream = \"http://b:80\"\nupstream_ca = \"ca.pem\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("route \"p\": upstream_ca: only for https:// upstreams"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn short_or_missing_secret() {
         let text =
             "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\n[session]\n".to_string() + ROUTE;

@@ -227,6 +227,31 @@ mod tests {
         }
     }
 
+    fn config(server: &str, admin: &str) -> Config {
+        let text = format!(
+            "[server]\n{server}\n[session]\nsecret_key = \"0123456789abcdef0123456789abcdef\"\n{admin}\n[[route]]\nupstream = \"http://127.0.0.1:9000\"\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    #[test]
+    fn moved_listeners_are_rebound_and_tls_on_or_off_needs_a_restart() {
+        let plain = |port: u16| format!("listen = \"127.0.0.1:{port}\"\ntls = false");
+        let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"");
+        let running = config(&plain(8000), &admin(9000));
+        // Moved `listen` and `[admin] listen`: a reload rebinds them.
+        assert!(restart_only_changes(&running, &config(&plain(8001), &admin(9001))).is_ok());
+        let tls = "listen = \"127.0.0.1:8000\"\ntls = true\ncert = \"c.pem\"\nkey = \"k.pem\"";
+        let e = restart_only_changes(&running, &config(tls, &admin(9000))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[server] tls (turning TLS on or off) changed: this needs a restart"),
+            "{e}"
+        );
+        let e = restart_only_changes(&running, &config(&plain(8000), "")).unwrap_err();
+        assert!(e.to_string().contains("[admin] (added or removed)"), "{e}");
+    }
+
     #[test]
     fn tls_files_name_what_is_wrong() {
         let dir = std::env::temp_dir().join(format!("sg-reload-tls-{}", std::process::id()));
