@@ -183,8 +183,8 @@ struct Rebind {
     /// Worker 0's new `redirect_http` socket (inside, `None`: removed),
     /// when it changed.
     redirect: Option<std::sync::Mutex<Option<std::net::TcpListener>>>,
-    /// The port the redirect sends clients to.
-    https_port: u16,
+    /// The port the redirect sends clients to, when `listen` moved.
+    https_port: Option<u16>,
 }
 
 fn take<T>(m: &std::sync::Mutex<Option<T>>) -> Option<T> {
@@ -279,7 +279,7 @@ impl Shared {
         let fail = |e: ServerError| crate::reload::ReloadError::Bind(e.to_string());
         let (a, b) = (&running.server, &new.server);
         let mut listen = Vec::new();
-        let mut https_port = a.listen.port();
+        let mut https_port = None;
         if a.listen != b.listen {
             let first = bind_reuseport(b.listen).map_err(fail)?;
             let addr = first.local_addr().map_err(|source| {
@@ -289,7 +289,7 @@ impl Shared {
                     source,
                 })
             })?;
-            https_port = addr.port();
+            https_port = Some(addr.port());
             listen.push(first);
             for _ in 1..self.workers {
                 listen.push(bind_reuseport(addr).map_err(fail)?);
@@ -666,9 +666,11 @@ async fn worker(
                 ));
                 worker.swap(proxy, g.tls.clone(), &config.server);
                 if let Some(r) = &g.rebind {
-                    worker
-                        .https_port
-                        .store(r.https_port, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(port) = r.https_port {
+                        worker
+                            .https_port
+                            .store(port, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let tokio_listener = |l: std::net::TcpListener| match TcpListener::from_std(l) {
                         Ok(l) => Some(l),
                         Err(e) => {

@@ -557,3 +557,64 @@ async fn a_moved_listen_is_rebound_and_a_taken_port_keeps_the_old_one_serving() 
     }
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_redirect_http_is_rebound_and_turning_tls_off_is_refused() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("reload-redirect");
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    dir.write("cert.pem", &a.cert.pem());
+    dir.write("key.pem", &a.signing_key.serialize_pem());
+    let (r1, r2) = (
+        common::redis_server::free_port(),
+        common::redis_server::free_port(),
+    );
+    let base = config_text(&up.url(), common::redis_server::free_port(), "")
+        .replace("cookie_secure = false", "");
+    let tls = |redirect: u16| {
+        base.replace(
+            "tls = false",
+            &format!(
+                "tls = true\ncert = \"cert.pem\"\nkey = \"key.pem\"\nredirect_http = \"127.0.0.1:{redirect}\""
+            ),
+        )
+    };
+    let path = dir.write("sessiongate.toml", &tls(r1));
+    let sg = Running::start(&path).await;
+    let ask = |port: u16| async move {
+        raw_request(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    };
+    assert_eq!(ask(r1).await.status, 308);
+
+    std::fs::write(&path, tls(r2)).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    let r = ask(r2).await;
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://shop.test:{}/x", sg.addr.port()).as_str())
+    );
+    let e = tokio::net::TcpStream::connect(format!("127.0.0.1:{r1}"))
+        .await
+        .expect_err("the old redirect port refuses");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // TLS off needs a restart: refused, and TLS serves on.
+    std::fs::write(&path, &base).unwrap();
+    sg.signal("HUP");
+    let line = sg.wait_for("reload failed", 1).await;
+    assert!(
+        line.contains("[server] tls (turning TLS on or off) changed: this needs a restart"),
+        "{line}"
+    );
+    assert_eq!(
+        &served_certificate(sg.addr, &[a.cert.der().clone()]).await,
+        a.cert.der()
+    );
+    assert_eq!(ask(r2).await.status, 308);
+}
