@@ -1,5 +1,6 @@
 //! The upstream side: a keep-alive pool of HTTP/1.1 connections per
-//! upstream address, the exchange on one of them, the request body wrapper
+//! upstream address (plain TCP, or TLS for `https://` upstreams: [`Io`]
+//! dispatches, the plain arm first), the exchange on one of them, the request body wrapper
 //! that enforces `max_request_body` while streaming, the response body
 //! that hands its connection back to the pool once read, and the errors
 //! that become 413/502/504.
