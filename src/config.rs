@@ -372,6 +372,7 @@ struct RawRoute {
     path: String,
     upstream: Option<String>,
     upstreams: Option<Vec<String>>,
+    upstream_ca: Option<String>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default = "default_true")]
@@ -643,9 +644,17 @@ pub struct RouteConfig {
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http://host:port` as written (normalised, without a trailing slash).
+    /// `http://host:port` or `https://host:port` as written (normalised,
+    /// without a trailing slash).
     pub base: String,
+    /// Where to connect: the host and port as written (443 added to an
+    /// `https://` URL without one, 80 is the default of `http://`).
     pub authority: http::uri::Authority,
+    /// `https://`.
+    pub https: bool,
+    /// For `https://`: the client configuration and the certificate's
+    /// name (set once the route's `upstream_ca` is read).
+    pub tls: Option<crate::proxy::upstream_tls::UpstreamTls>,
     /// `Host` for the upstream when `preserve_host = false`.
     pub host_value: http::HeaderValue,
     /// Path prefix of the upstream URL ("" when none).
@@ -1091,7 +1100,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             None => format!("#{}", i + 1),
         };
         let route =
-            validate_route(r, label.clone()).map_err(|m| format!("route {label:?}: {m}"))?;
+            validate_route(r, label.clone(), base).map_err(|m| format!("route {label:?}: {m}"))?;
         routes.push(route);
     }
     for (i, a) in routes.iter().enumerate() {
@@ -1177,17 +1186,39 @@ fn nonzero(what: &str, d: Duration) -> Result<Duration, String> {
     }
 }
 
-fn validate_route(r: RawRoute, name: String) -> Result<RouteConfig, String> {
+fn validate_route(r: RawRoute, name: String, base: &Path) -> Result<RouteConfig, String> {
     let list = match (r.upstream, r.upstreams) {
         (Some(_), Some(_)) => return Err("set upstream or upstreams, not both".into()),
         (Some(u), None) => vec![u],
         (None, Some(v)) if !v.is_empty() => v,
         _ => return Err("upstream: required (or upstreams = [...])".into()),
     };
-    let upstreams = list
+    let mut upstreams = list
         .iter()
         .map(|u| parse_upstream(u))
         .collect::<Result<Vec<_>, _>>()?;
+    let https = upstreams.iter().any(|u| u.https);
+    let ca = r.upstream_ca.filter(|c| !c.is_empty());
+    if ca.is_some() && !https {
+        return Err("upstream_ca: only for https:// upstreams".into());
+    }
+    if https {
+        // One client configuration (roots, the CA file read now: by
+        // `check`, at start and at each reload) for the route's upstreams.
+        let ca = ca.map(|c| resolve(base, &c));
+        let config = crate::proxy::upstream_tls::client_config(ca.as_deref())
+            .map_err(|e| format!("upstream_ca: {e}"))?;
+        for u in upstreams.iter_mut().filter(|u| u.https) {
+            let server_name = crate::proxy::upstream_tls::server_name(u.authority.host())
+                .ok_or_else(|| {
+                    format!("upstream: {:?}: the host is not a valid TLS name", u.base)
+                })?;
+            u.tls = Some(crate::proxy::upstream_tls::UpstreamTls {
+                config: config.clone(),
+                server_name,
+            });
+        }
+    }
     if !r.path.starts_with('/') {
         return Err(format!("path: {:?} must start with \"/\"", r.path));
     }
@@ -1271,19 +1302,25 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
     let uri: http::Uri = u
         .parse()
         .map_err(|_| format!("upstream: {u:?} is not an URL such as \"http://127.0.0.1:9000\""))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
             return Err(format!(
-            "upstream: {u:?}: https upstreams are not supported; use http:// on a trusted network"
-        ))
+                "upstream: {u:?} must start with http:// or https://"
+            ))
         }
-        _ => return Err(format!("upstream: {u:?} must start with http://")),
-    }
-    let authority = uri
+    };
+    let written = uri
         .authority()
         .cloned()
         .ok_or_else(|| format!("upstream: {u:?} has no host"))?;
+    let authority = match (https, written.port_u16()) {
+        (true, None) => format!("{}:443", written.host())
+            .parse()
+            .map_err(|_| format!("upstream: {u:?} has an invalid host"))?,
+        _ => written.clone(),
+    };
     if uri.query().is_some() {
         return Err(format!("upstream: {u:?} must not have a query"));
     }
@@ -1291,11 +1328,13 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
     while path.ends_with('/') {
         path.pop();
     }
-    let host_value = http::HeaderValue::from_str(authority.as_str())
+    let host_value = http::HeaderValue::from_str(written.as_str())
         .map_err(|_| format!("upstream: {u:?} has an invalid host"))?;
     Ok(Upstream {
-        base: format!("http://{authority}"),
+        base: format!("{}://{written}", if https { "https" } else { "http" }),
         authority,
+        https,
+        tls: None,
         host_value,
         path,
     })
@@ -1453,6 +1492,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("cookie_secure"), "{e}");
+    }
+
+    #[test]
+    fn https_upstreams_get_port_443_and_a_tls_name() {
+        let c = parse(&minimal(
+            "",
+            "[[route]]\nupstreams = [\"https://app.internal\", \"https://[::1]:9443/base\", \"http://b:80\"]\n",
+        ))
+        .unwrap();
+        let u = &c.routes[0].upstreams;
+        assert_eq!(u[0].base, "https://app.internal");
+        assert_eq!(u[0].authority.as_str(), "app.internal:443");
+        assert_eq!(u[0].host_value, "app.internal");
+        assert_eq!(
+            u[0].tls.as_ref().unwrap().server_name.to_str(),
+            "app.internal"
+        );
+        assert_eq!(u[1].authority.as_str(), "[::1]:9443");
+        assert_eq!(u[1].path, "/base");
+        assert_eq!(u[1].tls.as_ref().unwrap().server_name.to_str(), "::1");
+        assert!(u[2].tls.is_none() && !u[2].https);
+        let e = parse(&minimal(
+            "",
+            "[[route]]\nname = \"p\"\nupstream = \"http://b:80\"\nupstream_ca = \"ca.pem\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("route \"p\": upstream_ca: only for https:// upstreams"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -48,6 +48,11 @@ impl AdminListener {
         self.admin.set_reload(f);
     }
 
+    /// What its endpoints read (kept to serve a moved listener).
+    pub fn admin(&self) -> Arc<Admin> {
+        self.admin.clone()
+    }
+
     pub fn spawn(self) -> tokio::task::JoinHandle<()> {
         crate::admin::spawn(self.listener, self.admin)
     }

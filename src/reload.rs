@@ -135,12 +135,15 @@ pub enum ReloadError {
     /// Valid, but it changes what only a restart can change.
     #[error("reload refused: {0}")]
     Refused(String),
+    /// A new address cannot be bound (the message a start prints).
+    #[error("{0}")]
+    Bind(String),
 }
 
 impl ReloadError {
     pub fn result(&self) -> ReloadResult {
         match self {
-            ReloadError::Invalid(_) => ReloadResult::Invalid,
+            ReloadError::Invalid(_) | ReloadError::Bind(_) => ReloadResult::Invalid,
             ReloadError::Refused(_) => ReloadResult::Refused,
         }
     }
@@ -166,26 +169,22 @@ pub fn prepare(running: &Config, path: &Path) -> Result<Prepared, ReloadError> {
     Ok(Prepared { config, tls })
 }
 
-/// Refuses a new configuration that changes what is bound or opened once
-/// at start: the listeners, TLS on or off, the admin listener, the access
-/// log's target and format, the user key (the store's index).
+/// Refuses a new configuration that changes what is set up once at start:
+/// TLS on or off (the listeners' protocol), an admin listener added or
+/// removed, the access log's target and format, the user key (the store's
+/// index). A moved `listen`, `redirect_http` or `[admin] listen` is rebound
+/// by the reload.
 pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), ReloadError> {
     let (a, b) = (&running.server, &new.server);
     let mut changed = Vec::new();
-    if a.listen != b.listen {
-        changed.push("[server] listen");
-    }
     if a.tls.is_some() != b.tls.is_some() {
-        changed.push("[server] tls");
-    }
-    if a.redirect_http != b.redirect_http {
-        changed.push("[server] redirect_http");
+        changed.push("[server] tls (turning TLS on or off)");
     }
     if a.access_log != b.access_log || a.access_log_format != b.access_log_format {
         changed.push("[server] access_log");
     }
-    if running.admin.as_ref().map(|x| x.listen) != new.admin.as_ref().map(|x| x.listen) {
-        changed.push("[admin] listen");
+    if running.admin.is_some() != new.admin.is_some() {
+        changed.push("[admin] (added or removed)");
     }
     // The engine builds its index of users' sessions when it opens.
     if running.session.user_key != new.session.user_key {
@@ -231,6 +230,31 @@ mod tests {
             cert: dir.join("c.pem"),
             key: dir.join("k.pem"),
         }
+    }
+
+    fn config(server: &str, admin: &str) -> Config {
+        let text = format!(
+            "[server]\n{server}\n[session]\nsecret_key = \"0123456789abcdef0123456789abcdef\"\n{admin}\n[[route]]\nupstream = \"http://127.0.0.1:9000\"\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    #[test]
+    fn moved_listeners_are_rebound_and_tls_on_or_off_needs_a_restart() {
+        let plain = |port: u16| format!("listen = \"127.0.0.1:{port}\"\ntls = false");
+        let admin = |port: u16| format!("[admin]\nlisten = \"127.0.0.1:{port}\"");
+        let running = config(&plain(8000), &admin(9000));
+        // Moved `listen` and `[admin] listen`: a reload rebinds them.
+        assert!(restart_only_changes(&running, &config(&plain(8001), &admin(9001))).is_ok());
+        let tls = "listen = \"127.0.0.1:8000\"\ntls = true\ncert = \"c.pem\"\nkey = \"k.pem\"";
+        let e = restart_only_changes(&running, &config(tls, &admin(9000))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[server] tls (turning TLS on or off) changed: this needs a restart"),
+            "{e}"
+        );
+        let e = restart_only_changes(&running, &config(&plain(8000), "")).unwrap_err();
+        assert!(e.to_string().contains("[admin] (added or removed)"), "{e}");
     }
 
     #[test]

@@ -155,12 +155,40 @@ pub struct Shared {
     /// reload is reported once every worker serves it.
     swaps: (std::sync::Mutex<usize>, std::sync::Condvar),
     workers: usize,
+    /// One reload at a time: each one's new sockets reach every worker
+    /// before the next is prepared.
+    reloading: std::sync::Mutex<()>,
+    /// The admin listener being served (its accept loop), for a reload
+    /// that moves `[admin] listen`.
+    admin: std::sync::Mutex<Option<AdminServing>>,
+}
+
+struct AdminServing {
+    admin: Arc<crate::admin::Admin>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// One configuration as the workers serve it.
 pub struct Generation {
     pub config: Config,
     pub tls: Option<TlsAcceptor>,
+    /// The sockets this reload bound, when it moved a listener.
+    rebind: Option<Rebind>,
+}
+
+/// Sockets a reload bound for the workers to take up (SPEC 7.1).
+struct Rebind {
+    /// One per worker on the new `listen` address (empty: unchanged).
+    listen: Vec<std::sync::Mutex<Option<std::net::TcpListener>>>,
+    /// Worker 0's new `redirect_http` socket (inside, `None`: removed),
+    /// when it changed.
+    redirect: Option<std::sync::Mutex<Option<std::net::TcpListener>>>,
+    /// The port the redirect sends clients to, when `listen` moved.
+    https_port: Option<u16>,
+}
+
+fn take<T>(m: &std::sync::Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 impl Shared {
@@ -169,6 +197,7 @@ impl Shared {
     /// a restart, every worker serves it from its next connection and
     /// request. Logged and counted either way.
     pub fn reload(&self) -> Result<(), crate::reload::ReloadError> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.generation.borrow().clone();
         let path = current.config.source.clone();
         let outcome = crate::reload::prepare(&current.config, &path).and_then(|p| {
@@ -182,7 +211,24 @@ impl Shared {
                 return Err(e);
             }
         };
+        // New addresses are bound before anything changes: one that cannot
+        // be bound leaves everything as it was.
+        let (rebind, admin) = match self.bind_changes(&current.config, &p.config) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::reload::record_failure(&self.ops.metrics, &path, &e);
+                return Err(e);
+            }
+        };
         let routes = p.config.routes.len();
+        let moved = rebind.is_some() || admin.is_some();
+        let (listen, redirect) = (p.config.server.listen, p.config.server.redirect_http);
+        let listen_moved = rebind.as_ref().is_some_and(|r| !r.listen.is_empty());
+        let bound_at = rebind.as_ref().and_then(|r| {
+            r.listen
+                .first()
+                .and_then(|m| m.lock().ok()?.as_ref()?.local_addr().ok())
+        });
         let tls = match p.tls {
             Some(t) => Some(TlsAcceptor::from(Arc::new(t))),
             // TLS given in memory (the demo) stays.
@@ -196,16 +242,101 @@ impl Shared {
         }
         let (count, taken) = &self.swaps;
         let target = *count.lock().unwrap_or_else(|e| e.into_inner()) + self.workers;
+        let tls_on = tls.is_some();
         self.generation.send_replace(Arc::new(Generation {
             config: p.config,
             tls,
+            rebind,
         }));
+        if let Some(l) = admin {
+            let mut serving = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = serving.as_mut() {
+                // The old accept loop ends (its socket closes); admin
+                // requests in flight finish in their own tasks.
+                let task = crate::admin::spawn(l, s.admin.clone());
+                std::mem::replace(&mut s.task, task).abort();
+            }
+        }
         // Reported once every worker serves it (bounded: a worker stuck
         // elsewhere does not hold the reload).
         let guard = count.lock().unwrap_or_else(|e| e.into_inner());
         let _ = taken.wait_timeout_while(guard, Duration::from_secs(5), |n| *n < target);
+        if moved {
+            if listen_moved {
+                announce(tls_on, bound_at.unwrap_or(listen), None);
+            }
+            tracing::info!(%listen, redirect_http = ?redirect, "listeners moved by the reload; the old ones are closed, their connections finish their requests");
+        }
         crate::reload::record_success(&self.ops.metrics, &path, routes);
         Ok(())
+    }
+
+    /// Binds what a reload moved (`listen`, one socket per worker;
+    /// `redirect_http`; `[admin] listen`), or says why it cannot, with the
+    /// message a start would print.
+    fn bind_changes(
+        &self,
+        running: &Config,
+        new: &Config,
+    ) -> Result<(Option<Rebind>, Option<TcpListener>), crate::reload::ReloadError> {
+        let fail = |e: ServerError| crate::reload::ReloadError::Bind(e.to_string());
+        let (a, b) = (&running.server, &new.server);
+        let mut listen = Vec::new();
+        let mut https_port = None;
+        if a.listen != b.listen {
+            let first = bind_reuseport(b.listen).map_err(fail)?;
+            let addr = first.local_addr().map_err(|source| {
+                fail(ServerError::Bind {
+                    what: "listen",
+                    addr: b.listen,
+                    source,
+                })
+            })?;
+            https_port = Some(addr.port());
+            listen.push(first);
+            for _ in 1..self.workers {
+                listen.push(bind_reuseport(addr).map_err(fail)?);
+            }
+        }
+        let redirect = match (a.redirect_http != b.redirect_http, b.redirect_http) {
+            (false, _) => None,
+            (true, None) => Some(None),
+            (true, Some(addr)) => {
+                let err = |source| {
+                    fail(ServerError::Bind {
+                        what: "redirect_http",
+                        addr,
+                        source,
+                    })
+                };
+                let l = std::net::TcpListener::bind(addr).map_err(err)?;
+                l.set_nonblocking(true).map_err(err)?;
+                Some(Some(l))
+            }
+        };
+        let admin = match (&running.admin, &new.admin) {
+            (Some(x), Some(y)) if x.listen != y.listen => {
+                Some(listen_reuseport(y.listen, 128).map_err(|source| {
+                    crate::reload::ReloadError::Bind(
+                        crate::admin::AdminError::Bind {
+                            addr: y.listen,
+                            source,
+                        }
+                        .to_string(),
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        let rebind = (!listen.is_empty() || redirect.is_some()).then(|| Rebind {
+            listen: listen
+                .into_iter()
+                .map(|l| std::sync::Mutex::new(Some(l)))
+                .collect(),
+            redirect: redirect.map(std::sync::Mutex::new),
+            https_port,
+        });
+        Ok((rebind, admin))
     }
 
     /// A worker serves the newest generation.
@@ -274,6 +405,7 @@ impl Server {
         let (generation, _) = tokio::sync::watch::channel(Arc::new(Generation {
             config: config.clone(),
             tls: tls.clone(),
+            rebind: None,
         }));
         let shared = Arc::new(Shared {
             store,
@@ -285,6 +417,8 @@ impl Server {
             generation,
             swaps: Default::default(),
             workers,
+            reloading: Default::default(),
+            admin: Default::default(),
         });
         if let Some(a) = &admin {
             let weak = Arc::downgrade(&shared);
@@ -368,7 +502,12 @@ impl Server {
             shared.clock.clone(),
             shared.ops.metrics.clone(),
         );
-        let admin = admin.map(AdminListener::spawn);
+        if let Some(a) = admin {
+            let admin = a.admin();
+            let task = a.spawn();
+            *shared.admin.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(AdminServing { admin, task });
+        }
         let reopen =
             spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
         let hup = spawn_reload_on_sighup(shared.clone()).map_err(ServerError::Runtime)?;
@@ -393,6 +532,7 @@ impl Server {
                     tokio::spawn(async move {
                         let done = start.done;
                         let r = worker(
+                            0,
                             start.listener,
                             start.redirect,
                             start.shared,
@@ -439,8 +579,13 @@ impl Server {
         if let Some(s) = sweeper {
             s.abort();
         }
-        if let Some(a) = admin {
-            a.abort();
+        if let Some(a) = shared
+            .admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            a.task.abort();
         }
         reopen.abort();
         hup.abort();
@@ -475,6 +620,7 @@ struct WorkerStart {
 
 /// One worker: its proxy and pool, its accept loop, until `stop`.
 async fn worker(
+    index: usize,
     listener: std::net::TcpListener,
     redirect: Option<std::net::TcpListener>,
     shared: Arc<Shared>,
@@ -506,7 +652,8 @@ async fn worker(
         https_port,
     ));
     // Reloads: this worker's proxy (and pool) for each new configuration,
-    // built on this worker's thread.
+    // built on this worker's thread, and the sockets it moved to.
+    let (rebinds, rebound) = tokio::sync::mpsc::unbounded_channel();
     let follower = {
         let (worker, shared) = (worker.clone(), shared.clone());
         tokio::spawn(async move {
@@ -521,6 +668,38 @@ async fn worker(
                     shared.clock.clone(),
                 ));
                 worker.swap(proxy, g.tls.clone(), &config.server);
+                if let Some(r) = &g.rebind {
+                    if let Some(port) = r.https_port {
+                        worker
+                            .https_port
+                            .store(port, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let tokio_listener = |l: std::net::TcpListener| match TcpListener::from_std(l) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            tracing::error!(error = %e, "a listener bound by the reload cannot be served");
+                            None
+                        }
+                    };
+                    let listen = r.listen.get(index).and_then(take).and_then(tokio_listener);
+                    let redirect = match (&r.redirect, index) {
+                        (Some(m), 0) => Some(take(m).and_then(tokio_listener)),
+                        _ => None,
+                    };
+                    if listen.is_some() || redirect.is_some() {
+                        // Counted as taken up once the worker accepts on
+                        // the new socket and has closed the old one.
+                        let (done, taken) = tokio::sync::oneshot::channel();
+                        let sent = rebinds.send(listener::Rebound {
+                            listen,
+                            redirect,
+                            done: Some(done),
+                        });
+                        if sent.is_ok() {
+                            let _ = taken.await;
+                        }
+                    }
+                }
                 shared.swapped();
             }
         })
@@ -531,6 +710,7 @@ async fn worker(
         worker,
         limit: shared.connections.clone(),
         grace: config.server.shutdown_grace,
+        rebinds: rebound,
     }
     .run(stop)
     .await;
@@ -573,7 +753,7 @@ fn spawn_worker(start: WorkerStart) -> Result<(), ServerError> {
                 .map_err(ServerError::Runtime)
                 .and_then(|rt| {
                     rt.block_on(worker(
-                        listener, redirect, shared, stop, workers, https_port,
+                        i, listener, redirect, shared, stop, workers, https_port,
                     ))
                 });
             let _ = done.send(result);

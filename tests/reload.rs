@@ -440,3 +440,181 @@ async fn the_reload_command_reaches_the_server_through_the_admin_listener() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_listen_is_rebound_and_a_taken_port_keeps_the_old_one_serving() {
+    // The upstream holds `/slow` until the test opens the gate: a request
+    // in flight on the old port across the reload.
+    let gate = Gate::default();
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = {
+        let gate = gate.clone();
+        upstream_async(move |s: Seen| {
+            let (gate, arrived) = (gate.clone(), arrived_tx.clone());
+            Box::pin(async move {
+                if s.uri.path() == "/slow" {
+                    let _ = arrived.send(());
+                    gate.wait().await;
+                }
+                text("served")
+            })
+        })
+        .await
+    };
+    let dir = TempDir::new("reload-listen");
+    let (p1, p2) = (
+        common::redis_server::free_port(),
+        common::redis_server::free_port(),
+    );
+    let (a1, a2) = (
+        common::redis_server::free_port(),
+        common::redis_server::free_port(),
+    );
+    let text_for = |listen: u16, admin: u16| {
+        config_text(&up.url(), admin, "").replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{listen}\""),
+        )
+    };
+    let path = dir.write("sessiongate.toml", &text_for(p1, a1));
+    let sg = Running::start(&path).await;
+    let old: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+    let new: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    assert_eq!(sg.addr, old);
+
+    let slow = tokio::spawn(async move {
+        raw_request(
+            old,
+            "GET /slow HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    });
+    within("the slow request to reach the upstream", arrived.recv()).await;
+
+    // `listen` and `[admin] listen` move.
+    std::fs::write(&path, text_for(p2, a2)).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    let line = sg.wait_for("sessiongate listening", 2).await;
+    assert!(line.contains(&format!("addr=127.0.0.1:{p2}")), "{line}");
+    let r = raw_request(
+        new,
+        "GET /page HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "served"));
+    // The old sockets are closed once the reload is reported.
+    for (what, addr) in [
+        ("listen", old),
+        ("admin", format!("127.0.0.1:{a1}").parse().unwrap()),
+    ] {
+        let e = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect_err(&format!("the old {what} port refuses"));
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{what}");
+    }
+    let admin_new: SocketAddr = format!("127.0.0.1:{a2}").parse().unwrap();
+    let r = raw_request(
+        admin_new,
+        "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // The request in flight on the old port finishes there.
+    gate.open();
+    let r = within("the slow request", slow).await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "served"));
+
+    // A port another process holds: the reload fails with the message a
+    // start prints, and the running listener serves on.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().port();
+    std::fs::write(&path, text_for(taken, a2)).unwrap();
+    sg.signal("HUP");
+    let line = sg.wait_for("reload failed", 1).await;
+    assert!(
+        line.contains(&format!("cannot listen on 127.0.0.1:{taken} (listen)"))
+            && line.contains("in use"),
+        "{line}"
+    );
+    let r = raw_request(
+        new,
+        "GET /page HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "served"));
+    let metrics = raw_request(
+        admin_new,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .text();
+    for line in [
+        r#"sessiongate_config_reloads_total{result="ok"} 1"#,
+        r#"sessiongate_config_reloads_total{result="invalid"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_redirect_http_is_rebound_and_turning_tls_off_is_refused() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("reload-redirect");
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    dir.write("cert.pem", &a.cert.pem());
+    dir.write("key.pem", &a.signing_key.serialize_pem());
+    let (r1, r2) = (
+        common::redis_server::free_port(),
+        common::redis_server::free_port(),
+    );
+    let base = config_text(&up.url(), common::redis_server::free_port(), "")
+        .replace("cookie_secure = false", "");
+    let tls = |redirect: u16| {
+        base.replace(
+            "tls = false",
+            &format!(
+                "tls = true\ncert = \"cert.pem\"\nkey = \"key.pem\"\nredirect_http = \"127.0.0.1:{redirect}\""
+            ),
+        )
+    };
+    let path = dir.write("sessiongate.toml", &tls(r1));
+    let sg = Running::start(&path).await;
+    let ask = |port: u16| async move {
+        raw_request(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    };
+    assert_eq!(ask(r1).await.status, 308);
+
+    std::fs::write(&path, tls(r2)).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    let r = ask(r2).await;
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://shop.test:{}/x", sg.addr.port()).as_str())
+    );
+    let e = tokio::net::TcpStream::connect(format!("127.0.0.1:{r1}"))
+        .await
+        .expect_err("the old redirect port refuses");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // TLS off needs a restart: refused, and TLS serves on.
+    std::fs::write(&path, &base).unwrap();
+    sg.signal("HUP");
+    let line = sg.wait_for("reload failed", 1).await;
+    assert!(
+        line.contains("[server] tls (turning TLS on or off) changed: this needs a restart"),
+        "{line}"
+    );
+    assert_eq!(
+        &served_certificate(sg.addr, &[a.cert.der().clone()]).await,
+        a.cert.der()
+    );
+    assert_eq!(ask(r2).await.status, 308);
+}

@@ -50,6 +50,10 @@ pub enum ProxyError {
     // The upstream.
     #[error("upstream unreachable")]
     UpstreamConnect(#[source] BoxError),
+    /// An https upstream's certificate failed verification (rustls's
+    /// reason is the source: unknown issuer, name mismatch, expired).
+    #[error("the upstream's TLS certificate was refused")]
+    UpstreamCertificate(#[source] BoxError),
     #[error("upstream connection failed")]
     UpstreamIo(#[source] io::Error),
     #[error("invalid upstream response")]
@@ -124,6 +128,10 @@ impl ProxyError {
                 ),
             ),
             E::UpstreamConnect(_) => s(StatusCode::BAD_GATEWAY, "upstream unreachable"),
+            E::UpstreamCertificate(_) => s(
+                StatusCode::BAD_GATEWAY,
+                "the upstream's TLS certificate was refused",
+            ),
             E::UpstreamIo(_) | E::UpstreamUpgrade(_) => {
                 s(StatusCode::BAD_GATEWAY, "upstream failed to answer")
             }
@@ -229,19 +237,20 @@ mod tests {
             ProxyError::ClientBody(..) => 9,
             ProxyError::ClientBodyTimeout(..) => 10,
             ProxyError::UpstreamConnect(..) => 11,
-            ProxyError::UpstreamIo(..) => 12,
-            ProxyError::UpstreamProtocol(..) => 13,
-            ProxyError::UpstreamClosed(..) => 14,
-            ProxyError::UpstreamSwitched => 15,
-            ProxyError::UpstreamUpgrade(..) => 16,
-            ProxyError::UpstreamTimeout(..) => 17,
-            ProxyError::UpstreamReadTimeout(..) => 18,
-            ProxyError::UpstreamTarget(..) => 19,
-            ProxyError::Directive(..) => 20,
-            ProxyError::SessionTooLarge { .. } => 21,
-            ProxyError::SignedTooLarge(..) => 22,
-            ProxyError::Interrupted => 23,
-            ProxyError::Store(..) => 24,
+            ProxyError::UpstreamCertificate(..) => 12,
+            ProxyError::UpstreamIo(..) => 13,
+            ProxyError::UpstreamProtocol(..) => 14,
+            ProxyError::UpstreamClosed(..) => 15,
+            ProxyError::UpstreamSwitched => 16,
+            ProxyError::UpstreamUpgrade(..) => 17,
+            ProxyError::UpstreamTimeout(..) => 18,
+            ProxyError::UpstreamReadTimeout(..) => 19,
+            ProxyError::UpstreamTarget(..) => 20,
+            ProxyError::Directive(..) => 21,
+            ProxyError::SessionTooLarge { .. } => 22,
+            ProxyError::SignedTooLarge(..) => 23,
+            ProxyError::Interrupted => 24,
+            ProxyError::Store(..) => 25,
         }
     }
 
@@ -265,6 +274,7 @@ mod tests {
             (ProxyError::ClientBody(boxed()), 400, "request body incomplete or badly framed: connection reset"),
             (ProxyError::ClientBodyTimeout(Duration::from_secs(60)), 408, "request body stalled: nothing received for 60s"),
             (ProxyError::UpstreamConnect(boxed()), 502, "upstream unreachable"),
+            (ProxyError::UpstreamCertificate(boxed()), 502, "the upstream's TLS certificate was refused"),
             (ProxyError::UpstreamIo(io()), 502, "upstream failed to answer"),
             (ProxyError::UpstreamProtocol(ProtocolError::HeadTooLarge), 502, "upstream response head too large"),
             (ProxyError::UpstreamProtocol(ProtocolError::ContentLength), 502, "upstream sent an invalid response: invalid Content-Length"),
@@ -284,7 +294,7 @@ mod tests {
         covered.dedup();
         assert_eq!(
             covered,
-            (0..25).collect::<Vec<_>>(),
+            (0..26).collect::<Vec<_>>(),
             "every variant, once, in order"
         );
         for (e, status, body) in &table {

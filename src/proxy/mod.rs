@@ -8,6 +8,7 @@ pub mod headers;
 pub mod path;
 pub mod route;
 pub mod upstream;
+pub mod upstream_tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -235,7 +236,7 @@ impl Proxy {
                 .cfg
                 .upstreams
                 .iter()
-                .map(|u| pool.slot_for(&u.authority))
+                .map(|u| pool.slot_for(u))
                 .collect();
         }
         let route_ops = router
@@ -546,7 +547,9 @@ impl Proxy {
     /// client's faults at debug, the rest at warn.
     fn error_reply(&self, route: Option<&Route>, e: ProxyError) -> Response<RespBody> {
         let kind = match &e {
-            ProxyError::UpstreamConnect(_) => Some(UpstreamErrorKind::Connect),
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamCertificate(_) => {
+                Some(UpstreamErrorKind::Connect)
+            }
             ProxyError::UpstreamTimeout(_) => Some(UpstreamErrorKind::Timeout),
             ProxyError::UpstreamIo(_)
             | ProxyError::UpstreamProtocol(_)
@@ -1176,7 +1179,10 @@ impl Proxy {
                         if next {
                             tracing::warn!(route = %route.cfg.name, upstream = %up.base, error = %error::one_line(&error), "upstream failed before the request was sent; trying the next upstream");
                         }
-                        if matches!(error, ProxyError::UpstreamConnect(_)) {
+                        if matches!(
+                            error,
+                            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamCertificate(_)
+                        ) {
                             route.mark_down(i, self.clock.now_ms());
                         }
                         last_err = Some(error);

@@ -1,5 +1,6 @@
 //! The upstream side: a keep-alive pool of HTTP/1.1 connections per
-//! upstream address, the exchange on one of them, the request body wrapper
+//! upstream address (plain TCP, or TLS for `https://` upstreams: [`Io`]
+//! dispatches, the plain arm first), the exchange on one of them, the request body wrapper
 //! that enforces `max_request_body` while streaming, the response body
 //! that hands its connection back to the pool once read, and the errors
 //! that become 413/502/504.
@@ -29,12 +30,15 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tower_service::Service;
 
 use super::h1::{self, ChunkedDecoder, Decoded, Framing, SendFraming};
+use super::upstream_tls::UpstreamTls;
 use crate::session::headers::Added;
 use crate::timer::{Sleep, Wheel};
 
@@ -71,6 +75,8 @@ struct Slot {
     authority: Authority,
     /// The address as a URI, for the connector.
     uri: http::Uri,
+    /// `https://`: the handshake after connecting.
+    tls: Option<SlotTls>,
     /// Open connections with nothing in flight, the most recently used at
     /// the back.
     idle: Mutex<VecDeque<(Instant, Conn)>>,
@@ -80,12 +86,86 @@ struct Slot {
     limit: Option<Arc<Semaphore>>,
 }
 
+/// How a slot's connections become TLS ones.
+struct SlotTls {
+    id: UpstreamTls,
+    connector: TlsConnector,
+}
+
 /// A connection's share of its upstream's `max_upstream_connections`.
 type Permit = Option<OwnedSemaphorePermit>;
 
+/// An upstream connection: plain TCP (the common case, dispatched first)
+/// or TLS over it (boxed: rustls's state is large, and rare).
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(_) => Poll::Ready(Ok(())),
+            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One connection to an upstream and its buffers.
 struct Conn {
-    io: TcpStream,
+    io: Io,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
     /// The request head being written.
@@ -121,7 +201,13 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let tcp = match &self.io {
+            Io::Plain(tcp) => tcp,
+            // rustls may hold decrypted bytes, or the socket a TLS record
+            // that is no data (a session ticket, or `close_notify`): look.
+            Io::Tls(_) => return self.poll_fill(&mut cx).is_pending(),
+        };
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // Readiness is not proof of data: look, without waiting.
@@ -152,9 +238,20 @@ impl Pool {
         self.max_connections = n;
     }
 
-    /// The slot of an address, added on first use (at start-up).
-    pub fn slot_for(&mut self, authority: &Authority) -> usize {
-        if let Some(i) = self.slots.iter().position(|s| &s.authority == authority) {
+    /// The slot of an upstream (its address, and for `https://` its TLS
+    /// configuration and name), added on first use (at start-up).
+    pub fn slot_for(&mut self, upstream: &crate::config::Upstream) -> usize {
+        let authority = &upstream.authority;
+        let same_tls = |s: &Slot| match (&s.tls, &upstream.tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.id.same(b),
+            _ => false,
+        };
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| &s.authority == authority && same_tls(s))
+        {
             return i;
         }
         let uri = http::Uri::builder()
@@ -166,6 +263,10 @@ impl Pool {
         self.slots.push(Slot {
             authority: authority.clone(),
             uri,
+            tls: upstream.tls.as_ref().map(|t| SlotTls {
+                id: t.clone(),
+                connector: TlsConnector::from(t.config.clone()),
+            }),
             idle: Mutex::new(VecDeque::new()),
             limit: (self.max_connections > 0)
                 .then(|| Arc::new(Semaphore::new(self.max_connections))),
@@ -196,19 +297,36 @@ impl Pool {
         None
     }
 
-    /// A new TCP connection to the slot's address, or why none could be
-    /// made.
-    async fn dial(&self, slot: usize) -> Result<TokioIo<TcpStream>, ProxyError> {
-        let Slot { uri, .. } = &self.slots[slot];
+    /// A new connection to the slot's address (with its TLS handshake
+    /// for `https://`), or why none could be made.
+    async fn dial(&self, slot: usize) -> Result<Io, ProxyError> {
+        let Slot { uri, tls, .. } = &self.slots[slot];
         let mut connector = self.connector.clone();
         let connect = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
             connector.call(uri.clone()).await
         };
         // `upstream_connect_timeout` bounds the connecting, not the name's
-        // resolution: `upstream_timeout` bounds both.
-        match self.timer.timeout(self.read_timeout, connect).await {
-            Ok(r) => r.map_err(|e| ProxyError::UpstreamConnect(Box::new(e))),
+        // resolution: `upstream_timeout` bounds both (and the handshake).
+        let tcp = match self.timer.timeout(self.read_timeout, connect).await {
+            Ok(r) => r.map_err(|e| ProxyError::UpstreamConnect(Box::new(e)))?,
+            Err(_) => return Err(ProxyError::UpstreamTimeout(self.read_timeout)),
+        };
+        match tls {
+            None => Ok(Io::Plain(tcp.into_inner())),
+            // Boxed: the handshake's future is large, and it is not the
+            // plain path's.
+            Some(t) => Box::pin(self.handshake(t, tcp.into_inner())).await,
+        }
+    }
+
+    /// The TLS handshake on a new connection to an https upstream, within
+    /// `upstream_timeout`.
+    async fn handshake(&self, t: &SlotTls, tcp: TcpStream) -> Result<Io, ProxyError> {
+        let shake = t.connector.connect(t.id.server_name.clone(), tcp);
+        match self.timer.timeout(self.read_timeout, shake).await {
+            Ok(Ok(s)) => Ok(Io::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(handshake_error(e)),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.read_timeout)),
         }
     }
@@ -304,7 +422,7 @@ impl Pool {
                 None => match self.dial(slot).await {
                     Ok(io) => (
                         Conn {
-                            io: io.into_inner(),
+                            io,
                             rbuf: BytesMut::new(),
                             wbuf: Vec::with_capacity(1024),
                             permit,
@@ -388,14 +506,21 @@ impl Pool {
             wbuf,
             mut permit,
         } = conn;
-        let io = match upload {
-            None => ReadIo::Whole(io),
-            Some(upload) => {
+        let io = match (upload, io) {
+            (None, io) => ReadIo::Whole(io),
+            (Some(upload), Io::Plain(io)) => {
                 let (rd, wr) = io.into_split();
                 let (tx, rx) = oneshot::channel();
                 // The write half outlives the read half: it keeps the permit.
                 tokio::spawn(finish_upload(upload, wr, rx, self.clone(), permit.take()));
                 ReadIo::Half { rd, _over: tx }
+            }
+            (Some(upload), io @ Io::Tls(_)) => {
+                // One TLS session for both directions: tokio's split.
+                let (rd, wr) = tokio::io::split(io);
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(finish_upload(upload, wr, rx, self.clone(), permit.take()));
+                ReadIo::TlsHalf { rd, _over: tx }
             }
         };
         let body = match framing {
@@ -448,7 +573,7 @@ impl Pool {
             unsent: None,
         };
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(failed)?;
         tokio::spawn(async move {
@@ -507,6 +632,12 @@ async fn exchange(
         tokio::io::AsyncWriteExt::write_all(io, wbuf)
             .await
             .map_err(|e| fail(e.into(), true, true))?;
+        if let Io::Tls(_) = io {
+            // rustls may keep records a full socket did not take.
+            tokio::io::AsyncWriteExt::flush(io)
+                .await
+                .map_err(|e| fail(e.into(), true, true))?;
+        }
     }
     let mut received = false;
     let mut write_failed: Option<io::Error> = None;
@@ -697,6 +828,8 @@ impl Upload {
                 self.pos += n;
                 self.written += n as u64;
             }
+            // TLS may keep records back (plain sockets: nothing to do).
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
             self.out.clear();
             self.pos = 0;
             if self.ended {
@@ -774,9 +907,13 @@ struct Streaming {
 /// own (which keeps the write half open until the response is over: the
 /// dropped sender tells it).
 enum ReadIo {
-    Whole(TcpStream),
+    Whole(Io),
     Half {
         rd: OwnedReadHalf,
+        _over: oneshot::Sender<()>,
+    },
+    TlsHalf {
+        rd: tokio::io::ReadHalf<Io>,
         _over: oneshot::Sender<()>,
     },
 }
@@ -825,6 +962,7 @@ impl Streaming {
             let filled = match &mut self.io {
                 ReadIo::Whole(io) => poll_fill(io, &mut self.rbuf, cx),
                 ReadIo::Half { rd, .. } => poll_fill(rd, &mut self.rbuf, cx),
+                ReadIo::TlsHalf { rd, .. } => poll_fill(rd, &mut self.rbuf, cx),
             };
             let Poll::Ready(filled) = filled else {
                 let pool = &self.pool;
@@ -897,7 +1035,7 @@ fn release(
             },
         ),
         // Never reusable (see `respond`).
-        ReadIo::Half { .. } => {}
+        ReadIo::Half { .. } | ReadIo::TlsHalf { .. } => {}
     }
 }
 
@@ -909,9 +1047,9 @@ fn release(
 /// gets `read_timeout` more, so an upstream that stops reading without
 /// closing cannot hold the task. The write half is kept open until the
 /// response is over too; then the connection is closed, never reused.
-async fn finish_upload(
+async fn finish_upload<W: AsyncWrite + Unpin>(
     mut upload: Upload,
-    mut wr: OwnedWriteHalf,
+    mut wr: W,
     mut response: oneshot::Receiver<()>,
     pool: Arc<Pool>,
     _permit: Permit,
@@ -989,6 +1127,26 @@ impl Body for PooledBody {
             Inner::Hyper(body) => body.size_hint(),
         }
     }
+}
+
+/// A failed TLS handshake with an upstream: a certificate rustls refused
+/// is told as such (with rustls's reason in the log), anything else is
+/// the upstream being unreachable.
+fn handshake_error(e: io::Error) -> ProxyError {
+    let refused = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        });
+    if refused {
+        let inner = e.into_inner().expect("checked above");
+        return ProxyError::UpstreamCertificate(inner);
+    }
+    ProxyError::UpstreamConnect(Box::new(e))
 }
 
 /// The request body went over `max_request_body`.

@@ -49,9 +49,9 @@ pub(super) struct Worker {
     /// What a reload replaces: new connections take the TLS acceptor and
     /// the PROXY/trust settings of the newest, every request its proxy.
     gen: arc_swap::ArcSwap<Gen>,
-    pub(super) drain: Drain,
-    /// The https port the redirect listener sends clients to.
-    pub(super) https_port: u16,
+    /// The https port the redirect listener sends clients to (a reload
+    /// that moves `listen` changes it).
+    pub(super) https_port: std::sync::atomic::AtomicU16,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     /// Plain HTTP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
@@ -115,8 +115,7 @@ impl Worker {
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
         Worker {
-            drain: Drain::new(),
-            https_port,
+            https_port: https_port.into(),
             h1,
             h2,
             auto,
@@ -174,17 +173,21 @@ impl Worker {
     }
 }
 
-/// Serves one accepted connection (holding its `max_connections` permit).
+/// Serves one accepted connection (holding its `max_connections` permit),
+/// until it ends or `drain` (its listener's: the worker's shutdown, or a
+/// reload that moved the listener) tells it to finish and close.
 pub(super) async fn serve(
     w: Arc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
     redirect: bool,
     _permit: OwnedSemaphorePermit,
+    drain: Drain,
 ) {
+    let drain = &drain;
     let state = Arc::new(ConnState::new());
     if redirect {
-        let port = w.https_port;
+        let port = w.https_port.load(std::sync::atomic::Ordering::Relaxed);
         let st = state.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let guard = st.request();
@@ -193,7 +196,7 @@ pub(super) async fn serve(
         });
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
         let conn = w.auto.serve_connection(TokioIo::new(io), svc);
-        return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
+        return drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await;
     }
     let g = w.gen.load_full();
     let _counted = crate::ops::ConnGuard::new(&g.ops.gauge);
@@ -208,13 +211,13 @@ pub(super) async fn serve(
                 return;
             }
         },
-        () = w.drain.started() => return,
+        () = drain.started() => return,
     };
     let Some(acceptor) = &g.tls else {
         let svc = service(&w, &state, info);
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
         let conn = w.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        return drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await;
+        return drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await;
     };
     // A connection still handshaking when the drain starts is dropped (it
     // has no request yet), not waited on.
@@ -251,7 +254,7 @@ pub(super) async fn serve(
                 return;
             }
         },
-        () = w.drain.started() => return,
+        () = drain.started() => return,
     };
     // What ALPN chose, and nothing else: no sniffing on TLS.
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -259,11 +262,11 @@ pub(super) async fn serve(
     if h2 {
         let io = ConnIo::new(tls, state.clone(), Proto::Http2);
         let conn = w.h2.serve_connection(TokioIo::new(io), svc);
-        drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await
+        drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await
     } else {
         let io = ConnIo::new(tls, state.clone(), Proto::Http1);
         let conn = w.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &state, &w, peer).await
+        drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await
     }
 }
 
@@ -312,14 +315,20 @@ enum Phase {
 
 /// Polls `conn` to its end under the watchdog and the drain; `shut` is
 /// the connection's graceful shutdown.
-async fn drive<C, F, T>(conn: C, mut shut: F, state: &ConnState, w: &Worker, peer: SocketAddr)
-where
+async fn drive<C, F, T>(
+    conn: C,
+    mut shut: F,
+    state: &ConnState,
+    w: &Worker,
+    drain: &Drain,
+    peer: SocketAddr,
+) where
     C: Future<Output = Result<(), T>>,
     T: std::fmt::Display,
     F: FnMut(Pin<&mut C>),
 {
     let mut conn = pin!(conn);
-    let mut reg = w.drain.register();
+    let mut reg = drain.register();
     let mut phase = Phase::Serving;
     let mut timer: Option<Sleep> = None;
     std::future::poll_fn(|cx| {

@@ -42,10 +42,6 @@ impl Shared {
 }
 
 impl Drain {
-    pub fn new() -> Drain {
-        Drain::default()
-    }
-
     /// A connection's place in the drain: see [`Registration::poll_draining`].
     pub fn register(&self) -> Registration {
         Registration::new(self.shared.clone())

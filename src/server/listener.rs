@@ -2,7 +2,9 @@
 //! `max_connections` (shared by all workers; more clients wait in the
 //! kernel's backlog, and one per worker accepted and unread), accept errors back off and are logged at most once a
 //! second, and at shutdown the worker stops accepting and drains its
-//! connections within `shutdown_grace`.
+//! connections within `shutdown_grace`. A reload that moves `listen` or
+//! `redirect_http` hands the worker its new socket: the old one is closed
+//! at once and its connections drained the same way, apart from the rest.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,11 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::conn::{self, Worker};
+use super::drain::Drain;
 use super::Shutdown;
 
 /// The first pause after a failed accept, doubled on each failure in a row
@@ -30,14 +33,57 @@ pub(super) struct Listener {
     /// `max_connections`, shared by every worker.
     pub(super) limit: Arc<Semaphore>,
     pub(super) grace: Duration,
+    /// Sockets a reload bound for this worker (SPEC 7.1).
+    pub(super) rebinds: mpsc::UnboundedReceiver<Rebound>,
+}
+
+/// What a reload changed of a worker's listeners.
+pub(super) struct Rebound {
+    /// The new `listen` socket, when it moved.
+    pub(super) listen: Option<TcpListener>,
+    /// The new `redirect_http` socket (`Some(None)`: none any more), when
+    /// it changed.
+    pub(super) redirect: Option<Option<TcpListener>>,
+    /// Told once the old sockets are closed and the new ones serve.
+    pub(super) done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The connections accepted from one socket, drained together.
+#[derive(Default)]
+struct Accepted {
+    drain: Drain,
+    conns: JoinSet<()>,
+}
+
+impl Accepted {
+    /// The socket they came from is closed: they finish their requests in
+    /// flight and close, within `grace`, in a task of their own.
+    fn retire(self, retired: &mut JoinSet<()>, grace: Duration) {
+        let Accepted { drain, mut conns } = self;
+        drain.start();
+        retired.spawn(async move {
+            let all_closed = async { while conns.join_next().await.is_some() {} };
+            if tokio::time::timeout(grace, all_closed).await.is_err() {
+                tracing::warn!(
+                    open = conns.len(),
+                    "grace period over for the connections of a closed listener; closing them"
+                );
+                conns.abort_all();
+                while conns.join_next().await.is_some() {}
+            }
+        });
+    }
 }
 
 impl Listener {
     /// Accepts until `shutdown`, then drains.
     pub(super) async fn run(mut self, shutdown: Shutdown) {
         // Every connection task, so the ones still open when the grace
-        // period ends can be aborted before the store is flushed.
-        let mut conns: JoinSet<()> = JoinSet::new();
+        // period ends can be aborted before the store is flushed: those of
+        // `listen`, of `redirect_http`, and of sockets a reload closed.
+        let mut main = Accepted::default();
+        let mut redirected = Accepted::default();
+        let mut retired: JoinSet<()> = JoinSet::new();
         let mut errors = AcceptErrors::default();
         let stop = shutdown.wait();
         tokio::pin!(stop);
@@ -45,10 +91,28 @@ impl Listener {
             let accepted = tokio::select! {
                 biased;
                 () = &mut stop => break,
+                Some(r) = self.rebinds.recv() => {
+                    if let Some(l) = r.listen {
+                        // The old socket closes here: new clients are
+                        // refused on it, its connections drain.
+                        self.listener = l;
+                        std::mem::take(&mut main).retire(&mut retired, self.grace);
+                    }
+                    if let Some(l) = r.redirect {
+                        self.redirect = l;
+                        std::mem::take(&mut redirected).retire(&mut retired, self.grace);
+                    }
+                    if let Some(done) = r.done {
+                        let _ = done.send(());
+                    }
+                    continue;
+                }
                 r = self.listener.accept() => r.map(|(s, p)| (s, p, false)),
                 r = accept_opt(&mut self.redirect) => r.map(|(s, p)| (s, p, true)),
             };
-            while conns.try_join_next().is_some() {}
+            while main.conns.try_join_next().is_some() {}
+            while redirected.conns.try_join_next().is_some() {}
+            while retired.try_join_next().is_some() {}
             match accepted {
                 Ok((stream, peer, redirect)) => {
                     errors.succeeded();
@@ -63,12 +127,14 @@ impl Listener {
                         p = self.limit.clone().acquire_owned() => p.expect("the connection limit is never closed"),
                     };
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(conn::serve(
+                    let to = if redirect { &mut redirected } else { &mut main };
+                    to.conns.spawn(conn::serve(
                         self.worker.clone(),
                         stream,
                         peer,
                         redirect,
                         permit,
+                        to.drain.clone(),
                     ));
                 }
                 Err(e) => {
@@ -86,19 +152,28 @@ impl Listener {
         drop(self.listener);
         drop(self.redirect);
         tracing::debug!(grace = ?self.grace, "listener closed; finishing its connections");
-        self.worker.drain.start();
-        let all_closed = async { while conns.join_next().await.is_some() {} };
+        main.drain.start();
+        redirected.drain.start();
+        let (mut conns, mut others) = (main.conns, redirected.conns);
+        let all_closed = async {
+            while conns.join_next().await.is_some() {}
+            while others.join_next().await.is_some() {}
+        };
         match tokio::time::timeout(self.grace, all_closed).await {
             Ok(()) => tracing::debug!("all connections of this worker closed"),
             Err(_) => {
                 tracing::warn!(
-                    open = conns.len(),
+                    open = conns.len() + others.len(),
                     "shutdown grace period over; closing the remaining connections"
                 );
                 conns.abort_all();
+                others.abort_all();
             }
         }
         while conns.join_next().await.is_some() {}
+        while others.join_next().await.is_some() {}
+        // Those of closed sockets: already draining, each within its grace.
+        while retired.join_next().await.is_some() {}
     }
 }
 
