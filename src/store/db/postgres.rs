@@ -28,7 +28,9 @@ use super::{apply_row, Codec, DbError, Migrated, Puts};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
-const POOL: usize = 16;
+/// Connections per sessiongate instance: enough for 64 concurrent writers to
+/// keep PostgreSQL's group commit fed (BENCHMARKS.md).
+const POOL: usize = 32;
 
 struct Sql {
     load: String,
@@ -94,6 +96,107 @@ fn pool(url: &str, timeout: Duration) -> Result<Pool, DbError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// A transaction driven by hand so that its statements are pipelined
+/// (tokio-postgres sends requests issued together on one connection without
+/// waiting for each answer): `BEGIN` goes with the first statement and
+/// `COMMIT` with the last, so a patch is two round trips, not four.
+///
+/// Dropped before [`Tx::commit`], [`Tx::rollback`] or
+/// [`Tx::execute_and_commit`] succeeded (an error, or `store.timeout`), its
+/// connection is closed instead of going back to the pool: the server rolls
+/// the transaction back and the pool makes a new connection.
+struct Tx {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl Tx {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("a Tx has its client until it ends")
+    }
+
+    /// `BEGIN` and `st` (a row-returning query) in one round trip.
+    async fn begin_query_opt(
+        client: deadpool_postgres::Object,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, Option<tokio_postgres::Row>), DbError> {
+        let tx = Tx {
+            client: Some(client),
+        };
+        let c = tx.client();
+        let (begun, row) =
+            futures_util::future::join(c.batch_execute("BEGIN"), c.query_opt(st, params)).await;
+        begun.map_err(DbError::Postgres)?;
+        let row = row.map_err(DbError::Postgres)?;
+        Ok((tx, row))
+    }
+
+    /// `BEGIN` and `st` (a write) in one round trip; the rows it changed.
+    async fn begin_execute(
+        client: deadpool_postgres::Object,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, u64), DbError> {
+        let tx = Tx {
+            client: Some(client),
+        };
+        let c = tx.client();
+        let (begun, n) =
+            futures_util::future::join(c.batch_execute("BEGIN"), c.execute(st, params)).await;
+        begun.map_err(DbError::Postgres)?;
+        let n = n.map_err(DbError::Postgres)?;
+        Ok((tx, n))
+    }
+
+    /// `st` and `COMMIT` in one round trip. When `st` fails, PostgreSQL
+    /// answers the `COMMIT` of the aborted transaction with a rollback, and
+    /// `st`'s error is returned.
+    async fn execute_and_commit(
+        mut self,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<u64, DbError> {
+        let c = self.client();
+        let (n, committed) =
+            futures_util::future::join(c.execute(st, params), c.batch_execute("COMMIT")).await;
+        let n = n.map_err(DbError::Postgres)?;
+        committed.map_err(DbError::Postgres)?;
+        self.client.take();
+        Ok(n)
+    }
+
+    async fn commit(self) -> Result<(), DbError> {
+        self.end("COMMIT").await
+    }
+
+    async fn rollback(self) -> Result<(), DbError> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(mut self, sql: &str) -> Result<(), DbError> {
+        self.client()
+            .batch_execute(sql)
+            .await
+            .map_err(DbError::Postgres)?;
+        // Back to the pool, outside any transaction.
+        self.client.take();
+        Ok(())
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            // Unfinished: close the connection (the server rolls back).
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
 }
 
 /// Errors that mean the configuration is wrong, not that the database is down.
@@ -294,7 +397,7 @@ impl Postgres {
     ) -> Result<Applied, DbError> {
         let (applied, puts) = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool.get().await.map_err(pool_error)?;
                 let lock = c
                     .prepare_cached(&self.sql.lock)
                     .await
@@ -311,16 +414,15 @@ impl Postgres {
                     .prepare_cached(&self.sql.delete)
                     .await
                     .map_err(DbError::Postgres)?;
-                let tx = c.transaction().await.map_err(DbError::Postgres)?;
-                let row = tx
-                    .query_opt(&lock, &[&key.as_str()])
-                    .await
-                    .map_err(DbError::Postgres)?;
+                // BEGIN and the row lock in one round trip; the write and
+                // COMMIT in another (see `Tx`).
+                let (tx, row) = Tx::begin_query_opt(c, &lock, &[&key.as_str()]).await?;
                 let Some(current) = row.and_then(|r| {
-                    let data: String = r.get(0);
+                    let data: &str = r.get(0);
                     let exp: OffsetDateTime = r.get(1);
-                    self.codec.decode(&data, ms(exp), ctx.now)
+                    self.codec.decode(data, ms(exp), ctx.now)
                 }) else {
+                    tx.rollback().await?;
                     return Ok((Applied::Missing, Puts::new()));
                 };
                 let applied = apply_row(key, &current, patch, ctx);
@@ -329,6 +431,7 @@ impl Postgres {
                     record,
                 } = applied
                 else {
+                    tx.rollback().await?;
                     return Ok((applied, Puts::new()));
                 };
                 let data = self.codec.encode(&record);
@@ -336,12 +439,12 @@ impl Postgres {
                 let mut puts = Puts::new();
                 if new_key == *key {
                     let v = self.bump(key).await?;
-                    tx.execute(&update, &[&key.as_str(), &data, &exp])
-                        .await
-                        .map_err(DbError::Postgres)?;
+                    tx.execute_and_commit(&update, &[&key.as_str(), &data, &exp])
+                        .await?;
                     puts.extend(v.map(|v| (*key, v, Some((data, record.expires_at)))));
                 } else {
                     while tx
+                        .client()
                         .execute(&insert, &[&new_key.as_str(), &data, &exp])
                         .await
                         .map_err(DbError::Postgres)?
@@ -349,15 +452,12 @@ impl Postgres {
                     {
                         new_key = SessionKey::generate();
                     }
-                    tx.execute(&delete, &[&key.as_str()])
-                        .await
-                        .map_err(DbError::Postgres)?;
                     let v_new = self.bump(&new_key).await?;
                     let v_old = self.bump(key).await?;
+                    tx.execute_and_commit(&delete, &[&key.as_str()]).await?;
                     puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
                     puts.extend(v_old.map(|v| (*key, v, None)));
                 }
-                tx.commit().await.map_err(DbError::Postgres)?;
                 Ok((
                     Applied::Saved {
                         key: new_key,
@@ -374,17 +474,22 @@ impl Postgres {
     pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
         let puts = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool.get().await.map_err(pool_error)?;
                 let st = c
                     .prepare_cached(&self.sql.delete)
                     .await
                     .map_err(DbError::Postgres)?;
-                let tx = c.transaction().await.map_err(DbError::Postgres)?;
-                tx.execute(&st, &[&key.as_str()])
-                    .await
-                    .map_err(DbError::Postgres)?;
+                if self.cache.is_none() {
+                    // One statement: its own transaction.
+                    c.execute(&st, &[&key.as_str()])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    return Ok(Puts::new());
+                }
+                // The cache's version moves while the row is locked.
+                let (tx, _) = Tx::begin_execute(c, &st, &[&key.as_str()]).await?;
                 let v = self.bump(key).await?;
-                tx.commit().await.map_err(DbError::Postgres)?;
+                tx.commit().await?;
                 Ok(v.map(|v| (*key, v, None)).into_iter().collect::<Puts>())
             })
             .await?;
