@@ -235,6 +235,9 @@ fn is_misconfiguration(e: &RedisError) -> bool {
         ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
     ) || (e.kind() == ErrorKind::ResponseError
         && e.to_string().contains("refused to switch database"))
+        // A server (a sentinel, or the primary a sentinel named) that wants
+        // a password the URL does not give.
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
 fn redis_key(key: &SessionKey) -> String {
