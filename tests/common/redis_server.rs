@@ -562,19 +562,58 @@ impl SentinelSet {
 /// covering all 16384 slots; free ports, temp dirs, killed on drop.
 pub struct ClusterSet {
     pub nodes: Vec<RedisServer>,
+    /// The nodes' password, and whether the URL uses TLS.
+    secure: Option<(String, bool)>,
 }
 
 impl ClusterSet {
     pub async fn start() -> Option<ClusterSet> {
+        Self::start_as(None, None).await
+    }
+
+    /// Every node requires `password` (and uses it as `masterauth`); with
+    /// `tls` (`(ca, cert, key)` PEM paths) every node also listens with TLS
+    /// and the cluster bus uses it (`tls-cluster yes`), so the slot map a
+    /// TLS client gets names the TLS ports. [`ClusterSet::url`] is then
+    /// `rediss+cluster://:PASSWORD@` the TLS ports.
+    pub async fn start_secure(
+        password: &str,
+        tls: Option<(String, String, String)>,
+    ) -> Option<ClusterSet> {
+        Self::start_as(Some(password.to_string()), tls).await
+    }
+
+    async fn start_as(
+        password: Option<String>,
+        tls: Option<(String, String, String)>,
+    ) -> Option<ClusterSet> {
+        let mut extra: Vec<String> = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(p) = &password {
+            extra.extend(["--masterauth".to_string(), p.clone()]);
+        }
+        if let Some((ca, cert, key)) = &tls {
+            for (k, v) in [
+                ("--tls-cert-file", cert.as_str()),
+                ("--tls-key-file", key),
+                ("--tls-ca-cert-file", ca),
+                ("--tls-auth-clients", "no"),
+                ("--tls-replication", "yes"),
+                ("--tls-cluster", "yes"),
+            ] {
+                extra.extend([k.to_string(), v.to_string()]);
+            }
+        }
         let mut nodes = Vec::new();
         for _ in 0..3 {
             nodes.push(
-                RedisServer::start_with(vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-node-timeout".into(),
-                    "2000".into(),
-                ])
+                RedisServer::launch(
+                    password.clone(),
+                    tls.is_some().then(free_port),
+                    extra.clone(),
+                )
                 .await?,
             );
         }
@@ -582,7 +621,11 @@ impl ClusterSet {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(p) = &password {
+            create.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = create
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -602,7 +645,8 @@ impl ClusterSet {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let set = ClusterSet { nodes };
+        let secure = password.map(|p| (p, tls.is_some()));
+        let set = ClusterSet { nodes, secure };
         for n in &set.nodes {
             wait_until(
                 "the cluster is ok on every node",
@@ -620,14 +664,19 @@ impl ClusterSet {
         Some(set)
     }
 
-    /// `redis+cluster://` naming every node.
+    /// `redis+cluster://` naming every node (see [`ClusterSet::start_secure`]).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let hosts = hosts.join(",");
+        match &self.secure {
+            None => format!("redis+cluster://{hosts}"),
+            Some((p, true)) => format!("rediss+cluster://:{p}@{hosts}"),
+            Some((p, false)) => format!("redis+cluster://:{p}@{hosts}"),
+        }
     }
 
     /// `redis://` URLs of the nodes (for the crate's cluster client).
