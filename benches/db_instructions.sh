@@ -140,6 +140,8 @@ secret_key = "sessiongate-engine-benchmark-secret-0123456789"
 
 [store]
 $STORE
+# valgrind slows the proxy down some fifty times: no request may time out.
+timeout = "60s"
 
 [[route]]
 name = "app"

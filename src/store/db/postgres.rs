@@ -64,6 +64,7 @@ impl Sql {
 
 pub(super) struct Postgres {
     pool: Pool,
+    readers: Readers,
     timeout: Duration,
     sql: Sql,
     codec: Codec,
@@ -96,6 +97,65 @@ fn pool(url: &str, timeout: Duration) -> Result<Pool, DbError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Connections shared by the reads (see [`Readers`]).
+const READERS: usize = 4;
+
+/// A few connections that every read uses at once: tokio-postgres pipelines
+/// the queries issued concurrently on one client (one write for many
+/// queries, and a backend that works through them without sleeping between),
+/// where a pooled connection per read costs a round trip and a backend
+/// wake-up each. A plain `SELECT` takes no row lock, so a read never waits
+/// for a writer's transaction. A closed connection is replaced by the next
+/// read that finds it.
+struct Readers {
+    /// The readers' own pool (so writes never wait for a reader's slot).
+    pool: Pool,
+    slots: Vec<std::sync::Mutex<Option<Arc<deadpool_postgres::Object>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Readers {
+    fn new(pool: Pool) -> Readers {
+        // Room for the replacements while reads still hold a closed one.
+        pool.resize(2 * READERS);
+        Readers {
+            pool,
+            slots: (0..READERS).map(|_| std::sync::Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn slot(&self, i: usize) -> std::sync::MutexGuard<'_, Option<Arc<deadpool_postgres::Object>>> {
+        self.slots[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn get(&self) -> Result<Arc<deadpool_postgres::Object>, DbError> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % READERS;
+        let held = self.slot(i).clone();
+        match held {
+            Some(c) if !c.is_closed() => return Ok(c),
+            Some(_) => *self.slot(i) = None,
+            None => {}
+        }
+        let c = Arc::new(self.pool.get().await.map_err(pool_error)?);
+        *self.slot(i) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// After an error on `c`: a closed connection leaves its slot.
+    fn forget(&self, c: &Arc<deadpool_postgres::Object>) {
+        if !c.is_closed() {
+            return;
+        }
+        for i in 0..READERS {
+            let mut slot = self.slot(i);
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, c)) {
+                *slot = None;
+            }
+        }
+    }
 }
 
 type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
@@ -306,6 +366,7 @@ impl Postgres {
         }
         Ok(Postgres {
             pool,
+            readers: Readers::new(self::pool(url, timeout)?),
             timeout,
             sql: Sql::new(table),
             codec,
@@ -328,15 +389,16 @@ impl Postgres {
         key: &SessionKey,
     ) -> Result<Option<(String, i64)>, DbError> {
         self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
-            let st = c
-                .prepare_cached(&self.sql.load)
-                .await
-                .map_err(DbError::Postgres)?;
-            let row = c
-                .query_opt(&st, &[&key.as_str()])
-                .await
-                .map_err(DbError::Postgres)?;
+            let c = self.readers.get().await?;
+            let row = async {
+                let st = c.prepare_cached(&self.sql.load).await?;
+                c.query_opt(&st, &[&key.as_str()]).await
+            }
+            .await
+            .map_err(|e| {
+                self.readers.forget(&c);
+                DbError::Postgres(e)
+            })?;
             Ok(row.map(|r| {
                 let data: String = r.get(0);
                 let exp: OffsetDateTime = r.get(1);
