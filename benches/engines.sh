@@ -31,6 +31,11 @@
 #   SG_BIN    the sessiongate binary (default target/release/sessiongate, built
 #             with `cargo build --release --bin sessiongate` when missing)
 #   KEEP=0    1: keep the temporary directory
+#   BASE_BIN  a second sessiongate binary (say, a build of main) to compare
+#             against in the same run: each engine in BASE_ENGINES also gets
+#             rows ENGINE@base served by it, interleaved with the others, and
+#             the report adds the per-round ratios of ENGINE to ENGINE@base
+#   BASE_ENGINES="postgres cluster"
 # Needs: wrk, curl, nginx (the upstream, as in load.sh), redis-server,
 # redis-cli, PostgreSQL 15 binaries in PG_BIN (/usr/lib/postgresql/15/bin).
 set -euo pipefail
@@ -47,6 +52,8 @@ ONLY=${ONLY:-memory redis cluster sqlite postgres cached_db}
 KEEP=${KEEP:-0}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SG_BIN=${SG_BIN:-$ROOT/target/release/sessiongate}
+BASE_BIN=${BASE_BIN:-}
+BASE_ENGINES=${BASE_ENGINES:-postgres cluster}
 
 say() { printf '[engines.sh] %s\n' "$*" >&2; }
 die() {
@@ -72,6 +79,16 @@ fi
 has() { [[ " $ONLY " == *" $1 "* ]]; }
 ENGINES=(memory redis)
 for e in cluster sqlite postgres cached_db; do has "$e" && ENGINES+=("$e"); done
+BASED=()
+if [[ -n $BASE_BIN ]]; then
+    [[ -x $BASE_BIN ]] || die "BASE_BIN=$BASE_BIN is not an executable"
+    for e in $BASE_ENGINES; do
+        [[ " ${ENGINES[*]} " == *" $e "* ]] || die "BASE_ENGINES: $e is not among the engines run"
+        ENGINES+=("$e@base")
+        BASED+=("$e")
+    done
+fi
+sg_bin() { if [[ $1 == *@base ]]; then echo "$BASE_BIN"; else echo "$SG_BIN"; fi; }
 
 WORK=$(mktemp -d /tmp/sg-engines.XXXXXX)
 chmod 755 "$WORK"
@@ -190,7 +207,7 @@ fi
 
 declare -A PORT
 sg_conf() { # engine -> $WORK/sg-ENGINE.toml
-    local e=$1 store
+    local name=$1 e=${1%@base} store
     case $e in
     memory) store='engine = "memory"' ;;
     redis) store="engine = \"redis\"
@@ -208,10 +225,10 @@ url = \"$PG_URL\"" ;;
 url = \"$PG_URL\"
 cache_url = \"redis://127.0.0.1:$P_REDIS/1\"" ;;
     esac
-    PORT[$e]=$(free_port)
-    cat >"$WORK/sg-$e.toml" <<EOF
+    PORT[$name]=$(free_port)
+    cat >"$WORK/sg-$name.toml" <<EOF
 [server]
-listen = "127.0.0.1:${PORT[$e]}"
+listen = "127.0.0.1:${PORT[$name]}"
 tls = false
 shutdown_grace = "1s"
 
@@ -229,14 +246,15 @@ EOF
 }
 for e in "${ENGINES[@]}"; do
     sg_conf "$e"
-    case $e in sqlite | postgres | cached_db)
-        "$SG_BIN" migrate --config "$WORK/sg-$e.toml" >"$WORK/migrate-$e.log" 2>&1 ||
+    bin=$(sg_bin "$e")
+    case ${e%@base} in sqlite | postgres | cached_db)
+        "$bin" migrate --config "$WORK/sg-$e.toml" >"$WORK/migrate-$e.log" 2>&1 ||
             die "sessiongate migrate ($e): $(cat "$WORK/migrate-$e.log")"
         ;;
     esac
-    "$SG_BIN" check --config "$WORK/sg-$e.toml" >"$WORK/check-$e.log" 2>&1 ||
+    "$bin" check --config "$WORK/sg-$e.toml" >"$WORK/check-$e.log" 2>&1 ||
         die "sessiongate check ($e): $(cat "$WORK/check-$e.log")"
-    start "sg-$e" "$SG_BIN" run --config "$WORK/sg-$e.toml"
+    start "sg-$e" "$bin" run --config "$WORK/sg-$e.toml"
     wait_for "sessiongate ($e)" curl -sf "http://127.0.0.1:${PORT[$e]}/"
 done
 
@@ -358,4 +376,14 @@ ratio_rounds() {
     fi
     has cluster && goal "cluster reads >= 0.9x single-server redis's (20)" cluster/read redis/read 0.9
     has cluster && goal "cluster writes >= 0.9x single-server redis's (20)" cluster/write redis/write 0.9
+    if ((${#BASED[@]} > 0)); then
+        echo
+        echo "| this build against BASE_BIN ($(basename "$BASE_BIN")) | median of per-round ratios (per round) |"
+        echo "| --- | --- |"
+        for e in "${BASED[@]}"; do
+            for kind in read write; do
+                echo "| \`$e/$kind\` / \`$e@base/$kind\` | $(ratio_median "$e/$kind" "$e@base/$kind")x ($(ratio_rounds "$e/$kind" "$e@base/$kind")) |"
+            done
+        done
+    fi
 } | tee "$WORK/report.md"

@@ -1,6 +1,7 @@
 //! The `redis` and `cached_redis` engines on a real Redis Cluster: three
 //! primaries on free ports joined by `redis-cli --cluster create`, started
-//! once for this binary's one test (the scenarios run in turn on it).
+//! once per test (the scenarios run in turn on it); the second test's
+//! cluster requires a password and speaks TLS.
 //!
 //! Without `redis-server`/`redis-cli` this test says SKIPPED and passes,
 //! except under `CI`, where it fails.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use common::redis_server::{wait_until, ClusterSet};
+use common::redis_server::{tls_files, wait_until, ClusterSet};
 use redis_suite::{echo, Instance, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,6 +37,66 @@ async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_mi
     spread_over_every_primary(&cluster).await;
     slot_migration_under_a_client_loop(&cluster).await;
     a_hung_node_gives_503_then_recovers(&cluster).await;
+}
+
+/// `rediss+cluster://:PASSWORD@` three primaries that require the password
+/// and speak TLS (clients and the cluster bus) under a private CA: the
+/// session rules hold, sessions spread over every node (the crate follows
+/// the slot map's TLS ports), a missing or wrong password is a start-up
+/// error, and plain text to the TLS ports serves no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_with_a_password_over_tls() {
+    let dir = std::env::temp_dir().join(format!("sessiongate-cluster-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = tls_files(&dir);
+    let Some(cluster) =
+        ClusterSet::start_secure("cluster-pw_3", Some((ca.clone(), cert, key))).await
+    else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    // The private CA through the native root store; the other test in this
+    // binary uses no TLS.
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://:cluster-pw_3@"), "{url}");
+    for engine in ["redis", "cached_redis"] {
+        redis_suite::shared_lifecycle(engine, &url).await;
+    }
+    redis_suite::cycle_under_concurrent_patches("redis", &url).await;
+    spread_over_every_primary(&cluster).await;
+
+    let (up, _) = echo(None).await;
+    let hosts = url.split('@').nth(1).unwrap();
+    for (bad, what) in [
+        (format!("rediss+cluster://{hosts}"), "no password"),
+        (
+            format!("rediss+cluster://:wrong-pw@{hosts}"),
+            "a wrong password",
+        ),
+    ] {
+        match Instance::try_start("redis", &bad, "2s", &up).await {
+            Err(e) => {
+                assert!(e.to_lowercase().contains("auth"), "{what}: {e}");
+                assert!(
+                    !e.contains("wrong-pw") && !e.contains("cluster-pw"),
+                    "{what}: {e}"
+                );
+            }
+            Ok(i) => panic!("{what}: the proxy started ({})", {
+                i.stop().await;
+                "stopped"
+            }),
+        }
+    }
+    let plain = url.replacen("rediss+cluster", "redis+cluster", 1);
+    if let Ok(i) = Instance::try_start("redis", &plain, "1s", &up).await {
+        let r = i.post(None, &[("update", r#"{"x":1}"#)]).await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        i.stop().await;
+    }
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The node holding a session stops answering (SIGSTOP): that session's

@@ -9,12 +9,11 @@ mod common;
 #[path = "common/redis_suite.rs"]
 mod redis_suite;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::redis_server::RedisServer;
+use common::redis_server::{tls_files, RedisServer};
 use redis_suite::{assert_store_503, echo, seen, Instance, Raw};
 use sessiongate::session::{Record, SessionKey};
 use sessiongate::store::{RedisStore, Store, StoreError};
@@ -377,40 +376,6 @@ async fn a_cached_copy_never_decides_expired_or_unchanged_alone() {
     );
     assert!(a.load(&k, T0 + 15_000).await.unwrap().is_none());
     assert_eq!(a.clear_expired(T0 + 99_000_000).await.unwrap(), 0);
-}
-
-/// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`.
-fn tls_files(dir: &Path) -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sessiongate test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let write = |name: &str, pem: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p.to_string_lossy().into_owned()
-    };
-    (
-        write("ca.pem", ca_cert.pem()),
-        write("cert.pem", leaf.pem()),
-        write("key.pem", leaf_key.serialize_pem()),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! The `redis` and `cached_redis` engines behind Redis Sentinel: a primary,
-//! a replica and three sentinels on free ports, started once for this
-//! binary's one test: every redis scenario runs on it, then the primary is
-//! killed (and the first sentinel hangs) and sessiongate follows the
-//! promoted replica.
+//! a replica and three sentinels on free ports, started for each test: every
+//! redis scenario runs on it, then the primary is killed (and the first
+//! sentinel hangs) and sessiongate follows the promoted replica. A second
+//! set has passwords on the data nodes and on the sentinels, and TLS.
 //!
 //! Without `redis-server` this test says SKIPPED and passes, except under
 //! `CI`, where it fails.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::redis_server::{wait_until, SentinelSet, SENTINEL_SERVICE};
+use common::redis_server::{tls_files, wait_until, Secure, SentinelSet, SENTINEL_SERVICE};
 use redis_suite::{echo, Instance, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,6 +240,141 @@ async fn sentinel_keeps_every_session_rule_and_follows_a_failover_without_a_wron
 
     Arc::into_inner(a).unwrap().stop().await;
     Arc::into_inner(b).unwrap().stop().await;
+}
+
+/// `rediss+sentinel://:DATA@sentinels/mymaster/0?sentinel_password=SENT`:
+/// the sentinels and the data nodes each require their own password, and
+/// every link (to the sentinels, to the primary, replication) is TLS under a
+/// private CA. Sessions work on both engines, through a switchover to the
+/// replica too; each password is needed where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_with_passwords_on_sentinels_and_data_nodes_over_tls() {
+    let dir = std::env::temp_dir().join(format!("sessiongate-sentinel-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = tls_files(&dir);
+    let secure = Secure {
+        data_password: "data-pw_1".into(),
+        sentinel_password: "sentinel-pw_2".into(),
+        tls: Some((ca.clone(), cert, key)),
+    };
+    let Some(set) = SentinelSet::start_secure(secure).await else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    // The private CA, trusted the way a deployment does it (the native
+    // root store reads SSL_CERT_FILE); no test in this binary uses another
+    // CA.
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    let url = set.url();
+    assert!(url.starts_with("rediss+sentinel://:data-pw_1@"), "{url}");
+    for engine in ["redis", "cached_redis"] {
+        redis_suite::shared_lifecycle(engine, &url).await;
+    }
+    redis_suite::forty_across_two("redis", &url).await;
+
+    // Each password where it belongs: a configuration error at start,
+    // without the password in the message.
+    let (up, _) = echo(None).await;
+    let sentinels = url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    for (bad, what) in [
+        (
+            format!("rediss+sentinel://:data-pw_1@{sentinels}/{SENTINEL_SERVICE}/0"),
+            "no sentinel password",
+        ),
+        (
+            format!("rediss+sentinel://:data-pw_1@{sentinels}/{SENTINEL_SERVICE}/0?sentinel_password=wrong-s"),
+            "a wrong sentinel password",
+        ),
+        (
+            format!("rediss+sentinel://:wrong-d@{sentinels}/{SENTINEL_SERVICE}/0?sentinel_password=sentinel-pw_2"),
+            "a wrong data password",
+        ),
+        (
+            format!("rediss+sentinel://{sentinels}/{SENTINEL_SERVICE}/0?sentinel_password=sentinel-pw_2"),
+            "no data password",
+        ),
+    ] {
+        let e = Instance::try_start("redis", &bad, "5s", &up)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the proxy started"));
+        assert!(e.to_lowercase().contains("auth"), "{what}: {e}");
+        assert!(!e.contains("wrong-") && !e.contains("-pw_"), "{what}: {e}");
+    }
+    // Plain text to the TLS ports: no session is served (503), nothing else.
+    let plain = url.replacen("rediss+sentinel", "redis+sentinel", 1);
+    if let Ok(i) = Instance::try_start("redis", &plain, "1s", &up).await {
+        let r = i.post(None, &[("update", r#"{"x":1}"#)]).await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        i.stop().await;
+    }
+
+    // A switchover: the promoted replica is reached with the data password
+    // and TLS as well.
+    let a = Instance::start("redis", &url, "1s", &up).await;
+    let b = Instance::start("cached_redis", &url, "1s", &up).await;
+    let k = a.post(None, &[("update", r#"{"user":"ann"}"#)]).await.key();
+    let rkey = format!("sessiongate:s:{k}");
+    wait_until(
+        "the session reaches the replica",
+        Duration::from_secs(10),
+        || async {
+            let d: Option<String> = set
+                .replica
+                .query(redis::cmd("HGET").arg(&rkey).arg("d"))
+                .await
+                .unwrap_or(None);
+            d.is_some()
+        },
+    )
+    .await;
+    let replica = set.replica.tls_port.unwrap();
+    wait_until(
+        "a sentinel accepts SENTINEL FAILOVER",
+        Duration::from_secs(30),
+        || async {
+            let r: redis::RedisResult<()> = set.sentinels[1]
+                .query(redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_SERVICE))
+                .await;
+            r.is_ok()
+        },
+    )
+    .await;
+    wait_until(
+        "the sentinels name the replica",
+        Duration::from_secs(30),
+        || async { set.primary_port().await == Some(replica) },
+    )
+    .await;
+    let mut n = 0u64;
+    wait_until(
+        "a write through each instance lands on the promoted replica",
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            let (a, b, k, rkey, set) = (&a, &b, &k, &rkey, &set);
+            async move {
+                let w = format!(r#"{{"after":{n}}}"#);
+                let ra = a.post(Some(k), &[("update", &w)]).await;
+                let rb = b.get("/", Some(k)).await;
+                let on_new: Option<String> = set
+                    .replica
+                    .query(redis::cmd("HGET").arg(rkey).arg("d"))
+                    .await
+                    .unwrap_or(None);
+                ra.status == 200
+                    && rb.status == 200
+                    && on_new.is_some_and(|d| d.contains(&format!(r#""after":{n}"#)))
+            }
+        },
+    )
+    .await;
+    b.get("/", Some(&k)).await;
+    assert_eq!(up.last().session()["user"], json!("ann"));
+    a.stop().await;
+    b.stop().await;
+    drop(set);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Whether the promoted replica of the first failover is a replica again.

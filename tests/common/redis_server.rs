@@ -143,11 +143,17 @@ impl RedisServer {
     fn command(&self) -> Command {
         if let Some(conf) = &self.sentinel_conf {
             let path = self.dir.join(format!("sentinel-{}.conf", self.port));
-            let text = format!(
+            let mut text = format!(
                 "port {}\nbind 127.0.0.1\ndir {}\n{conf}\n",
                 self.port,
                 self.dir.display()
             );
+            if let Some(p) = &self.password {
+                text.push_str(&format!("requirepass {p}\n"));
+            }
+            if let Some(t) = self.tls_port {
+                text.push_str(&format!("tls-port {t}\n"));
+            }
             std::fs::write(&path, text).expect("write the sentinel configuration");
             let mut c = Command::new("redis-server");
             c.arg(&path)
@@ -223,7 +229,7 @@ impl RedisServer {
             .unwrap_or(false)
     }
 
-    /// A client of this server (plain port, no password).
+    /// A client of this server (plain port, with its password if it has one).
     pub fn client(&self) -> redis::Client {
         redis::Client::open(self.url()).unwrap()
     }
@@ -236,9 +242,12 @@ impl RedisServer {
         cmd.query_async(&mut c).await
     }
 
-    /// `redis://127.0.0.1:PORT` (no password, db 0).
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT` (the plain port, db 0).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills the server (SIGKILL) and waits for it to be gone.
@@ -322,6 +331,78 @@ where
 /// The name the sentinels of [`SentinelSet`] watch.
 pub const SENTINEL_SERVICE: &str = "mymaster";
 
+/// A CA and a server certificate for 127.0.0.1 (and localhost), as PEM files
+/// in `dir`: `(ca, cert, key)` paths.
+pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "sessiongate test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    (
+        write("ca.pem", ca_cert.pem()),
+        write("cert.pem", leaf.pem()),
+        write("key.pem", leaf_key.serialize_pem()),
+    )
+}
+
+/// Passwords (and TLS) for [`SentinelSet::start_secure`].
+#[derive(Clone)]
+pub struct Secure {
+    /// `requirepass` (and `masterauth`) of the primary and the replica.
+    pub data_password: String,
+    /// `requirepass` of the sentinels.
+    pub sentinel_password: String,
+    /// `(ca, cert, key)` PEM paths: every node and sentinel also listens
+    /// with TLS, and replication and the sentinels' links use it
+    /// (`tls-replication yes`), so the sentinels name the primary by its
+    /// TLS port.
+    pub tls: Option<(String, String, String)>,
+}
+
+impl Secure {
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some((ca, cert, key)) => [
+                "--tls-cert-file",
+                cert,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                ca,
+                "--tls-auth-clients",
+                "no",
+                "--tls-replication",
+                "yes",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        }
+    }
+}
+
 /// A primary, one replica and three sentinels (quorum 2) that fail over
 /// quickly (`down-after-milliseconds` 400, `failover-timeout` 2000): all on
 /// free ports, each in its own temp dir, killed on drop.
@@ -329,17 +410,39 @@ pub struct SentinelSet {
     pub primary: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<RedisServer>,
+    secure: Option<Secure>,
 }
 
 impl SentinelSet {
     pub async fn start() -> Option<SentinelSet> {
-        let primary = RedisServer::start().await?;
-        let replica = RedisServer::start_with(vec![
-            "--replicaof".into(),
-            "127.0.0.1".into(),
-            primary.port.to_string(),
-        ])
-        .await?;
+        Self::start_as(None).await
+    }
+
+    /// With passwords on the data nodes and on the sentinels, and TLS when
+    /// `secure.tls` is given; [`SentinelSet::url`] then carries them.
+    pub async fn start_secure(secure: Secure) -> Option<SentinelSet> {
+        Self::start_as(Some(secure)).await
+    }
+
+    async fn start_as(secure: Option<Secure>) -> Option<SentinelSet> {
+        let tls = secure.as_ref().is_some_and(|s| s.tls.is_some());
+        let data_node = |replica_of: Option<u16>| {
+            let mut extra = Vec::new();
+            let mut password = None;
+            if let Some(s) = &secure {
+                password = Some(s.data_password.clone());
+                extra.extend(["--masterauth".to_string(), s.data_password.clone()]);
+                extra.extend(s.tls_args());
+            }
+            if let Some(p) = replica_of {
+                extra.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
+            }
+            RedisServer::launch(password, tls.then(free_port), extra)
+        };
+        let primary = data_node(None).await?;
+        // Replication (and the sentinels) use the TLS port when there is one.
+        let primary_port = primary.tls_port.unwrap_or(primary.port);
+        let replica = data_node(Some(primary_port)).await?;
         wait_until("the replica syncs", Duration::from_secs(20), || async {
             let info: String = replica
                 .query(redis::cmd("INFO").arg("replication"))
@@ -348,22 +451,45 @@ impl SentinelSet {
             info.contains("master_link_status:up")
         })
         .await;
-        let conf = format!(
-            "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {} 2\n\
+        let mut conf = format!(
+            "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary_port} 2\n\
              sentinel down-after-milliseconds {SENTINEL_SERVICE} 400\n\
              sentinel failover-timeout {SENTINEL_SERVICE} 2000\n\
-             sentinel parallel-syncs {SENTINEL_SERVICE} 1",
-            primary.port
+             sentinel parallel-syncs {SENTINEL_SERVICE} 1"
         );
+        let mut sentinel_password = None;
+        if let Some(s) = &secure {
+            conf.push_str(&format!(
+                "\nsentinel auth-pass {SENTINEL_SERVICE} {}\nsentinel sentinel-pass {}",
+                s.data_password, s.sentinel_password
+            ));
+            sentinel_password = Some(s.sentinel_password.clone());
+            // The same options as on the command line, as configuration lines.
+            for pair in s.tls_args().chunks(2) {
+                conf.push_str(&format!(
+                    "\n{} {}",
+                    pair[0].trim_start_matches("--"),
+                    pair[1]
+                ));
+            }
+        }
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            sentinels
-                .push(RedisServer::launch_as(None, None, Vec::new(), Some(conf.clone())).await?);
+            sentinels.push(
+                RedisServer::launch_as(
+                    sentinel_password.clone(),
+                    tls.then(free_port),
+                    Vec::new(),
+                    Some(conf.clone()),
+                )
+                .await?,
+            );
         }
         let set = SentinelSet {
             primary,
             replica,
             sentinels,
+            secure,
         };
         // A failover needs every sentinel to know the replica and the two
         // other sentinels (learned from INFO and hello messages).
@@ -390,14 +516,30 @@ impl SentinelSet {
         Some(set)
     }
 
-    /// `redis+sentinel://` with the three sentinels, database 0.
+    /// `redis+sentinel://` with the three sentinels, database 0; for
+    /// [`SentinelSet::start_secure`], `rediss+sentinel://` (with TLS, to the
+    /// sentinels' TLS ports), the data nodes' password as the user info and
+    /// the sentinels' in the query.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .sentinels
             .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
+            .map(|s| format!("127.0.0.1:{}", s.tls_port.unwrap_or(s.port)))
             .collect();
-        format!("redis+sentinel://{}/{SENTINEL_SERVICE}/0", hosts.join(","))
+        let hosts = hosts.join(",");
+        match &self.secure {
+            None => format!("redis+sentinel://{hosts}/{SENTINEL_SERVICE}/0"),
+            Some(s) => format!(
+                "{}://:{}@{hosts}/{SENTINEL_SERVICE}/0?sentinel_password={}",
+                if s.tls.is_some() {
+                    "rediss+sentinel"
+                } else {
+                    "redis+sentinel"
+                },
+                s.data_password,
+                s.sentinel_password
+            ),
+        }
     }
 
     /// The port the sentinels name as the primary now (the first that
@@ -420,19 +562,58 @@ impl SentinelSet {
 /// covering all 16384 slots; free ports, temp dirs, killed on drop.
 pub struct ClusterSet {
     pub nodes: Vec<RedisServer>,
+    /// The nodes' password, and whether the URL uses TLS.
+    secure: Option<(String, bool)>,
 }
 
 impl ClusterSet {
     pub async fn start() -> Option<ClusterSet> {
+        Self::start_as(None, None).await
+    }
+
+    /// Every node requires `password` (and uses it as `masterauth`); with
+    /// `tls` (`(ca, cert, key)` PEM paths) every node also listens with TLS
+    /// and the cluster bus uses it (`tls-cluster yes`), so the slot map a
+    /// TLS client gets names the TLS ports. [`ClusterSet::url`] is then
+    /// `rediss+cluster://:PASSWORD@` the TLS ports.
+    pub async fn start_secure(
+        password: &str,
+        tls: Option<(String, String, String)>,
+    ) -> Option<ClusterSet> {
+        Self::start_as(Some(password.to_string()), tls).await
+    }
+
+    async fn start_as(
+        password: Option<String>,
+        tls: Option<(String, String, String)>,
+    ) -> Option<ClusterSet> {
+        let mut extra: Vec<String> = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(p) = &password {
+            extra.extend(["--masterauth".to_string(), p.clone()]);
+        }
+        if let Some((ca, cert, key)) = &tls {
+            for (k, v) in [
+                ("--tls-cert-file", cert.as_str()),
+                ("--tls-key-file", key),
+                ("--tls-ca-cert-file", ca),
+                ("--tls-auth-clients", "no"),
+                ("--tls-replication", "yes"),
+                ("--tls-cluster", "yes"),
+            ] {
+                extra.extend([k.to_string(), v.to_string()]);
+            }
+        }
         let mut nodes = Vec::new();
         for _ in 0..3 {
             nodes.push(
-                RedisServer::start_with(vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-node-timeout".into(),
-                    "2000".into(),
-                ])
+                RedisServer::launch(
+                    password.clone(),
+                    tls.is_some().then(free_port),
+                    extra.clone(),
+                )
                 .await?,
             );
         }
@@ -440,7 +621,11 @@ impl ClusterSet {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(p) = &password {
+            create.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = create
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -460,7 +645,8 @@ impl ClusterSet {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let set = ClusterSet { nodes };
+        let secure = password.map(|p| (p, tls.is_some()));
+        let set = ClusterSet { nodes, secure };
         for n in &set.nodes {
             wait_until(
                 "the cluster is ok on every node",
@@ -478,14 +664,19 @@ impl ClusterSet {
         Some(set)
     }
 
-    /// `redis+cluster://` naming every node.
+    /// `redis+cluster://` naming every node (see [`ClusterSet::start_secure`]).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let hosts = hosts.join(",");
+        match &self.secure {
+            None => format!("redis+cluster://{hosts}"),
+            Some((p, true)) => format!("rediss+cluster://:{p}@{hosts}"),
+            Some((p, false)) => format!("redis+cluster://:{p}@{hosts}"),
+        }
     }
 
     /// `redis://` URLs of the nodes (for the crate's cluster client).

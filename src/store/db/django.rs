@@ -15,13 +15,11 @@
 //! (Django's `SECRET_KEY_FALLBACKS`), in constant time (`ring::hmac::verify`).
 //! Test vectors made by Django itself are in `tests/django/vectors.json`.
 
-use std::io::{Read, Write};
+use std::cell::RefCell;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use flate2::read::ZlibDecoder;
-use flate2::write::ZlibEncoder;
-use flate2::Compression;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use ring::{digest, hmac};
 
 /// `SessionBase.key_salt` for the `db`, `cache` and `file` backends.
@@ -65,17 +63,82 @@ fn salted_key(salt: &str, secret: &[u8]) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref())
 }
 
-pub fn b62_encode(mut n: u64) -> String {
-    if n == 0 {
-        return "0".into();
-    }
-    let mut out = Vec::with_capacity(11);
-    while n > 0 {
-        out.push(B62[(n % 62) as usize]);
+pub fn b62_encode(n: u64) -> String {
+    let mut s = String::with_capacity(11);
+    push_b62(&mut s, n);
+    s
+}
+
+fn push_b62(s: &mut String, mut n: u64) {
+    // u64::MAX has 11 base62 digits.
+    let mut digits = [0u8; 11];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = B62[(n % 62) as usize];
         n /= 62;
+        if n == 0 {
+            break;
+        }
     }
-    out.reverse();
-    String::from_utf8(out).expect("base62 digits are ASCII")
+    s.extend(digits[i..].iter().map(|&b| char::from(b)));
+}
+
+thread_local! {
+    /// One zlib compressor and one decompressor per thread, reset after each
+    /// use: a new miniz_oxide state per call is a few hundred KB allocated,
+    /// zeroed and handed back to the kernel (the profile in BENCHMARKS.md).
+    static DEFLATE: RefCell<Option<Compress>> = const { RefCell::new(None) };
+    static INFLATE: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// zlib of `data` (as Python's `zlib.compress`, level 6), or `None` when it
+/// would not be at least two bytes shorter (then Django keeps the
+/// uncompressed form, and so do we).
+fn deflate(data: &[u8]) -> Option<Vec<u8>> {
+    DEFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let z = slot.get_or_insert_with(|| Compress::new(Compression::default(), true));
+        // Room for anything worth keeping: output that reaches `data.len() - 1`
+        // bytes is not used, so compression stops there.
+        let limit = data.len().saturating_sub(2);
+        let mut out = Vec::with_capacity(limit);
+        let done = limit > 0
+            && matches!(
+                z.compress_vec(data, &mut out, FlushCompress::Finish),
+                Ok(Status::StreamEnd)
+            );
+        z.reset();
+        done.then_some(out)
+    })
+}
+
+/// zlib-decompresses `raw`, refusing more than [`MAX_DECOMPRESSED`] bytes.
+fn inflate(raw: &[u8]) -> Result<Vec<u8>, BadSignature> {
+    INFLATE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = slot.get_or_insert_with(|| Decompress::new(true));
+        let cap = MAX_DECOMPRESSED as usize + 1;
+        let mut out = Vec::with_capacity((raw.len() * 4).clamp(64, cap));
+        let result = loop {
+            if out.len() == out.capacity() {
+                if out.len() >= cap {
+                    break Err(BadSignature::Payload);
+                }
+                out.reserve_exact(out.len().min(cap - out.len()));
+            }
+            let (in_before, out_before) = (d.total_in(), out.len());
+            let input = &raw[in_before as usize..];
+            match d.decompress_vec(input, &mut out, FlushDecompress::None) {
+                Ok(Status::StreamEnd) => break Ok(()),
+                Ok(_) if d.total_in() != in_before || out.len() != out_before => {}
+                // No progress with room to write: the stream is truncated.
+                Ok(_) | Err(_) => break Err(BadSignature::Payload),
+            }
+        };
+        d.reset(true);
+        result.map(|()| out)
+    })
 }
 
 pub fn b62_decode(s: &str) -> Option<i64> {
@@ -108,22 +171,16 @@ impl Signer {
     /// (non-ASCII escaped, as `session::json::to_ascii_vec` writes it):
     /// Django decodes the payload as Latin-1.
     pub fn dumps(&self, json: &[u8], now_secs: i64) -> String {
-        let mut enc = ZlibEncoder::new(
-            Vec::with_capacity(json.len() / 2 + 16),
-            Compression::default(),
-        );
-        enc.write_all(json)
-            .expect("compressing into memory cannot fail");
-        let compressed = enc.finish().expect("compressing into memory cannot fail");
         let mut value = String::with_capacity(json.len() * 4 / 3 + 64);
-        if compressed.len() + 1 < json.len() {
-            value.push('.');
-            URL_SAFE_NO_PAD.encode_string(&compressed, &mut value);
-        } else {
-            URL_SAFE_NO_PAD.encode_string(json, &mut value);
+        match deflate(json) {
+            Some(compressed) => {
+                value.push('.');
+                URL_SAFE_NO_PAD.encode_string(&compressed, &mut value);
+            }
+            None => URL_SAFE_NO_PAD.encode_string(json, &mut value),
         }
         value.push(':');
-        value.push_str(&b62_encode(now_secs.max(0) as u64));
+        push_b62(&mut value, now_secs.max(0) as u64);
         let tag = hmac::sign(&self.keys[0], value.as_bytes());
         value.push(':');
         URL_SAFE_NO_PAD.encode_string(tag.as_ref(), &mut value);
@@ -176,11 +233,7 @@ impl Signer {
         if !compressed {
             return Ok(raw);
         }
-        let mut out = Vec::with_capacity(raw.len() * 3);
-        ZlibDecoder::new(raw.as_slice())
-            .take(MAX_DECOMPRESSED + 1)
-            .read_to_end(&mut out)
-            .map_err(|_| BadSignature::Payload)?;
+        let out = inflate(&raw)?;
         if out.len() as u64 > MAX_DECOMPRESSED {
             return Err(BadSignature::Payload);
         }
@@ -275,5 +328,65 @@ mod tests {
         assert_eq!(s.loads("nocolon", None), Err(BadSignature::Malformed));
         assert_eq!(b62_decode(&b62_encode(1_790_000_000)), Some(1_790_000_000));
         assert_eq!(b62_encode(1_790_000_000), "1x8elk");
+    }
+
+    /// A signed token whose payload is `.` + base64 of `z` (any bytes).
+    fn signed_compressed(s: &Signer, z: &[u8]) -> String {
+        let value = format!(".{}:{}", URL_SAFE_NO_PAD.encode(z), b62_encode(1_000));
+        let tag = hmac::sign(&s.keys[0], value.as_bytes());
+        format!("{value}:{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    #[test]
+    fn the_reused_zlib_state_gives_the_same_answers() {
+        let s = Signer::new(SESSION_SALT, b"k".repeat(40).as_slice(), &[]);
+        let big = format!("{{\"big\":\"{}\"}}", "ab".repeat(500));
+        let first = s.dumps(big.as_bytes(), 1_000);
+        // Small, incompressible, empty and large payloads in turn on one thread.
+        for i in 0..20 {
+            let small = format!("{{\"n\":{i}}}");
+            let t = s.dumps(small.as_bytes(), 1_000);
+            assert!(!t.starts_with('.'), "{t}");
+            assert_eq!(s.loads(&t, None).unwrap(), small.as_bytes());
+            assert_eq!(s.dumps(big.as_bytes(), 1_000), first, "deterministic");
+            assert_eq!(s.loads(&first, None).unwrap(), big.as_bytes());
+            assert_eq!(s.loads(&s.dumps(b"", 0), None).unwrap(), b"");
+        }
+        let huge = format!("{{\"h\":\"{}\"}}", "xyz".repeat(100_000));
+        let t = s.dumps(huge.as_bytes(), 1_000);
+        assert!(t.starts_with('.') && t.len() < huge.len() / 10);
+        assert_eq!(s.loads(&t, None).unwrap(), huge.as_bytes());
+        assert_eq!(b62_encode(0), "0");
+        assert_eq!(b62_encode(u64::MAX).len(), 11);
+    }
+
+    #[test]
+    fn truncated_or_oversized_zlib_is_refused() {
+        let s = Signer::new(SESSION_SALT, b"k".repeat(40).as_slice(), &[]);
+        let z = deflate(&b"a".repeat(10_000)).unwrap();
+        assert_eq!(
+            s.loads(&signed_compressed(&s, &z[..z.len() - 6]), None),
+            Err(BadSignature::Payload)
+        );
+        assert_eq!(
+            s.loads(&signed_compressed(&s, b"not zlib"), None),
+            Err(BadSignature::Payload)
+        );
+        // The state is reset after a failure: a good one still decodes.
+        assert_eq!(
+            s.loads(&signed_compressed(&s, &z), None).unwrap(),
+            b"a".repeat(10_000)
+        );
+        let bomb = deflate(&vec![b' '; MAX_DECOMPRESSED as usize + 1]).unwrap();
+        assert_eq!(
+            s.loads(&signed_compressed(&s, &bomb), None),
+            Err(BadSignature::Payload)
+        );
+        let at_limit = deflate(&vec![b' '; MAX_DECOMPRESSED as usize]).unwrap();
+        assert_eq!(
+            s.loads(&signed_compressed(&s, &at_limit), None)
+                .map(|v| v.len()),
+            Ok(MAX_DECOMPRESSED as usize)
+        );
     }
 }

@@ -29,7 +29,9 @@ use super::{apply_row, Codec, DbError, Migrated, Puts, UserIndex};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
-const POOL: usize = 16;
+/// Connections per sessiongate instance: enough for 64 concurrent writers to
+/// keep PostgreSQL's group commit fed (BENCHMARKS.md).
+const POOL: usize = 32;
 
 struct Sql {
     load: String,
@@ -63,6 +65,7 @@ impl Sql {
 
 pub(super) struct Postgres {
     pool: Pool,
+    readers: Readers,
     timeout: Duration,
     sql: Sql,
     codec: Codec,
@@ -95,6 +98,166 @@ fn pool(url: &str, timeout: Duration) -> Result<Pool, DbError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Connections shared by the reads (see [`Readers`]).
+const READERS: usize = 4;
+
+/// A few connections that every read uses at once: tokio-postgres pipelines
+/// the queries issued concurrently on one client (one write for many
+/// queries, and a backend that works through them without sleeping between),
+/// where a pooled connection per read costs a round trip and a backend
+/// wake-up each. A plain `SELECT` takes no row lock, so a read never waits
+/// for a writer's transaction. A closed connection is replaced by the next
+/// read that finds it.
+struct Readers {
+    /// The readers' own pool (so writes never wait for a reader's slot).
+    pool: Pool,
+    slots: Vec<std::sync::Mutex<Option<Arc<deadpool_postgres::Object>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Readers {
+    fn new(pool: Pool) -> Readers {
+        // Room for the replacements while reads still hold a closed one.
+        pool.resize(2 * READERS);
+        Readers {
+            pool,
+            slots: (0..READERS).map(|_| std::sync::Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn slot(&self, i: usize) -> std::sync::MutexGuard<'_, Option<Arc<deadpool_postgres::Object>>> {
+        self.slots[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn get(&self) -> Result<Arc<deadpool_postgres::Object>, DbError> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % READERS;
+        let held = self.slot(i).clone();
+        match held {
+            Some(c) if !c.is_closed() => return Ok(c),
+            Some(_) => *self.slot(i) = None,
+            None => {}
+        }
+        let c = Arc::new(self.pool.get().await.map_err(pool_error)?);
+        *self.slot(i) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// After an error on `c`: a closed connection leaves its slot.
+    fn forget(&self, c: &Arc<deadpool_postgres::Object>) {
+        if !c.is_closed() {
+            return;
+        }
+        for i in 0..READERS {
+            let mut slot = self.slot(i);
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, c)) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// A transaction driven by hand so that its statements are pipelined
+/// (tokio-postgres sends requests issued together on one connection without
+/// waiting for each answer): `BEGIN` goes with the first statement and
+/// `COMMIT` with the last, so a patch is two round trips, not four.
+///
+/// Dropped before [`Tx::commit`], [`Tx::rollback`] or
+/// [`Tx::execute_and_commit`] succeeded (an error, or `store.timeout`), its
+/// connection is closed instead of going back to the pool: the server rolls
+/// the transaction back and the pool makes a new connection.
+struct Tx {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl Tx {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("a Tx has its client until it ends")
+    }
+
+    /// `BEGIN` and `st` (a row-returning query) in one round trip.
+    async fn begin_query_opt(
+        client: deadpool_postgres::Object,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, Option<tokio_postgres::Row>), DbError> {
+        let tx = Tx {
+            client: Some(client),
+        };
+        let c = tx.client();
+        let (begun, row) =
+            futures_util::future::join(c.batch_execute("BEGIN"), c.query_opt(st, params)).await;
+        begun.map_err(DbError::Postgres)?;
+        let row = row.map_err(DbError::Postgres)?;
+        Ok((tx, row))
+    }
+
+    /// `BEGIN` and `st` (a write) in one round trip; the rows it changed.
+    async fn begin_execute(
+        client: deadpool_postgres::Object,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, u64), DbError> {
+        let tx = Tx {
+            client: Some(client),
+        };
+        let c = tx.client();
+        let (begun, n) =
+            futures_util::future::join(c.batch_execute("BEGIN"), c.execute(st, params)).await;
+        begun.map_err(DbError::Postgres)?;
+        let n = n.map_err(DbError::Postgres)?;
+        Ok((tx, n))
+    }
+
+    /// `st` and `COMMIT` in one round trip. When `st` fails, PostgreSQL
+    /// answers the `COMMIT` of the aborted transaction with a rollback, and
+    /// `st`'s error is returned.
+    async fn execute_and_commit(
+        mut self,
+        st: &tokio_postgres::Statement,
+        params: &Params<'_>,
+    ) -> Result<u64, DbError> {
+        let c = self.client();
+        let (n, committed) =
+            futures_util::future::join(c.execute(st, params), c.batch_execute("COMMIT")).await;
+        let n = n.map_err(DbError::Postgres)?;
+        committed.map_err(DbError::Postgres)?;
+        self.client.take();
+        Ok(n)
+    }
+
+    async fn commit(self) -> Result<(), DbError> {
+        self.end("COMMIT").await
+    }
+
+    async fn rollback(self) -> Result<(), DbError> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(mut self, sql: &str) -> Result<(), DbError> {
+        self.client()
+            .batch_execute(sql)
+            .await
+            .map_err(DbError::Postgres)?;
+        // Back to the pool, outside any transaction.
+        self.client.take();
+        Ok(())
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            // Unfinished: close the connection (the server rolls back).
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
 }
 
 /// Errors that mean the configuration is wrong, not that the database is down.
@@ -204,6 +367,7 @@ impl Postgres {
         }
         Ok(Postgres {
             pool,
+            readers: Readers::new(self::pool(url, timeout)?),
             timeout,
             sql: Sql::new(table),
             codec,
@@ -226,15 +390,16 @@ impl Postgres {
         key: &SessionKey,
     ) -> Result<Option<(String, i64)>, DbError> {
         self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
-            let st = c
-                .prepare_cached(&self.sql.load)
-                .await
-                .map_err(DbError::Postgres)?;
-            let row = c
-                .query_opt(&st, &[&key.as_str()])
-                .await
-                .map_err(DbError::Postgres)?;
+            let c = self.readers.get().await?;
+            let row = async {
+                let st = c.prepare_cached(&self.sql.load).await?;
+                c.query_opt(&st, &[&key.as_str()]).await
+            }
+            .await
+            .map_err(|e| {
+                self.readers.forget(&c);
+                DbError::Postgres(e)
+            })?;
             Ok(row.map(|r| {
                 let data: String = r.get(0);
                 let exp: OffsetDateTime = r.get(1);
@@ -298,7 +463,7 @@ impl Postgres {
     ) -> Result<Applied, DbError> {
         let (applied, puts) = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool.get().await.map_err(pool_error)?;
                 let lock = c
                     .prepare_cached(&self.sql.lock)
                     .await
@@ -315,16 +480,15 @@ impl Postgres {
                     .prepare_cached(&self.sql.delete)
                     .await
                     .map_err(DbError::Postgres)?;
-                let tx = c.transaction().await.map_err(DbError::Postgres)?;
-                let row = tx
-                    .query_opt(&lock, &[&key.as_str()])
-                    .await
-                    .map_err(DbError::Postgres)?;
+                // BEGIN and the row lock in one round trip; the write and
+                // COMMIT in another (see `Tx`).
+                let (tx, row) = Tx::begin_query_opt(c, &lock, &[&key.as_str()]).await?;
                 let Some(current) = row.and_then(|r| {
-                    let data: String = r.get(0);
+                    let data: &str = r.get(0);
                     let exp: OffsetDateTime = r.get(1);
-                    self.codec.decode(&data, ms(exp), ctx.now)
+                    self.codec.decode(data, ms(exp), ctx.now)
                 }) else {
+                    tx.rollback().await?;
                     return Ok((Applied::Missing, Puts::new()));
                 };
                 let applied = apply_row(key, &current, patch, ctx);
@@ -333,19 +497,24 @@ impl Postgres {
                     record,
                 } = applied
                 else {
+                    tx.rollback().await?;
                     return Ok((applied, Puts::new()));
                 };
                 let data = self.codec.encode(&record);
                 let exp = ts(record.expires_at);
                 let mut puts = Puts::new();
                 if new_key == *key {
+                    if let Some(ix) = &self.codec.index {
+                        let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
+                        index_write(ix, tx.client(), &w).await?;
+                    }
                     let v = self.bump(key).await?;
-                    tx.execute(&update, &[&key.as_str(), &data, &exp])
-                        .await
-                        .map_err(DbError::Postgres)?;
+                    tx.execute_and_commit(&update, &[&key.as_str(), &data, &exp])
+                        .await?;
                     puts.extend(v.map(|v| (*key, v, Some((data, record.expires_at)))));
                 } else {
                     while tx
+                        .client()
                         .execute(&insert, &[&new_key.as_str(), &data, &exp])
                         .await
                         .map_err(DbError::Postgres)?
@@ -353,19 +522,16 @@ impl Postgres {
                     {
                         new_key = SessionKey::generate();
                     }
-                    tx.execute(&delete, &[&key.as_str()])
-                        .await
-                        .map_err(DbError::Postgres)?;
+                    if let Some(ix) = &self.codec.index {
+                        let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
+                        index_write(ix, tx.client(), &w).await?;
+                    }
                     let v_new = self.bump(&new_key).await?;
                     let v_old = self.bump(key).await?;
+                    tx.execute_and_commit(&delete, &[&key.as_str()]).await?;
                     puts.extend(v_new.map(|v| (new_key, v, Some((data, record.expires_at)))));
                     puts.extend(v_old.map(|v| (*key, v, None)));
                 }
-                if let Some(ix) = &self.codec.index {
-                    let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
-                    index_write(ix, &tx, &w).await?;
-                }
-                tx.commit().await.map_err(DbError::Postgres)?;
                 Ok((
                     Applied::Saved {
                         key: new_key,
@@ -382,24 +548,30 @@ impl Postgres {
     pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
         let puts = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool.get().await.map_err(pool_error)?;
                 let st = c
                     .prepare_cached(&self.sql.delete)
                     .await
                     .map_err(DbError::Postgres)?;
-                let tx = c.transaction().await.map_err(DbError::Postgres)?;
-                tx.execute(&st, &[&key.as_str()])
-                    .await
-                    .map_err(DbError::Postgres)?;
+                if self.cache.is_none() && self.codec.index.is_none() {
+                    // One statement: its own transaction.
+                    c.execute(&st, &[&key.as_str()])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    return Ok(Puts::new());
+                }
+                // The cache's version moves, and the index entry goes, while
+                // the row is locked.
+                let (tx, _) = Tx::begin_execute(c, &st, &[&key.as_str()]).await?;
                 if let Some(ix) = &self.codec.index {
                     let w = IndexWrite {
                         delete: Some(*key),
                         upsert: None,
                     };
-                    index_write(ix, &tx, &w).await?;
+                    index_write(ix, tx.client(), &w).await?;
                 }
                 let v = self.bump(key).await?;
-                tx.commit().await.map_err(DbError::Postgres)?;
+                tx.commit().await?;
                 Ok(v.map(|v| (*key, v, None)).into_iter().collect::<Puts>())
             })
             .await?;
@@ -447,9 +619,9 @@ pub(super) async fn migrate_index(
 }
 
 /// Carries out an index write inside the caller's transaction.
-async fn index_write(
+async fn index_write<C: deadpool_postgres::GenericClient + Sync>(
     ix: &UserIndex,
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &C,
     w: &IndexWrite,
 ) -> Result<(), DbError> {
     if let Some(k) = &w.delete {

@@ -300,6 +300,16 @@ fn is_misconfiguration(e: &RedisError) -> bool {
         ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
     ) || (e.kind() == ErrorKind::ResponseError
         && e.to_string().contains("refused to switch database"))
+        // A server (a sentinel, or the primary a sentinel named) that wants
+        // a password the URL does not give.
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+        // The cluster client's "Failed to create initial connections" carries
+        // the nodes' own error as text only.
+        || (e.kind() == ErrorKind::IoError
+            && e.detail().is_some_and(|d| {
+                let d = d.to_ascii_lowercase();
+                d.contains("authentication failed") || d.contains("noauth") || d.contains("wrongpass")
+            }))
 }
 
 fn redis_key(key: &SessionKey) -> String {

@@ -3,10 +3,11 @@
 //! `redis` crate's own clients (no hand-made protocol).
 //!
 //! - `redis://` / `rediss://`: one server (the crate's own URL syntax);
-//! - `redis+sentinel://[user:pass@]h1:26379,h2:26379/<primary name>[/<db>]`:
+//! - `redis+sentinel://[user:pass@]h1:26379,h2:26379/<primary name>[/<db>][?sentinel_username=U&sentinel_password=P]`:
 //!   every sentinel is asked at once for the current primary on each
-//!   (re)connect;
-//!   the credentials and the database are the primary's;
+//!   (re)connect; the user info and the database are the data nodes'
+//!   (the crate's `SentinelNodeConnectionInfo`, used for the primary), the
+//!   query's credentials the sentinels' own (`requirepass` on a sentinel);
 //! - `redis+cluster://[user:pass@]h1:7000,h2:7001`: any reachable node is
 //!   enough to learn the slot map; no database number (Cluster has only 0).
 //!
@@ -42,6 +43,9 @@ pub struct Parsed {
     pub tls: bool,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The sentinels' own credentials (Sentinel only).
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
     /// `host:port` pairs (sentinels, or cluster seed nodes).
     pub hosts: Vec<(String, u16)>,
     /// The primary's name (Sentinel only).
@@ -57,7 +61,7 @@ pub enum Kind {
 }
 
 const SENTINEL_FORM: &str =
-    "redis+sentinel://[user:password@]host:26379[,host:port...]/<primary name>[/<db>]";
+    "redis+sentinel://[user:password@]host:26379[,host:port...]/<primary name>[/<db>][?sentinel_username=U&sentinel_password=P]";
 const CLUSTER_FORM: &str = "redis+cluster://[user:password@]host:port[,host:port...]";
 
 /// Parses `url`. A `redis://` or `rediss://` URL is checked by the crate's
@@ -87,6 +91,8 @@ pub fn parse(url: &str) -> Result<Parsed, UrlError> {
             tls,
             username: info.redis.username.clone(),
             password: info.redis.password.clone(),
+            sentinel_username: None,
+            sentinel_password: None,
             hosts: Vec::new(),
             service: String::new(),
             db: info.redis.db,
@@ -97,10 +103,39 @@ pub fn parse(url: &str) -> Result<Parsed, UrlError> {
     } else {
         CLUSTER_FORM
     };
-    if rest.contains(['?', '#']) {
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) if kind == Kind::Sentinel => (r, Some(q)),
+        _ => (rest, None),
+    };
+    if rest.contains(['?', '#']) || query.is_some_and(|q| q.contains('#')) {
+        let what = if kind == Kind::Sentinel {
+            "no fragment and no query but sentinel_username and sentinel_password"
+        } else {
+            "no query or fragment"
+        };
         return Err(bad(format!(
-            "a {scheme} URL takes no query or fragment (expected {form})"
+            "a {scheme} URL takes {what} (expected {form})"
         )));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| bad("the user name or password is not UTF-8 once percent-decoded"))
+    };
+    let (mut sentinel_username, mut sentinel_password) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match name {
+            "sentinel_username" => &mut sentinel_username,
+            "sentinel_password" => &mut sentinel_password,
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter {other:?} (a {scheme} URL takes sentinel_username and sentinel_password)"
+                )))
+            }
+        };
+        *slot = (!value.is_empty()).then(|| decode(value)).transpose()?;
     }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i + 1..]),
@@ -116,12 +151,6 @@ pub fn parse(url: &str) -> Result<Parsed, UrlError> {
             let (user, pass) = match u.split_once(':') {
                 Some((user, pass)) => (user, Some(pass)),
                 None => (u, None),
-            };
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(s)
-                    .decode_utf8()
-                    .map(|c| c.into_owned())
-                    .map_err(|_| bad("the user name or password is not UTF-8 once percent-decoded"))
             };
             let user = (!user.is_empty()).then(|| decode(user)).transpose()?;
             let pass = pass.filter(|p| !p.is_empty()).map(decode).transpose()?;
@@ -169,6 +198,8 @@ pub fn parse(url: &str) -> Result<Parsed, UrlError> {
         tls,
         username,
         password,
+        sentinel_username,
+        sentinel_password,
         hosts,
         service,
         db,
@@ -212,6 +243,8 @@ fn parse_host(h: &str, default_port: u16, form: &str) -> Result<(String, u16), U
 
 /// `url` with any password replaced, for messages.
 fn redact(url: &str) -> String {
+    // A query may hold sentinel_password.
+    let url = url.split_once('?').map_or(url, |(u, _)| u);
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(a)) if a > s => format!("{}://***@{}", &url[..s], &url[a + 1..]),
         _ => url.to_string(),
@@ -267,6 +300,12 @@ impl Target {
                     }
                     if let Some(pw) = &p.password {
                         b = b.set_client_to_redis_password(pw.clone());
+                    }
+                    if let Some(u) = &p.sentinel_username {
+                        b = b.set_client_to_sentinel_username(u.clone());
+                    }
+                    if let Some(pw) = &p.sentinel_password {
+                        b = b.set_client_to_sentinel_password(pw.clone());
                     }
                     clients.push(tokio::sync::Mutex::new(
                         b.build().map_err(UrlError::Client)?,
@@ -440,7 +479,17 @@ mod tests {
         assert!(err("redis+sentinel://h1:26379/m/0/1").contains("too many"));
         assert!(err("redis+sentinel://h1:99999/m").contains("port \"99999\""));
         assert!(err("redis+sentinel://h1,,h2/m").contains("empty host"));
-        assert!(err("redis+sentinel://h1/m?x=1").contains("no query"));
+        assert!(err("redis+sentinel://h1/m?x=1").contains("unknown query parameter \"x\""));
+        assert!(err("redis+sentinel://h1/m#f").contains("no fragment"));
+        let p = parse("redis+sentinel://:data@h1/m/2?sentinel_password=s%26p&sentinel_username=sv")
+            .unwrap();
+        assert_eq!(p.password.as_deref(), Some("data"));
+        assert_eq!(p.sentinel_password.as_deref(), Some("s&p"));
+        assert_eq!(p.sentinel_username.as_deref(), Some("sv"));
+        assert_eq!((p.service.as_str(), p.db), ("m", 2));
+        let p = parse("rediss+sentinel://h1/m?sentinel_password=x").unwrap();
+        assert!(p.tls);
+        assert_eq!((p.password, p.sentinel_password), (None, Some("x".into())));
     }
 
     #[test]
@@ -453,6 +502,7 @@ mod tests {
         let e = err("redis+cluster://h1:7000/0");
         assert!(e.contains("Redis Cluster has no database number"), "{e}");
         assert!(err("redis+cluster://").contains("empty host"));
+        assert!(err("redis+cluster://h1?sentinel_password=x").contains("no query"));
     }
 
     #[test]
