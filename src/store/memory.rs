@@ -280,7 +280,14 @@ impl Store for MemoryStore {
             if !record.is_live(ctx.now) {
                 return Ok(Applied::Missing);
             }
+            let before = record.clone();
             record.apply_patch(patch, ctx.now, &ctx.policy);
+            if let Some(size) = ctx.too_large(&before, &record) {
+                // Put back as it was: nothing changes.
+                self.index_move(key, None, Some(before.expires_at));
+                self.map.insert(*key, Slot::from_record(&before));
+                return Ok(Applied::TooLarge { size });
+            }
             let new_key = self.insert_fresh(&record);
             return Ok(Applied::Saved {
                 key: new_key,
