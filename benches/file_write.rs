@@ -54,6 +54,7 @@ fn ctx() -> WriteCtx {
         now: now_ms(),
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 

@@ -13,7 +13,10 @@
 # it again. Prints per-connection cost ((RSS idle - RSS before) / CONNS) and
 # RSS before, during and after each burst.
 #
-# Environment: BIN, CONNS=10000, ROUNDS=3, SETTLE=3, WORKERS=2.
+# Environment: BIN, CONNS=10000, ROUNDS=3, SETTLE=3, WORKERS=2,
+# LISTENERS="plain tls" (either or both). The proxy inherits the environment,
+# so allocator settings can be compared the way a systemd unit would set
+# them: MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072 benches/idle_conns.sh
 set -euo pipefail
 
 BIN=${BIN:-target/release/sessiongate}
@@ -21,6 +24,7 @@ CONNS=${CONNS:-10000}
 ROUNDS=${ROUNDS:-3}
 SETTLE=${SETTLE:-3}
 WORKERS=${WORKERS:-2}
+LISTENERS=${LISTENERS:-plain tls}
 
 [ -x "$BIN" ] || { echo "no $BIN: build it (cargo build --release) or set BIN" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "needs python3" >&2; exit 1; }
@@ -56,6 +60,9 @@ tls = $2
 cert = "cert.pem"
 key = "key.pem"
 max_connections = $((CONNS + 100))
+# Longer than a burst takes to open (TLS handshakes on a busy machine, a
+# debug build): connections closed for idleness would not be measured.
+keepalive_timeout = "600s"
 
 [session]
 secret_key = "idle-conns-bench-secret-0123456789abcdef"
@@ -125,7 +132,7 @@ print(f"{before} {idle} {after}")
 EOF
 
 printf '%-6s %-5s %12s %12s %12s %14s\n' listener round "RSS before" "RSS idle" "RSS after" "bytes/conn"
-for name in plain tls; do
+for name in $LISTENERS; do
     if [ $name = plain ]; then port=$plain_port pid=$plain_pid tls=false; else port=$tls_port pid=$tls_pid tls=true; fi
     for r in $(seq "$ROUNDS"); do
         read -r before idle after < <(python3 "$dir/burst.py" "$port" "$tls" "$CONNS" "$pid" "$SETTLE")

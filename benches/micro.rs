@@ -382,6 +382,7 @@ fn memory_store(c: &mut Criterion) {
                 now,
                 policy: p,
                 touch: false,
+                max_size: 0,
             };
             let k = &keys[next()];
             let a = ready(store.apply(k, black_box(&update), ctx)).unwrap();
@@ -396,6 +397,7 @@ fn memory_store(c: &mut Criterion) {
                 now,
                 policy: p,
                 touch: false,
+                max_size: 0,
             };
             let k = &keys[next()];
             ready(store.apply(k, black_box(&nothing), ctx)).unwrap()

@@ -373,7 +373,7 @@ pub fn path(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // Session directives
 
-const DIRECTIVES: [&str; 8] = [
+const DIRECTIVES: [&str; 10] = [
     "x-session-update",
     "x-session-delete",
     "x-session-replace",
@@ -382,7 +382,21 @@ const DIRECTIVES: [&str; 8] = [
     "x-session-cycle-key",
     "x-session-expiry",
     "x-session-id",
+    "x-session-logout-others",
+    "x-session-logout-user",
 ];
+
+/// A `X-Session-Logout-User` value as the user it names, by the rule of
+/// SPEC 9: a JSON string (its text) or a JSON number (its JSON text);
+/// `None` for anything else.
+fn reference_user(v: &HeaderValue) -> Option<String> {
+    let t = std::str::from_utf8(v.as_bytes()).ok()?.trim();
+    match serde_json::from_str::<Value>(t).ok()? {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
 
 /// Response headers from lines: the first byte of a line picks a directive
 /// name, the rest is the value (lines that are not valid values are left
@@ -406,21 +420,55 @@ fn directive_headers(data: &[u8]) -> HeaderMap {
 /// Target `directives`: parsing never panics, errors are one line naming
 /// the header, a patch is empty when no directive was sent, and
 /// applying a patch twice gives what applying it once does (a retried write
-/// lands the same).
+/// lands the same). The user directives: `X-Session-Logout-User` values
+/// are accepted exactly when each is a JSON string or number, and give the
+/// users in header order; an error about one names that header;
+/// `X-Session-Logout-Others` alone is never taken for a data change.
 pub fn directives(data: &[u8]) {
     let (seed, lines) = data.split_at(data.len().min(1));
     let headers = directive_headers(lines);
     let sent = headers
         .keys()
         .any(|k| k.as_str() != "x-session-id" && DIRECTIVES.contains(&k.as_str()));
+    let users: Vec<Option<String>> = headers
+        .get_all("x-session-logout-user")
+        .iter()
+        .map(reference_user)
+        .collect();
+    let only_users = headers
+        .keys()
+        .all(|k| k.as_str() == "x-session-logout-user");
     match Patch::parse(&headers) {
         Err(e) => {
             let msg = e.to_string();
             assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg:?}");
             assert!(msg.starts_with("X-Session-"), "{msg:?}");
+            if msg.starts_with("X-Session-Logout-User:") {
+                assert!(users.iter().any(Option::is_none), "{msg:?}: {users:?}");
+            }
+            if only_users {
+                assert!(msg.starts_with("X-Session-Logout-User:"), "{msg:?}");
+            }
         }
         Ok(p) => {
             assert!(sent || p.is_empty(), "{p:?}");
+            let want: Option<Vec<String>> = users.into_iter().collect();
+            assert_eq!(Some(&p.logout_users), want.as_ref(), "users named");
+            assert_eq!(
+                p.ends_sessions(),
+                p.logout_others || !p.logout_users.is_empty()
+            );
+            if p.ends_sessions() {
+                assert!(!p.is_empty(), "{p:?}");
+            }
+            if !p.touches_data() {
+                let mut d: Map<String, Value> = Map::new();
+                d.insert("k".into(), Value::from(1));
+                let before = d.clone();
+                let mut ex = Expiry::Default;
+                p.apply_data(&mut d, &mut ex);
+                assert_eq!(d, before, "a patch that touches no data changed it");
+            }
             let mut data: Map<String, Value> = Map::new();
             for (i, k) in ["a", "b", "user_id", ""].iter().enumerate() {
                 if seed.first().is_some_and(|s| s & (1 << i) != 0) {

@@ -37,6 +37,7 @@ fn ctx() -> WriteCtx {
         now: now(),
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 

@@ -306,6 +306,65 @@ async fn expiry_forms(engine: &str) {
     );
 }
 
+/// `max_session_size` holds on what is stored: two requests load the same
+/// session, each adds under a different key enough to pass the limit
+/// alone but not together, and both are answered only once both were
+/// loaded (the upstream waits for the two). The second write to land finds
+/// the newest state over the limit: it is a 502 and writes nothing, so the
+/// stored session has one of the two changes and stays under the limit.
+async fn concurrent_growth_stays_under_max_session_size(engine: &str) {
+    if engine == "signed_cookies" {
+        // No shared state: each cookie holds its own session.
+        return;
+    }
+    let Some((store, _guard)) = store_for(engine).await else {
+        return;
+    };
+    let both = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let up = upstream_async(move |s| {
+        let both = both.clone();
+        Box::pin(async move {
+            let path = s.uri.path().to_string();
+            match path.as_str() {
+                "/login" => directives(&[("x-session-update", "{\"user\": 1}")]),
+                "/a" | "/b" => {
+                    both.wait().await;
+                    let v = format!("{{\"{}\": \"{}\"}}", &path[1..], "x".repeat(600));
+                    directives(&[("x-session-update", &v)])
+                }
+                _ => ok(),
+            }
+        })
+    })
+    .await;
+    let toml = config("max_session_size = \"1KiB\"", &route(&up, ""))
+        .replace("[store]\n", &format!("[store]\n{store}\n"));
+    let p = start_engine(&toml).await;
+    let jar = call(&p, "/login", "", &[]).await.cookie_jar();
+    let (a, b) = tokio::join!(call(&p, "/a", &jar, &[]), call(&p, "/b", &jar, &[]));
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 502], "{engine}: {} / {}", a.body, b.body);
+    let refused = if a.status == 502 { &a } else { &b };
+    assert!(
+        refused.body.contains("max_session_size"),
+        "{engine}: {}",
+        refused.body
+    );
+    call(&p, "/look", &jar, &[]).await;
+    let session = up.last().session();
+    let stored = session.as_object().unwrap();
+    assert_eq!(stored["user"], json!(1), "{engine}");
+    assert_eq!(
+        stored.contains_key("a") as u8 + stored.contains_key("b") as u8,
+        1,
+        "{engine}: exactly one change landed: {:?}",
+        stored.keys().collect::<Vec<_>>()
+    );
+    assert!(session.to_string().len() <= 1024, "{engine}");
+    p.stop().await;
+}
+
 macro_rules! every_engine {
     ($($engine:ident),*) => {
         $(
@@ -321,6 +380,11 @@ macro_rules! every_engine {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn expiry_forms() {
                     super::expiry_forms(stringify!($engine)).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn concurrent_growth_stays_under_max_session_size() {
+                    super::concurrent_growth_stays_under_max_session_size(stringify!($engine))
+                        .await;
                 }
             }
         )*

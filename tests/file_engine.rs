@@ -66,6 +66,7 @@ fn ctx(now: i64) -> WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 

@@ -130,3 +130,144 @@ async fn a_response_coded_other_than_chunked_alone_is_a_502_that_says_so() {
     assert_eq!((r.status, r.text().as_str()), (200, "abc"));
     p.stop().await;
 }
+
+/// SPEC 3.1: a request transfer coding other than one `chunked` is a `501`
+/// that names it, whatever the coding (hyper's own parser would answer
+/// `400` to a final coding other than `chunked`), on a connection's first
+/// request and after a keep-alive one alike, and nothing is forwarded. The
+/// client reads the answer although it sent a body after the head.
+#[tokio::test]
+async fn a_request_coded_other_than_chunked_is_a_501_naming_the_coding() {
+    let (addr, heads) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = proxy_to(addr).await;
+    for (te, named) in [
+        ("identity", "identity"),
+        ("Identity", "Identity"),
+        ("gzip", "gzip"),
+        ("chunked, gzip", "gzip"),
+        ("gzip, chunked", "gzip"),
+        ("chunked\r\nTransfer-Encoding: identity", "identity"),
+    ] {
+        let r = raw_request(
+            p.addr,
+            &format!("POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\nhello"),
+        )
+        .await;
+        let body = r.text();
+        assert_eq!(r.status, 501, "Transfer-Encoding: {te}: {body}");
+        assert_one_line(&body);
+        assert!(body.contains(named), "{te}: {body:?}");
+        if !te.ends_with("chunked") {
+            // Answered before hyper parsed the head: the connection ends.
+            assert_eq!(r.header("connection"), Some("close"), "{te}");
+        }
+    }
+    assert!(heads.lock().unwrap().is_empty(), "a request was forwarded");
+
+    // The second request of a keep-alive connection.
+    within("two requests on one connection", async {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (rd, mut wr) = s.split();
+        let mut rd = tokio::io::BufReader::new(rd);
+        let first = read_response(&mut rd).await;
+        assert_eq!((first.status, first.text().as_str()), (200, "ok"));
+        wr.write_all(b"PUT /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\nabc")
+            .await
+            .unwrap();
+        let second = read_response(&mut rd).await;
+        assert_eq!(second.status, 501, "{}", second.text());
+        assert!(second.text().contains("identity"), "{}", second.text());
+        // And the connection ends.
+        let mut rest = Vec::new();
+        rd.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await;
+    assert_eq!(heads.lock().unwrap().len(), 1, "only the GET was forwarded");
+
+    // HTTP/1.0 with a coding is faulty framing (RFC 9112 6.1): 400.
+    let r = raw_request(
+        p.addr,
+        "POST /x HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    // One chunked still passes.
+    let r = raw_request(
+        p.addr,
+        "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    p.stop().await;
+}
+
+/// HTTP/2 has no transfer codings: a `transfer-encoding` field makes the
+/// request malformed (RFC 9113 8.2.2), reset with PROTOCOL_ERROR by the
+/// HTTP/2 layer before the proxy sees it, and never forwarded.
+#[tokio::test]
+async fn an_h2_request_with_transfer_encoding_is_reset_and_not_forwarded() {
+    let (addr, heads) = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let p = proxy_to(addr).await;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: :method GET, :scheme http, :path /, then literal fields
+    // without indexing (new names).
+    let mut block = vec![0x82, 0x86, 0x84];
+    for (n, v) in [(":authority", "x"), ("transfer-encoding", "identity")] {
+        block.push(0x00);
+        block.push(n.len() as u8);
+        block.extend_from_slice(n.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x5, 1, &block));
+    let reset = within("the stream reset", async {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            // Frames so far: the first RST_STREAM (or GOAWAY) on stream 1 or 0.
+            let mut at = 0;
+            while buf.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+                if buf.len() < at + 9 + len {
+                    break;
+                }
+                let kind = buf[at + 3];
+                let payload = &buf[at + 9..at + 9 + len];
+                if kind == 0x3 || kind == 0x7 || kind == 0x1 {
+                    return (kind, payload.to_vec());
+                }
+                at += 9 + len;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed without a reset");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let (kind, payload) = reset;
+    assert_eq!(kind, 0x3, "RST_STREAM, not {kind} {payload:?}");
+    assert_eq!(
+        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        1,
+        "PROTOCOL_ERROR"
+    );
+    assert!(
+        heads.lock().unwrap().is_empty(),
+        "the request was forwarded"
+    );
+    p.stop().await;
+}

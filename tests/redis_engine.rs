@@ -294,6 +294,7 @@ fn ctx(now: i64) -> sessiongate::store::WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 

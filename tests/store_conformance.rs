@@ -26,6 +26,7 @@ fn ctx(now: i64) -> WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 
@@ -315,6 +316,53 @@ pub async fn deleted_session_is_missing_and_never_resurrected<S: Store>(s: &S) {
     );
 }
 
+/// `max_size`: a patch whose result is over the limit and larger than the
+/// stored state is `TooLarge` and writes nothing, in place or with a
+/// Cycle-Key (the old key keeps its data); shrinking an oversized session
+/// is allowed.
+pub async fn over_max_size_is_refused_and_writes_nothing<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": "x"}), T0)).await.unwrap();
+    let limited = WriteCtx {
+        max_size: 100,
+        ..ctx(T0 + 10)
+    };
+    let big = update(json!({"b": "y".repeat(200)}));
+    let got = s.apply(&k, &big, limited).await.unwrap();
+    assert!(
+        matches!(got, Applied::TooLarge { size } if size > 200),
+        "{got:?}"
+    );
+    let cycled = Patch {
+        cycle: true,
+        ..big.clone()
+    };
+    let got = s.apply(&k, &cycled, limited).await.unwrap();
+    assert!(matches!(got, Applied::TooLarge { .. }), "{got:?}");
+    let r = s
+        .load(&k, T0 + 10)
+        .await
+        .unwrap()
+        .expect("the old key still holds");
+    assert_eq!(data(&r), json!({"a": "x"}));
+    // Written without a limit, then shrunk under one: allowed.
+    let Applied::Saved { .. } = s.apply(&k, &big, ctx(T0 + 20)).await.unwrap() else {
+        panic!("no limit")
+    };
+    let shrink = update(json!({"b": "z".repeat(150)}));
+    let got = s
+        .apply(
+            &k,
+            &shrink,
+            WriteCtx {
+                max_size: 100,
+                ..ctx(T0 + 30)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
+}
+
 pub async fn cycle_moves_data_to_a_new_key<S: Store>(s: &S) {
     let k = s.create(record(json!({"cart": [1]}), T0)).await.unwrap();
     let p = Patch {
@@ -454,6 +502,11 @@ macro_rules! conformance {
             async fn cycle_moves_data_to_a_new_key() {
                 let (s, _g) = $ctor().await;
                 super::cycle_moves_data_to_a_new_key(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn over_max_size_is_refused_and_writes_nothing() {
+                let (s, _g) = $ctor().await;
+                super::over_max_size_is_refused_and_writes_nothing(&s).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expiry_is_enforced_and_swept() {

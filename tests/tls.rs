@@ -257,3 +257,25 @@ async fn plain_http_on_the_tls_port_gets_a_readable_400() {
     assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
     p.stop().await;
 }
+
+/// SPEC 3.1 over TLS: a final transfer coding other than `chunked` is a
+/// `501` naming it (not hyper's `400`), and nothing is forwarded.
+#[tokio::test]
+async fn a_request_coded_identity_over_tls_is_a_501() {
+    use tokio::io::AsyncWriteExt;
+    let certs = certs();
+    let up = upstream(|_| ok()).await;
+    let p = start_config(tls_config(&certs, &up, "")).await;
+    let mut tls = connect(p.addr, &certs, &[b"http/1.1"]).await;
+    tls.write_all(
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let r = within("the answer", read_response(&mut tls)).await;
+    assert_eq!(r.status, 501, "{}", r.text());
+    assert!(r.text().contains("identity"), "{}", r.text());
+    assert_one_line(&r.text());
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    p.stop().await;
+}

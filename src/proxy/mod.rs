@@ -734,9 +734,12 @@ impl Proxy {
 
     /// `max_session_size`: a patch that would make the session's JSON
     /// larger than the limit (and larger than it was) is refused before
-    /// anything is written. Checked against the session as this request
-    /// loaded it; the full apply runs only when the directives could reach
-    /// the limit at all (the read path and small writes pay nothing).
+    /// anything is written. Checked here against the session as this
+    /// request loaded it (the full apply runs only when the directives could
+    /// reach the limit at all: the read path and small writes pay nothing),
+    /// and again by every engine on the newest state it applies the patch
+    /// to (`WriteCtx::max_size`, `Applied::TooLarge`), so two concurrent
+    /// writes that each pass here cannot together store more.
     fn check_size(
         &self,
         loaded: &Loaded,
@@ -840,6 +843,7 @@ impl Proxy {
             now,
             policy: self.policy,
             touch: save_every || refresh,
+            max_size: self.max_session,
         };
         // The session as it stands after the rest of the patch: what the
         // user directives act on.
@@ -875,6 +879,15 @@ impl Proxy {
                     Applied::Missing => {
                         self.metrics.sessions_interrupted.inc();
                         return Err(ProxyError::Interrupted);
+                    }
+                    // Over max_session_size on the newest state (a
+                    // concurrent write grew it since this request loaded
+                    // it): nothing was written.
+                    Applied::TooLarge { size } => {
+                        return Err(ProxyError::SessionTooLarge {
+                            size,
+                            limit: self.max_session,
+                        });
                     }
                 }
             }

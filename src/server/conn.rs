@@ -277,7 +277,23 @@ fn track<B>(resp: Response<B>, guard: InFlight) -> Response<Tracked<B>> {
     })
 }
 
+/// A request's future, boxed (see [`service`]).
+type Handled = Pin<
+    Box<
+        dyn Future<Output = Result<Response<Tracked<crate::proxy::RespBody>>, Infallible>>
+            + Send
+            + 'static,
+    >,
+>;
+
 /// The proxy's service for one connection, each request counted in flight.
+///
+/// Its future is boxed: hyper's HTTP/1 dispatcher keeps one slot the size
+/// of the service's future for as long as the connection lives (allocated
+/// at the first request, kept while idle), and the request future is up to
+/// 4 KiB (`the_future_of_a_request_stays_small`). Boxed, an idle
+/// keep-alive connection holds a pointer instead; the allocation lives only
+/// while a request does.
 fn service(
     w: &Arc<Worker>,
     state: &Arc<ConnState>,
@@ -286,21 +302,19 @@ fn service(
     Request<Incoming>,
     Response = Response<Tracked<crate::proxy::RespBody>>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Tracked<crate::proxy::RespBody>>, Infallible>>
-                 + Send
-                 + 'static,
+    Future = Handled,
 > + Clone
        + Send
        + 'static {
     let w = w.clone();
     let state = state.clone();
-    service_fn(move |req: Request<Incoming>| {
+    service_fn(move |req: Request<Incoming>| -> Handled {
         let guard = state.request();
         let handled = w.gen.load().proxy.clone().handle(req, info.clone());
-        async move {
+        Box::pin(async move {
             let resp = handled.await?;
             Ok(track(resp, guard))
-        }
+        })
     })
 }
 

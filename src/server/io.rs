@@ -41,6 +41,8 @@ pub(crate) struct ConnState {
     head_since: AtomicU64,
     /// A head started: the watchdog's deadline may be earlier now.
     changed: AtomicBool,
+    /// Responses finished (or dropped) so far.
+    served: AtomicU64,
 }
 
 impl ConnState {
@@ -51,6 +53,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             changed: AtomicBool::new(false),
+            served: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +137,7 @@ impl Drop for InFlight {
         if s.in_flight.load(Ordering::Relaxed) == 1 {
             s.idle_since.store(s.now_ms(), Ordering::Relaxed);
         }
+        s.served.fetch_add(1, Ordering::Relaxed);
         s.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -248,6 +252,160 @@ impl Frames {
     }
 }
 
+/// The HTTP/1 request heads, looked at before hyper parses them, for the
+/// one answer hyper cannot be made to give: a request whose final transfer
+/// coding is not `chunked` (`Transfer-Encoding: identity`, `gzip`,
+/// `chunked, gzip`) gets hyper's own `400` (its h1 parser refuses it,
+/// and no builder option changes that), where SPEC 3.1 (and nginx) answer
+/// `501` naming the coding. Codings hyper lets through (`gzip, chunked`)
+/// are answered by the proxy (`headers::check_transfer_coding`).
+///
+/// A head is looked at when it starts on a connection with nothing in
+/// flight and a response sent since the last head (the first head, and
+/// every request that is not pipelined); its bytes are copied only when it
+/// spans reads. Whatever cannot be judged (a pipelined head, a head hyper
+/// refuses anyway, the bytes after an upgrade) is left to hyper as before.
+#[derive(Default)]
+struct HeadCheck {
+    /// Reading a head: its bytes so far, when it spans reads.
+    reading: bool,
+    buf: Vec<u8>,
+    /// `served` when the last head was judged (`None`: none yet).
+    judged_at: Option<u64>,
+    /// An upgrade or `CONNECT` passed: what follows is a tunnel's.
+    off: bool,
+}
+
+/// What a request head's transfer codings call for.
+#[derive(Debug, PartialEq)]
+enum HeadVerdict {
+    /// Not complete yet.
+    More,
+    /// Left to hyper and the proxy.
+    Pass { tunnel: bool },
+    /// Answered `501` here, naming the coding.
+    Refuse(crate::proxy::headers::Coding),
+}
+
+/// Judges a request head at the front of `head` as hyper would parse it:
+/// HTTP/1.1, a `Transfer-Encoding` whose last field does not end in
+/// `chunked` (hyper's rule: it answers 400 then).
+fn judge_head(head: &[u8]) -> HeadVerdict {
+    let mut fields = [httparse::EMPTY_HEADER; 100];
+    let mut req = httparse::Request::new(&mut fields);
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) => return HeadVerdict::More,
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(_) => return HeadVerdict::Pass { tunnel: false },
+    }
+    let tunnel = req.method == Some("CONNECT")
+        || req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    let mut te = http::HeaderMap::new();
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if let Ok(v) = http::HeaderValue::from_bytes(h.value) {
+                te.append(http::header::TRANSFER_ENCODING, v);
+            }
+        }
+    }
+    let last_chunked = te
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .last()
+        .map(|v| {
+            v.as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+    // HTTP/1.0 with a coding is faulty framing (RFC 9112 6.1): hyper's 400.
+    match (req.version, last_chunked) {
+        (Some(1), Some(false)) => match crate::proxy::headers::check_transfer_coding(&te) {
+            Err(c) => HeadVerdict::Refuse(c),
+            Ok(()) => HeadVerdict::Pass { tunnel },
+        },
+        _ => HeadVerdict::Pass { tunnel },
+    }
+}
+
+impl HeadCheck {
+    /// Looks at `new`, just read; a head refused stops here.
+    fn seen(&mut self, new: &[u8], state: &ConnState) -> Option<crate::proxy::headers::Coding> {
+        if self.off {
+            return None;
+        }
+        if !self.reading {
+            let served = state.served.load(Ordering::Relaxed);
+            if state.in_flight.load(Ordering::Relaxed) != 0 || self.judged_at == Some(served) {
+                return None;
+            }
+            self.reading = true;
+        }
+        let verdict = if self.buf.is_empty() {
+            judge_head(new)
+        } else {
+            self.buf.extend_from_slice(new);
+            judge_head(&self.buf)
+        };
+        match verdict {
+            HeadVerdict::More => {
+                if self.buf.is_empty() {
+                    self.buf.extend_from_slice(new);
+                }
+                if self.buf.len() > super::conn::MAX_REQUEST_HEAD {
+                    // hyper answers 431.
+                    self.done(state);
+                }
+                None
+            }
+            HeadVerdict::Pass { tunnel } => {
+                self.off = tunnel;
+                self.done(state);
+                None
+            }
+            HeadVerdict::Refuse(c) => {
+                self.done(state);
+                self.off = true;
+                Some(c)
+            }
+        }
+    }
+
+    fn done(&mut self, state: &ConnState) {
+        self.reading = false;
+        self.buf = Vec::new();
+        self.judged_at = Some(state.served.load(Ordering::Relaxed));
+    }
+}
+
+/// The `501` written for a refused head, then the connection closes.
+struct Refusal {
+    bytes: Vec<u8>,
+    written: usize,
+    flushed: bool,
+}
+
+impl Refusal {
+    fn new(coding: crate::proxy::headers::Coding) -> Refusal {
+        let (status, body) = crate::proxy::ProxyError::TransferCoding(coding).status_and_body();
+        let body = format!("{body}\n");
+        let bytes = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        Refusal {
+            bytes: bytes.into_bytes(),
+            written: 0,
+            flushed: false,
+        }
+    }
+}
+
 /// The client connection as hyper reads and writes it.
 pub(crate) struct ConnIo<T: IntoTcp> {
     /// Always there until dropped (taken for the lingering close).
@@ -258,6 +416,10 @@ pub(crate) struct ConnIo<T: IntoTcp> {
     eof: bool,
     /// The server has shut its side (hyper closing the connection).
     shut: bool,
+    /// HTTP/1: the heads looked at for codings hyper refuses.
+    heads: HeadCheck,
+    /// A refused head's answer, being written (then hyper reads the end).
+    refusal: Option<Box<Refusal>>,
 }
 
 /// Which protocol the stream carries, as far as is known when it starts.
@@ -281,6 +443,8 @@ impl<T: IntoTcp> ConnIo<T> {
             },
             eof: false,
             shut: false,
+            heads: HeadCheck::default(),
+            refusal: None,
         }
     }
 
@@ -329,21 +493,64 @@ fn flood(e: Flood) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl<T: IntoTcp + AsyncRead + Unpin> AsyncRead for ConnIo<T> {
+impl<T: IntoTcp + AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.refusal.is_some() {
+            return self.poll_refusal(cx);
+        }
         let before = buf.filled().len();
         ready!(self.io().poll_read(cx, buf))?;
         let new = &buf.filled()[before..];
         if new.is_empty() {
             self.eof = true;
-        } else {
-            self.seen(new)?;
+            return Poll::Ready(Ok(()));
+        }
+        self.seen(new)?;
+        if !matches!(self.scan, Scan::Http2(_)) {
+            let this = &mut *self;
+            if let Some(coding) = this.heads.seen(new, &this.state) {
+                tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
+                // hyper never sees the end of this head: it holds at most
+                // a part of it, so it ends the connection on the EOF below
+                // without an answer of its own.
+                buf.set_filled(before);
+                self.refusal = Some(Box::new(Refusal::new(coding)));
+                return self.poll_refusal(cx);
+            }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: IntoTcp + AsyncWrite + Unpin> ConnIo<T> {
+    /// Writes the refusal, flushes, shuts the write side (the lingering
+    /// close then reads what the client still sends), then reads as EOF.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut r = self.refusal.take().expect("a refusal");
+        let out = (|| {
+            while r.written < r.bytes.len() {
+                let n = ready!(self.io().poll_write(cx, &r.bytes[r.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                r.written += n;
+            }
+            if !r.flushed {
+                ready!(self.io().poll_flush(cx))?;
+                r.flushed = true;
+            }
+            if !self.shut {
+                ready!(self.io().poll_shutdown(cx))?;
+                self.shut = true;
+            }
+            Poll::Ready(Ok(()))
+        })();
+        self.refusal = Some(r);
+        out
     }
 }
 
@@ -373,6 +580,10 @@ impl<T: IntoTcp + AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.refusal.is_some() {
+            // Shut already (or being shut) by the refusal.
+            return self.poll_refusal(cx);
+        }
         self.shut = true;
         self.io().poll_shutdown(cx)
     }
@@ -438,6 +649,59 @@ mod tests {
         f.scan(&frame(0x1, 0, b"x"), &state).unwrap();
         f.scan(&frame(0x9, 0x4, b"y"), &state).unwrap();
         assert_eq!(state.head_since.load(Ordering::Relaxed), 0, "block ended");
+    }
+
+    /// A head's codings are judged alike however its bytes arrive, only
+    /// once per response sent, and not after an upgrade.
+    #[test]
+    fn request_heads_are_judged_alike_in_any_split() {
+        let bad = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nbody";
+        for split in 1..bad.len() {
+            let state = ConnState::new();
+            let mut h = HeadCheck::default();
+            let first = h.seen(&bad[..split], &state);
+            let second = first.clone().or_else(|| h.seen(&bad[split..], &state));
+            let end = bad.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            match split < end {
+                true => assert_eq!(first, None, "split at {split}"),
+                false => assert!(first.is_some(), "split at {split}"),
+            }
+            assert_eq!(
+                second.map(|c| c.0),
+                Some("gzip".to_string()),
+                "split at {split}"
+            );
+        }
+        for good in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"not a head at all\r\n\r\n",
+        ] {
+            let state = ConnState::new();
+            let mut h = HeadCheck::default();
+            assert_eq!(
+                h.seen(good, &state),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        // Judged once: the next head only after a response.
+        let state = Arc::new(ConnState::new());
+        let mut h = HeadCheck::default();
+        assert_eq!(h.seen(b"GET / HTTP/1.1\r\n\r\n", &state), None);
+        assert_eq!(h.seen(bad, &state), None, "body bytes are not a head");
+        drop(state.request());
+        assert!(h.seen(bad, &state).is_some(), "the next request's head");
+        // After an upgrade, bytes are a tunnel's.
+        let state = Arc::new(ConnState::new());
+        let mut h = HeadCheck::default();
+        let up = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(h.seen(up, &state), None);
+        drop(state.request());
+        assert_eq!(h.seen(bad, &state), None);
     }
 
     #[test]

@@ -1331,11 +1331,15 @@ impl<'t> Tables<'t> {
             Some(Ok(r)) if !r.is_live(ctx.now) => return Ok(Ok(Applied::Missing)),
             Some(Ok(r)) => r,
         };
+        let before = record.clone();
         if patch.cycle {
+            record.apply_patch(patch, ctx.now, &ctx.policy);
+            if let Some(size) = ctx.too_large(&before, &record) {
+                return Ok(Ok(Applied::TooLarge { size }));
+            }
             // The old key goes in the same transaction as the new one comes.
             self.del(key)?;
             updates.push((*key, None));
-            record.apply_patch(patch, ctx.now, &ctx.policy);
             let new_key = self.fresh_key()?;
             self.put(&new_key, &record, false)?;
             updates.push((new_key, Some(record.clone())));
@@ -1346,6 +1350,9 @@ impl<'t> Tables<'t> {
         }
         if !record.apply_patch(patch, ctx.now, &ctx.policy) && !ctx.touch {
             return Ok(Ok(Applied::Unchanged));
+        }
+        if let Some(size) = ctx.too_large(&before, &record) {
+            return Ok(Ok(Applied::TooLarge { size }));
         }
         let same_user = self
             .users

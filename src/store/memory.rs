@@ -520,33 +520,25 @@ impl MemoryStore {
     /// out first, so a concurrent request on it finds it gone, exactly as
     /// after Django's cycle_key.
     fn cycle(&self, key: &SessionKey, patch: &Patch, ctx: WriteCtx) -> Applied {
-        let Some(users) = &self.users else {
-            let Some(mut record) = self.remove(key) else {
-                return Applied::Missing;
-            };
-            if !record.is_live(ctx.now) {
-                return Applied::Missing;
-            }
-            record.apply_patch(patch, ctx.now, &ctx.policy);
-            let new_key = self.insert_fresh(&record, 0);
-            return Applied::Saved {
-                key: new_key,
-                record,
-            };
-        };
-        // With a user index, the move from the old key to the new must not
-        // straddle a revocation of the user: it is done under the user's
-        // stripe, which needs the user after the patch, known only from
-        // the state read; so: read, patch, lock, and take the old key out
-        // only if it still holds what was read (else again).
+        // Read, patch, check the size, then take the old key out only if it
+        // still holds what was read (else again). With a user index, the
+        // move from the old key to the new must not straddle a revocation
+        // of the user: it is done under the user's stripe, which needs the
+        // user after the patch, known only from the state read.
         loop {
             let Some((read, _)) = self.read(key, ctx.now) else {
                 return Applied::Missing;
             };
             let mut record = read.clone();
             record.apply_patch(patch, ctx.now, &ctx.policy);
-            let tag = users.tag_of(&record.data);
-            let _stripe = users.stripe(tag).read().unwrap_or_else(|e| e.into_inner());
+            if let Some(size) = ctx.too_large(&read, &record) {
+                return Applied::TooLarge { size };
+            }
+            let tag = self.tag_of(&record.data);
+            let _stripe = self
+                .users
+                .as_ref()
+                .map(|users| users.stripe(tag).read().unwrap_or_else(|e| e.into_inner()));
             let mut changed = false;
             let taken = self.remove_where(key, |s| {
                 changed = !s.holds(&read);

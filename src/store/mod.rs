@@ -51,6 +51,21 @@ pub struct WriteCtx {
     /// Write (and refresh the expiry) even when the patch changes nothing
     /// (`save_every_request`).
     pub touch: bool,
+    /// `max_session_size` (0: none): a patch that makes the stored data
+    /// longer than this, and longer than it was, is not written
+    /// ([`Applied::TooLarge`]). Checked on the newest state, so concurrent
+    /// writes cannot together pass the limit.
+    pub max_size: u64,
+}
+
+impl WriteCtx {
+    /// The size of `after`'s data when `max_size` refuses it (over the
+    /// limit, and grown from `before`).
+    pub fn too_large(&self, before: &Record, after: &Record) -> Option<usize> {
+        let size = after.data.len();
+        (self.max_size > 0 && size as u64 > self.max_size && size > before.data.len())
+            .then_some(size)
+    }
 }
 
 /// One live session of a user, as the admin API lists it (SPEC 9). The key
@@ -117,6 +132,9 @@ pub enum Applied {
     /// The session no longer exists (deleted by a concurrent Flush or
     /// Cycle-Key, or expired): nothing was written.
     Missing,
+    /// The result would be over `max_session_size` (its data's size in
+    /// bytes): nothing was written.
+    TooLarge { size: usize },
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -318,6 +336,9 @@ pub fn apply_local(key: &SessionKey, record: &Record, patch: &Patch, ctx: WriteC
     if !modified && !ctx.touch && !patch.cycle {
         return Applied::Unchanged;
     }
+    if let Some(size) = ctx.too_large(record, &next) {
+        return Applied::TooLarge { size };
+    }
     let key = if patch.cycle {
         SessionKey::generate()
     } else {
@@ -388,6 +409,7 @@ pub(crate) mod test_support {
             now,
             policy: POLICY,
             touch: false,
+            max_size: 0,
         }
     }
 

@@ -633,7 +633,8 @@ impl RedisStore {
             let modified = next.apply_patch(patch, ctx.now, &ctx.policy);
             let live = cur.record.is_live(ctx.now);
             let unchanged = !patch.cycle && !modified && !ctx.touch;
-            if !verified && (!live || unchanged) {
+            let too_large = ctx.too_large(&cur.record, &next);
+            if !verified && (!live || unchanged || too_large.is_some()) {
                 state = match self.check(&mut c, &rkey, &cur.version).await? {
                     Fresh::Gone => None,
                     Fresh::Same => Some(cur),
@@ -647,6 +648,9 @@ impl RedisStore {
             }
             if unchanged {
                 return Ok(Applied::Unchanged);
+            }
+            if let Some(size) = too_large {
+                return Ok(Applied::TooLarge { size });
             }
             let version = new_version();
             let ttl = (next.expires_at - ctx.now).max(1);
