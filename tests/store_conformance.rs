@@ -150,7 +150,7 @@ pub async fn db_sqlite() -> (AnyStore, Guard) {
     )
     .await
     .expect("open the db store");
-    (AnyStore::Db(store), Box::new(RemoveDir(dir)))
+    (AnyStore::Db(Box::new(store)), Box::new(RemoveDir(dir)))
 }
 
 /// `cached_db`: the `db` store on SQLite with its own `redis-server` in
@@ -191,7 +191,10 @@ pub async fn cached_db_sqlite() -> (AnyStore, Guard) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    (AnyStore::Db(store), Box::new((server, RemoveDir(dir))))
+    (
+        AnyStore::Db(Box::new(store)),
+        Box::new((server, RemoveDir(dir))),
+    )
 }
 
 #[path = "common/postgres_server.rs"]
@@ -222,7 +225,7 @@ pub async fn db_postgres() -> (AnyStore, Guard) {
     )
     .await
     .expect("open the db store");
-    (AnyStore::Db(store), Box::new(server))
+    (AnyStore::Db(Box::new(store)), Box::new(server))
 }
 
 pub async fn load_never_creates<S: Store>(s: &S) {

@@ -314,7 +314,7 @@ fn judge_head(head: &[u8]) -> HeadVerdict {
     let last_chunked = te
         .get_all(http::header::TRANSFER_ENCODING)
         .iter()
-        .last()
+        .next_back()
         .map(|v| {
             v.as_bytes()
                 .rsplit(|&b| b == b',')

@@ -1205,15 +1205,32 @@ impl<'t> Tables<'t> {
 
     /// Removes `key` and its index entry; whether it was there.
     fn del_bytes(&mut self, key: &[u8; KEY_LEN]) -> Result<bool, redb::Error> {
+        self.del_bytes_of(key, None)
+    }
+
+    /// [`Tables::del_bytes`]; `user`: the user the record names, when the
+    /// caller knows it (a revocation), so the record need not be parsed.
+    fn del_bytes_of(
+        &mut self,
+        key: &[u8; KEY_LEN],
+        user: Option<&str>,
+    ) -> Result<bool, redb::Error> {
         let (old, old_bytes) = match self.sessions.remove(key)? {
             None => return Ok(false),
             Some(v) => (
                 expires_of(v.value()),
-                self.users.is_some().then(|| v.value().to_vec()),
+                (self.users.is_some() && user.is_none()).then(|| v.value().to_vec()),
             ),
         };
-        if old_bytes.is_some() {
-            self.relink(key, old_bytes.as_deref(), None)?;
+        match (user, &mut self.users) {
+            (Some(u), Some((users, _))) => {
+                users.remove(u, key)?;
+            }
+            _ => {
+                if old_bytes.is_some() {
+                    self.relink(key, old_bytes.as_deref(), None)?;
+                }
+            }
         }
         if let Some(o) = old {
             self.expiry.remove(&index_key(o, key))?;
@@ -1233,7 +1250,11 @@ impl<'t> Tables<'t> {
     }
 
     fn del(&mut self, key: &SessionKey) -> Result<bool, redb::Error> {
-        let removed = self.del_bytes(key.as_bytes())?;
+        self.del_of(key, None)
+    }
+
+    fn del_of(&mut self, key: &SessionKey, user: Option<&str>) -> Result<bool, redb::Error> {
+        let removed = self.del_bytes_of(key.as_bytes(), user)?;
         if removed {
             self.log.push(DEL);
             self.log.extend_from_slice(key.as_bytes());
@@ -1310,7 +1331,7 @@ impl<'t> Tables<'t> {
             Op::RevokeKeys(keys, now, reply) => {
                 let mut n = 0;
                 for key in keys {
-                    n += self.end(&key, now, updates)?;
+                    n += self.end(&key, None, now, updates)?;
                 }
                 Outcome::Count(reply, n)
             }
@@ -1363,18 +1384,21 @@ impl<'t> Tables<'t> {
         Ok(Ok(Applied::Saved { key: *key, record }))
     }
 
-    /// Deletes the session `key`; 1 if it was live, else 0.
+    /// Deletes the session `key` (of `user`, when known); 1 if it was
+    /// live, else 0.
     fn end(
         &mut self,
         key: &SessionKey,
+        user: Option<&str>,
         now: i64,
         updates: &mut CacheUpdates,
     ) -> Result<u64, redb::Error> {
-        let live = match self.get(key)? {
+        let live = match self.sessions.get(key.as_bytes())? {
             None => return Ok(0),
-            Some(r) => r.is_ok_and(|r| r.is_live(now)),
+            // An unreadable record goes too, uncounted.
+            Some(v) => expires_of(v.value()).is_some_and(|e| e > now),
         };
-        self.del(key)?;
+        self.del_of(key, user)?;
         updates.push((*key, None));
         Ok(u64::from(live))
     }
@@ -1397,7 +1421,7 @@ impl<'t> Tables<'t> {
         let mut n = 0;
         for k in keys {
             match SessionKey::parse_bytes(&k) {
-                Some(key) if Some(&key) != keep => n += self.end(&key, now, updates)?,
+                Some(key) if Some(&key) != keep => n += self.end(&key, Some(user), now, updates)?,
                 Some(_) => {}
                 // Never written so; dropped if found.
                 None => {

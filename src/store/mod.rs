@@ -96,8 +96,48 @@ impl UserSession {
 /// as it is, a number as its JSON text (so `42` and `"42"` are one user, as
 /// `?user=42` is). Any other value, or no such key: no user.
 pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
-    let map = crate::session::json::parse_object(data)?;
-    user_value(map.get(user_key)?)
+    // On every login's write: only that key's value is built, the other
+    // keys and values are skipped without allocating.
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Find<'a>(&'a str);
+    struct KeyIs<'a>(&'a str);
+    impl<'de> Visitor<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+            Ok(v == self.0)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Option<String>, A::Error> {
+            let mut found = None;
+            while let Some(hit) = m.next_key_seed(KeyIs(self.0))? {
+                if hit {
+                    // The last one wins, as when the object is parsed whole.
+                    found = user_value(&m.next_value::<serde_json::Value>()?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let found = de.deserialize_map(Find(user_key)).ok()?;
+    de.end().ok()?;
+    found
 }
 
 /// [`user_of`] for a value already in hand.
@@ -116,6 +156,43 @@ pub fn touches_user(patch: &Patch, user_key: &str) -> bool {
         || patch.clear
         || patch.update.contains_key(user_key)
         || patch.delete.iter().any(|k| k == user_key)
+}
+
+#[cfg(test)]
+mod user_of_tests {
+    use super::user_of;
+
+    #[test]
+    fn finds_the_users_text_and_nothing_else() {
+        assert_eq!(
+            user_of(br#"{"a":[1,{"uid":2}],"uid":"alice"}"#, "uid").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(user_of(br#"{"uid":42}"#, "uid").as_deref(), Some("42"));
+        assert_eq!(
+            user_of(br#"{"u\u0069d":1.5}"#, "uid").as_deref(),
+            Some("1.5")
+        );
+        assert_eq!(
+            user_of(br#"{"uid":"a\"b"}"#, "uid").as_deref(),
+            Some("a\"b")
+        );
+        for none in [
+            &br#"{"uid":null}"#[..],
+            br#"{"uid":[1]}"#,
+            br#"{"x":1}"#,
+            b"[1]",
+            b"{",
+            br#"{"uid":1} x"#,
+        ] {
+            assert_eq!(
+                user_of(none, "uid"),
+                None,
+                "{}",
+                String::from_utf8_lossy(none)
+            );
+        }
+    }
 }
 
 /// A predicate over keys (the admin API's `DELETE /sessions/ID` matches the
@@ -222,8 +299,9 @@ pub enum AnyStore {
     /// `signed_cookies`: no server state; the proxy encodes and decodes
     /// the session in the cookie (see [`AnyStore::as_signed`]).
     Signed(SignedCookies),
-    /// `db`: Django's table on SQLite or PostgreSQL.
-    Db(DbStore),
+    /// `db`: Django's table on SQLite or PostgreSQL (boxed: it is several
+    /// times the size of the other engines' handles).
+    Db(Box<DbStore>),
 }
 
 impl AnyStore {
@@ -256,7 +334,7 @@ impl AnyStore {
                     c.db.as_ref()
                         .ok_or_else(|| StoreError::Open("[store] url is required".into()))?;
                 let s = &config.session;
-                Ok(AnyStore::Db(
+                Ok(AnyStore::Db(Box::new(
                     DbStore::open_cached(
                         url,
                         &c.table,
@@ -268,7 +346,7 @@ impl AnyStore {
                     .await?
                     .with_user_key(user_key)
                     .await?,
-                ))
+                )))
             }
             Engine::File | Engine::CachedFile => {
                 let path = c
