@@ -43,6 +43,7 @@ fn ctx() -> WriteCtx {
         now: now_ms(),
         policy: POLICY,
         touch: false,
+        max_size: 0,
     }
 }
 
