@@ -76,6 +76,7 @@ async fn writes(store: &Arc<RedisStore>, keys: &[SessionKey], secs: f64) -> f64 
                     now: now(),
                     policy: POLICY,
                     touch: false,
+                    max_size: 0,
                 };
                 let r = store.apply(&k, &update(n), ctx).await.expect("apply");
                 assert!(matches!(r, Applied::Saved { .. }), "{r:?}");
