@@ -213,11 +213,36 @@ async fn health_and_the_separation_of_admin_paths_and_routes() {
     p.stop().await;
 }
 
+/// Without `[admin]` there is no listener, and nothing is counted: no reader
+/// exists for the metrics (adding the section needs a restart), so the read
+/// path does not pay for them.
 #[tokio::test]
-async fn no_admin_section_no_admin_listener() {
-    let up = upstream(|_| ok()).await;
+async fn no_admin_section_no_admin_listener_and_nothing_counted() {
+    let up = upstream(|s| match s.uri.path() {
+        "/login" => directives(&[("x-session-update", r#"{"user_id": 1}"#)]),
+        _ => ok(),
+    })
+    .await;
     let p = start(&config("", &route(&up, ""))).await;
     assert!(p.admin.is_none());
+    let key = p.get("/login", None).await.key();
+    for _ in 0..3 {
+        assert_eq!(p.get("/page", Some(&key)).await.status, 200);
+    }
+    let text = p.metrics.encode();
+    let s = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("a valid Prometheus text exposition");
+    let ok200 = [("route", "app"), ("status", "200")];
+    assert_eq!(value(&s, "sessiongate_requests_total", &ok200), 0.0);
+    assert_eq!(value(&s, "sessiongate_sessions_created_total", &[]), 0.0);
+    assert_eq!(
+        value(
+            &s,
+            "sessiongate_request_duration_seconds",
+            &[("route", "app")]
+        ),
+        0.0
+    );
     p.stop().await;
 }
 

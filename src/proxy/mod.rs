@@ -165,6 +165,9 @@ pub struct Proxy {
     timer: Wheel,
     hsts: Option<HeaderValue>,
     metrics: Arc<Metrics>,
+    /// Whether requests are counted: only with an `[admin]` section, the only
+    /// reader of the metrics (the connection gauges count regardless).
+    metrics_on: bool,
     /// Per route (by index), then the requests no route matched.
     route_ops: Vec<RouteOps>,
     no_route: RouteMetrics,
@@ -202,15 +205,18 @@ static ALLOW: HeaderValue =
     HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS");
 
 impl Proxy {
-    /// A proxy with metrics of its own and no access log (tests, benches).
+    /// A proxy with metrics of its own, counted whether or not `config` has
+    /// an `[admin]` section, and no access log (tests, benches).
     pub fn new(config: &Config, store: Arc<AnyStore>, clock: Clock) -> Proxy {
-        Proxy::with_ops(
+        let mut p = Proxy::with_ops(
             config,
             store,
             clock,
             Arc::new(Metrics::new()),
             AccessLog::off(),
-        )
+        );
+        p.metrics_on = true;
+        p
     }
 
     /// A proxy that counts into `metrics` and logs into `access_log`.
@@ -257,6 +263,7 @@ impl Proxy {
             no_route: metrics.route(crate::metrics::NO_ROUTE),
             route_ops,
             metrics,
+            metrics_on: config.admin.is_some(),
             json_log: access_log.is_on() && s.access_log_format == AccessLogFormat::Json,
             access_log,
             trusted_proxies: s.trusted_proxies.clone().into(),
@@ -293,6 +300,9 @@ impl Proxy {
         op: StoreOp,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        if !self.metrics_on {
+            return call.await;
+        }
         let start = Instant::now();
         let r = call.await;
         self.metrics.store_op(op).observe(start.elapsed());
@@ -300,6 +310,13 @@ impl Proxy {
             self.metrics.store_errors.inc();
         }
         r
+    }
+
+    /// Counts into the metrics when they are kept (`metrics_on`).
+    fn count<T>(&self, f: impl FnOnce(&Metrics) -> T) {
+        if self.metrics_on {
+            f(&self.metrics);
+        }
     }
 
     /// The timers of this proxy's worker, for the server's header-read
@@ -348,9 +365,11 @@ impl Proxy {
                 .load(Ordering::Relaxed)
                 .checked_sub(1)
                 .and_then(|i| self.route_ops.get(i));
-            match ops {
-                Some(o) => o.metrics.request(status, took),
-                None => self.no_route.request(status, took),
+            if self.metrics_on {
+                match ops {
+                    Some(o) => o.metrics.request(status, took),
+                    None => self.no_route.request(status, took),
+                }
             }
             if let Some((time, client, method, target, version, referer, user_agent)) = access {
                 use http_body::Body as _;
@@ -558,7 +577,11 @@ impl Proxy {
             | ProxyError::UpstreamUpgrade(_) => Some(UpstreamErrorKind::Protocol),
             _ => None,
         };
-        if let (Some(k), Some(o)) = (kind, route.and_then(|r| self.route_ops.get(r.index))) {
+        if let (true, Some(k), Some(o)) = (
+            self.metrics_on,
+            kind,
+            route.and_then(|r| self.route_ops.get(r.index)),
+        ) {
             o.metrics.upstream_error(k);
         }
         let (status, body) = e.status_and_body();
@@ -828,7 +851,7 @@ impl Proxy {
                         .await
                         .map_err(ProxyError::Store)?;
                 }
-                self.metrics.session_deleted(DeleteReason::Flush);
+                self.count(|m| m.session_deleted(DeleteReason::Flush));
             }
             patch.flush = false;
         }
@@ -861,9 +884,9 @@ impl Proxy {
                 };
                 match applied {
                     Applied::Saved { key, record } => {
-                        self.metrics.sessions_saved.inc();
+                        self.count(|m| m.sessions_saved.inc());
                         if patch.cycle {
-                            self.metrics.session_deleted(DeleteReason::Cycle);
+                            self.count(|m| m.session_deleted(DeleteReason::Cycle));
                         }
                         self.set_cookie(out, loaded, &key, &record, now)?;
                         after = Some((key, record.data));
@@ -877,7 +900,7 @@ impl Proxy {
                     // Delete of an absent key, say) is not interrupted.
                     Applied::Missing if !self.would_save(loaded, &patch, now) => {}
                     Applied::Missing => {
-                        self.metrics.sessions_interrupted.inc();
+                        self.count(|m| m.sessions_interrupted.inc());
                         return Err(ProxyError::Interrupted);
                     }
                     // Over max_session_size on the newest state (a
@@ -907,7 +930,7 @@ impl Proxy {
                             .await
                             .map_err(ProxyError::Store)?,
                     };
-                    self.metrics.sessions_created.inc();
+                    self.count(|m| m.sessions_created.inc());
                     self.set_cookie(out, loaded, &key, &record, now)?;
                     after = Some((key, record.data));
                 } else if loaded.presented {
@@ -984,7 +1007,7 @@ impl Proxy {
                 .map_err(ProxyError::Store)?;
             current_ended |= user.as_deref() == Some(v.as_str());
         }
-        self.metrics.sessions_deleted(DeleteReason::Revoked, ended);
+        self.count(|m| m.sessions_deleted(DeleteReason::Revoked, ended));
         if current_ended {
             drop_session_set_cookies(out, &self.session.cookie_name);
             if loaded.presented {
@@ -1156,7 +1179,8 @@ impl Proxy {
                 match sent {
                     Ok(mut resp) => {
                         let took = sent_at.elapsed();
-                        if let Some(o) = self.route_ops.get(route.index) {
+                        if let (true, Some(o)) = (self.metrics_on, self.route_ops.get(route.index))
+                        {
                             o.metrics.upstream_duration.observe(took);
                         }
                         conn.note.upstream.store(i + 1, Ordering::Relaxed);

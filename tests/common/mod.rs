@@ -199,6 +199,8 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     pub clock: Clock,
     pub store: Arc<AnyStore>,
+    /// What the server counts (read by `/metrics` when there is an admin listener).
+    pub metrics: Arc<sessiongate::metrics::Metrics>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
@@ -246,6 +248,7 @@ pub async fn start_workers(config: Config, store: AnyStore, workers: usize) -> P
     let server = Server::bind(config, options).await.expect("bind");
     let addr = server.local_addr();
     let admin = server.admin_addr();
+    let metrics = server.metrics().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
         server
@@ -260,6 +263,7 @@ pub async fn start_workers(config: Config, store: AnyStore, workers: usize) -> P
         admin,
         clock,
         store,
+        metrics,
         shutdown: Some(tx),
         done: Some(done),
         client: Client::builder(TokioExecutor::new()).build_http(),
