@@ -66,29 +66,7 @@ fn log_lines(needle: &str) -> Vec<String> {
 /// A test CA and a certificate it issued for `localhost` (only), as PEM
 /// files in `dir`: `ca.pem`, `cert.pem`, `key.pem`.
 fn pki(dir: &TempDir) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sessiongate upstream test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    dir.write("ca.pem", &ca_cert.pem());
-    dir.write("cert.pem", &leaf.pem());
-    dir.write("key.pem", &leaf_key.serialize_pem());
+    common::pki::ca_and_leaf(dir.path(), &["localhost"]);
 }
 
 /// An HTTP/1.1 upstream over TLS with the certificate in `dir`, counting

@@ -334,36 +334,7 @@ pub const SENTINEL_SERVICE: &str = "mymaster";
 /// A CA and a server certificate for 127.0.0.1 (and localhost), as PEM files
 /// in `dir`: `(ca, cert, key)` paths.
 pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "sessiongate test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let write = |name: &str, pem: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p.to_string_lossy().into_owned()
-    };
-    (
-        write("ca.pem", ca_cert.pem()),
-        write("cert.pem", leaf.pem()),
-        write("key.pem", leaf_key.serialize_pem()),
-    )
+    super::pki::ca_and_leaf(dir, &["127.0.0.1", "localhost"])
 }
 
 /// Passwords (and TLS) for [`SentinelSet::start_secure`].
