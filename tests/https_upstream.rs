@@ -66,7 +66,7 @@ fn log_lines(needle: &str) -> Vec<String> {
 /// A test CA and a certificate it issued for `localhost` (only), as PEM
 /// files in `dir`: `ca.pem`, `cert.pem`, `key.pem`.
 fn pki(dir: &TempDir) {
-    common::pki::ca_and_leaf(dir.path(), &["localhost"]);
+    common::redis_server::pki::ca_and_leaf(dir.path(), &["localhost"]);
 }
 
 /// An HTTP/1.1 upstream over TLS with the certificate in `dir`, counting

@@ -405,5 +405,4 @@ pub fn attr(set_cookie: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 pub mod e2e;
-pub mod pki;
 pub mod redis_server;

@@ -331,10 +331,15 @@ where
 /// The name the sentinels of [`SentinelSet`] watch.
 pub const SENTINEL_SERVICE: &str = "mymaster";
 
+/// Test certificates (also for the https upstream tests); here because some
+/// test files include this file alone.
+#[path = "pki.rs"]
+pub mod pki;
+
 /// A CA and a server certificate for 127.0.0.1 (and localhost), as PEM files
 /// in `dir`: `(ca, cert, key)` paths.
 pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
-    super::pki::ca_and_leaf(dir, &["127.0.0.1", "localhost"])
+    pki::ca_and_leaf(dir, &["127.0.0.1", "localhost"])
 }
 
 /// Passwords (and TLS) for [`SentinelSet::start_secure`].
