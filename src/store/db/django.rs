@@ -86,16 +86,60 @@ fn push_b62(s: &mut String, mut n: u64) {
 
 thread_local! {
     /// One zlib compressor and one decompressor per thread, reset after each
-    /// use: a new miniz_oxide state per call is a few hundred KB allocated,
+    /// use: a new compressor state per call is a few hundred KB allocated,
     /// zeroed and handed back to the kernel (the profile in BENCHMARKS.md).
     static DEFLATE: RefCell<Option<Compress>> = const { RefCell::new(None) };
     static INFLATE: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// Below this many bytes, a payload with [`SHORT_DISTINCT`] or more distinct
+/// bytes and no three-byte sequence seen twice is not offered to deflate.
+const SHORT: usize = 64;
+/// See [`SHORT`].
+const SHORT_DISTINCT: u32 = 20;
+
+/// Whether deflate could make `data` two bytes shorter, as far as a cheap
+/// look tells: a short payload with no repeated three-byte sequence gives
+/// deflate no match to use (only literals), and with many distinct bytes
+/// the Huffman codes cannot win back zlib's 6 bytes of header and checksum
+/// and the block's code tables. Such payloads (a typical small session:
+/// `{"n":1,"r":"<32 hex digits>"}`) skip the compressor, whose reset clears
+/// a 128 KB hash table per call. `false` only where deflate would not have
+/// shrunk the payload either (the unit test below checks that against the
+/// compressor); a wrong `false` would still be Django's format, just
+/// uncompressed, which Django reads as well.
+fn worth_deflating(data: &[u8]) -> bool {
+    if data.len() >= SHORT {
+        return true;
+    }
+    let mut bytes = [0u64; 4];
+    let mut trigrams = [0u64; 64]; // a 4096-bit set of trigram hashes
+    for &b in data {
+        bytes[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+    for w in data.windows(3) {
+        let h = (usize::from(w[0]) * 961 + usize::from(w[1]) * 31 + usize::from(w[2])) & 4095;
+        let (word, bit) = (h / 64, 1u64 << (h % 64));
+        if trigrams[word] & bit != 0 {
+            return true; // a repeat, or a hash collision: try
+        }
+        trigrams[word] |= bit;
+    }
+    bytes.iter().map(|w| w.count_ones()).sum::<u32>() < SHORT_DISTINCT
 }
 
 /// zlib of `data` (as Python's `zlib.compress`, level 6), or `None` when it
 /// would not be at least two bytes shorter (then Django keeps the
 /// uncompressed form, and so do we).
 fn deflate(data: &[u8]) -> Option<Vec<u8>> {
+    if !worth_deflating(data) {
+        return None;
+    }
+    deflate_always(data)
+}
+
+/// [`deflate`] without the [`worth_deflating`] look.
+fn deflate_always(data: &[u8]) -> Option<Vec<u8>> {
     DEFLATE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let z = slot.get_or_insert_with(|| Compress::new(Compression::default(), true));
@@ -335,6 +379,46 @@ mod tests {
         let value = format!(".{}:{}", URL_SAFE_NO_PAD.encode(z), b62_encode(1_000));
         let tag = hmac::sign(&s.keys[0], value.as_bytes());
         format!("{value}:{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    #[test]
+    fn short_payloads_skip_deflate_only_where_it_would_not_shrink_them() {
+        // Seeded xorshift: short payloads over alphabets of 4 to 60 bytes,
+        // with skewed frequencies, and session-like JSON.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut skipped, mut session_like_skipped) = (0, 0);
+        for i in 0..40_000 {
+            let data: Vec<u8> = if i % 4 == 0 {
+                let r: String = (0..16).map(|_| format!("{:02x}", next() as u8)).collect();
+                format!("{{\"n\":{},\"r\":\"{r}\"}}", next() % 1_000_000).into_bytes()
+            } else {
+                let k = 4 + (next() % 57) as usize;
+                let alphabet: Vec<u8> = (0..k).map(|_| 33 + (next() % 94) as u8).collect();
+                let len = 8 + (next() % 56) as usize;
+                (0..len)
+                    .map(|_| {
+                        let r = next() % (k as u64 * k as u64);
+                        alphabet[(r as f64).sqrt() as usize % k] // skewed
+                    })
+                    .collect()
+            };
+            if !worth_deflating(&data) {
+                skipped += 1;
+                session_like_skipped += usize::from(i % 4 == 0);
+                assert_eq!(deflate_always(&data), None, "{:?}", String::from_utf8_lossy(&data));
+            }
+        }
+        assert!(skipped > 5_000, "{skipped}");
+        assert!(session_like_skipped > 6_000, "{session_like_skipped}");
+        // Repetitive short payloads are still compressed, as Django does.
+        let rep = br#"{"a":"aaaaaaaaaaaaaaaaaaaa"}"#;
+        assert!(worth_deflating(rep) && deflate(rep).is_some());
     }
 
     #[test]
