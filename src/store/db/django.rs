@@ -86,16 +86,66 @@ fn push_b62(s: &mut String, mut n: u64) {
 
 thread_local! {
     /// One zlib compressor and one decompressor per thread, reset after each
-    /// use: a new miniz_oxide state per call is a few hundred KB allocated,
+    /// use: a new compressor state per call is a few hundred KB allocated,
     /// zeroed and handed back to the kernel (the profile in BENCHMARKS.md).
     static DEFLATE: RefCell<Option<Compress>> = const { RefCell::new(None) };
     static INFLATE: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// Payloads shorter than this are not offered to deflate unless they look
+/// compressible (see [`worth_deflating`]).
+const SHORT: usize = 128;
+/// See [`worth_deflating`].
+const SHORT_DISTINCT: u32 = 20;
+
+/// Whether a payload is worth a deflate attempt. A short payload with many
+/// distinct bytes (at least [`SHORT_DISTINCT`] and a third of its length:
+/// Huffman codes gain little) and few repeated three-byte sequences
+/// (deflate's matches: fewer than one per eight bytes) is stored
+/// uncompressed without trying: sessiongate's typical session,
+/// `{"_sessiongate_created":…,"n":1,"r":"<32 hex digits>"}` (85 bytes),
+/// would come out of zlib at most a few bytes shorter, and the attempt
+/// costs more than the compression: resetting miniz_oxide's state clears
+/// about 370 KB (BENCHMARKS.md). Django compresses such a payload when that
+/// saves two bytes and reads it either way, so an uncompressed one is still
+/// Django's format (and byte for byte what Django writes when it does not
+/// compress). Repetitive short payloads (`{"a":"aaaa…"}`) are still tried.
+fn worth_deflating(data: &[u8]) -> bool {
+    if data.len() >= SHORT {
+        return true;
+    }
+    let mut bytes = [0u64; 4];
+    for &b in data {
+        bytes[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+    let distinct = bytes.iter().map(|w| w.count_ones()).sum::<u32>();
+    if distinct < SHORT_DISTINCT || (distinct as usize) < data.len() / 3 {
+        return true;
+    }
+    let mut trigrams = [0u64; 64]; // a 4096-bit set of trigram hashes
+    let mut repeats = 0;
+    for w in data.windows(3) {
+        let h = (usize::from(w[0]) * 961 + usize::from(w[1]) * 31 + usize::from(w[2])) & 4095;
+        let (word, bit) = (h / 64, 1u64 << (h % 64));
+        // A repeat, or a hash collision: either counts.
+        repeats += usize::from(trigrams[word] & bit != 0);
+        trigrams[word] |= bit;
+    }
+    repeats >= data.len() / 8
 }
 
 /// zlib of `data` (as Python's `zlib.compress`, level 6), or `None` when it
 /// would not be at least two bytes shorter (then Django keeps the
 /// uncompressed form, and so do we).
 fn deflate(data: &[u8]) -> Option<Vec<u8>> {
+    if !worth_deflating(data) {
+        return None;
+    }
+    deflate_always(data)
+}
+
+/// [`deflate`] without the [`worth_deflating`] look.
+fn deflate_always(data: &[u8]) -> Option<Vec<u8>> {
     DEFLATE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let z = slot.get_or_insert_with(|| Compress::new(Compression::default(), true));
@@ -335,6 +385,53 @@ mod tests {
         let value = format!(".{}:{}", URL_SAFE_NO_PAD.encode(z), b62_encode(1_000));
         let tag = hmac::sign(&s.keys[0], value.as_bytes());
         format!("{value}:{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    #[test]
+    fn short_payloads_skip_deflate_only_where_it_would_save_a_few_bytes() {
+        // Seeded xorshift: sessiongate-like sessions, and short payloads over
+        // alphabets of 4 to 60 bytes with skewed frequencies.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let gain = |data: &[u8]| deflate_always(data).map_or(0, |z| data.len() - z.len());
+        let (mut sessions_skipped, mut worst_session, mut worst_other) = (0, 0, 0);
+        for i in 0..20_000 {
+            if i % 2 == 0 {
+                let r: String = (0..16).map(|_| format!("{:02x}", next() as u8)).collect();
+                let data = format!(
+                    "{{\"_sessiongate_created\":{},\"n\":{},\"r\":\"{r}\"}}",
+                    1_796_196_716_000 + next() % 1_000_000,
+                    next() % 1_000
+                );
+                if !worth_deflating(data.as_bytes()) {
+                    sessions_skipped += 1;
+                    worst_session = worst_session.max(gain(data.as_bytes()));
+                }
+            } else {
+                let k = 4 + (next() % 57) as usize;
+                let alphabet: Vec<u8> = (0..k).map(|_| 33 + (next() % 94) as u8).collect();
+                let len = 8 + (next() % 120) as usize;
+                let data: Vec<u8> = (0..len)
+                    .map(|_| alphabet[((next() % (k * k) as u64) as f64).sqrt() as usize % k])
+                    .collect();
+                if !worth_deflating(&data) {
+                    worst_other = worst_other.max(gain(&data));
+                }
+            }
+        }
+        assert!(sessions_skipped > 9_000, "{sessions_skipped}");
+        assert!(worst_session <= 6, "{worst_session}");
+        assert!(worst_other <= 12, "{worst_other}");
+        // Repetitive short payloads and long ones are still compressed.
+        let rep = br#"{"a":"aaaaaaaaaaaaaaaaaaaa"}"#;
+        assert!(deflate(rep).is_some());
+        let long = format!("{{\"big\":\"{}\"}}", "ab".repeat(64));
+        assert!(deflate(long.as_bytes()).is_some());
     }
 
     #[test]
