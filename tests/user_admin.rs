@@ -1,12 +1,12 @@
 //! A user's sessions through the admin API (SPEC 9) end to end on the
-//! memory engine (listing and revoking on file too): the bearer token (401
+//! memory engine (listing and revoking on file and redis too): the bearer token (401
 //! without or wrong, 403 when none is configured, a reload's new token),
 //! `GET /sessions?user=V` after logins from several browsers (ids the
 //! upstream saw as `X-Session-Id`, never a key, `created` fixed and
 //! `last_write` moving, expired sessions left out), `DELETE /sessions/ID`
 //! and `DELETE /sessions?user=V` (those browsers are new visitors), and the
 //! `sessiongate sessions` commands run as a subprocess against the proxy a
-//! configuration file describes.
+//! configuration file describes (on memory, file and redis).
 
 mod common;
 #[path = "common/sessions_api.rs"]
@@ -500,7 +500,32 @@ fn write_config(dir: &TempDir, name: &str, up: &Upstream, session: &str, admin: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sessions_commands_list_and_revoke() {
+async fn the_sessions_commands_list_and_revoke_on_memory() {
+    the_sessions_commands_list_and_revoke("engine = \"memory\"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_commands_list_and_revoke_on_file() {
+    let dir = TempDir::new("user-admin-cli-file");
+    let store = format!(
+        "engine = \"file\"\npath = \"{}\"",
+        dir.join("store").display()
+    );
+    the_sessions_commands_list_and_revoke(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_commands_list_and_revoke_on_redis() {
+    let Some(server) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let store = format!("engine = \"redis\"\nurl = \"{}\"", server.url());
+    the_sessions_commands_list_and_revoke(&store).await;
+}
+
+/// `sessiongate sessions list/revoke` (the binary) against a proxy on the
+/// engine of `store` (its `[store]` lines).
+async fn the_sessions_commands_list_and_revoke(store: &str) {
     let up = app().await;
     let dir = TempDir::new("user-admin-cli");
     let port = free_port();
@@ -512,6 +537,10 @@ async fn the_sessions_commands_list_and_revoke() {
         &session_lines(""),
         &admin_lines(&listen, Some(TOKEN)),
     );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[store]\n", &format!("[store]\n{store}\n"));
+    std::fs::write(&path, text).unwrap();
     let config = sessiongate::config::Config::load(&path).unwrap();
     let store = sessiongate::store::AnyStore::open(&config).await.unwrap();
     let p = start_with(config, store).await;
