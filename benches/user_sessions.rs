@@ -19,6 +19,10 @@
 //!   back (as Django's logins write them: 1,000 of one user, 9,000
 //!   anonymous): the first listing, which decodes and indexes them all,
 //!   the second (nothing to decode), and the revocation after.
+//! - `logins N set|unset`: N logins on memory, nothing else, for
+//!   `valgrind --tool=callgrind` (instruction counts do not move with the
+//!   machine's load): the difference between `set` and `unset` over N is
+//!   the index's cost per login.
 //!
 //! Memory per session with the index: `examples/mem_per_session.rs
 //! --user-key _auth_user_id`.
@@ -327,7 +331,32 @@ async fn django() {
     );
 }
 
+/// `logins N set|unset`: N store-level logins on memory.
+async fn logins(n: u64, indexed: bool) {
+    let (store, _dir) = Engine::Memory.open(indexed).await;
+    for i in 0..n {
+        store.create(login(i % 1_000_000)).await.unwrap();
+    }
+    println!(
+        "{n} logins, user_key {}",
+        if indexed { "set" } else { "unset" }
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "logins") {
+        let n = args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let indexed = args.get(i + 2).map(String::as_str) == Some("set");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        return rt.block_on(logins(n, indexed));
+    }
     let part = std::env::args()
         .skip(1)
         .find(|a| a == "revoke" || a == "write" || a == "django");
