@@ -3,7 +3,7 @@
 //! harness):
 //!
 //!   cargo bench --bench user_sessions             # everything
-//!   cargo bench --bench user_sessions -- revoke   # one part: revoke | write
+//!   cargo bench --bench user_sessions -- revoke   # one part: revoke | write | django
 //!
 //! - revoke: the time to revoke the 10,000 sessions of one user
 //!   (`revoke_user`) among 100,000 other users' sessions (memory) or 10,000
@@ -15,6 +15,14 @@
 //!   logged-in session that leaves the user alone (the common write), and a
 //!   login (a new session naming its user). memory: one task, back to back;
 //!   file: 64 tasks, each awaiting its durable acknowledgement.
+//! - django: `db` on SQLite with 10,000 rows written behind sessiongate's
+//!   back (as Django's logins write them: 1,000 of one user, 9,000
+//!   anonymous): the first listing, which decodes and indexes them all,
+//!   the second (nothing to decode), and the revocation after.
+//! - `logins N set|unset`: N logins on memory, nothing else, for
+//!   `valgrind --tool=callgrind` (instruction counts do not move with the
+//!   machine's load): the difference between `set` and `unset` over N is
+//!   the index's cost per login.
 //!
 //! Memory per session with the index: `examples/mem_per_session.rs
 //! --user-key _auth_user_id`.
@@ -267,10 +275,91 @@ async fn write(engine: Engine) {
     }
 }
 
+/// Rows Django wrote (not through sessiongate, so not in its index).
+async fn django() {
+    use sessiongate::store::db::{django::SESSION_SALT, naive_utc_text, Signer};
+    use sessiongate::store::DbStore;
+    const SECRET: &[u8] = b"bench-secret-0123456789abcdef0123456789";
+    let dir = TempDir::new("django");
+    let file = dir.0.join("sessions.sqlite3");
+    let url = sessiongate::config::DbUrl::Sqlite(file.clone());
+    let t = std::time::Duration::from_secs(60);
+    DbStore::migrate(&url, "django_session", t).await.unwrap();
+    let signer = Signer::new(SESSION_SALT, SECRET, &[]);
+    let now = now_ms();
+    {
+        let mut c = rusqlite::Connection::open(&file).unwrap();
+        let tx = c.transaction().unwrap();
+        for i in 0..10_000u64 {
+            let data = if i % 10 == 0 {
+                json!({UID: "42", "_auth_user_backend": "django.contrib.auth.backends.ModelBackend",
+                       "_auth_user_hash": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"})
+            } else {
+                json!({"cart": ["tea", "milk"], "lang": "en", "visits": i})
+            };
+            let text = serde_json::to_vec(&data).unwrap();
+            tx.execute(
+                "INSERT INTO django_session VALUES (?1, ?2, ?3)",
+                rusqlite::params![
+                    SessionKey::generate().as_str(),
+                    signer.dumps(&text, now / 1000),
+                    naive_utc_text(now + 86_400_000)
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = DbStore::open(&url, "django_session", t, SECRET, &[])
+        .await
+        .unwrap()
+        .with_user_key(Some(UID.into()))
+        .await
+        .unwrap();
+    let at = Instant::now();
+    let first = store.user_sessions("42", now).await.unwrap().len();
+    let first_ms = at.elapsed().as_secs_f64() * 1000.0;
+    let at = Instant::now();
+    let second = store.user_sessions("42", now).await.unwrap().len();
+    let second_ms = at.elapsed().as_secs_f64() * 1000.0;
+    let at = Instant::now();
+    let revoked = store.revoke_user("42", None, now).await.unwrap();
+    let revoke_ms = at.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!((first, second, revoked), (1000, 1000, 1000));
+    println!(
+        "django  db (SQLite)   10,000 rows Django wrote, 1,000 of one user: first listing {first_ms:.1} ms, second {second_ms:.1} ms, revoking them {revoke_ms:.1} ms"
+    );
+}
+
+/// `logins N set|unset`: N store-level logins on memory.
+async fn logins(n: u64, indexed: bool) {
+    let (store, _dir) = Engine::Memory.open(indexed).await;
+    for i in 0..n {
+        store.create(login(i % 1_000_000)).await.unwrap();
+    }
+    println!(
+        "{n} logins, user_key {}",
+        if indexed { "set" } else { "unset" }
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "logins") {
+        let n = args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        let indexed = args.get(i + 2).map(String::as_str) == Some("set");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        return rt.block_on(logins(n, indexed));
+    }
     let part = std::env::args()
         .skip(1)
-        .find(|a| a == "revoke" || a == "write");
+        .find(|a| a == "revoke" || a == "write" || a == "django");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -278,6 +367,9 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let engines = [Engine::Memory, Engine::File, Engine::CachedFile];
+        if part.as_deref() == Some("django") {
+            return django().await;
+        }
         if part.as_deref() != Some("write") {
             for e in engines {
                 revoke(e).await;
@@ -287,6 +379,9 @@ fn main() {
             for e in engines {
                 write(e).await;
             }
+        }
+        if part.is_none() {
+            django().await;
         }
     });
 }

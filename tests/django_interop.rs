@@ -5,7 +5,9 @@
 //! PostgreSQL (SPEC 8): a Django login is seen by the legacy app, what the
 //! legacy app writes is in `request.session`, cycle_key, set_expiry and
 //! flush on either side hold on both, and `cookie_passthrough` lets Django's
-//! cookie pass on its routes.
+//! cookie pass on its routes. With `user_key = "_auth_user_id"`, the
+//! sessions Django's logins make are listed and ended by the admin API and
+//! by Logout-Others (SPEC 9), though sessiongate never wrote them.
 
 mod common;
 
@@ -25,6 +27,8 @@ use serde_json::{json, Value};
 mod django;
 #[path = "common/postgres_server.rs"]
 mod postgres_server;
+#[path = "common/sessions_api.rs"]
+mod sessions_api;
 
 struct Django {
     child: Child,
@@ -208,6 +212,108 @@ async fn shared_login_and_data(django_db: &str, store_url: &str, dir: &TempDir) 
     call(&p, "/", Some(&key4), &[("flush", "1")]).await;
     assert_eq!(django_view(&p, Some(&key4)).await["user"], Value::Null);
     p.stop().await;
+}
+
+const TOKEN: &str = "django-interop-admin-token";
+
+/// Django's logins (rows sessiongate never wrote) through the admin API and
+/// Logout-Others: listed with their times, ended, and Django's next request
+/// with an ended cookie is anonymous.
+async fn djangos_logins_are_a_users_sessions(django_db: &str, store_url: &str, dir: &TempDir) {
+    let Some(py) = django::python() else { return };
+    let dj = django(&py, django_db, dir.join("django.log"));
+    let up = legacy().await;
+    let routes = format!(
+        "{}\n[[route]]\nname = \"django\"\npath = \"/new/\"\nupstream = \"http://127.0.0.1:{}\"\nsession = false\ncookie_passthrough = true\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n",
+        route(&up, ""),
+        dj.port
+    );
+    let toml = config("user_key = \"_auth_user_id\"", &routes).replace(
+        "[store]\n",
+        &format!("[store]\nengine = \"db\"\nurl = \"{store_url}\"\ntimeout = \"5s\"\n"),
+    );
+    let p = start_engine(&toml).await;
+    let admin = p.admin.expect("the admin listener");
+    let t0 = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    // ann logs in through Django on two devices; the upstream sees each
+    // session's X-Session-Id, which is what the API lists.
+    let laptop = login(&p).await;
+    let phone = login(&p).await;
+    assert_ne!(laptop, phone);
+    let mut ids = Vec::new();
+    for k in [&laptop, &phone] {
+        call(&p, "/", Some(k), &[]).await;
+        assert_eq!(up.last().session()["_auth_user_id"], "1");
+        ids.push(up.last().header("x-session-id").unwrap().to_string());
+    }
+    let listed = sessions_api::list(admin, "1", TOKEN).await;
+    let mut listed_ids: Vec<&str> = listed.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    listed_ids.sort();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(listed_ids, want, "Django's logins are listed: {listed:?}");
+    let body = serde_json::to_string(&listed).unwrap();
+    assert!(!body.contains(&laptop) && !body.contains(&phone), "no key");
+    let t1 = time::OffsetDateTime::now_utc().unix_timestamp();
+    for s in &listed {
+        let w = time::OffsetDateTime::parse(
+            s["last_write"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+        .unix_timestamp();
+        assert!((t0..=t1).contains(&w), "last_write: Django's login: {s}");
+    }
+    assert!(sessions_api::list(admin, "2", TOKEN).await.is_empty());
+
+    // "Log out other devices" from the laptop: the phone's Django session
+    // ends, the laptop's stays.
+    let r = call(&p, "/", Some(&laptop), &[("logout-others", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(django_view(&p, Some(&phone)).await["user"], Value::Null);
+    assert_eq!(django_view(&p, Some(&laptop)).await["user"], "ann");
+
+    // Django logs ann in again (a new row); the API ends every session of
+    // hers, and Django's next requests with those cookies are anonymous.
+    let tablet = login(&p).await;
+    assert_eq!(sessions_api::list(admin, "1", TOKEN).await.len(), 2);
+    assert_eq!(
+        sessions_api::deleted(admin, "/sessions?user=1", TOKEN).await,
+        2
+    );
+    for k in [&laptop, &tablet] {
+        let v = django_view(&p, Some(k)).await;
+        assert_eq!(v["user"], Value::Null, "{v}");
+    }
+    assert!(sessions_api::list(admin, "1", TOKEN).await.is_empty());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn djangos_logins_are_listed_and_revoked_on_sqlite() {
+    let dir = TempDir::new("django-users-sqlite");
+    let db = dir.join("shared.sqlite3");
+    djangos_logins_are_a_users_sessions(
+        db.to_str().unwrap(),
+        &format!("sqlite://{}", db.display()),
+        &dir,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn djangos_logins_are_listed_and_revoked_on_postgres() {
+    if django::python().is_none() {
+        return;
+    }
+    let Some(server) = postgres_server::PgServer::start() else {
+        return;
+    };
+    server.create_db("users").await;
+    let dir = TempDir::new("django-users-pg");
+    let url = server.url("users");
+    djangos_logins_are_a_users_sessions(&url, &url, &dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

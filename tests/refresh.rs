@@ -1,5 +1,5 @@
-//! Sliding expiry (SPEC 10) end to end on memory, file, signed_cookies and
-//! redis, with a short `cookie_age` and the proxy's test clock: an active
+//! Sliding expiry (SPEC 10) end to end on memory, file, signed_cookies, db
+//! (SQLite) and redis, with a short `cookie_age` and the proxy's test clock: an active
 //! session outlives `cookie_age`, an idle one ends `cookie_age` after its
 //! last write, a refresh keeps the key and sends `Max-Age = cookie_age`, and
 //! the store sees at most one write per session per `refresh_interval`
@@ -7,18 +7,17 @@
 //! cookies the browser received).
 
 mod common;
+#[path = "common/sessions_api.rs"]
+mod sessions_api;
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::e2e::*;
 use common::redis_server::RedisServer;
 use common::*;
-use http::Method;
-use http_body_util::Full;
+use sessions_api::{metric, Browser};
 
 type Guard = Box<dyn Any + Send>;
 
@@ -40,6 +39,22 @@ async fn store_for(engine: &str) -> Option<(String, Guard)> {
             );
             Some((lines, Box::new(dir)))
         }
+        "db" => {
+            let dir = TempDir::new("refresh-db");
+            let file = dir.join("sessions.sqlite3");
+            sessiongate::store::DbStore::migrate(
+                &sessiongate::config::DbUrl::Sqlite(file.clone()),
+                "django_session",
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("migrate");
+            let lines = format!(
+                "engine = \"db\"\nurl = \"sqlite://{}\"\ntimeout = \"10s\"",
+                file.display()
+            );
+            Some((lines, Box::new(dir)))
+        }
         "redis" => {
             let server = RedisServer::start().await?;
             let lines = format!(
@@ -52,48 +67,9 @@ async fn store_for(engine: &str) -> Option<(String, Guard)> {
     }
 }
 
-/// A browser: keeps the cookies the proxy sets (and drops deleted ones).
-#[derive(Default)]
-struct Browser {
-    jar: BTreeMap<String, String>,
-}
-
-impl Browser {
-    async fn get(&mut self, p: &Proxy, path: &str) -> Got {
-        let mut b = p.req(Method::GET, path, None);
-        if !self.jar.is_empty() {
-            let c: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            b = b.header("cookie", c.join("; "));
-        }
-        let got = p.send(b.body(Full::new(Bytes::new())).unwrap()).await;
-        for c in got.set_cookies() {
-            let pair = c.split(';').next().unwrap();
-            let (name, value) = pair.split_once('=').unwrap();
-            if c.contains("Max-Age=0") {
-                self.jar.remove(name);
-            } else {
-                self.jar.insert(name.to_string(), value.to_string());
-            }
-        }
-        got
-    }
-}
-
 /// `sessiongate_sessions_saved_total` (writes of an existing session).
 async fn saved(admin: SocketAddr) -> u64 {
-    let r = raw_request(
-        admin,
-        "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix("sessiongate_sessions_saved_total "))
-        .expect("the saved counter")
-        .trim()
-        .parse()
-        .unwrap()
+    metric(admin, "sessiongate_sessions_saved_total").await
 }
 
 async fn app() -> Upstream {
@@ -223,6 +199,13 @@ async fn file_an_active_session_slides_an_idle_one_ends() {
 #[tokio::test]
 async fn signed_cookies_an_active_session_slides_an_idle_one_ends() {
     active_then_idle("signed_cookies").await;
+}
+
+/// The row's last write is its signing time, so the db engine refreshes
+/// too (it did not when a row read as written at the time it was read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_an_active_session_slides_an_idle_one_ends() {
+    active_then_idle("db").await;
 }
 
 #[tokio::test]

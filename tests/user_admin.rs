@@ -1,64 +1,39 @@
 //! A user's sessions through the admin API (SPEC 9) end to end on the
-//! memory engine (listing and revoking on file too): the bearer token (401
+//! memory engine (listing and revoking on file and redis too): the bearer token (401
 //! without or wrong, 403 when none is configured, a reload's new token),
 //! `GET /sessions?user=V` after logins from several browsers (ids the
 //! upstream saw as `X-Session-Id`, never a key, `created` fixed and
 //! `last_write` moving, expired sessions left out), `DELETE /sessions/ID`
 //! and `DELETE /sessions?user=V` (those browsers are new visitors), and the
 //! `sessiongate sessions` commands run as a subprocess against the proxy a
-//! configuration file describes.
+//! configuration file describes (on memory, file and redis).
 
 mod common;
+#[path = "common/sessions_api.rs"]
+mod sessions_api;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::e2e::*;
 use common::redis_server::free_port;
 use common::*;
-use http::Method;
-use http_body_util::Full;
 use serde_json::Value;
+use sessions_api::{admin, deleted, list, metric, Browser};
 
 const TOKEN: &str = "t0ken-for-the-sessions-api";
 const COOKIE_AGE: i64 = 1000;
 
-/// A browser: keeps the cookies the proxy sets (and drops deleted ones).
-#[derive(Default)]
-struct Browser {
-    jar: BTreeMap<String, String>,
-}
-
-impl Browser {
-    async fn get(&mut self, p: &Proxy, path: &str) -> Got {
-        let mut b = p.req(Method::GET, path, None);
-        if !self.jar.is_empty() {
-            let c: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            b = b.header("cookie", c.join("; "));
-        }
-        let got = p.send(b.body(Full::new(Bytes::new())).unwrap()).await;
-        for c in got.set_cookies() {
-            let pair = c.split(';').next().unwrap();
-            let (name, value) = pair.split_once('=').unwrap();
-            if c.contains("Max-Age=0") {
-                self.jar.remove(name);
-            } else {
-                self.jar.insert(name.to_string(), value.to_string());
-            }
-        }
-        got
-    }
-
-    fn key(&self) -> String {
-        self.jar["sessionid"].clone()
-    }
-
+/// What the upstream saw of a browser.
+trait WhoAmI {
     /// Requests `/` and returns the `X-Session-Id` and the user the
     /// upstream saw (`None`, `None` for a new visitor).
+    async fn whoami(&mut self, p: &Proxy, up: &Upstream) -> (Option<String>, Option<Value>);
+}
+
+impl WhoAmI for Browser {
     async fn whoami(&mut self, p: &Proxy, up: &Upstream) -> (Option<String>, Option<Value>) {
         let got = self.get(p, "/").await;
         assert_eq!(got.status, 200);
@@ -114,39 +89,6 @@ async fn proxy(up: &Upstream, session: &str, admin: &str) -> Proxy {
     start_engine(&toml).await
 }
 
-/// One request to the admin listener.
-async fn admin(addr: SocketAddr, method: &str, target: &str, token: Option<&str>) -> RawResponse {
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    raw_request(
-        addr,
-        &format!("{method} {target} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n"),
-    )
-    .await
-}
-
-async fn list(addr: SocketAddr, user_query: &str) -> Vec<Value> {
-    let r = admin(
-        addr,
-        "GET",
-        &format!("/sessions?user={user_query}"),
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.header("content-type"), Some("application/json"));
-    match serde_json::from_slice(&r.body).expect("JSON") {
-        Value::Array(a) => a,
-        other => panic!("not an array: {other}"),
-    }
-}
-
-async fn deleted(addr: SocketAddr, target: &str) -> u64 {
-    let r = admin(addr, "DELETE", target, Some(TOKEN)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    v["deleted"].as_u64().expect("{\"deleted\": N}")
-}
-
 fn ms(rfc3339: &Value) -> i64 {
     let t = time::OffsetDateTime::parse(
         rfc3339.as_str().expect("a string"),
@@ -155,13 +97,6 @@ fn ms(rfc3339: &Value) -> i64 {
     .expect("RFC 3339");
     assert_eq!(t.offset(), time::UtcOffset::UTC, "UTC");
     t.unix_timestamp() * 1000
-}
-
-fn revoked(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"sessiongate_sessions_deleted_total{reason="revoked"} "#))
-        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 #[tokio::test]
@@ -322,7 +257,7 @@ async fn list_revoke_by_id_and_by_user(store: &str) {
         .map(Browser::key)
         .collect();
 
-    let listed = list(a, "alice").await;
+    let listed = list(a, "alice", TOKEN).await;
     assert_eq!(listed.len(), 4, "{listed:?}");
     let listed_ids: BTreeSet<&str> = listed.iter().map(|s| s["id"].as_str().unwrap()).collect();
     let want: BTreeSet<&str> = ids
@@ -362,7 +297,7 @@ async fn list_revoke_by_id_and_by_user(store: &str) {
     // the 30 s session has expired and is no longer listed.
     p.clock.advance(Duration::from_secs(60));
     alice[0].get(&p, "/touch").await;
-    let listed = list(a, "alice").await;
+    let listed = list(a, "alice", TOKEN).await;
     assert_eq!(
         listed.len(),
         3,
@@ -374,14 +309,14 @@ async fn list_revoke_by_id_and_by_user(store: &str) {
     assert!(ms(&now["expires"]) >= ms(&first["expires"]) + 60_000);
 
     // DELETE /sessions/ID: that browser is a new visitor, the others are not.
-    assert_eq!(deleted(a, &format!("/sessions/{}", ids[1])).await, 1);
+    assert_eq!(deleted(a, &format!("/sessions/{}", ids[1]), TOKEN).await, 1);
     assert_eq!(alice[1].whoami(&p, &up).await, (None, None));
     assert_eq!(alice[0].whoami(&p, &up).await.1, Some(Value::from("alice")));
-    assert_eq!(deleted(a, &format!("/sessions/{}", ids[1])).await, 0);
-    assert_eq!(list(a, "alice").await.len(), 2);
+    assert_eq!(deleted(a, &format!("/sessions/{}", ids[1]), TOKEN).await, 0);
+    assert_eq!(list(a, "alice", TOKEN).await.len(), 2);
 
     // DELETE /sessions?user=V: every remaining alice session; bob stays.
-    assert_eq!(deleted(a, "/sessions?user=alice").await, 2);
+    assert_eq!(deleted(a, "/sessions?user=alice", TOKEN).await, 2);
     for i in [0, 2] {
         assert_eq!(
             alice[i].whoami(&p, &up).await,
@@ -389,13 +324,12 @@ async fn list_revoke_by_id_and_by_user(store: &str) {
             "a new visitor"
         );
     }
-    assert_eq!(list(a, "alice").await, Vec::<Value>::new());
+    assert_eq!(list(a, "alice", TOKEN).await, Vec::<Value>::new());
     assert_eq!(bob.whoami(&p, &up).await.0, bob_id);
-    assert_eq!(list(a, "bob").await.len(), 1);
+    assert_eq!(list(a, "bob", TOKEN).await.len(), 1);
 
-    let m = admin(a, "GET", "/metrics", None).await.text();
     assert_eq!(
-        revoked(&m),
+        metric(a, r#"sessiongate_sessions_deleted_total{reason="revoked"}"#).await,
         3,
         "sessions_deleted_total{{reason=\"revoked\"}}"
     );
@@ -415,13 +349,17 @@ async fn users_are_percent_decoded_and_compared_as_text() {
     let mut b = Browser::default();
     b.get(&p, "/login?Jos%C3%A9%20Q%2B").await;
     assert_eq!(b.whoami(&p, &up).await.1, Some(Value::from("José Q+")));
-    assert_eq!(list(a, "Jos%C3%A9%20Q%2B").await.len(), 1);
-    assert_eq!(list(a, "Jos%C3%A9+Q%2B").await.len(), 1, "+ is a space");
-    assert_eq!(list(a, "Jos%C3%A9").await.len(), 0);
+    assert_eq!(list(a, "Jos%C3%A9%20Q%2B", TOKEN).await.len(), 1);
+    assert_eq!(
+        list(a, "Jos%C3%A9+Q%2B", TOKEN).await.len(),
+        1,
+        "+ is a space"
+    );
+    assert_eq!(list(a, "Jos%C3%A9", TOKEN).await.len(), 0);
     let mut n = Browser::default();
     n.get(&p, "/login-42").await;
     assert_eq!(
-        list(a, "42").await.len(),
+        list(a, "42", TOKEN).await.len(),
         1,
         "the number 42 is the user \"42\""
     );
@@ -496,17 +434,17 @@ async fn a_refresh_is_the_last_write_the_api_shows() {
     let a = p.admin.unwrap();
     let mut b = Browser::default();
     b.get(&p, "/login?alice").await;
-    let before = list(a, "alice").await.remove(0);
+    let before = list(a, "alice", TOKEN).await.remove(0);
     p.clock.advance(Duration::from_secs(60));
     b.whoami(&p, &up).await;
     assert_eq!(
-        list(a, "alice").await[0],
+        list(a, "alice", TOKEN).await[0],
         before,
         "within the interval: no write"
     );
     p.clock.advance(Duration::from_secs(300));
     b.whoami(&p, &up).await;
-    let after = list(a, "alice").await.remove(0);
+    let after = list(a, "alice", TOKEN).await.remove(0);
     assert_eq!(after["id"], before["id"]);
     assert_eq!(after["created"], before["created"]);
     // Whole seconds: the real time the test takes may cross one.
@@ -562,7 +500,32 @@ fn write_config(dir: &TempDir, name: &str, up: &Upstream, session: &str, admin: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sessions_commands_list_and_revoke() {
+async fn the_sessions_commands_list_and_revoke_on_memory() {
+    the_sessions_commands_list_and_revoke("engine = \"memory\"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_commands_list_and_revoke_on_file() {
+    let dir = TempDir::new("user-admin-cli-file");
+    let store = format!(
+        "engine = \"file\"\npath = \"{}\"",
+        dir.join("store").display()
+    );
+    the_sessions_commands_list_and_revoke(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_commands_list_and_revoke_on_redis() {
+    let Some(server) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let store = format!("engine = \"redis\"\nurl = \"{}\"", server.url());
+    the_sessions_commands_list_and_revoke(&store).await;
+}
+
+/// `sessiongate sessions list/revoke` (the binary) against a proxy on the
+/// engine of `store` (its `[store]` lines).
+async fn the_sessions_commands_list_and_revoke(store: &str) {
     let up = app().await;
     let dir = TempDir::new("user-admin-cli");
     let port = free_port();
@@ -574,6 +537,10 @@ async fn the_sessions_commands_list_and_revoke() {
         &session_lines(""),
         &admin_lines(&listen, Some(TOKEN)),
     );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[store]\n", &format!("[store]\n{store}\n"));
+    std::fs::write(&path, text).unwrap();
     let config = sessiongate::config::Config::load(&path).unwrap();
     let store = sessiongate::store::AnyStore::open(&config).await.unwrap();
     let p = start_with(config, store).await;

@@ -481,7 +481,58 @@ impl Db {
         }
     }
 
-    async fn put_row(&self, k: &str, data: serde_json::Value) {
+    /// The index entry of `k`: `None` without one, `Some(None)` for a row
+    /// looked at that names no user.
+    async fn entry(&self, k: &str) -> Option<Option<String>> {
+        let sql = "SELECT \"user\" FROM sessiongate_user_session WHERE session_key = ";
+        match self {
+            Db::Sqlite(path) => {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                rusqlite::OptionalExtension::optional(
+                    c.query_row(&format!("{sql}?1"), [k], |r| r.get(0)),
+                )
+                .unwrap()
+            }
+            Db::Pg(url) => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let task = tokio::spawn(conn);
+                let row = client.query_opt(&format!("{sql}$1"), &[&k]).await.unwrap();
+                drop(client);
+                let _ = task.await;
+                row.map(|r| r.get(0))
+            }
+        }
+    }
+
+    async fn delete_row(&self, k: &str) {
+        match self {
+            Db::Sqlite(path) => {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                c.execute("DELETE FROM django_session WHERE session_key = ?1", [k])
+                    .unwrap();
+            }
+            Db::Pg(url) => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let task = tokio::spawn(conn);
+                client
+                    .execute("DELETE FROM django_session WHERE session_key = $1", &[&k])
+                    .await
+                    .unwrap();
+                drop(client);
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Writes the row as Django's `save()` does (the whole row, signed now);
+    /// returns the signing time in Unix seconds.
+    async fn put_row(&self, k: &str, data: serde_json::Value) -> i64 {
         let signer = sessiongate::store::db::Signer::new(
             sessiongate::store::db::django::SESSION_SALT,
             SECRET.as_bytes(),
@@ -519,46 +570,67 @@ impl Db {
                 let _ = task.await;
             }
         }
+        t / 1000
     }
 }
 
-/// Django's own writes bypass the index.
+/// Django's own writes bypass sessiongate's index: listings and
+/// revocations find them (SPEC 9: every session whose `user_key` is V).
 async fn django_rows(s: &Setup, db: &Db) {
-    // A session Django made for user 77: not listed, not revoked, served.
+    // A session Django made for user 77 (a login: a row sessiongate never
+    // wrote) is listed, with its write time; an anonymous one is looked
+    // at once and kept as naming no user.
     let dk = SessionKey::generate();
     let dk = dk.as_str();
-    db.put_row(dk, json!({"_auth_user_id": "x", "uid": "77"}))
+    let signed = db
+        .put_row(dk, json!({"_auth_user_id": "x", "uid": "77"}))
         .await;
-    assert!(
-        s.listed("77").await.is_empty(),
-        "Django's row is not indexed"
+    let anon = SessionKey::generate();
+    db.put_row(anon.as_str(), json!({"cart": 1})).await;
+    let listed = s.store.user_sessions("77", now()).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|u| u.key.as_str()).collect::<Vec<_>>(),
+        vec![dk],
+        "Django's row is listed"
     );
-    assert_eq!(s.store.revoke_user("77", None, now()).await.unwrap(), 0);
+    assert_eq!(
+        listed[0].last_write / 1000,
+        signed,
+        "last_write: the second Django wrote it"
+    );
+    assert_eq!(db.entry(dk).await, Some(Some("77".into())), "indexed");
+    assert_eq!(db.entry(anon.as_str()).await, Some(None), "looked at");
+    assert_eq!(s.listed("77").await, vec![dk.to_string()], "listed again");
     s.a.get("/", Some(dk)).await;
     assert_eq!(seen(&s.up).1, "false", "Django's session is served");
-    // Once sessiongate writes it, it is in the index, and revoked with the
-    // user's other sessions.
-    assert_eq!(
-        s.a.post(Some(dk), &[("update", r#"{"cart":2}"#)])
-            .await
-            .status,
-        200
-    );
+
+    // Logout-User ends it with the user's other sessions, and a session
+    // Django made since (cycle_key at a login: another new row).
     let mine = s.b.post(None, &[("update", r#"{"uid":77}"#)]).await.key();
+    let cycled = SessionKey::generate();
+    db.put_row(cycled.as_str(), json!({"uid": 77})).await;
     assert_eq!(
         s.listed("77").await,
-        sorted(vec![dk.to_string(), mine.clone()])
+        sorted(vec![
+            dk.to_string(),
+            mine.clone(),
+            cycled.as_str().to_string()
+        ])
     );
+    let cycled2 = SessionKey::generate();
+    db.put_row(cycled2.as_str(), json!({"uid": "77"})).await;
     let other = s.a.post(None, &[("update", r#"{"uid":78}"#)]).await.key();
     let r = s.a.post(Some(&other), &[("logout-user", "77")]).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    s.assert_ended(dk, "a Django row sessiongate had written")
+    s.assert_ended(dk, "a row Django wrote").await;
+    s.assert_ended(cycled.as_str(), "a row Django wrote after a listing")
+        .await;
+    s.assert_ended(cycled2.as_str(), "a row Django wrote, never listed")
         .await;
     s.assert_ended(&mine, "sessiongate's own").await;
 
     // Django logs a sessiongate session in as another user (rewriting the
-    // row): the index entry is stale; listing drops it, revocation spares
-    // the session.
+    // row): it moves to that user at the next listing or revocation.
     let k = s.a.post(None, &[("update", r#"{"uid":88}"#)]).await.key();
     assert_eq!(s.listed("88").await, vec![k.clone()]);
     db.put_row(&k, json!({"uid": "99"})).await;
@@ -566,7 +638,21 @@ async fn django_rows(s: &Setup, db: &Db) {
     assert!(s.listed("88").await.is_empty());
     s.a.get("/", Some(&k)).await;
     assert_eq!(seen(&s.up), (json!({"uid": "99"}), "false".into()));
+    assert_eq!(s.listed("99").await, vec![k.clone()]);
+    assert_eq!(s.store.revoke_user("99", None, now()).await.unwrap(), 1);
+    s.assert_ended(&k, "a row Django moved to another user")
+        .await;
+
+    // A row Django deleted: its entry goes at the sweep.
+    db.delete_row(anon.as_str()).await;
+    s.store.clear_expired(now()).await.unwrap();
+    assert_eq!(db.entry(anon.as_str()).await, None, "swept");
 }
+
+/// The index table of an earlier release (no `tail`, `user` NOT NULL):
+/// made again when a store opens.
+const OLD_INDEX: &str = "CREATE TABLE sessiongate_user_session (\"user\" text NOT NULL, \"session_key\" varchar(40) NOT NULL PRIMARY KEY); \
+    INSERT INTO sessiongate_user_session VALUES ('77', 'tyb12xsdjnhw031y2hvwh6cu9sfeo2v3');";
 
 async fn db_scenarios(engine: &str, url: &str, store_extra: &str, db: &Db) {
     db.empty().await;
@@ -593,6 +679,10 @@ async fn db_and_cached_db_on_sqlite_keep_a_users_sessions() {
     )
     .await
     .unwrap();
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch(OLD_INDEX)
+        .unwrap();
     let url = format!("sqlite://{}", file.display());
     let db = Db::Sqlite(file.clone());
     db_scenarios("db", &url, "", &db).await;
@@ -632,6 +722,13 @@ async fn db_and_cached_db_on_postgres_keep_a_users_sessions() {
     )
     .await
     .unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    client.batch_execute(OLD_INDEX).await.unwrap();
+    drop(client);
+    let _ = task.await;
     let db = Db::Pg(url.clone());
     db_scenarios("db", &url, "", &db).await;
     let Some(redis) = RedisServer::start().await else {

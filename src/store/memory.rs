@@ -264,12 +264,12 @@ impl UserIndex {
 
     /// The tag of the user the session data names; 0: none.
     fn tag_of(&self, data: &[u8]) -> u32 {
-        super::user_of(data, &self.key).map_or(0, |u| self.tag(&u))
+        super::with_user(data, &self.key, |u| self.tag(u)).unwrap_or(0)
     }
 
     /// Whether `data` names `user`.
     fn names(&self, data: &[u8], user: &str) -> bool {
-        super::user_of(data, &self.key).as_deref() == Some(user)
+        super::with_user(data, &self.key, |u| u == user).unwrap_or(false)
     }
 
     /// Whether the patch may change the user (else the tag stays).

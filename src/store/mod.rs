@@ -96,11 +96,20 @@ impl UserSession {
 /// as it is, a number as its JSON text (so `42` and `"42"` are one user, as
 /// `?user=42` is). Any other value, or no such key: no user.
 pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
-    // On every login's write: only that key's value is built, the other
-    // keys and values are skipped without allocating.
-    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    with_user(data, user_key, str::to_owned)
+}
+
+/// [`user_of`], handing the user's text to `f` without copying it when the
+/// data holds it as it is (a string without escapes): on every login's
+/// write, only that key's value is looked at, and the other keys and
+/// values are skipped without allocating.
+pub fn with_user<R>(data: &[u8], user_key: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
     struct Find<'a>(&'a str);
     struct KeyIs<'a>(&'a str);
+    /// A user's value: its text, or `None` for a value that names no user.
+    struct UserText;
     impl<'de> Visitor<'de> for KeyIs<'_> {
         type Value = bool;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -116,17 +125,63 @@ pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
             d.deserialize_str(self)
         }
     }
+    // The text is what `user_value` makes of the parsed value: a string as
+    // it is, a number as serde_json writes it.
+    impl<'de> Visitor<'de> for UserText {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(serde_json::Number::from(v).to_string())))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(serde_json::Number::from(v).to_string())))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(serde_json::Number::from_f64(v).map(|n| Cow::Owned(n.to_string())))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+            while s.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for UserText {
+        type Value = Option<Cow<'de, str>>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
     impl<'de> Visitor<'de> for Find<'_> {
-        type Value = Option<String>;
+        type Value = Option<Cow<'de, str>>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Option<String>, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
             let mut found = None;
             while let Some(hit) = m.next_key_seed(KeyIs(self.0))? {
                 if hit {
                     // The last one wins, as when the object is parsed whole.
-                    found = user_value(&m.next_value::<serde_json::Value>()?);
+                    found = m.next_value_seed(UserText)?;
                 } else {
                     m.next_value::<IgnoredAny>()?;
                 }
@@ -137,7 +192,7 @@ pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
     let mut de = serde_json::Deserializer::from_slice(data);
     let found = de.deserialize_map(Find(user_key)).ok()?;
     de.end().ok()?;
-    found
+    found.map(|u| f(&u))
 }
 
 /// [`user_of`] for a value already in hand.
@@ -169,6 +224,18 @@ mod user_of_tests {
             Some("alice")
         );
         assert_eq!(user_of(br#"{"uid":42}"#, "uid").as_deref(), Some("42"));
+        assert_eq!(user_of(br#"{"uid":-7}"#, "uid").as_deref(), Some("-7"));
+        assert_eq!(user_of(br#"{"uid":1e3}"#, "uid").as_deref(), Some("1000.0"));
+        assert_eq!(
+            user_of(br#"{"uid":{"a":[1]},"x":2}"#, "uid"),
+            None,
+            "an object names no user"
+        );
+        assert_eq!(
+            user_of(br#"{"uid":"a","uid":true}"#, "uid"),
+            None,
+            "the last one wins"
+        );
         assert_eq!(
             user_of(br#"{"u\u0069d":1.5}"#, "uid").as_deref(),
             Some("1.5")

@@ -3,21 +3,52 @@
 //!
 //! ```sql
 //! CREATE TABLE "sessiongate_user_session" (
-//!     "user" text NOT NULL,
-//!     "session_key" varchar(40) NOT NULL PRIMARY KEY);
+//!     "user" text NULL,
+//!     "session_key" varchar(40) NOT NULL PRIMARY KEY,
+//!     "tail" text NULL);
 //! CREATE INDEX "sessiongate_user_session_user" ON "sessiongate_user_session" ("user");
 //! ```
 //!
+//! `tail` is the end of the `session_data` the entry was made from: the
+//! row's HMAC signature (see [`TAIL`]), which changes with every write of
+//! the row, so `tail <> right(session_data, 43)` finds a row written since.
+//! `user` is NULL for a row that was looked at and names no user (or cannot
+//! be read), so it is not decoded again until it changes.
+//!
 //! sessiongate writes it in the same transaction as the session row: every
-//! write of a session that names a user upserts its entry (so a row Django
-//! wrote joins the index at sessiongate's next write of it), a write that
+//! write of a session that names a user upserts its entry, a write that
 //! removes the user deletes it, Cycle-Key moves it, a delete removes it.
-//! Django's own writes bypass it, so a reader never trusts an entry alone:
-//! the row must still exist, be live and name that user (decoded), and
-//! entries that fail this are deleted (lazy repair). The sweep deletes the
-//! entries of the rows it removes.
+//! Django's own writes bypass it (a login through `django.contrib.auth`
+//! writes a row sessiongate never saw), so every listing and revocation
+//! first indexes the live rows that have no entry or whose data changed
+//! since their entry was made ([`IndexSql::unindexed`], in batches of
+//! [`BATCH`], each its own transaction): the first call after Django's
+//! writes decodes those rows, the next finds none. A reader still never
+//! trusts an entry alone: the row must exist, be live and name that user
+//! (decoded), and entries that fail this are deleted (lazy repair). The
+//! sweep deletes the entries of the rows it removes and of rows Django
+//! deleted.
+//!
+//! An index table of an earlier schema (without `tail`) is dropped and made
+//! again at start: it holds nothing the rows do not (the scan rebuilds it).
 
 use crate::session::{Record, SessionKey};
+
+/// Characters at the end of `session_data` kept in `tail`: a Django
+/// signature (`signing.dumps`, HMAC-SHA256, unpadded base64) is 43.
+pub const TAIL: usize = 43;
+
+/// Rows indexed per transaction by the scan.
+pub const BATCH: usize = 500;
+
+/// The last [`TAIL`] characters of `data` (all of it when shorter), as
+/// `substr(data, -43)` (SQLite) and `right(data, 43)` (PostgreSQL) count.
+pub fn tail(data: &str) -> &str {
+    match data.char_indices().rev().nth(TAIL - 1) {
+        Some((i, _)) => &data[i..],
+        None => data,
+    }
+}
 
 /// The index table for the session table `table`.
 pub fn table_name(table: &str) -> String {
@@ -32,14 +63,26 @@ pub fn table_name(table: &str) -> String {
 pub(super) fn create_sql(table: &str) -> String {
     let idx = table_name(table);
     format!(
-        "CREATE TABLE IF NOT EXISTS \"{idx}\" (\"user\" text NOT NULL, \"session_key\" varchar(40) NOT NULL PRIMARY KEY);\n\
+        "CREATE TABLE IF NOT EXISTS \"{idx}\" (\"user\" text NULL, \"session_key\" varchar(40) NOT NULL PRIMARY KEY, \"tail\" text NULL);\n\
          CREATE INDEX IF NOT EXISTS \"{idx}_user\" ON \"{idx}\" (\"user\");"
+    )
+}
+
+/// PostgreSQL: drops the index table when it has an earlier schema (no
+/// `tail`), before [`create_sql`] makes it again.
+pub(super) fn pg_drop_old_sql(table: &str) -> String {
+    let idx = table_name(table);
+    let lit = idx.replace('\'', "''");
+    format!(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = '{lit}') \
+         AND NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = '{lit}' AND column_name = 'tail') \
+         THEN DROP TABLE \"{idx}\"; END IF; END $$;"
     )
 }
 
 /// The statements, with `?N` (SQLite) or `$N` (PostgreSQL) parameters.
 pub(crate) struct IndexSql {
-    /// ("user", session_key)
+    /// ("user" or NULL, session_key, tail)
     pub upsert: String,
     /// (session_key)
     pub delete: String,
@@ -47,6 +90,11 @@ pub(crate) struct IndexSql {
     pub keys_of: String,
     /// (expire_date): entries of the rows the sweep is about to remove.
     pub clear: String,
+    /// Entries whose row is gone (Django deleted it).
+    pub orphans: String,
+    /// (now) -> session_key, session_data, expire_date: at most [`BATCH`]
+    /// live rows with no entry, or whose data changed since their entry.
+    pub unindexed: String,
 }
 
 impl IndexSql {
@@ -59,16 +107,29 @@ impl IndexSql {
                 format!("?{n}")
             }
         };
+        let (right, differs) = if dollar {
+            (format!("right(s.session_data, {TAIL})"), "IS DISTINCT FROM")
+        } else {
+            (format!("substr(s.session_data, -{TAIL})"), "IS NOT")
+        };
         IndexSql {
             upsert: format!(
-                "INSERT INTO \"{idx}\" (\"user\", session_key) VALUES ({}, {}) ON CONFLICT (session_key) DO UPDATE SET \"user\" = excluded.\"user\"",
+                "INSERT INTO \"{idx}\" (\"user\", session_key, tail) VALUES ({}, {}, {}) ON CONFLICT (session_key) DO UPDATE SET \"user\" = excluded.\"user\", tail = excluded.tail",
                 p(1),
-                p(2)
+                p(2),
+                p(3)
             ),
             delete: format!("DELETE FROM \"{idx}\" WHERE session_key = {}", p(1)),
             keys_of: format!("SELECT session_key FROM \"{idx}\" WHERE \"user\" = {}", p(1)),
             clear: format!(
                 "DELETE FROM \"{idx}\" WHERE session_key IN (SELECT session_key FROM \"{table}\" WHERE expire_date < {})",
+                p(1)
+            ),
+            orphans: format!(
+                "DELETE FROM \"{idx}\" WHERE NOT EXISTS (SELECT 1 FROM \"{table}\" s WHERE s.session_key = \"{idx}\".session_key)"
+            ),
+            unindexed: format!(
+                "SELECT s.session_key, s.session_data, s.expire_date FROM \"{table}\" s LEFT JOIN \"{idx}\" i ON i.session_key = s.session_key WHERE s.expire_date > {} AND (i.session_key IS NULL OR i.tail {differs} {right}) LIMIT {BATCH}",
                 p(1)
             ),
         }
@@ -159,5 +220,9 @@ mod tests {
         assert_eq!(plan_create("uid", &k2, &none), IndexWrite::default());
         assert_eq!(table_name("django_session"), "sessiongate_user_session");
         assert_eq!(table_name("s"), "s_sessiongate_user");
+        let sig = "x".repeat(TAIL);
+        assert_eq!(tail(&format!(".eJw:1tZ:{sig}")), sig);
+        assert_eq!(tail("short"), "short");
+        assert_eq!(tail(&format!("é{sig}")), sig, "characters, not bytes");
     }
 }

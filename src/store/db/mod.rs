@@ -154,7 +154,7 @@ impl Codec {
         if expires_at <= now {
             return None;
         }
-        let text = match self.signer.loads(data, None) {
+        let (text, signed) = match self.signer.loads_at(data, None) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "session row not adopted: bad signature or data");
@@ -166,18 +166,33 @@ impl Codec {
             return None;
         };
         let expiry = expiry_from_value(map.remove(EXPIRY_KEY));
+        let modified = last_write(signed, now);
+        // A row Django made has no creation time of ours: it is at least as
+        // old as its signature.
         let created = map
             .remove(CREATED_KEY)
             .and_then(|v| v.as_i64())
-            .unwrap_or(now);
+            .unwrap_or(modified);
         Some(Record {
             data: json::encode_object(&map),
             expiry,
             created,
-            modified: now,
+            modified,
             expires_at,
         })
     }
+}
+
+/// The time of a row's last write in Unix ms, from its signature's
+/// timestamp (Unix seconds: `signing.dumps` stamps every save, Django's and
+/// ours): the end of that second, so that `refresh_interval` never counts
+/// a write as older than it is; `now` at most. Shown to the second (the
+/// admin API's `last_write`), it is the second of the write.
+fn last_write(signed_secs: i64, now: i64) -> i64 {
+    signed_secs
+        .saturating_mul(1000)
+        .saturating_add(999)
+        .min(now)
 }
 
 /// Django's `_session_expiry` value as an [`Expiry`].

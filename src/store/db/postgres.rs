@@ -506,7 +506,7 @@ impl Postgres {
                 if new_key == *key {
                     if let Some(ix) = &self.codec.index {
                         let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
-                        index_write(ix, tx.client(), &w).await?;
+                        index_write(ix, tx.client(), &w, index::tail(&data)).await?;
                     }
                     let v = self.bump(key).await?;
                     tx.execute_and_commit(&update, &[&key.as_str(), &data, &exp])
@@ -524,7 +524,7 @@ impl Postgres {
                     }
                     if let Some(ix) = &self.codec.index {
                         let w = index::plan(&ix.user_key, key, &current, &new_key, &record);
-                        index_write(ix, tx.client(), &w).await?;
+                        index_write(ix, tx.client(), &w, index::tail(&data)).await?;
                     }
                     let v_new = self.bump(&new_key).await?;
                     let v_old = self.bump(key).await?;
@@ -568,7 +568,7 @@ impl Postgres {
                         delete: Some(*key),
                         upsert: None,
                     };
-                    index_write(ix, tx.client(), &w).await?;
+                    index_write(ix, tx.client(), &w, "").await?;
                 }
                 let v = self.bump(key).await?;
                 tx.commit().await?;
@@ -587,6 +587,9 @@ impl Postgres {
                     .await
                     .map_err(DbError::Postgres)?;
                 c.execute(&st, &[&ts(now)])
+                    .await
+                    .map_err(DbError::Postgres)?;
+                c.batch_execute(&ix.sql.orphans)
                     .await
                     .map_err(DbError::Postgres)?;
             }
@@ -609,7 +612,7 @@ pub(super) async fn migrate_index(
     let pool = pool(url, timeout)?;
     let work = async {
         let c = pool.get().await.map_err(pool_error)?;
-        c.batch_execute(&index::create_sql(table))
+        c.batch_execute(&make_index_sql(table))
             .await
             .map_err(DbError::Postgres)
     };
@@ -618,11 +621,23 @@ pub(super) async fn migrate_index(
         .map_err(|_| DbError::Timeout(timeout))?
 }
 
-/// Carries out an index write inside the caller's transaction.
+/// Makes the index table when missing, or again when it has an earlier
+/// schema (see [`index`]), in one transaction.
+fn make_index_sql(table: &str) -> String {
+    format!(
+        "BEGIN;\n{}\n{}\nCOMMIT;",
+        index::pg_drop_old_sql(table),
+        index::create_sql(table)
+    )
+}
+
+/// Carries out an index write inside the caller's transaction; `tail` is
+/// that of the row's new data.
 async fn index_write<C: deadpool_postgres::GenericClient + Sync>(
     ix: &UserIndex,
     tx: &C,
     w: &IndexWrite,
+    tail: &str,
 ) -> Result<(), DbError> {
     if let Some(k) = &w.delete {
         let st = tx
@@ -638,7 +653,7 @@ async fn index_write<C: deadpool_postgres::GenericClient + Sync>(
             .prepare_cached(&ix.sql.upsert)
             .await
             .map_err(DbError::Postgres)?;
-        tx.execute(&st, &[u, &k.as_str()])
+        tx.execute(&st, &[u, &k.as_str(), &tail])
             .await
             .map_err(DbError::Postgres)?;
     }
@@ -651,7 +666,7 @@ type Listed = Vec<(SessionKey, Option<(String, Record)>)>;
 
 impl Postgres {
     pub(super) async fn create_index_table(&self, table: &str) -> Result<(), DbError> {
-        let sql = index::create_sql(table);
+        let sql = make_index_sql(table);
         match self
             .bounded(async {
                 let c = self.pool.get().await.map_err(pool_error)?;
@@ -698,7 +713,8 @@ impl Postgres {
                         break key;
                     }
                 };
-                index_write(ix, &tx, &index::plan_create(&ix.user_key, &key, &record)).await?;
+                let w = index::plan_create(&ix.user_key, &key, &record);
+                index_write(ix, &tx, &w, index::tail(&data)).await?;
                 let v = self.bump(&key).await?;
                 tx.commit().await.map_err(DbError::Postgres)?;
                 let puts: Puts = v
@@ -710,6 +726,47 @@ impl Postgres {
             .await?;
         self.bounded(self.put_all(puts)).await?;
         Ok(key)
+    }
+
+    /// Indexes the rows Django wrote (see [`index`]) before a listing or
+    /// revocation: a transaction per [`index::BATCH`] rows, so a first scan
+    /// of a large table makes progress under `store.timeout`. A row that a
+    /// write changes meanwhile keeps an entry whose tail differs from it:
+    /// the next scan looks at it again.
+    async fn index_unindexed(&self, ix: &UserIndex, now: i64) -> Result<(), DbError> {
+        loop {
+            let n = self
+                .bounded(async {
+                    let mut c = self.pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(DbError::Postgres)?;
+                    let rows = tx
+                        .query(&ix.sql.unindexed, &[&ts(now)])
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    let upsert = tx
+                        .prepare_cached(&ix.sql.upsert)
+                        .await
+                        .map_err(DbError::Postgres)?;
+                    for r in &rows {
+                        let key: &str = r.get(0);
+                        let data: &str = r.get(1);
+                        let exp: OffsetDateTime = r.get(2);
+                        let user = self
+                            .codec
+                            .user_in_row(&ix.user_key, data, ms(exp), now)
+                            .map(|(u, _)| u);
+                        tx.execute(&upsert, &[&user, &key, &index::tail(data)])
+                            .await
+                            .map_err(DbError::Postgres)?;
+                    }
+                    tx.commit().await.map_err(DbError::Postgres)?;
+                    Ok(rows.len())
+                })
+                .await?;
+            if n < index::BATCH {
+                return Ok(());
+            }
+        }
     }
 
     /// The keys the index lists for `user`, their rows locked and decoded.
@@ -782,6 +839,7 @@ impl Postgres {
         let Some(ix) = &self.codec.index else {
             return Ok(Vec::new());
         };
+        self.index_unindexed(ix, now).await?;
         self.bounded(async {
             let mut c = self.pool.get().await.map_err(pool_error)?;
             let tx = c.transaction().await.map_err(DbError::Postgres)?;
@@ -811,6 +869,7 @@ impl Postgres {
         let Some(ix) = &self.codec.index else {
             return Ok(0);
         };
+        self.index_unindexed(ix, now).await?;
         let (n, puts) = self
             .bounded(async {
                 let mut c = self.pool.get().await.map_err(pool_error)?;

@@ -320,6 +320,11 @@ impl Sqlite {
                 };
                 let data = i.codec.encode(&record);
                 let exp = naive_utc_text(record.expires_at);
+                let tail = i
+                    .codec
+                    .index
+                    .as_ref()
+                    .map(|_| index::tail(&data).to_owned());
                 let mut puts = Puts::new();
                 if new_key == key {
                     let v = Self::bump(&cache, &key)?;
@@ -344,7 +349,7 @@ impl Sqlite {
                 }
                 if let Some(ix) = &i.codec.index {
                     let w = index::plan(&ix.user_key, &key, &current, &new_key, &record);
-                    index_write(ix, &tx, &w)?;
+                    index_write(ix, &tx, &w, tail.as_deref().unwrap_or_default())?;
                 }
                 tx.commit()?;
                 Ok((
@@ -383,6 +388,7 @@ impl Sqlite {
             if let Some(ix) = &i.codec.index {
                 c.prepare_cached(&ix.sql.clear)?
                     .execute([naive_utc_text(now)])?;
+                c.prepare_cached(&ix.sql.orphans)?.execute([])?;
             }
             let n = c
                 .prepare_cached(&i.sql.clear)?
@@ -400,29 +406,90 @@ pub(super) async fn migrate_index(
     timeout: Duration,
 ) -> Result<(), DbError> {
     let path = path.to_path_buf();
-    let sql = index::create_sql(table);
+    let table = table.to_string();
     blocking(timeout, move || -> rusqlite::Result<()> {
-        connect(&path, timeout)?.execute_batch(&sql)
+        make_index_table(&mut connect(&path, timeout)?, &table)
     })
     .await
 }
 
-/// Carries out an index write inside the caller's transaction.
-fn index_write(ix: &UserIndex, c: &Connection, w: &IndexWrite) -> rusqlite::Result<()> {
+/// Makes the index table when missing, or again when it has an earlier
+/// schema (no `tail`: see [`index`]), in one transaction.
+fn make_index_table(c: &mut Connection, table: &str) -> rusqlite::Result<()> {
+    let idx = index::table_name(table);
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (columns, tail): (i64, i64) = tx.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE name = 'tail') FROM pragma_table_info(?1)",
+        [&idx],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if columns > 0 && tail == 0 {
+        tracing::info!(table = %idx, "the user index has an earlier schema: made again");
+        tx.execute_batch(&format!("DROP TABLE \"{idx}\""))?;
+    }
+    tx.execute_batch(&index::create_sql(table))?;
+    tx.commit()
+}
+
+/// Carries out an index write inside the caller's transaction; `tail` is
+/// that of the row's new data.
+fn index_write(ix: &UserIndex, c: &Connection, w: &IndexWrite, tail: &str) -> rusqlite::Result<()> {
     if let Some(k) = &w.delete {
         c.prepare_cached(&ix.sql.delete)?.execute([k.as_str()])?;
     }
     if let Some((u, k)) = &w.upsert {
         c.prepare_cached(&ix.sql.upsert)?
-            .execute(params![u, k.as_str()])?;
+            .execute(params![u, k.as_str(), tail])?;
     }
     Ok(())
 }
 
+/// Indexes one batch of the live rows that have no entry or changed since
+/// (see [`index`]): rows Django wrote. Returns how many it looked at.
+fn index_batch(i: &Inner, ix: &UserIndex, c: &Connection, now: i64) -> rusqlite::Result<usize> {
+    let rows: Vec<(String, String, String)> = c
+        .prepare_cached(&ix.sql.unindexed)?
+        .query_map([naive_utc_text(now)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut upsert = c.prepare_cached(&ix.sql.upsert)?;
+    for (key, data, exp) in &rows {
+        let user = i
+            .codec
+            .user_in_row(&ix.user_key, data, expire_ms(exp), now)
+            .map(|(u, _)| u);
+        upsert.execute(params![user, key, index::tail(data)])?;
+    }
+    Ok(rows.len())
+}
+
 impl Sqlite {
     pub(super) async fn create_index_table(&self, table: &str) -> Result<(), DbError> {
-        let sql = index::create_sql(table);
-        self.write(move |_, c| Ok(c.execute_batch(&sql)?)).await
+        let table = table.to_string();
+        self.write(move |_, c| Ok(make_index_table(c, &table)?))
+            .await
+    }
+
+    /// Indexes the rows Django wrote (see [`index`]) before a listing or
+    /// revocation: a transaction per [`index::BATCH`] rows, so a first scan
+    /// of a large table makes progress under `store.timeout` and lets
+    /// request writes in between.
+    async fn index_unindexed(&self, now: i64) -> Result<(), DbError> {
+        loop {
+            let n = self
+                .write(move |i, c| {
+                    let ix = i.codec.index.as_ref().expect("indexed");
+                    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let n = index_batch(i, ix, &tx, now)?;
+                    tx.commit()?;
+                    Ok(n)
+                })
+                .await?;
+            if n < index::BATCH {
+                return Ok(());
+            }
+        }
     }
 
     pub(super) fn set_index(&mut self, ix: Box<UserIndex>) {
@@ -453,7 +520,8 @@ impl Sqlite {
                         Err(e) => return Err(e.into()),
                     }
                 };
-                index_write(ix, &tx, &index::plan_create(&ix.user_key, &key, &record))?;
+                let w = index::plan_create(&ix.user_key, &key, &record);
+                index_write(ix, &tx, &w, index::tail(&data))?;
                 let v = Self::bump(&cache, &key)?;
                 tx.commit()?;
                 let puts: Puts = v
@@ -478,6 +546,7 @@ impl Sqlite {
         let Some(_) = &self.inner.codec.index else {
             return Ok(Vec::new());
         };
+        self.index_unindexed(now).await?;
         let user = user.to_string();
         self.write(move |i, c| {
             let ix = i.codec.index.as_ref().expect("indexed");
@@ -512,6 +581,7 @@ impl Sqlite {
         let Some(_) = &self.inner.codec.index else {
             return Ok(0);
         };
+        self.index_unindexed(now).await?;
         let user = user.to_string();
         let cache = self.with_cache();
         let (n, puts) = self
