@@ -60,6 +60,7 @@
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
 #                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin sg_read_nolog
+#                    sg_write_user sg_login sg_login_user
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -297,6 +298,7 @@ free_port P_NGINX_HDR
 free_port P_NGINX_PIN
 free_port P_SG_PIN
 free_port P_SG_NOLOG
+free_port P_SG_USER
 free_port P_SG1
 free_port P_SG_REL
 
@@ -565,6 +567,21 @@ start sessiongate-nolog "$SG_BIN" run --config "$WORK/sg-nolog.toml"
 wait_http sessiongate-nolog "http://127.0.0.1:$P_SG_NOLOG/static/" "${PIDS[-1]}"
 CPU_PIDS[sg_read_nolog]=${PIDS[-1]}
 
+# `[session] user_key` set (issue 18: the write path keeps at least 0.9x):
+# user_key = "n", the key the backend's /write sets, so every write names a
+# user: a request without a cookie is a login (a new session in its user's
+# index) and a write with one moves the session to another user's index (the
+# counter changes), the costliest update.
+sg_conf "$WORK/sg-user.toml" "$P_SG_USER" 'tls = false'
+sed -i 's/^\[session\]$/[session]\nuser_key = "n"/' "$WORK/sg-user.toml"
+"$SG_BIN" check --config "$WORK/sg-user.toml" >"$WORK/sg-user.toml.check" 2>&1 ||
+    die "sessiongate check sg-user.toml: $(cat "$WORK/sg-user.toml.check")"
+start sessiongate-user "$SG_BIN" run --config "$WORK/sg-user.toml"
+wait_http sessiongate-user "http://127.0.0.1:$P_SG_USER/static/" "${PIDS[-1]}"
+CPU_PIDS[sg_login]=${CPU_PIDS[sg_read]}
+CPU_PIDS[sg_login_user]=${PIDS[-1]}
+CPU_PIDS[sg_write_user]=${PIDS[-1]}
+
 # ---------------------------------------------------------------- a live session
 
 session_cookie() { # base-url -> "sessionid=KEY"
@@ -591,6 +608,7 @@ COOKIE_1W=""
 COOKIE_PIN=""
 [[ $PINNED == 1 ]] && COOKIE_PIN=$(session_cookie "http://127.0.0.1:$P_SG_PIN")
 COOKIE_NOLOG=$(session_cookie "http://127.0.0.1:$P_SG_NOLOG")
+COOKIE_USER=$(session_cookie "http://127.0.0.1:$P_SG_USER")
 say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # ---------------------------------------------------------------- scenarios
@@ -614,6 +632,9 @@ if ((USE_NGINX)); then
 fi
 SCEN+=("sg_static|sessiongate session=false route|wrk|http://127.0.0.1:$P_SG/static/|")
 SCEN+=("sg_write|sessiongate write every request|wrk|http://127.0.0.1:$P_SG/write|$COOKIE")
+SCEN+=("sg_write_user|sessiongate write every request, user_key set (the user changes on most writes)|wrk|http://127.0.0.1:$P_SG_USER/write|$COOKIE_USER")
+SCEN+=("sg_login|sessiongate new session every request (no cookie)|wrk|http://127.0.0.1:$P_SG/write|")
+SCEN+=("sg_login_user|sessiongate login every request (no cookie; a new session naming its user), user_key set|wrk|http://127.0.0.1:$P_SG_USER/write|")
 if ((USE_NGINX)); then
     SCEN+=("nginx_tls_h1|nginx proxy TLS HTTP/1.1|wrk|https://127.0.0.1:$P_NGINX_TLS/|")
 fi
@@ -894,6 +915,8 @@ REPORT="$WORK/report.md"
     row "sessiongate TLS h2 read / nginx TLS h2 proxy" sg_tls_h2 nginx_tls_h2 1.0
     row "sessiongate write / read" sg_write sg_read 0.9
     row "sessiongate read, access log and metrics on (the defaults) / both off" sg_read sg_read_nolog 0.97
+    row "sessiongate write, user_key set (the user changes on most writes) / unset" sg_write_user sg_write 0.9
+    row "sessiongate login (a new session every request), user_key set / unset" sg_login_user sg_login 0.9
     row "sessiongate read / nginx proxy sending the same 9 request headers (like for like)" sg_read nginx_hdr
     row "nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides)" nginx_hdr nginx
     row "sessiongate TLS HTTP/1.1 / plain (read)" sg_tls_h1 sg_read
