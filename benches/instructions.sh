@@ -21,7 +21,8 @@
 #
 # Needs valgrind, h2load (Debian: nghttp2-client) and curl.
 # Environment: N (requests, default 20000), KEEP=1 keeps the callgrind
-# files and logs, CARGO_TARGET_DIR as for cargo.
+# files and logs, CARGO_TARGET_DIR as for cargo, BIN (a sessiongate binary
+# to measure instead of building one).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,9 +55,11 @@ trap cleanup EXIT
 # Two commands: with the example in the same one, sessiongate would get the
 # dev-dependencies' features (tokio's test-util) that `cargo build --release`
 # does not give it.
-cargo build --release --bin sessiongate >&2
+# BIN: a sessiongate binary built otherwise (e.g. --no-default-features, the
+# system allocator) is measured instead of this build.
+if [[ -z ${BIN:-} ]]; then cargo build --release --bin sessiongate >&2; fi
 cargo build --release --example bench_backend >&2
-SG="$TARGET_DIR/release/sessiongate"
+SG=${BIN:-"$TARGET_DIR/release/sessiongate"}
 BACKEND="$TARGET_DIR/release/examples/bench_backend"
 
 port() { # a free port of 127.0.0.1 (asked of the kernel)

@@ -1,5 +1,7 @@
 #![forbid(unsafe_code)]
 
+mod allocator;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -152,8 +154,17 @@ fn worker_settings() -> Result<(usize, Affinity), String> {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread starts: their arenas take these settings.
+    let allocator = allocator::tune();
     let cli = Cli::parse();
     init_logging();
+    match allocator {
+        Ok(allocator) => tracing::debug!(allocator, "allocator"),
+        Err(error) => tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "allocator: keeping jemalloc's defaults"
+        ),
+    }
     let command = cli.command.unwrap_or_default();
     let given = command
         .config()

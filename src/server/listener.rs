@@ -109,6 +109,13 @@ impl Listener {
                 }
                 r = self.listener.accept() => r.map(|(s, p)| (s, p, false)),
                 r = accept_opt(&mut self.redirect) => r.map(|(s, p)| (s, p, true)),
+                // A finished connection's task keeps its allocation (the
+                // size of `conn::serve`'s future, about 8 KB) until it is
+                // joined: joined as it ends, not at the next accept, so the
+                // memory of a burst goes back when the burst closes.
+                Some(_) = main.conns.join_next(), if !main.conns.is_empty() => continue,
+                Some(_) = redirected.conns.join_next(), if !redirected.conns.is_empty() => continue,
+                Some(_) = retired.join_next(), if !retired.is_empty() => continue,
             };
             while main.conns.try_join_next().is_some() {}
             while redirected.conns.try_join_next().is_some() {}
