@@ -447,10 +447,14 @@ impl Store for DbStore {
             }
             return Ok(raw.and_then(|(d, e)| self.codec.decode(&d, e, now)));
         }
-        Ok(self
-            .load_raw(key)
-            .await?
-            .and_then(|(d, e)| self.codec.decode(&d, e, now)))
+        let Some((d, e)) = self.load_raw(key).await? else {
+            return Ok(None);
+        };
+        let record = self.codec.decode(&d, e, now);
+        if let (Backend::Postgres(b), Some(r)) = (&self.backend, &record) {
+            b.saw(key, &d, r);
+        }
+        Ok(record)
     }
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
         backend!(self, b => b.create(record))
