@@ -60,7 +60,10 @@
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
 #                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin sg_read_nolog
-#                    sg_write_user sg_login sg_login_user
+#                    sg_write_user sg_login sg_login_user sg_read_alt (with ALT_BIN)
+#   ALT_BIN=""       a second sessiongate binary (for example one built with
+#                    `--no-default-features`, the system allocator): one more
+#                    read row, sg_read_alt, right after sg_read
 #   CARGO_TARGET_DIR as for cargo
 set -euo pipefail
 
@@ -301,6 +304,7 @@ free_port P_SG_NOLOG
 free_port P_SG_USER
 free_port P_SG1
 free_port P_SG_REL
+free_port P_SG_ALT
 
 say "self-signed certificate (openssl) in $WORK"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -544,6 +548,13 @@ if [[ $BUILT == pgo ]]; then
     wait_http sessiongate-release "http://127.0.0.1:$P_SG_REL/static/" "${PIDS[-1]}"
     CPU_PIDS[sg_read_rel]=${PIDS[-1]}
 fi
+if [[ -n ${ALT_BIN:-} ]]; then
+    [[ -x $ALT_BIN ]] || die "ALT_BIN=$ALT_BIN is not an executable"
+    sg_conf "$WORK/sg-alt.toml" "$P_SG_ALT" 'tls = false'
+    start sessiongate-alt "$ALT_BIN" run --config "$WORK/sg-alt.toml"
+    wait_http sessiongate-alt "http://127.0.0.1:$P_SG_ALT/static/" "${PIDS[-1]}"
+    CPU_PIDS[sg_read_alt]=${PIDS[-1]}
+fi
 if [[ $ONE_WORKER == 1 ]]; then
     sg_conf "$WORK/sg-1w.toml" "$P_SG1" 'tls = false'
     start sessiongate-1w env SESSIONGATE_WORKERS=1 "$SG_BIN" run --config "$WORK/sg-1w.toml"
@@ -603,6 +614,8 @@ COOKIE=$(session_cookie "http://127.0.0.1:$P_SG")
 COOKIE_TLS=$(session_cookie "https://127.0.0.1:$P_SG_TLS")
 COOKIE_REL=""
 [[ $BUILT == pgo ]] && COOKIE_REL=$(session_cookie "http://127.0.0.1:$P_SG_REL")
+COOKIE_ALT=""
+[[ -n ${ALT_BIN:-} ]] && COOKIE_ALT=$(session_cookie "http://127.0.0.1:$P_SG_ALT")
 COOKIE_1W=""
 [[ $ONE_WORKER == 1 ]] && COOKIE_1W=$(session_cookie "http://127.0.0.1:$P_SG1")
 COOKIE_PIN=""
@@ -623,6 +636,9 @@ if ((USE_NGINX)); then
     SCEN+=("nginx|nginx proxy_pass (keepalive)|wrk|http://127.0.0.1:$P_NGINX/|")
 fi
 SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
+if [[ -n ${ALT_BIN:-} ]]; then
+    SCEN+=("sg_read_alt|sessiongate live session (read), ALT_BIN \`$(basename "$(dirname "$(dirname "$ALT_BIN")")")/$(basename "$(dirname "$ALT_BIN")")/$(basename "$ALT_BIN")\`|wrk|http://127.0.0.1:$P_SG_ALT/|$COOKIE_ALT")
+fi
 SCEN+=("sg_read_nolog|sessiongate live session (read), access_log = \"off\", no [admin] (no metrics)|wrk|http://127.0.0.1:$P_SG_NOLOG/|$COOKIE_NOLOG")
 if [[ $BUILT == pgo ]]; then
     SCEN+=("sg_read_rel|sessiongate live session (read), plain \`cargo build --release\`|wrk|http://127.0.0.1:$P_SG_REL/|$COOKIE_REL")
@@ -924,6 +940,10 @@ REPORT="$WORK/report.md"
     row "sessiongate session=false / nginx plain proxy" sg_static nginx
     row "sessiongate read / session=false (cost of the session)" sg_read sg_static
     row "nginx plain proxy / backend directly" nginx backend
+    if [[ -n ${ALT_BIN:-} ]]; then
+        row "sessiongate read, ALT_BIN / this build" sg_read_alt sg_read
+        row "sessiongate read, ALT_BIN / nginx plain proxy" sg_read_alt nginx
+    fi
     if [[ $BUILT == pgo ]]; then
         row "sessiongate read, PGO build / plain release build" sg_read sg_read_rel
         row "sessiongate read, plain release build / nginx plain proxy" sg_read_rel nginx
