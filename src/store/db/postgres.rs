@@ -100,8 +100,11 @@ const SEEN_SLOTS: usize = 1024;
 /// slots by key. A write takes its key's entry out: two requests on one
 /// session that read the same row cannot both write without the lock.
 struct Seen {
-    slots: Box<[std::sync::Mutex<Option<(SessionKey, Box<str>, Record)>>]>,
+    slots: Box<[std::sync::Mutex<Option<SeenRow>>]>,
 }
+
+/// A key, the signature of the row a read found under it, and its record.
+type SeenRow = (SessionKey, Box<str>, Record);
 
 impl Seen {
     fn new() -> Seen {
@@ -112,10 +115,7 @@ impl Seen {
         }
     }
 
-    fn slot(
-        &self,
-        key: &SessionKey,
-    ) -> std::sync::MutexGuard<'_, Option<(SessionKey, Box<str>, Record)>> {
+    fn slot(&self, key: &SessionKey) -> std::sync::MutexGuard<'_, Option<SeenRow>> {
         use std::hash::BuildHasher as _;
         // Keys are random: any hash spreads them.
         let h =
