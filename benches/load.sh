@@ -60,7 +60,7 @@
 #                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
 #                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin sg_read_nolog
-#                    sg_write_user sg_login sg_login_user sg_read_alt (with ALT_BIN)
+#                    sg_write_user sg_write_uid sg_login sg_login_user sg_read_alt (with ALT_BIN)
 #   ALT_BIN=""       a second sessiongate binary (for example one built with
 #                    `--no-default-features`, the system allocator): one more
 #                    read row, sg_read_alt, right after sg_read
@@ -302,6 +302,7 @@ free_port P_NGINX_PIN
 free_port P_SG_PIN
 free_port P_SG_NOLOG
 free_port P_SG_USER
+free_port P_SG_UID
 free_port P_SG1
 free_port P_SG_REL
 free_port P_SG_ALT
@@ -374,6 +375,10 @@ if ((USE_NGINX)); then
         location / { return 200 "$BODY"; }
         location /write {
             add_header X-Session-Update '{"n": \$connection_requests}' always;
+            return 200 "$BODY";
+        }
+        location /login {
+            add_header X-Session-Update '{"uid": "alice"}' always;
             return 200 "$BODY";
         }
     }
@@ -592,6 +597,14 @@ wait_http sessiongate-user "http://127.0.0.1:$P_SG_USER/static/" "${PIDS[-1]}"
 CPU_PIDS[sg_login]=${CPU_PIDS[sg_read]}
 CPU_PIDS[sg_login_user]=${PIDS[-1]}
 CPU_PIDS[sg_write_user]=${PIDS[-1]}
+# user_key = "uid", set once by the backend's /login: the writes to /write
+# change `n` and leave the user as it is, as most writes of a logged-in
+# session do (the index is not touched).
+sg_conf "$WORK/sg-uid.toml" "$P_SG_UID" 'tls = false'
+sed -i 's/^\[session\]$/[session]\nuser_key = "uid"/' "$WORK/sg-uid.toml"
+start sessiongate-uid "$SG_BIN" run --config "$WORK/sg-uid.toml"
+wait_http sessiongate-uid "http://127.0.0.1:$P_SG_UID/static/" "${PIDS[-1]}"
+CPU_PIDS[sg_write_uid]=${PIDS[-1]}
 
 # ---------------------------------------------------------------- a live session
 
@@ -622,6 +635,9 @@ COOKIE_PIN=""
 [[ $PINNED == 1 ]] && COOKIE_PIN=$(session_cookie "http://127.0.0.1:$P_SG_PIN")
 COOKIE_NOLOG=$(session_cookie "http://127.0.0.1:$P_SG_NOLOG")
 COOKIE_USER=$(session_cookie "http://127.0.0.1:$P_SG_USER")
+COOKIE_UID=$(session_cookie "http://127.0.0.1:$P_SG_UID")
+curl -s -o /dev/null --max-time 5 -H "Cookie: $COOKIE_UID" "http://127.0.0.1:$P_SG_UID/login" ||
+    die "no login on sessiongate-uid"
 say "live sessions: plain ${COOKIE:0:14}..., TLS ${COOKIE_TLS:0:14}..."
 
 # ---------------------------------------------------------------- scenarios
@@ -649,6 +665,7 @@ fi
 SCEN+=("sg_static|sessiongate session=false route|wrk|http://127.0.0.1:$P_SG/static/|")
 SCEN+=("sg_write|sessiongate write every request|wrk|http://127.0.0.1:$P_SG/write|$COOKIE")
 SCEN+=("sg_write_user|sessiongate write every request, user_key set (the user changes on most writes)|wrk|http://127.0.0.1:$P_SG_USER/write|$COOKIE_USER")
+SCEN+=("sg_write_uid|sessiongate write every request, user_key set (a logged-in session; the user stays)|wrk|http://127.0.0.1:$P_SG_UID/write|$COOKIE_UID")
 SCEN+=("sg_login|sessiongate new session every request (no cookie)|wrk|http://127.0.0.1:$P_SG/write|")
 SCEN+=("sg_login_user|sessiongate login every request (no cookie; a new session naming its user), user_key set|wrk|http://127.0.0.1:$P_SG_USER/write|")
 if ((USE_NGINX)); then
@@ -932,6 +949,7 @@ REPORT="$WORK/report.md"
     row "sessiongate write / read" sg_write sg_read 0.9
     row "sessiongate read, access log and metrics on (the defaults) / both off" sg_read sg_read_nolog 0.97
     row "sessiongate write, user_key set (the user changes on most writes) / unset" sg_write_user sg_write 0.9
+    row "sessiongate write, user_key set (a logged-in session, the user unchanged) / unset" sg_write_uid sg_write 0.9
     row "sessiongate login (a new session every request), user_key set / unset" sg_login_user sg_login 0.9
     row "sessiongate read / nginx proxy sending the same 9 request headers (like for like)" sg_read nginx_hdr
     row "nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides)" nginx_hdr nginx
