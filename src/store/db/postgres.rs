@@ -446,11 +446,17 @@ impl Postgres {
         })
     }
 
+    /// Whether a write is the row alone: no cache version to move, no
+    /// index entry to keep in step.
+    fn row_only(&self) -> bool {
+        self.cache.is_none() && self.codec.index.is_none()
+    }
+
     /// Notes the row a read decoded (`data` as stored), for the write that
     /// may follow it (see [`Seen`]): only on a store with no cache and no
     /// index, whose writes are the row alone.
     pub(super) fn saw(&self, key: &SessionKey, data: &str, record: &Record) {
-        if self.cache.is_none() && self.codec.index.is_none() {
+        if self.row_only() {
             self.seen.put(key, data, record);
         }
     }
@@ -580,7 +586,7 @@ impl Postgres {
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, DbError> {
-        if self.cache.is_none() && self.codec.index.is_none() {
+        if self.row_only() {
             if let Some(applied) = self.apply_seen(key, patch, ctx).await? {
                 return Ok(applied);
             }
@@ -677,7 +683,7 @@ impl Postgres {
                     .prepare_cached(&self.sql.delete)
                     .await
                     .map_err(DbError::Postgres)?;
-                if self.cache.is_none() && self.codec.index.is_none() {
+                if self.row_only() {
                     // One statement: its own transaction.
                     c.execute(&st, &[&key.as_str()])
                         .await
