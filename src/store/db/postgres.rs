@@ -15,6 +15,8 @@
 //! in between, nothing matches and the patch goes the locking way above.
 //! This is half the statements and round trips of the locking way (and
 //! about 40 % more transactions per second for PostgreSQL, BENCHMARKS.md).
+//! The reads and these writes go on a few connections each thread shares
+//! and pipelines ([`Local`]).
 //!
 //! The pool connects lazily and replaces broken connections, so a database
 //! that is down gives `503`s and sessiongate recovers by itself when it is
@@ -38,8 +40,9 @@ use super::{apply_row, Codec, DbError, Migrated, Puts, UserIndex};
 use crate::session::{Patch, Record, SessionKey};
 use crate::store::{Applied, WriteCtx};
 
-/// Connections per sessiongate instance: enough for 64 concurrent writers to
-/// keep PostgreSQL's group commit fed (BENCHMARKS.md).
+/// Connections per sessiongate instance (shared out among its threads, see
+/// [`Local`]): enough for 64 concurrent writers to keep PostgreSQL's group
+/// commit fed (BENCHMARKS.md).
 const POOL: usize = 32;
 
 struct Sql {
@@ -79,8 +82,10 @@ impl Sql {
 }
 
 pub(super) struct Postgres {
-    pool: Pool,
-    readers: Readers,
+    /// Each thread's own connections, made on first use (see [`Local`]).
+    local: thread_local::ThreadLocal<Local>,
+    /// What every thread's pools connect with.
+    connect: tokio_postgres::Config,
     timeout: Duration,
     sql: Sql,
     codec: Codec,
@@ -151,49 +156,91 @@ fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-fn pool(url: &str, timeout: Duration) -> Result<Pool, DbError> {
+fn config(url: &str, timeout: Duration) -> Result<tokio_postgres::Config, DbError> {
     let mut cfg = tokio_postgres::Config::from_str(url).map_err(DbError::Url)?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(timeout);
     }
+    Ok(cfg)
+}
+
+fn pool(cfg: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let mgr = Manager::from_config(
-        cfg,
+        cfg.clone(),
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
     );
     Pool::builder(mgr)
-        .max_size(POOL)
+        .max_size(size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
-/// Connections shared by the reads (see [`Readers`]).
+/// The connections of one thread: a pool for the transactions and other
+/// writes, and the shared connections of the reads and of the writes that
+/// follow them ([`Shared`]), each made by and so
+/// driven on the thread that uses it. sessiongate's workers are one
+/// single-threaded runtime each; a connection made by another worker would
+/// be driven there, and each statement would cost two wake-ups across
+/// threads (with 2 workers, half of them did: BENCHMARKS.md). A thread's
+/// share of [`POOL`], [`READERS`] and [`WRITERS`] is its part for one thread per CPU.
+struct Local {
+    pool: Pool,
+    readers: Shared,
+    writers: Shared,
+}
+
+impl Local {
+    fn new(cfg: &tokio_postgres::Config) -> Result<Local, DbError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let readers = READERS.div_ceil(threads);
+        let writers = WRITERS.div_ceil(threads);
+        Ok(Local {
+            pool: pool(cfg, POOL.div_ceil(threads).max(4))?,
+            readers: Shared::new(pool(cfg, 2 * readers)?, readers),
+            writers: Shared::new(pool(cfg, 2 * writers)?, writers),
+        })
+    }
+}
+
+/// Connections shared by the reads (see [`Shared`]), for all threads.
 const READERS: usize = 4;
 
-/// A few connections that every read uses at once: tokio-postgres pipelines
-/// the queries issued concurrently on one client (one write for many
-/// queries, and a backend that works through them without sleeping between),
-/// where a pooled connection per read costs a round trip and a backend
-/// wake-up each. A plain `SELECT` takes no row lock, so a read never waits
-/// for a writer's transaction. A closed connection is replaced by the next
-/// read that finds it.
-struct Readers {
-    /// The readers' own pool (so writes never wait for a reader's slot).
+/// Connections shared by the one-statement writes that follow a read
+/// ([`Seen`]), for all threads, apart from the readers' (a write waits for
+/// its commit's WAL flush, and the reads queued behind it on the same
+/// connection would wait too). Pipelined as the reads are: one backend
+/// works through many writes without sleeping between them, where a pooled
+/// connection per write cost a backend wake-up each (1.23x-1.25x the
+/// writes/s, BENCHMARKS.md); PostgreSQL's group commit still flushes the
+/// commits of all of them at once.
+const WRITERS: usize = 8;
+
+/// A few connections that every read (or every write that follows a read)
+/// uses at once: tokio-postgres pipelines the queries issued concurrently on
+/// one client (one write for many queries, and a backend that works through
+/// them without sleeping between), where a pooled connection per query
+/// costs a round trip and a backend wake-up each. A plain `SELECT` takes no
+/// row lock, so a read never waits for a writer's transaction; each of the
+/// writes is one statement in its own implicit transaction. A closed
+/// connection is replaced by the next query that finds it.
+struct Shared {
+    /// Their own pool (so they never wait for a transaction's slot).
     pool: Pool,
     slots: Vec<std::sync::Mutex<Option<Arc<deadpool_postgres::Object>>>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
-impl Readers {
-    fn new(pool: Pool) -> Readers {
-        // Room for the replacements while reads still hold a closed one.
-        pool.resize(2 * READERS);
-        Readers {
+impl Shared {
+    /// `n` shared connections from `pool` (room for twice as many: the
+    /// replacements while reads still hold a closed one).
+    fn new(pool: Pool, n: usize) -> Shared {
+        Shared {
             pool,
-            slots: (0..READERS).map(|_| std::sync::Mutex::new(None)).collect(),
+            slots: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -203,7 +250,7 @@ impl Readers {
     }
 
     async fn get(&self) -> Result<Arc<deadpool_postgres::Object>, DbError> {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % READERS;
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
         let held = self.slot(i).clone();
         match held {
             Some(c) if !c.is_closed() => return Ok(c),
@@ -220,7 +267,7 @@ impl Readers {
         if !c.is_closed() {
             return;
         }
-        for i in 0..READERS {
+        for i in 0..self.slots.len() {
             let mut slot = self.slot(i);
             if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, c)) {
                 *slot = None;
@@ -386,7 +433,7 @@ pub(super) async fn migrate(
     table: &str,
     timeout: Duration,
 ) -> Result<Migrated, DbError> {
-    let pool = pool(url, timeout)?;
+    let pool = pool(&config(url, timeout)?, 1)?;
     let work = async {
         let c = pool.get().await.map_err(pool_error)?;
         if table_exists(&c, table).await.map_err(DbError::Postgres)? {
@@ -410,9 +457,17 @@ impl Postgres {
         codec: Codec,
         cache: Option<Arc<Cache>>,
     ) -> Result<Postgres, DbError> {
-        let pool = pool(url, timeout)?;
+        let store = Postgres {
+            local: thread_local::ThreadLocal::new(),
+            connect: config(url, timeout)?,
+            timeout,
+            sql: Sql::new(table),
+            codec,
+            cache,
+            seen: Seen::new(),
+        };
         let check = async {
-            let c = pool.get().await.map_err(pool_error)?;
+            let c = store.pool()?.get().await.map_err(pool_error)?;
             table_exists(&c, table).await.map_err(DbError::Postgres)
         };
         match tokio::time::timeout(timeout, check).await {
@@ -435,15 +490,17 @@ impl Postgres {
                 );
             }
         }
-        Ok(Postgres {
-            pool,
-            readers: Readers::new(self::pool(url, timeout)?),
-            timeout,
-            sql: Sql::new(table),
-            codec,
-            cache,
-            seen: Seen::new(),
-        })
+        Ok(store)
+    }
+
+    /// This thread's connections (see [`Local`]).
+    fn local(&self) -> Result<&Local, DbError> {
+        self.local.get_or_try(|| Local::new(&self.connect))
+    }
+
+    /// This thread's pool for writes and transactions.
+    fn pool(&self) -> Result<&Pool, DbError> {
+        self.local().map(|l| &l.pool)
     }
 
     /// Whether a write is the row alone: no cache version to move, no
@@ -487,14 +544,17 @@ impl Postgres {
         let exp = ts(record.expires_at);
         let n = self
             .bounded(async {
-                let c = self.pool.get().await.map_err(pool_error)?;
-                let st = c
-                    .prepare_cached(&self.sql.update_seen)
-                    .await
-                    .map_err(DbError::Postgres)?;
-                c.execute(&st, &[&key.as_str(), &data, &exp, &&*tail])
-                    .await
-                    .map_err(DbError::Postgres)
+                let writers = &self.local()?.writers;
+                let c = writers.get().await?;
+                async {
+                    let st = c.prepare_cached(&self.sql.update_seen).await?;
+                    c.execute(&st, &[&key.as_str(), &data, &exp, &&*tail]).await
+                }
+                .await
+                .map_err(|e| {
+                    writers.forget(&c);
+                    DbError::Postgres(e)
+                })
             })
             .await?;
         Ok((n == 1).then_some(Applied::Saved { key: *key, record }))
@@ -515,14 +575,15 @@ impl Postgres {
         key: &SessionKey,
     ) -> Result<Option<(String, i64)>, DbError> {
         self.bounded(async {
-            let c = self.readers.get().await?;
+            let readers = &self.local()?.readers;
+            let c = readers.get().await?;
             let row = async {
                 let st = c.prepare_cached(&self.sql.load).await?;
                 c.query_opt(&st, &[&key.as_str()]).await
             }
             .await
             .map_err(|e| {
-                self.readers.forget(&c);
+                readers.forget(&c);
                 DbError::Postgres(e)
             })?;
             Ok(row.map(|r| {
@@ -553,7 +614,7 @@ impl Postgres {
         let exp = ts(record.expires_at);
         let (key, puts) = self
             .bounded(async {
-                let c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool()?.get().await.map_err(pool_error)?;
                 let st = c
                     .prepare_cached(&self.sql.insert)
                     .await
@@ -593,7 +654,7 @@ impl Postgres {
         }
         let (applied, puts) = self
             .bounded(async {
-                let c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool()?.get().await.map_err(pool_error)?;
                 let lock = c
                     .prepare_cached(&self.sql.lock)
                     .await
@@ -678,7 +739,7 @@ impl Postgres {
     pub(super) async fn delete(&self, key: &SessionKey) -> Result<(), DbError> {
         let puts = self
             .bounded(async {
-                let c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool()?.get().await.map_err(pool_error)?;
                 let st = c
                     .prepare_cached(&self.sql.delete)
                     .await
@@ -710,7 +771,7 @@ impl Postgres {
 
     pub(super) async fn clear_expired(&self, now: i64) -> Result<u64, DbError> {
         self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
+            let c = self.pool()?.get().await.map_err(pool_error)?;
             if let Some(ix) = &self.codec.index {
                 let st = c
                     .prepare_cached(&ix.sql.clear)
@@ -739,7 +800,7 @@ pub(super) async fn migrate_index(
     table: &str,
     timeout: Duration,
 ) -> Result<(), DbError> {
-    let pool = pool(url, timeout)?;
+    let pool = pool(&config(url, timeout)?, 1)?;
     let work = async {
         let c = pool.get().await.map_err(pool_error)?;
         c.batch_execute(&make_index_sql(table))
@@ -799,7 +860,7 @@ impl Postgres {
         let sql = make_index_sql(table);
         match self
             .bounded(async {
-                let c = self.pool.get().await.map_err(pool_error)?;
+                let c = self.pool()?.get().await.map_err(pool_error)?;
                 c.batch_execute(&sql).await.map_err(DbError::Postgres)
             })
             .await
@@ -827,7 +888,7 @@ impl Postgres {
         let exp = ts(record.expires_at);
         let (key, puts) = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let mut c = self.pool()?.get().await.map_err(pool_error)?;
                 let st = c
                     .prepare_cached(&self.sql.insert)
                     .await
@@ -867,7 +928,7 @@ impl Postgres {
         loop {
             let n = self
                 .bounded(async {
-                    let mut c = self.pool.get().await.map_err(pool_error)?;
+                    let mut c = self.pool()?.get().await.map_err(pool_error)?;
                     let tx = c.transaction().await.map_err(DbError::Postgres)?;
                     let rows = tx
                         .query(&ix.sql.unindexed, &[&ts(now)])
@@ -971,7 +1032,7 @@ impl Postgres {
         };
         self.index_unindexed(ix, now).await?;
         self.bounded(async {
-            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let mut c = self.pool()?.get().await.map_err(pool_error)?;
             let tx = c.transaction().await.map_err(DbError::Postgres)?;
             let mut live = Vec::new();
             let mut stale = Vec::new();
@@ -1002,7 +1063,7 @@ impl Postgres {
         self.index_unindexed(ix, now).await?;
         let (n, puts) = self
             .bounded(async {
-                let mut c = self.pool.get().await.map_err(pool_error)?;
+                let mut c = self.pool()?.get().await.map_err(pool_error)?;
                 let tx = c.transaction().await.map_err(DbError::Postgres)?;
                 let mut ended = Vec::new();
                 let mut entries = Vec::new();
@@ -1050,7 +1111,7 @@ impl Postgres {
     ) -> Result<Vec<SessionKey>, DbError> {
         let sql = format!("SELECT session_key FROM \"{table}\" WHERE expire_date > $1");
         self.bounded(async {
-            let c = self.pool.get().await.map_err(pool_error)?;
+            let c = self.pool()?.get().await.map_err(pool_error)?;
             let rows = c
                 .query(&sql, &[&ts(now)])
                 .await
