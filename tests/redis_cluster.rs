@@ -18,6 +18,14 @@ use serde_json::json;
 
 use common::redis_server::{tls_files, wait_until, ClusterSet};
 use redis_suite::{echo, Instance, Raw};
+use sessiongate::store::redis::{direct_commands, fallback_commands};
+
+/// Commands this process's proxies sent to node `i` on the fast path (its
+/// slot's primary, without the crate's cluster task) and had answered there.
+fn direct(cluster: &ClusterSet, i: usize) -> u64 {
+    let n = &cluster.nodes[i];
+    direct_commands(&format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_migration() {
@@ -164,10 +172,30 @@ async fn a_hung_node_gives_503_then_recovers(cluster: &ClusterSet) {
     }
 }
 
+/// Sessions land on every primary, and each primary's commands go to it
+/// on the fast path (once the slot table is learnt, in the background).
 async fn spread_over_every_primary(cluster: &ClusterSet) {
-    let before = cluster.sizes().await;
     let (up, _) = echo(None).await;
     let a = Instance::start("redis", &cluster.url(), "5s", &up).await;
+    let total = || {
+        (0..cluster.nodes.len())
+            .map(|i| direct(cluster, i))
+            .sum::<u64>()
+    };
+    let t0 = total();
+    wait_until(
+        "the slot table is learnt",
+        Duration::from_secs(10),
+        || async {
+            a.post(None, &[("update", r#"{"w":1}"#)]).await;
+            total() > t0
+        },
+    )
+    .await;
+    let before = cluster.sizes().await;
+    let direct_before: Vec<u64> = (0..cluster.nodes.len())
+        .map(|i| direct(cluster, i))
+        .collect();
     for n in 0..30 {
         let r = a
             .post(None, &[("update", &format!(r#"{{"n":{n}}}"#))])
@@ -181,6 +209,15 @@ async fn spread_over_every_primary(cluster: &ClusterSet) {
             "node {i} got none of 30 new sessions: {before:?} -> {after:?}"
         );
     }
+    let direct_after: Vec<u64> = (0..cluster.nodes.len())
+        .map(|i| direct(cluster, i))
+        .collect();
+    for (i, (b, a)) in direct_before.iter().zip(&direct_after).enumerate() {
+        assert!(
+            a > b,
+            "node {i}: no command on the fast path: {direct_before:?} -> {direct_after:?}"
+        );
+    }
     a.stop().await;
 }
 
@@ -188,6 +225,10 @@ async fn spread_over_every_primary(cluster: &ClusterSet) {
 /// keep updating and reading it: through `MIGRATING`/`IMPORTING` (served
 /// by the old node), after its key moved (`ASK`), and after the slot is
 /// reassigned (`MOVED`). Every request succeeds and no update is lost.
+/// The session's commands go to its node on the fast path before, are
+/// handed to the crate's cluster connection on the redirects, and go on
+/// the fast path again, to the new node, once the slot moved (each
+/// instance rebuilt its slot table).
 async fn slot_migration_under_a_client_loop(cluster: &ClusterSet) {
     let (up, _) = echo(None).await;
     let up = Arc::new(up);
@@ -248,12 +289,48 @@ async fn slot_migration_under_a_client_loop(cluster: &ClusterSet) {
         }
     };
     progress("requests before the migration").await;
+    let (on_from, on_to) = (direct(cluster, from), direct(cluster, to));
+    progress("requests before the migration").await;
+    assert!(
+        direct(cluster, from) > on_from,
+        "the session's commands take the fast path"
+    );
+    assert_eq!(direct(cluster, to), on_to, "nothing else goes to {to}");
     cluster.begin_migration(slot, from, to).await;
     progress("requests while the slot is migrating").await;
     assert!(cluster.move_keys(slot, from, to).await >= 1);
+    let handed_over = fallback_commands();
     progress("requests after the key moved (ASK)").await;
+    assert!(
+        fallback_commands() > handed_over,
+        "ASK: the fast path hands the commands to the crate"
+    );
+    assert_eq!(
+        direct(cluster, to),
+        on_to,
+        "ASK is not followed on the fast path"
+    );
     cluster.finish_migration(slot, to).await;
     progress("requests after the slot moved (MOVED)").await;
+    // Both instances' tables name the new node: a few requests in a row,
+    // all on the fast path to it, none handed over.
+    wait_until(
+        "the fast path resumes for the moved slot",
+        Duration::from_secs(20),
+        || async {
+            let (f, d, at) = (
+                fallback_commands(),
+                direct(cluster, to),
+                done.load(Ordering::Relaxed),
+            );
+            while done.load(Ordering::Relaxed) < at + 2 {
+                assert!(!lp.is_finished(), "the client loop failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            fallback_commands() == f && direct(cluster, to) > d
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let last = lp.await.expect("the client loop");
 

@@ -52,7 +52,9 @@
 //! old connection dead reaches the promoted replica; a write refused by a
 //! demoted primary (`READONLY`) also replaces the connection. With Cluster
 //! the crate's connection follows `MOVED` and `ASK` and refreshes its slot
-//! map by itself.
+//! map by itself; in front of it, a command whose keys are in one slot goes
+//! straight to that slot's primary, and comes back to the crate's
+//! connection on a redirect or a failure (see [`slots`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,7 +69,11 @@ use super::memory::KeyHash;
 use super::{Applied, Store, StoreError, WriteCtx};
 use crate::session::{Expiry, Patch, Record, SessionKey};
 
+mod slots;
 pub mod topology;
+
+#[doc(hidden)]
+pub use slots::{direct_commands, fallback_commands};
 
 pub use topology::{validate as validate_url, UrlError};
 use topology::{Conn, Target, Where};
@@ -270,7 +276,7 @@ impl Link {
     /// new connection's handshake with every node, a hung one included:
     /// one bad node would take down the sessions of the healthy ones.
     fn reset(&self, generation: u64) {
-        if matches!(self.target, Target::Cluster(_)) {
+        if matches!(self.target, Target::Cluster(..)) {
             return;
         }
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -888,7 +894,10 @@ impl RedisStore {
         let nodes: Vec<Option<(String, u16)>> = match c {
             Conn::Single(_) => vec![None],
             Conn::Cluster(cc) => {
-                let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(cc).await?;
+                let text: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(cc.crate_conn())
+                    .await?;
                 primaries(&text).into_iter().map(Some).collect()
             }
         };
@@ -904,14 +913,15 @@ impl RedisStore {
                 let reply: Value = match (&mut *c, &node) {
                     (Conn::Cluster(cc), Some((host, port))) => {
                         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-                        cc.route_command(
-                            &cmd,
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                                host: host.clone(),
-                                port: *port,
-                            }),
-                        )
-                        .await?
+                        cc.crate_conn()
+                            .route_command(
+                                &cmd,
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port: *port,
+                                }),
+                            )
+                            .await?
                     }
                     _ => cmd.query_async(c).await?,
                 };

@@ -14,14 +14,16 @@
 //! `rediss+sentinel://` and `rediss+cluster://` use TLS to every node.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, Cmd, ConnectionAddr, Pipeline, RedisError};
 use redis::{RedisFuture, TlsMode, Value};
+
+use super::slots::{ClusterConn, NodeParams};
 
 /// A malformed `[store] url`.
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +264,9 @@ pub(super) enum Target {
     /// One client per sentinel, asked all at once (see [`Target::connect`]);
     /// each locked while in use (the crate's client wants `&mut`).
     Sentinel(Vec<tokio::sync::Mutex<SentinelClient>>),
-    Cluster(ClusterClient),
+    /// The crate's client, and what the fast path's own node connections
+    /// need (see [`super::slots`]).
+    Cluster(ClusterClient, Arc<NodeParams>),
 }
 
 impl Target {
@@ -343,7 +347,13 @@ impl Target {
                 if let Some(pw) = &p.password {
                     b = b.password(pw.clone());
                 }
-                Target::Cluster(b.build().map_err(UrlError::Client)?)
+                let params = Arc::new(NodeParams {
+                    tls: p.tls,
+                    username: p.username.clone(),
+                    password: p.password.clone(),
+                    timeout,
+                });
+                Target::Cluster(b.build().map_err(UrlError::Client)?, params)
             }
         };
         Ok((target, p))
@@ -374,7 +384,9 @@ impl Target {
                     .await
                     .map(|(c, _)| Conn::Single(c))
             }
-            Target::Cluster(c) => c.get_async_connection().await.map(Conn::Cluster),
+            Target::Cluster(c, params) => ClusterConn::connect(c, params.clone())
+                .await
+                .map(Conn::Cluster),
         }
     }
 }
@@ -404,18 +416,19 @@ impl fmt::Display for Where<'_> {
                 self.0.db,
                 hosts()
             ),
-            Target::Cluster(_) => write!(f, "cluster via {}", hosts()),
+            Target::Cluster(..) => write!(f, "cluster via {}", hosts()),
         }
     }
 }
 
 /// One connection: multiplexed to one server (or the Sentinel-named
 /// primary), or the crate's cluster connection, which follows `MOVED` and
-/// `ASK` and keeps one multiplexed connection per node.
+/// `ASK` and keeps one multiplexed connection per node, behind the fast
+/// path of [`super::slots`] (one slot's commands straight to its primary).
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConn),
 }
 
 impl ConnectionLike for Conn {
