@@ -302,7 +302,8 @@ pub struct DbStore {
 
 enum Backend {
     Sqlite(sqlite::Sqlite),
-    Postgres(postgres::Postgres),
+    /// Boxed: its table of per-thread connections is half a kilobyte.
+    Postgres(Box<postgres::Postgres>),
 }
 
 impl DbStore {
@@ -383,11 +384,11 @@ impl DbStore {
                     .await
                     .map_err(|e| StoreError::Open(e.to_string()))?,
             ),
-            DbUrl::Postgres(url) => Backend::Postgres(
+            DbUrl::Postgres(url) => Backend::Postgres(Box::new(
                 postgres::Postgres::open(url, table, timeout, codec(), cache.clone())
                     .await
                     .map_err(|e| StoreError::Open(e.to_string()))?,
-            ),
+            )),
         };
         Ok(DbStore {
             backend,
