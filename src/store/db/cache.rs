@@ -100,7 +100,10 @@ pub(crate) async fn put_all(
 
 pub(crate) struct Cache {
     client: Client,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Each thread's connection: a multiplexed connection is driven on the
+    /// thread (the worker's runtime) that made it, so one for all threads
+    /// would cost the other workers' calls two wake-ups across threads.
+    conns: thread_local::ThreadLocal<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
     timeout: Duration,
 }
 
@@ -113,14 +116,14 @@ impl Cache {
         let client = Client::open(url).map_err(DbError::Redis)?;
         Ok(Cache {
             client,
-            conn: tokio::sync::Mutex::new(None),
+            conns: thread_local::ThreadLocal::new(),
             timeout,
         })
     }
 
-    /// The connection, made on first use and after a failure.
+    /// This thread's connection, made on first use and after a failure.
     async fn conn(&self) -> Result<MultiplexedConnection, DbError> {
-        let mut c = self.conn.lock().await;
+        let mut c = self.conns.get_or_default().lock().await;
         if let Some(conn) = &*c {
             return Ok(conn.clone());
         }
@@ -133,6 +136,13 @@ impl Cache {
         Ok(conn)
     }
 
+    /// Drops this thread's connection after a failure (a multi-threaded
+    /// runtime may have moved the task; another thread's connection, if
+    /// broken too, is dropped by its own next failure).
+    async fn forget(&self) {
+        *self.conns.get_or_default().lock().await = None;
+    }
+
     async fn call<T: redis::FromRedisValue>(
         &self,
         inv: redis::ScriptInvocation<'_>,
@@ -142,7 +152,7 @@ impl Cache {
             let r = inv.invoke_async(&mut conn).await;
             if let Err(e) = &r {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    *self.conn.lock().await = None;
+                    self.forget().await;
                 }
             }
             r.map_err(DbError::Redis)
@@ -150,7 +160,7 @@ impl Cache {
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
             Err(_) => {
-                *self.conn.lock().await = None;
+                self.forget().await;
                 Err(DbError::Timeout(self.timeout))
             }
         }
@@ -168,7 +178,7 @@ impl Cache {
                     .query_async(&mut conn)
                     .await;
             if r.is_err() {
-                *self.conn.lock().await = None;
+                self.forget().await;
             }
             r.map_err(DbError::Redis)
         };

@@ -224,44 +224,66 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     delete: Script::new(DELETE_LUA),
 });
 
-/// One multiplexed connection, made on first use and replaced after a
-/// failure. Not `redis::aio::ConnectionManager`: it cannot be created while
+/// One multiplexed connection per thread, made on first use and replaced
+/// after a failure. Not `redis::aio::ConnectionManager`: it cannot be created while
 /// Redis is down, it only reconnects after I/O errors (a reconnection that
 /// fails otherwise, a refused AUTH say, leaves its shared connection future
 /// failed until the process restarts), and it retries in the background with
 /// its own backoff. Here every call that finds no connection makes one
 /// attempt, within its own timeout.
+///
+/// Per thread: a multiplexed connection is driven by a task on the runtime
+/// that made it, and sessiongate's workers are one single-threaded runtime
+/// each; one connection for all of them would cost each command of the
+/// other workers two wake-ups across threads (as it did on PostgreSQL,
+/// BENCHMARKS.md).
 struct Link {
     target: Target,
     config: AsyncConnectionConfig,
-    /// The current connection and its generation.
-    current: Mutex<Option<(u64, Conn)>>,
-    /// Held while connecting, so a burst of requests makes one attempt.
-    connecting: tokio::sync::Mutex<()>,
+    /// Each thread's connection.
+    slots: thread_local::ThreadLocal<Slot>,
     generations: AtomicU64,
 }
 
-impl Link {
+/// One thread's connection (see [`Link`]).
+#[derive(Default)]
+struct Slot {
+    /// The current connection and its generation (unique in the [`Link`]).
+    current: Mutex<Option<(u64, Conn)>>,
+    /// Held while connecting, so a burst of requests makes one attempt.
+    connecting: tokio::sync::Mutex<()>,
+    /// Whether this thread had a connection before (for the log).
+    had: std::sync::atomic::AtomicBool,
+}
+
+impl Slot {
     fn current(&self) -> Option<(u64, Conn)> {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
 
-    /// The current connection, or a new one; `true` when new.
+impl Link {
+    fn slot(&self) -> &Slot {
+        self.slots.get_or_default()
+    }
+
+    /// This thread's current connection, or a new one; `true` when new.
     async fn get(&self) -> Result<(u64, Conn, bool), RedisError> {
-        if let Some((g, c)) = self.current() {
+        let slot = self.slot();
+        if let Some((g, c)) = slot.current() {
             return Ok((g, c, false));
         }
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some((g, c)) = self.current() {
+        let _one_at_a_time = slot.connecting.lock().await;
+        if let Some((g, c)) = slot.current() {
             return Ok((g, c, false));
         }
         let conn = self.target.connect(&self.config).await?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
-        if generation > 1 {
+        *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
+        if slot.had.swap(true, Ordering::Relaxed) {
             tracing::info!("redis connection re-established");
         }
         Ok((generation, conn, true))
@@ -279,9 +301,13 @@ impl Link {
         if matches!(self.target, Target::Cluster(..)) {
             return;
         }
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(&*cur, Some((g, _)) if *g == generation) {
-            *cur = None;
+        // Every thread's: the caller may have moved to another thread (a
+        // multi-threaded runtime) since it got the connection.
+        for slot in self.slots.iter() {
+            let mut cur = slot.current.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(&*cur, Some((g, _)) if *g == generation) {
+                *cur = None;
+            }
         }
     }
 }
@@ -454,8 +480,7 @@ impl RedisStore {
             link: Box::new(Link {
                 target,
                 config,
-                current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                slots: thread_local::ThreadLocal::new(),
                 generations: AtomicU64::new(0),
             }),
             timeout,
