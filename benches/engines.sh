@@ -103,16 +103,31 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 USED_PORTS=" "
-free_port() { # -> a port nothing listens on (and not handed out before)
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        [[ $USED_PORTS == *" $p "* ]] && continue
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
-        USED_PORTS+="$p "
-        echo "$p"
-        return
+# Below the kernel's ephemeral range (as in load.sh): a port in it can be taken
+# as the source port of an outgoing connection (wrk's, a proxy's) between the
+# check and the bind, which made a server fail to start now and then. A
+# cluster node also needs its bus port (the port + 10000) free and below it.
+read -r EPH_LOW _ < <(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo "32768 60999")
+((EPH_LOW > 22000)) || EPH_LOW=65536
+PORT_MIN=10000
+free_port() { # VAR [bus]: sets VAR to a port of 127.0.0.1 nothing listens on (not handed out before)
+    # Locals with names no caller passes as VAR.
+    local _fp _fi _fmax=$((EPH_LOW - 1))
+    [[ ${2:-} == bus ]] && _fmax=$((EPH_LOW - 10001))
+    for ((_fi = 0; _fi < 500; _fi++)); do
+        _fp=$((PORT_MIN + (RANDOM * 32768 + RANDOM) % (_fmax - PORT_MIN + 1)))
+        [[ $USED_PORTS == *" $_fp "* ]] && continue
+        (exec 3<>"/dev/tcp/127.0.0.1/$_fp") 2>/dev/null && continue
+        if [[ ${2:-} == bus ]]; then
+            [[ $USED_PORTS == *" $((_fp + 10000)) "* ]] && continue
+            (exec 3<>"/dev/tcp/127.0.0.1/$((_fp + 10000))") 2>/dev/null && continue
+            USED_PORTS+="$((_fp + 10000)) "
+        fi
+        USED_PORTS+="$_fp "
+        printf -v "$1" '%s' "$_fp"
+        return 0
     done
+    die "no free port found on 127.0.0.1"
 }
 start() { # name, command... (a child of this shell, in the foreground session)
     local name=$1
@@ -132,7 +147,7 @@ wait_for() { # what, command... (retried for 20 s)
 
 # ------------------------------------------------------------------ servers
 
-P_BACKEND=$(free_port)
+free_port P_BACKEND
 mkdir -p "$WORK/nginx/tmp"
 NGINX_USER=""
 [[ $(id -u) == 0 ]] && NGINX_USER="user root;"
@@ -166,7 +181,7 @@ EOF
 start nginx nginx -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf"
 wait_for "nginx" curl -sf "http://127.0.0.1:$P_BACKEND/"
 
-P_REDIS=$(free_port)
+free_port P_REDIS
 mkdir -p "$WORK/redis"
 start redis redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK/redis"
 wait_for "redis-server" redis-cli -p "$P_REDIS" ping
@@ -174,7 +189,7 @@ wait_for "redis-server" redis-cli -p "$P_REDIS" ping
 if has cluster; then
     NODES=()
     for i in 1 2 3; do
-        p=$(free_port)
+        free_port p bus
         NODES+=("127.0.0.1:$p")
         mkdir -p "$WORK/cluster$i"
         start "cluster$i" redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no \
@@ -190,7 +205,7 @@ if has cluster; then
 fi
 
 if has postgres || has cached_db; then
-    P_PG=$(free_port)
+    free_port P_PG
     mkdir -p "$WORK/pg" "$WORK/pgsock"
     AS_PG=()
     if [[ $(id -u) == 0 ]]; then
@@ -225,7 +240,7 @@ url = \"$PG_URL\"" ;;
 url = \"$PG_URL\"
 cache_url = \"redis://127.0.0.1:$P_REDIS/1\"" ;;
     esac
-    PORT[$name]=$(free_port)
+    free_port "PORT[$name]"
     cat >"$WORK/sg-$name.toml" <<EOF
 [server]
 listen = "127.0.0.1:${PORT[$name]}"
