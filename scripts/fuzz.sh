@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../fuzz"
 CPU_SECS=${CPU_SECS:-600}
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(response_head chunked path directives cookie signed_cookie config)
+    TARGETS=(response_head chunked path directives cookie signed_cookie config request_head)
 fi
 # SKIP_BUILD=1: use the binaries already built.
 [ -n "${SKIP_BUILD:-}" ] || cargo +nightly fuzz build
@@ -25,7 +25,7 @@ BIN=target/x86_64-unknown-linux-gnu/release
 
 dict_for() {
     case "$1" in
-        response_head | chunked) echo "-dict=dict/http.dict" ;;
+        response_head | chunked | request_head) echo "-dict=dict/http.dict" ;;
         config) echo "-dict=dict/config.dict" ;;
     esac
 }

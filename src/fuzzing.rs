@@ -691,6 +691,60 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// Target `request_head`: the input as the bytes at the front of a
+/// client connection. The server's own HTTP/1.1 path ([`crate::server::h1`])
+/// takes a head only when it is whole (no cut of it is taken), reads the
+/// same request from the head alone as from the head with what follows,
+/// and never takes what it must leave to hyper: `HEAD`, `CONNECT`, a body,
+/// `Transfer-Encoding`, `Upgrade`, `Expect`, `TE`, HTTP/1.0. `Connection:
+/// close` is seen wherever its token is.
+pub fn request_head(data: &[u8]) {
+    use crate::server::h1::{parse, Head};
+    let (parts, len, close) = match parse(data) {
+        Head::Simple { parts, len, close } => (parts, len, close),
+        Head::Partial => {
+            assert!(data.len() < crate::server::MAX_REQUEST_HEAD);
+            return;
+        }
+        Head::Other => return,
+    };
+    assert!(len <= data.len() && data[..len].ends_with(b"\n"), "{len}");
+    match parse(&data[..len]) {
+        Head::Simple {
+            parts: p,
+            len: l,
+            close: c,
+        } => {
+            assert_eq!((l, c), (len, close));
+            assert_eq!(
+                (&p.method, &p.uri, &p.headers),
+                (&parts.method, &parts.uri, &parts.headers)
+            );
+        }
+        other => panic!("the head alone: {other:?}"),
+    }
+    for cut in [len - 1, len / 2] {
+        assert!(
+            !matches!(parse(&data[..cut]), Head::Simple { .. }),
+            "cut at {cut}"
+        );
+    }
+    assert_eq!(parts.version, http::Version::HTTP_11);
+    assert!(parts.method != Method::HEAD && parts.method != Method::CONNECT);
+    for name in ["transfer-encoding", "upgrade", "expect", "te"] {
+        assert!(!parts.headers.contains_key(name), "{name}");
+    }
+    let lengths: Vec<_> = parts.headers.get_all(CONTENT_LENGTH).iter().collect();
+    assert!(lengths.len() <= 1 && lengths.iter().all(|v| v.as_bytes() == b"0"));
+    let says_close = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+    assert_eq!(close, says_close);
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{Map, Value};

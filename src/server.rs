@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -37,6 +36,7 @@ use crate::store::{AnyStore, Store, StoreError};
 
 mod conn;
 mod drain;
+pub(crate) mod h1;
 mod io;
 mod listener;
 mod shutdown;
@@ -882,7 +882,7 @@ fn worker_cpus(
 }
 
 /// `308` to the same host and path over https (never a cookie).
-fn redirect_response(req: &Request<Incoming>, https_port: u16) -> Response<RespBody> {
+fn redirect_response<B>(req: &Request<B>, https_port: u16) -> Response<RespBody> {
     let host = req
         .headers()
         .get(header::HOST)

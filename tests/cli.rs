@@ -1263,7 +1263,6 @@ fn rss(pid: u32) -> u64 {
 #[cfg(all(feature = "jemalloc", target_os = "linux"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_of_a_burst_of_connections_goes_back_to_the_system() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CONNS: usize = 2000;
     // This process holds one end of each connection too.
     let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
@@ -1280,11 +1279,43 @@ async fn the_memory_of_a_burst_of_connections_goes_back_to_the_system() {
     let path = dir.write("sessiongate.toml", &text);
     let s = serve(&["run", "--config", path.to_str().unwrap()]).await;
 
-    let before = rss(s.pid);
-    let mut conns = Vec::with_capacity(CONNS);
+    // The first burst also grows what stays (tables sized by the most
+    // connections seen, the allocator's metadata): the goal is measured
+    // from the level after it (BENCHMARKS.md, idle connections).
+    let first = rss(s.pid);
+    let conns = idle_burst(s.addr, CONNS).await;
+    let held = rss(s.pid).saturating_sub(first);
+    drop(conns);
+    let before = settle(s.pid, "the first burst", |now| {
+        now.saturating_sub(first) * 2 <= held
+    })
+    .await;
+
+    let conns = idle_burst(s.addr, CONNS).await;
+    let idle = rss(s.pid);
+    let held = idle.saturating_sub(before);
+    // Each idle connection holds its task and its 2 KiB read buffer at least
+    // (the server's own HTTP/1.1 path: hyper's two 8 KiB buffers are gone),
+    // and the burst more than the 20 % the check below allows.
+    assert!(
+        held > CONNS as u64 * 2 * 1024 && held > before / 5,
+        "{CONNS} idle connections hold {held} bytes, {before} before"
+    );
+    drop(conns);
+    // Back within 20 % of where it was before the burst (issue 15).
+    settle(s.pid, "the second burst", |now| {
+        now.saturating_sub(before) * 5 <= before
+    })
+    .await;
+}
+
+/// Opens `n` keep-alive connections, each after one answered request.
+async fn idle_burst(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::with_capacity(n);
     within("a burst of idle keep-alive connections", async {
-        for _ in 0..CONNS {
-            let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        for _ in 0..n {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
                 .unwrap();
@@ -1304,28 +1335,210 @@ async fn the_memory_of_a_burst_of_connections_goes_back_to_the_system() {
         }
     })
     .await;
-    let idle = rss(s.pid);
-    let held = idle.saturating_sub(before);
-    // Each idle connection holds hyper's 8 KiB read and write buffers at least.
-    assert!(
-        held > CONNS as u64 * 16 * 1024,
-        "{CONNS} idle connections hold {held} bytes"
-    );
-    drop(conns);
+    conns
+}
 
-    // jemalloc purges freed pages about a second after they are freed; RSS has
-    // no change notification, so it is polled (bounded by LIMIT).
+/// Polls the RSS of `pid` until `back` holds of it (jemalloc purges freed
+/// pages about a second after they are freed; RSS has no change
+/// notification), bounded by LIMIT; returns it.
+async fn settle(pid: u32, what: &str, back: impl Fn(u64) -> bool) -> u64 {
     let start = std::time::Instant::now();
     loop {
-        let after = rss(s.pid);
-        // At least 80 % of what the burst took is back (issue 15: within 20 %).
-        if after.saturating_sub(before) * 5 <= held {
-            break;
+        let now = rss(pid);
+        if back(now) {
+            return now;
         }
         assert!(
             start.elapsed() < LIMIT,
-            "RSS {before} before, {idle} with {CONNS} idle connections, still {after} {LIMIT:?} after they closed"
+            "RSS still {now} {LIMIT:?} after {what} closed"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the server's own HTTP/1.1 path against hyper's
+// ---------------------------------------------------------------------------
+
+/// An upstream that answers by path on keep-alive connections: framings
+/// the client side must re-frame, and `/echo`, the head it received.
+async fn framing_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => {
+                                buf.extend_from_slice(&chunk[..n]);
+                                continue;
+                            }
+                            _ => return,
+                        }
+                    };
+                    let head: Vec<u8> = buf.drain(..end + 4).collect();
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        let n = s.read(&mut chunk).await.unwrap();
+                        assert!(n > 0);
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    buf.drain(..len);
+                    if text
+                        .to_ascii_lowercase()
+                        .contains("transfer-encoding: chunked")
+                    {
+                        // Bodies here have no trailers: the last chunk ends them.
+                        let end = loop {
+                            if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                                break i + 5;
+                            }
+                            let n = s.read(&mut chunk).await.unwrap();
+                            assert!(n > 0);
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        buf.drain(..end);
+                    }
+                    let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                    let reply: Vec<u8> = match path.as_str() {
+                        "/len" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello".to_vec(),
+                        "/chunked" => b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n".to_vec(),
+                        "/204" => b"HTTP/1.1 204 No Content\r\nX-B: 1\r\n\r\n".to_vec(),
+                        "/304" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v\"\r\n\r\n".to_vec(),
+                        "/odd" => b"HTTP/1.1 599 Whatever\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                        "/big" => {
+                            let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n".to_vec();
+                            r.extend((0..300_000).map(|i| b'a' + (i % 26) as u8));
+                            r
+                        }
+                        "/until-close" => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nread until the upstream closes").await;
+                            return;
+                        }
+                        _ => {
+                            let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", head.len()).into_bytes();
+                            r.extend_from_slice(&head);
+                            r
+                        }
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `script` in one write and reads until the server closes; `date`
+/// values are blanked.
+async fn exchange(addr: SocketAddr, script: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(script).await.unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got).await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("\r\ndate: ") {
+        out.push_str(&rest[..i + 8]);
+        rest = &rest[(i + 8 + 29).min(rest.len())..];
+    }
+    out.push_str(rest);
+    // And the session's expiry date the upstream echoes.
+    let mut blank = String::new();
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("x-session-expiry-date: ") {
+        blank.push_str(&rest[..i + 23]);
+        rest = &rest[(i + 23 + 20).min(rest.len())..];
+    }
+    blank.push_str(rest);
+    blank
+}
+
+/// Every exchange the own path serves (and hands over) is answered byte
+/// for byte as hyper's server answers it (`SESSIONGATE_H1=hyper`), and the
+/// upstream sees the same requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_own_http1_path_answers_byte_for_byte_as_hyper_does() {
+    let up = framing_upstream().await;
+    let dir = TempDir::new("h1");
+    let text = valid_config(&format!("http://{up}")).replace(
+        "name = \"app\"",
+        "name = \"static\"\npath = \"/static\"\nsession = false\nupstream = \"http://{UP}\"\n\n[[route]]\nname = \"app\"",
+    ).replace("{UP}", &up.to_string());
+    let path = dir.write("sessiongate.toml", &text);
+    let args = ["run", "--config", path.to_str().unwrap()];
+    let own = serve(&args).await;
+    let hyper = serve_env(&args, &[("SESSIONGATE_H1", "hyper")]).await;
+    let close = "GET /len HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let cases: Vec<(String, usize)> = vec![
+        // Pipelined, every framing.
+        (format!("GET /len HTTP/1.1\r\nHost: a\r\n\r\nGET /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET /204 HTTP/1.1\r\nHost: a\r\n\r\nGET /304 HTTP/1.1\r\nHost: a\r\n\r\nGET /odd HTTP/1.1\r\nHost: a\r\n\r\nGET /until-close HTTP/1.1\r\nHost: a\r\n\r\nGET /big HTTP/1.1\r\nHost: a\r\n\r\n{close}"), 8),
+        // What the upstream sees: the session's fields, X-Forwarded-*, cookies joined, bytes kept.
+        (format!("GET /caf\u{e9}//x/../echo?q=1 HTTP/1.1\r\nHost: a:8\r\nCookie: a=1\r\nCookie: sessionid=forged\r\nX-Session: {{\"user_id\": 1}}\r\nX-Forwarded-For: 6.6.6.6\r\nX-Odd: \u{e9}t\u{e9}\r\n\r\nGET /static/echo HTTP/1.1\r\nHost: a\r\nX-Session-Id: x\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET http://a/echo HTTP/1.1\r\nHost: b\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n{close}"), 6),
+        // Handed to hyper midway: a body, then simple requests again.
+        (format!("GET /len HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /echo HTTP/1.1\r\nHost: a\r\n\r\n{close}"), 4),
+        (format!("GET /len HTTP/1.1\r\nHost: a\r\n\r\nHEAD /len HTTP/1.1\r\nHost: a\r\n\r\n{close}"), 3),
+        (format!("GET /len HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{close}"), 3),
+        // HTTP/1.0 with keep-alive: hyper's (the own path takes only HTTP/1.1).
+        (format!("GET /echo HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n{close}"), 2),
+        (format!("GET /echo HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\nGET /chunked HTTP/1.1\r\nHost: a\r\n\r\n{close}"), 3),
+        // Refused: by the proxy (keep-alive), by hyper's parser, for a coding.
+        (format!("GET /len HTTP/1.1\r\n\r\nTRACE / HTTP/1.1\r\nHost: a\r\n\r\nGET /len HTTP/1.1\r\nHost: a b\r\n\r\n{close}"), 4),
+        ("GET /len HTTP/1.1\r\nHost: a\r\n\r\nNOT A REQUEST\r\n\r\n".to_string(), 2),
+        ("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n".to_string(), 1),
+        (format!("GET /len HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "x".repeat(70_000)), 1),
+        ("GET /len HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n".to_string() + close, 2),
+    ];
+    // Where the two differ: a pipelined head with a coding the proxy does
+    // not decode is judged on the own path (hyper's parser alone refuses it
+    // with a bare 400, SPEC 3.1 names it with a 501).
+    let gzip = "GET /len HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n";
+    let mine = exchange(own.addr, gzip.as_bytes()).await;
+    assert!(
+        mine.contains("HTTP/1.1 501 Not Implemented") && mine.contains("gzip (only chunked)"),
+        "{mine:?}"
+    );
+    for (script, responses) in &cases {
+        let mine = exchange(own.addr, script.as_bytes()).await;
+        let theirs = exchange(hyper.addr, script.as_bytes()).await;
+        // Status lines (a request line in an echoed head ends in a CR).
+        let short = |s: &str| s.chars().take(3000).collect::<String>();
+        let heads = mine.matches("HTTP/1.1 ").count() + mine.matches("HTTP/1.0 ").count();
+        assert_eq!(
+            heads,
+            *responses,
+            "responses to {script:?}: {}",
+            short(&mine)
+        );
+        if mine != theirs {
+            let at = mine
+                .bytes()
+                .zip(theirs.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let at = mine.floor_char_boundary(at.saturating_sub(200));
+            panic!(
+                "to {script:?}, from byte {at}: own {:?}, hyper {:?}",
+                short(&mine[at..]),
+                short(&theirs[at..])
+            );
+        }
     }
 }

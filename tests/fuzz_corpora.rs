@@ -58,3 +58,8 @@ fn signed_cookie() {
 fn config() {
     replay("config", sessiongate::fuzzing::config);
 }
+
+#[test]
+fn request_head() {
+    replay("request_head", sessiongate::fuzzing::request_head);
+}

@@ -21,7 +21,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use crate::access_log::{AccessLog, Entry};
@@ -34,6 +33,7 @@ use crate::store::{signed, AnyStore, Applied, Store, StoreError, WriteCtx};
 use crate::timer::Wheel;
 pub use error::ProxyError;
 use route::{Route, Router};
+pub use upstream::ClientBody;
 use upstream::{Pool, PooledBody, SendError, UpstreamBody};
 
 pub type RespBody = Either<PooledBody, Full<Bytes>>;
@@ -329,7 +329,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     pub fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: ConnInfo,
     ) -> impl Future<Output = Result<Response<RespBody>, Infallible>> {
         // A block, not an `async fn`: the arguments are captured once
@@ -408,7 +408,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // on purpose: see the async block
     fn serve<'a>(
         &'a self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &'a ConnInfo,
     ) -> impl Future<Output = Response<RespBody>> + 'a {
         // A block, not an `async fn`: the arguments are captured once
@@ -603,7 +603,7 @@ impl Proxy {
         &'a self,
         route: &'a Route,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         conn: &'a ConnInfo,
         host: Option<HeaderValue>,
     ) -> impl Future<Output = Response<RespBody>> + 'a {
@@ -1097,7 +1097,7 @@ impl Proxy {
         &'a self,
         route: &'a Route,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         conn: &'a ConnInfo,
         host: Option<HeaderValue>,
         mut added: Added,

@@ -1191,6 +1191,24 @@ fn from_hyper(e: hyper::Error) -> ProxyError {
     ProxyError::UpstreamUpgrade(Box::new(e))
 }
 
+/// A client's request body, as the server hands it to the proxy: hyper's,
+/// or none at all (a request the server's own HTTP/1.1 path read, which
+/// takes only requests without a body: `server::h1`).
+pub struct ClientBody(Option<Incoming>);
+
+impl ClientBody {
+    /// No body: the request ended with its head.
+    pub fn empty() -> ClientBody {
+        ClientBody(None)
+    }
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(b: Incoming) -> ClientBody {
+        ClientBody(Some(b))
+    }
+}
+
 /// The client's request body on its way upstream: streamed frame by frame,
 /// failing once more than `limit` bytes have passed.
 ///
@@ -1211,10 +1229,14 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(body: Incoming, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
+    pub fn new(body: ClientBody, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
+        let body = body.0;
         UpstreamBody {
-            timer: (!body.is_end_stream()).then(|| timer.clone()),
-            inner: Some(body),
+            timer: body
+                .as_ref()
+                .is_some_and(|b| !b.is_end_stream())
+                .then(|| timer.clone()),
+            inner: body,
             seen: 0,
             limit,
             timeout,

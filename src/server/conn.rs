@@ -21,12 +21,13 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
 use super::drain::Drain;
-use super::io::{ConnIo, ConnState, InFlight, Proto, Verdict};
+use super::io::{ConnIo, ConnState, HeadVerdict, InFlight, IntoTcp, Proto, Rewind, Verdict};
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::timer::{Sleep, Wheel};
@@ -59,6 +60,9 @@ pub(super) struct Worker {
     timer: Wheel,
     keepalive: Duration,
     header_read: Duration,
+    /// Simple HTTP/1.1 requests on the server's own path (`super::h1`);
+    /// off (`SESSIONGATE_H1=hyper`, for comparisons), hyper serves all.
+    own_h1: bool,
 }
 
 /// One configuration's share of a worker (SPEC 7.1).
@@ -122,6 +126,7 @@ impl Worker {
             timer,
             keepalive: s.keepalive_timeout,
             header_read: s.header_read_timeout,
+            own_h1: std::env::var_os("SESSIONGATE_H1").is_none_or(|v| v != "hyper"),
             gen: arc_swap::ArcSwap::from_pointee(Gen {
                 ops: crate::ops::ConnOps::new(s, proxy.metrics()),
                 proxy,
@@ -213,12 +218,26 @@ pub(super) async fn serve(
         },
         () = drain.started() => return,
     };
-    let Some(acceptor) = &g.tls else {
-        let svc = service(&w, &state, info);
+    let Some(acceptor) = g.tls.clone() else {
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
-        let conn = w.auto.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        return drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await;
+        let conn = http1_first(w.clone(), io, state.clone(), info, Hyper::Auto);
+        return drive(conn, |_| state.close_soon(), &state, &w, drain, peer).await;
     };
+    // Boxed: a plain connection's task is not the size of a handshake's or
+    // an HTTP/2 connection's future.
+    Box::pin(serve_tls(w, stream, acceptor, state, info, drain, peer)).await
+}
+
+/// The TLS part of [`serve`]: the handshake, then what ALPN chose.
+async fn serve_tls(
+    w: Arc<Worker>,
+    mut stream: TcpStream,
+    acceptor: TlsAcceptor,
+    state: Arc<ConnState>,
+    info: ConnInfo,
+    drain: &Drain,
+    peer: SocketAddr,
+) {
     // A connection still handshaking when the drain starts is dropped (it
     // has no request yet), not waited on.
     let handshake = tokio::time::timeout(w.header_read, async move {
@@ -258,16 +277,112 @@ pub(super) async fn serve(
     };
     // What ALPN chose, and nothing else: no sniffing on TLS.
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let svc = service(&w, &state, info);
     if h2 {
+        let svc = service(&w, &state, info);
         let io = ConnIo::new(tls, state.clone(), Proto::Http2);
         let conn = w.h2.serve_connection(TokioIo::new(io), svc);
         drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await
     } else {
         let io = ConnIo::new(tls, state.clone(), Proto::Http1);
-        let conn = w.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await
+        let conn = http1_first(w.clone(), io, state.clone(), info, Hyper::Http1);
+        drive(conn, |_| state.close_soon(), &state, &w, drain, peer).await
     }
+}
+
+/// Which of hyper's servers takes a connection the server's own HTTP/1.1
+/// path hands over.
+#[derive(Clone, Copy)]
+enum Hyper {
+    /// Plain HTTP: HTTP/1.1, or h2c with prior knowledge.
+    Auto,
+    /// TLS that chose HTTP/1.1.
+    Http1,
+}
+
+/// Serves an HTTP/1 connection: its simple requests on the server's own
+/// path ([`super::h1`]), then, from the first other head on, with hyper.
+/// Told to close through `state` ([`ConnState::close_soon`]).
+async fn http1_first<T>(
+    w: Arc<Worker>,
+    mut io: ConnIo<T>,
+    state: Arc<ConnState>,
+    info: ConnInfo,
+    hyper: Hyper,
+) -> Result<(), crate::proxy::upstream::BoxError>
+where
+    T: IntoTcp + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = bytes::BytesMut::new();
+    if w.own_h1 {
+        io.check_heads(false, false);
+        let proxy = || w.gen.load().proxy.clone();
+        match super::h1::serve(&mut io, &mut buf, proxy, &state, &info).await {
+            Ok(super::h1::Next::Close) => {
+                let _ = io.shutdown().await;
+                return Ok(());
+            }
+            Ok(super::h1::Next::Handoff) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match super::io::judge_head(&buf) {
+            HeadVerdict::Refuse(coding) => {
+                tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
+                io.refuse(coding);
+                let _ = io.shutdown().await;
+                return Ok(());
+            }
+            HeadVerdict::Pass { tunnel } => io.check_heads(true, tunnel),
+            HeadVerdict::More => io.check_heads(true, false),
+        }
+    }
+    // Boxed: only a connection handed over pays for hyper's.
+    Box::pin(with_hyper(w, io, buf.freeze(), state, info, hyper)).await
+}
+
+/// hyper serves the rest of the connection, `pre` first.
+async fn with_hyper<T>(
+    w: Arc<Worker>,
+    io: ConnIo<T>,
+    pre: bytes::Bytes,
+    state: Arc<ConnState>,
+    info: ConnInfo,
+    hyper: Hyper,
+) -> Result<(), crate::proxy::upstream::BoxError>
+where
+    T: IntoTcp + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(Rewind::new(pre, io));
+    let svc = service(&w, &state, info);
+    match hyper {
+        Hyper::Auto => {
+            let conn = w.auto.serve_connection_with_upgrades(io, svc);
+            closing(conn, |c| c.graceful_shutdown(), &state).await
+        }
+        Hyper::Http1 => {
+            let conn = w.h1.serve_connection(io, svc).with_upgrades();
+            closing(conn, |c| c.graceful_shutdown(), &state)
+                .await
+                .map_err(Into::into)
+        }
+    }
+}
+
+/// Polls `conn`, shutting it gracefully once `state` says to close.
+async fn closing<C, F>(conn: C, mut shut: F, state: &ConnState) -> C::Output
+where
+    C: Future,
+    F: FnMut(Pin<&mut C>),
+{
+    let mut conn = pin!(conn);
+    let mut told = false;
+    std::future::poll_fn(|cx| {
+        if !told && state.closing() {
+            told = true;
+            shut(conn.as_mut());
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
 }
 
 fn track<B>(resp: Response<B>, guard: InFlight) -> Response<Tracked<B>> {
@@ -310,7 +425,12 @@ fn service(
     let state = state.clone();
     service_fn(move |req: Request<Incoming>| -> Handled {
         let guard = state.request();
-        let handled = w.gen.load().proxy.clone().handle(req, info.clone());
+        let handled = w
+            .gen
+            .load()
+            .proxy
+            .clone()
+            .handle(req.map(Into::into), info.clone());
         Box::pin(async move {
             let resp = handled.await?;
             Ok(track(resp, guard))

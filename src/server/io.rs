@@ -43,6 +43,9 @@ pub(crate) struct ConnState {
     changed: AtomicBool,
     /// Responses finished (or dropped) so far.
     served: AtomicU64,
+    /// Told to close (the worker drains, or the connection was idle): the
+    /// server's own HTTP/1.1 path reads it (hyper has its own).
+    closing: AtomicBool,
 }
 
 impl ConnState {
@@ -54,6 +57,7 @@ impl ConnState {
             head_since: AtomicU64::new(0),
             changed: AtomicBool::new(false),
             served: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -65,7 +69,16 @@ impl ConnState {
         self.epoch + Duration::from_millis(ms)
     }
 
-    fn start_head(&self) {
+    /// Tells the connection to close once no request is in flight.
+    pub(crate) fn close_soon(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn start_head(&self) {
         if self.head_since.load(Ordering::Relaxed) == 0 {
             self.head_since.store(self.now_ms() + 1, Ordering::Relaxed);
             self.changed.store(true, Ordering::Relaxed);
@@ -278,7 +291,7 @@ struct HeadCheck {
 
 /// What a request head's transfer codings call for.
 #[derive(Debug, PartialEq)]
-enum HeadVerdict {
+pub(super) enum HeadVerdict {
     /// Not complete yet.
     More,
     /// Left to hyper and the proxy.
@@ -290,7 +303,7 @@ enum HeadVerdict {
 /// Judges a request head at the front of `head` as hyper would parse it:
 /// HTTP/1.1, a `Transfer-Encoding` whose last field does not end in
 /// `chunked` (hyper's rule: it answers 400 then).
-fn judge_head(head: &[u8]) -> HeadVerdict {
+pub(super) fn judge_head(head: &[u8]) -> HeadVerdict {
     let mut fields = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut fields);
     match req.parse(head) {
@@ -448,6 +461,25 @@ impl<T: IntoTcp> ConnIo<T> {
         }
     }
 
+    /// Whether the HTTP/1 heads read are looked at for codings hyper
+    /// refuses. Off while the server's own HTTP/1.1 path reads (it judges
+    /// each head itself, `super::h1`); on again, from the next response
+    /// on, when it hands the connection to hyper (`tunnel`: what follows
+    /// is an upgrade's or a `CONNECT`'s, never looked at).
+    pub(crate) fn check_heads(&mut self, on: bool, tunnel: bool) {
+        self.heads = HeadCheck {
+            off: !on || tunnel,
+            judged_at: Some(self.state.served.load(Ordering::Relaxed)),
+            ..HeadCheck::default()
+        };
+    }
+
+    /// Answers `501` naming `coding` (at the next shutdown, or read), then
+    /// the connection closes after the lingering close.
+    pub(crate) fn refuse(&mut self, coding: crate::proxy::headers::Coding) {
+        self.refusal = Some(Box::new(Refusal::new(coding)));
+    }
+
     fn io(&mut self) -> Pin<&mut T>
     where
         T: Unpin,
@@ -601,6 +633,65 @@ impl<T: IntoTcp> Drop for ConnIo<T> {
             return;
         };
         rt.spawn(linger(io.into_tcp()));
+    }
+}
+
+/// A stream whose first bytes were read already: they are read again
+/// first (the server's own HTTP/1.1 path hands hyper the connection with
+/// what it buffered).
+pub(crate) struct Rewind<T> {
+    pre: bytes::Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(crate) fn new(pre: bytes::Bytes, inner: T) -> Rewind<T> {
+        Rewind { pre, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
