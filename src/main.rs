@@ -150,6 +150,12 @@ fn worker_settings() -> Result<(usize, Affinity), String> {
     })?
     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let affinity = env_setting("SESSIONGATE_CPU_AFFINITY", str::parse)?.unwrap_or_default();
+    // Read again by each worker (`server::conn`); checked here so that a
+    // typo stops the start instead of meaning the default.
+    env_setting("SESSIONGATE_H1", |v| match v.trim() {
+        "own" | "hyper" => Ok(()),
+        _ => Err(format!("{v:?}: expected own or hyper")),
+    })?;
     Ok((workers, affinity))
 }
 

@@ -22,6 +22,7 @@ fn bin() -> Command {
         // Not inherited from the shell that runs the tests.
         .env_remove("SESSIONGATE_WORKERS")
         .env_remove("SESSIONGATE_CPU_AFFINITY")
+        .env_remove("SESSIONGATE_H1")
         .stdin(Stdio::null());
     c
 }
@@ -934,6 +935,7 @@ fn a_bad_worker_setting_is_an_error_naming_the_variable() {
             "pinned",
             "SESSIONGATE_CPU_AFFINITY=\"pinned\"",
         ),
+        ("SESSIONGATE_H1", "hyperr", "SESSIONGATE_H1=\"hyperr\""),
     ] {
         for command in ["run", "check"] {
             let mut c = bin();

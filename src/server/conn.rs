@@ -61,7 +61,8 @@ pub(super) struct Worker {
     keepalive: Duration,
     header_read: Duration,
     /// Simple HTTP/1.1 requests on the server's own path (`super::h1`);
-    /// off (`SESSIONGATE_H1=hyper`, for comparisons), hyper serves all.
+    /// off (`SESSIONGATE_H1=hyper`: to compare, or to fall back), hyper
+    /// serves every request.
     own_h1: bool,
 }
 
@@ -126,7 +127,8 @@ impl Worker {
             timer,
             keepalive: s.keepalive_timeout,
             header_read: s.header_read_timeout,
-            own_h1: std::env::var_os("SESSIONGATE_H1").is_none_or(|v| v != "hyper"),
+            // Checked by `main` (own or hyper).
+            own_h1: std::env::var("SESSIONGATE_H1").map_or(true, |v| v.trim() != "hyper"),
             gen: arc_swap::ArcSwap::from_pointee(Gen {
                 ops: crate::ops::ConnOps::new(s, proxy.metrics()),
                 proxy,
