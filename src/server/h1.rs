@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::conn::MAX_REQUEST_HEAD;
 use super::io::ConnState;
+use crate::proxy::h1::itoa;
 use crate::proxy::{ClientBody, ConnInfo, Proxy, RespBody};
 
 /// Fields a head may have on this path; a head with more goes to hyper
@@ -276,18 +277,6 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
 /// Appends the current time as an HTTP date, formatted once a second per
 /// thread (as hyper caches it).
 fn date(dst: &mut Vec<u8>) {
@@ -319,6 +308,7 @@ fn encode_data(data: &[u8], framing: &mut Framing, dst: &mut Vec<u8>) -> bool {
         }
         Framing::Chunked => {
             if !data.is_empty() {
+                // Upper-case hex, as hyper writes it.
                 dst.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
                 dst.extend_from_slice(data);
                 dst.extend_from_slice(b"\r\n");
