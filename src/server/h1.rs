@@ -433,8 +433,8 @@ where
             return Ok(false);
         }
     };
-    let bodyless = framing == Framing::Length(0) && len.is_some_and(|l| l != Some(0));
-    if len.is_some() && !bodyless && framing != Framing::Length(0) {
+    // Nothing to send, or nothing that may be sent (204, 304, `Content-Length: 0`).
+    if len.is_some() && framing != Framing::Length(0) {
         // Frames that are ready go with the head, in one write.
         loop {
             let polled = {
