@@ -24,6 +24,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::drain::Drain;
@@ -202,7 +203,7 @@ pub(super) async fn serve(
             async move { Ok::<_, Infallible>(track(resp, guard)) }
         });
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
-        let conn = w.auto.serve_connection(TokioIo::new(io), svc);
+        let conn = pin!(w.auto.serve_connection(TokioIo::new(io), svc));
         return drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await;
     }
     let g = w.gen.load_full();
@@ -222,7 +223,7 @@ pub(super) async fn serve(
     };
     let Some(acceptor) = g.tls.clone() else {
         let io = ConnIo::new(stream, state.clone(), Proto::Sniff);
-        let conn = http1_first(w.clone(), io, state.clone(), info, Hyper::Auto);
+        let conn = pin!(http1_first(w.clone(), io, state.clone(), info, Hyper::Auto));
         return drive(conn, |_| state.close_soon(), &state, &w, drain, peer).await;
     };
     // Boxed: a plain connection's task is not the size of a handshake's or
@@ -231,15 +232,65 @@ pub(super) async fn serve(
 }
 
 /// The TLS part of [`serve`]: the handshake, then what ALPN chose.
-async fn serve_tls(
+///
+/// What an idle connection holds is this future (boxed by [`serve`]) and
+/// the task's: so the handshake's and HTTP/2's futures are boxed apart and
+/// an HTTP/1.1 connection does not keep room for them. This is a function
+/// returning an async block, not an `async fn`, as are [`http1_first`] and
+/// [`with_hyper`]: rustc keeps an `async fn`'s arguments apart from the
+/// locals they are moved into, so a `ConnIo` passed by value took its room
+/// twice (`-Zprint-type-sizes`; BENCHMARKS.md, idle connections).
+#[allow(clippy::manual_async_fn)]
+fn serve_tls<'a>(
     w: Arc<Worker>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     acceptor: TlsAcceptor,
     state: Arc<ConnState>,
     info: ConnInfo,
+    drain: &'a Drain,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let Some(tls) = Box::pin(handshake(&w, stream, acceptor, drain, peer)).await else {
+            return;
+        };
+        // What ALPN chose, and nothing else: no sniffing on TLS.
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let svc = service(&w, &state, info);
+            let io = ConnIo::new(tls, state.clone(), Proto::Http2);
+            let mut conn = Box::pin(w.h2.serve_connection(TokioIo::new(io), svc));
+            drive(
+                conn.as_mut(),
+                |c| c.graceful_shutdown(),
+                &state,
+                &w,
+                drain,
+                peer,
+            )
+            .await
+        } else {
+            let io = ConnIo::new(tls, state.clone(), Proto::Http1);
+            let conn = pin!(http1_first(
+                w.clone(),
+                io,
+                state.clone(),
+                info,
+                Hyper::Http1
+            ));
+            drive(conn, |_| state.close_soon(), &state, &w, drain, peer).await
+        }
+    }
+}
+
+/// The TLS handshake, within `header_read_timeout`; `None` (logged) when
+/// the connection ends instead.
+async fn handshake(
+    w: &Worker,
+    mut stream: TcpStream,
+    acceptor: TlsAcceptor,
     drain: &Drain,
     peer: SocketAddr,
-) {
+) -> Option<TlsStream<TcpStream>> {
     // A connection still handshaking when the drain starts is dropped (it
     // has no request yet), not waited on.
     let handshake = tokio::time::timeout(w.header_read, async move {
@@ -259,35 +310,23 @@ async fn serve_tls(
         }
         acceptor.accept(stream).await.map(Some)
     });
-    let tls = tokio::select! {
+    tokio::select! {
         r = handshake => match r {
-            Ok(Ok(Some(s))) => s,
+            Ok(Ok(Some(s))) => Some(s),
             Ok(Ok(None)) => {
                 tracing::debug!(%peer, "plain HTTP on the TLS port: answered 400");
-                return;
+                None
             }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
+                None
             }
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
-                return;
+                None
             }
         },
-        () = drain.started() => return,
-    };
-    // What ALPN chose, and nothing else: no sniffing on TLS.
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    if h2 {
-        let svc = service(&w, &state, info);
-        let io = ConnIo::new(tls, state.clone(), Proto::Http2);
-        let conn = w.h2.serve_connection(TokioIo::new(io), svc);
-        drive(conn, |c| c.graceful_shutdown(), &state, &w, drain, peer).await
-    } else {
-        let io = ConnIo::new(tls, state.clone(), Proto::Http1);
-        let conn = http1_first(w.clone(), io, state.clone(), info, Hyper::Http1);
-        drive(conn, |_| state.close_soon(), &state, &w, drain, peer).await
+        () = drain.started() => None,
     }
 }
 
@@ -304,78 +343,86 @@ enum Hyper {
 /// Serves an HTTP/1 connection: its simple requests on the server's own
 /// path ([`super::h1`]), then, from the first other head on, with hyper.
 /// Told to close through `state` ([`ConnState::close_soon`]).
-async fn http1_first<T>(
+// Not an `async fn`, on purpose: see [`serve_tls`].
+#[allow(clippy::manual_async_fn)]
+fn http1_first<T>(
     w: Arc<Worker>,
     mut io: ConnIo<T>,
     state: Arc<ConnState>,
     info: ConnInfo,
     hyper: Hyper,
-) -> Result<(), crate::proxy::upstream::BoxError>
+) -> impl Future<Output = Result<(), crate::proxy::upstream::BoxError>>
 where
     T: IntoTcp + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut buf = bytes::BytesMut::new();
-    if w.own_h1 {
-        io.check_heads(false, false);
-        let proxy = || w.gen.load().proxy.clone();
-        match super::h1::serve(&mut io, &mut buf, proxy, &state, &info).await {
-            Ok(super::h1::Next::Close) => {
-                let _ = io.shutdown().await;
-                return Ok(());
+    async move {
+        let mut buf = bytes::BytesMut::new();
+        if w.own_h1 {
+            io.check_heads(false, false);
+            let proxy = || w.gen.load().proxy.clone();
+            match super::h1::serve(&mut io, &mut buf, proxy, &state, &info).await {
+                Ok(super::h1::Next::Close) => {
+                    let _ = io.shutdown().await;
+                    return Ok(());
+                }
+                Ok(super::h1::Next::Handoff) => {}
+                Err(e) => return Err(e.into()),
             }
-            Ok(super::h1::Next::Handoff) => {}
-            Err(e) => return Err(e.into()),
-        }
-        match super::io::judge_head(&buf) {
-            HeadVerdict::Refuse(coding) => {
-                tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
-                io.refuse(coding);
-                let _ = io.shutdown().await;
-                return Ok(());
+            match super::io::judge_head(&buf) {
+                HeadVerdict::Refuse(coding) => {
+                    tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
+                    io.refuse(coding);
+                    let _ = io.shutdown().await;
+                    return Ok(());
+                }
+                HeadVerdict::Pass { tunnel } => io.check_heads(true, tunnel),
+                HeadVerdict::More => io.check_heads(true, false),
             }
-            HeadVerdict::Pass { tunnel } => io.check_heads(true, tunnel),
-            HeadVerdict::More => io.check_heads(true, false),
         }
+        // Boxed: only a connection handed over pays for hyper's.
+        Box::pin(with_hyper(w, io, buf.freeze(), state, info, hyper)).await
     }
-    // Boxed: only a connection handed over pays for hyper's.
-    Box::pin(with_hyper(w, io, buf.freeze(), state, info, hyper)).await
 }
 
 /// hyper serves the rest of the connection, `pre` first.
-async fn with_hyper<T>(
+// Not an `async fn`, on purpose: see [`serve_tls`].
+#[allow(clippy::manual_async_fn)]
+fn with_hyper<T>(
     w: Arc<Worker>,
     io: ConnIo<T>,
     pre: bytes::Bytes,
     state: Arc<ConnState>,
     info: ConnInfo,
     hyper: Hyper,
-) -> Result<(), crate::proxy::upstream::BoxError>
+) -> impl Future<Output = Result<(), crate::proxy::upstream::BoxError>>
 where
     T: IntoTcp + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(Rewind::new(pre, io));
-    let svc = service(&w, &state, info);
-    match hyper {
-        Hyper::Auto => {
-            let conn = w.auto.serve_connection_with_upgrades(io, svc);
-            closing(conn, |c| c.graceful_shutdown(), &state).await
-        }
-        Hyper::Http1 => {
-            let conn = w.h1.serve_connection(io, svc).with_upgrades();
-            closing(conn, |c| c.graceful_shutdown(), &state)
-                .await
-                .map_err(Into::into)
+    async move {
+        let io = TokioIo::new(Rewind::new(pre, io));
+        let svc = service(&w, &state, info);
+        match hyper {
+            Hyper::Auto => {
+                let conn = pin!(w.auto.serve_connection_with_upgrades(io, svc));
+                closing(conn, |c| c.graceful_shutdown(), &state).await
+            }
+            Hyper::Http1 => {
+                let conn = pin!(w.h1.serve_connection(io, svc).with_upgrades());
+                closing(conn, |c| c.graceful_shutdown(), &state)
+                    .await
+                    .map_err(Into::into)
+            }
         }
     }
 }
 
-/// Polls `conn`, shutting it gracefully once `state` says to close.
-async fn closing<C, F>(conn: C, mut shut: F, state: &ConnState) -> C::Output
+/// Polls `conn`, shutting it gracefully once `state` says to close
+/// (pinned by the caller, as for [`drive`]).
+async fn closing<C, F>(mut conn: Pin<&mut C>, mut shut: F, state: &ConnState) -> C::Output
 where
     C: Future,
     F: FnMut(Pin<&mut C>),
 {
-    let mut conn = pin!(conn);
     let mut told = false;
     std::future::poll_fn(|cx| {
         if !told && state.closing() {
@@ -450,9 +497,10 @@ enum Phase {
 }
 
 /// Polls `conn` to its end under the watchdog and the drain; `shut` is
-/// the connection's graceful shutdown.
+/// the connection's graceful shutdown. `conn` is pinned by the caller:
+/// taken by value, it would be kept twice ([`serve_tls`]).
 async fn drive<C, F, T>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     mut shut: F,
     state: &ConnState,
     w: &Worker,
@@ -463,7 +511,6 @@ async fn drive<C, F, T>(
     T: std::fmt::Display,
     F: FnMut(Pin<&mut C>),
 {
-    let mut conn = pin!(conn);
     let mut reg = drain.register();
     let mut phase = Phase::Serving;
     let mut timer: Option<Sleep> = None;

@@ -14,6 +14,7 @@
 //! and its dispatcher (BENCHMARKS.md, "The server's own HTTP/1.1 path").
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -22,7 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::conn::MAX_REQUEST_HEAD;
 use super::io::ConnState;
@@ -33,10 +34,9 @@ use crate::proxy::{ClientBody, ConnInfo, Proxy, RespBody};
 /// (whose limit is 100).
 const MAX_FIELDS: usize = 64;
 
-/// The read buffer's first size, and the size above which an emptied one
-/// is given back (an idle connection keeps at most this much).
+/// The first read of a head, made into a buffer on the stack, and the
+/// read buffer's first size when a head takes more than one read.
 const READ_START: usize = 2048;
-const READ_KEEP: usize = 8192;
 
 /// A response body's bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 << 10;
@@ -352,39 +352,10 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        // The next head: complete in the buffer, or read until it is.
-        let (parts, close) = loop {
-            if !buf.is_empty() {
-                match parse(buf) {
-                    Head::Simple { parts, len, close } => {
-                        buf.advance(len);
-                        break (parts, close);
-                    }
-                    Head::Other => return Ok(Next::Handoff),
-                    Head::Partial => state.start_head(),
-                }
-            }
-            if buf.capacity() - buf.len() < 512 {
-                buf.reserve(buf.capacity().max(READ_START));
-            }
-            let read = std::future::poll_fn(|cx| {
-                // Told to close: only between requests.
-                if buf.is_empty() && state.closing() {
-                    return Poll::Ready(Ok(0));
-                }
-                tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
-            })
-            .await
-            .map_err(H1Error::Io)?;
-            if read == 0 {
-                // The client is done (a head cut short gets no answer,
-                // as from hyper), or the server closes.
-                return Ok(Next::Close);
-            }
+        let (parts, close) = match next_head(io, buf, state).await? {
+            Ok(head) => head,
+            Err(next) => return Ok(next),
         };
-        if buf.is_empty() && buf.capacity() > READ_KEEP {
-            *buf = BytesMut::new();
-        }
         let guard = state.request();
         let req = Request::from_parts(parts, ClientBody::empty());
         let resp = Box::pin(proxy().handle(req, info.clone()))
@@ -396,6 +367,97 @@ where
             return Ok(Next::Close);
         }
     }
+}
+
+/// Reads until a head is whole at the front of `buf`: the head of a simple
+/// request, or else what the connection does instead (its end, or hyper).
+async fn next_head<T>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    state: &ConnState,
+) -> Result<Result<(http::request::Parts, bool), Next>, H1Error>
+where
+    T: AsyncRead + Unpin,
+{
+    loop {
+        if !buf.is_empty() {
+            match parse(buf) {
+                Head::Simple { parts, len, close } => {
+                    buf.advance(len);
+                    return Ok(Ok((parts, close)));
+                }
+                Head::Other => return Ok(Err(Next::Handoff)),
+                Head::Partial => state.start_head(),
+            }
+        }
+        let read = std::future::poll_fn(|cx| {
+            if buf.is_empty() {
+                // Told to close: only between requests.
+                if state.closing() {
+                    return Poll::Ready(Ok(Read::End));
+                }
+                return read_first(&mut *io, cx, buf);
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(buf.capacity().max(READ_START));
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf).map_ok(|n| {
+                if n == 0 {
+                    Read::End
+                } else {
+                    Read::More
+                }
+            })
+        })
+        .await
+        .map_err(H1Error::Io)?;
+        match read {
+            // The client is done (a head cut short gets no answer,
+            // as from hyper), or the server closes.
+            Read::End => return Ok(Err(Next::Close)),
+            Read::More => {}
+            Read::Head(parts, close) => return Ok(Ok((parts, close))),
+        }
+    }
+}
+
+/// What one read between heads brought.
+// Taken apart at once, as [`Head`] is.
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    /// The connection's end.
+    End,
+    /// Bytes, now in the read buffer.
+    More,
+    /// A whole simple head (what followed it is in the read buffer).
+    Head(http::request::Parts, bool),
+}
+
+/// Reads the first bytes of a head when the read buffer is empty, on the
+/// stack: between requests a connection holds no read buffer at all, and a
+/// head that comes whole in one read (the usual case) never needs one.
+fn read_first<T>(io: &mut T, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<Read>>
+where
+    T: AsyncRead + Unpin,
+{
+    // What is left of a buffer emptied by the last request goes back now.
+    if buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+    let mut tmp = [MaybeUninit::<u8>::uninit(); READ_START];
+    let mut read = ReadBuf::uninit(&mut tmp);
+    std::task::ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    let got = read.filled();
+    if got.is_empty() {
+        return Poll::Ready(Ok(Read::End));
+    }
+    if let Head::Simple { parts, len, close } = parse(got) {
+        buf.extend_from_slice(&got[len..]);
+        return Poll::Ready(Ok(Read::Head(parts, close)));
+    }
+    buf.reserve(READ_START);
+    buf.extend_from_slice(got);
+    Poll::Ready(Ok(Read::More))
 }
 
 /// Writes `resp`; whether the connection may serve another request.
@@ -510,6 +572,93 @@ mod tests {
             Head::Simple { parts, len, close } => (parts, len, close),
             other => panic!("{:?}: {other:?}", String::from_utf8_lossy(raw)),
         }
+    }
+
+    /// A connection whose reads give one chunk each, then its end.
+    struct Script(std::collections::VecDeque<Vec<u8>>);
+
+    impl Script {
+        fn new(chunks: &[&[u8]]) -> Script {
+            Script(chunks.iter().map(|c| c.to_vec()).collect())
+        }
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut c) = self.0.pop_front() {
+                let n = c.len().min(out.remaining());
+                out.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.0.push_front(c.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The path of the next head, or what the connection does instead.
+    async fn next(
+        io: &mut Script,
+        buf: &mut BytesMut,
+        state: &ConnState,
+    ) -> Result<String, &'static str> {
+        match next_head(io, buf, state).await {
+            Ok(Ok((parts, _))) => Ok(parts.uri.to_string()),
+            Ok(Err(Next::Close)) => Err("close"),
+            Ok(Err(Next::Handoff)) => Err("handoff"),
+            Err(_) => Err("error"),
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_are_read_whole_however_they_come_and_no_buffer_is_held_between() {
+        let state = ConnState::new();
+        let long = format!(
+            "GET /d HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "x".repeat(5000)
+        );
+        let mut io = Script::new(&[
+            // A head in two reads; a whole one and a part after it.
+            b"GET /a HTTP/1.1\r\nHo",
+            b"st: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\nGET /c HT",
+            b"TP/1.1\r\nHost: a\r\n\r\n",
+            // Longer than the first read.
+            long.as_bytes(),
+            // Whole in one read, from an empty buffer.
+            b"GET /e HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /f HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+        ]);
+        let mut buf = BytesMut::new();
+        for path in ["/a", "/b", "/c", "/d"] {
+            assert_eq!(next(&mut io, &mut buf, &state).await, Ok(path.to_string()));
+        }
+        assert!(buf.is_empty());
+        assert_eq!(next(&mut io, &mut buf, &state).await, Ok("/e".to_string()));
+        // The buffer the long head needed was given back; none was taken for /e.
+        assert_eq!(buf.capacity(), 0);
+        // hyper gets the head and its body.
+        assert_eq!(next(&mut io, &mut buf, &state).await, Err("handoff"));
+        assert!(buf.starts_with(b"POST /f") && buf.ends_with(b"\r\n\r\nx"));
+
+        // The end, between heads or in one; and the server's close, between heads.
+        let mut buf = BytesMut::new();
+        let mut io = Script::new(&[b"GET /g HTTP/1.1\r\nHost: a\r\n\r\nGET /h HTTP/1.1\r\nHo"]);
+        assert_eq!(next(&mut io, &mut buf, &state).await, Ok("/g".to_string()));
+        assert_eq!(next(&mut io, &mut buf, &state).await, Err("close"));
+        assert_eq!(
+            next(&mut Script::new(&[]), &mut BytesMut::new(), &state).await,
+            Err("close")
+        );
+        state.close_soon();
+        let mut io = Script::new(&[b"GET /i HTTP/1.1\r\nHost: a\r\n\r\n"]);
+        assert_eq!(
+            next(&mut io, &mut BytesMut::new(), &state).await,
+            Err("close")
+        );
     }
 
     #[test]
