@@ -358,9 +358,16 @@ where
         };
         let guard = state.request();
         let req = Request::from_parts(parts, ClientBody::empty());
-        let resp = Box::pin(proxy().handle(req, info.clone()))
-            .await
-            .unwrap_or_else(|e| match e {});
+        // Boxed, so an idle connection's future stays small, and filled
+        // in place: `Box::pin(f)` builds `f` on the stack and copies all of
+        // it (3.4 KB) into the allocation, once per request (perf: a third
+        // of the proxy's `memcpy` time).
+        let resp = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            proxy().handle(req, info.clone()),
+        ))
+        .await
+        .unwrap_or_else(|e| match e {});
         let keep = write_response(io, resp, close || state.closing()).await?;
         drop(guard);
         if !keep {
