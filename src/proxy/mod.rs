@@ -1112,17 +1112,19 @@ impl Proxy {
             // nginx does: the client already had its `100 Continue` from this
             // proxy, which sends the body without waiting, and an old
             // upstream may refuse the field with a 417.
-            h.remove(&header::EXPECT);
             if conn.trusted {
+                headers::remove_each(h, &[&header::EXPECT]);
                 forwarded_by_trusted(h, &mut added, conn, host.as_ref());
             } else {
-                for name in [
-                    &headers::X_FORWARDED_FOR,
-                    &headers::X_FORWARDED_PROTO,
-                    &headers::X_FORWARDED_HOST,
-                ] {
-                    h.remove(name);
-                }
+                headers::remove_each(
+                    h,
+                    &[
+                        &header::EXPECT,
+                        &headers::X_FORWARDED_FOR,
+                        &headers::X_FORWARDED_PROTO,
+                        &headers::X_FORWARDED_HOST,
+                    ],
+                );
                 added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
                 added.push_value(&headers::X_FORWARDED_PROTO, scheme_value(conn.tls));
                 if let Some(v) = &host {
