@@ -219,21 +219,25 @@ impl Sink {
 /// The writer thread: waits for a line, lets the batch gather for
 /// [`BATCH_WINDOW`], formats and writes it, and flushes whenever the
 /// channel runs empty. Ends when every sender is gone.
+///
+/// Each message is handled where it was received, by reference: an
+/// [`Entry`] is about 330 bytes, and moving it from one binding to the next
+/// (`Option`, `take`, the match) cost a `memcpy` each, about 650
+/// instructions a line in all (callgrind).
 fn writer(rx: Receiver<Msg>, mut sink: Sink, format: AccessLogFormat) {
     let mut line = Vec::with_capacity(512);
     let mut failed = false;
-    while let Ok(msg) = rx.recv() {
+    while let Ok(mut msg) = rx.recv() {
         // While this thread sleeps here no receiver waits on the channel,
         // so the request path's `try_send` wakes nobody (no syscall).
         std::thread::sleep(BATCH_WINDOW);
-        let mut next = Some(msg);
-        while let Some(msg) = next.take() {
-            match msg {
+        loop {
+            match &msg {
                 Msg::Line(e) => {
                     line.clear();
                     match format {
-                        AccessLogFormat::Combined => combined(&mut line, &e),
-                        AccessLogFormat::Json => json(&mut line, &e),
+                        AccessLogFormat::Combined => combined(&mut line, e),
+                        AccessLogFormat::Json => json(&mut line, e),
                     }
                     line.push(b'\n');
                     match sink.write(&line) {
@@ -264,7 +268,10 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, format: AccessLogFormat) {
                     let _ = done.send(());
                 }
             }
-            next = rx.try_recv().ok();
+            match rx.try_recv() {
+                Ok(next) => msg = next,
+                Err(_) => break,
+            }
         }
         if let Err(e) = sink.flush() {
             if !failed {
