@@ -137,7 +137,7 @@ pub enum ReloadError {
     Refused(String),
     /// A new address cannot be bound (the message a start prints).
     #[error("{0}")]
-    Bind(String),
+    Bind(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ReloadError {

@@ -54,7 +54,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot start a worker: {0}")]
@@ -65,32 +65,58 @@ pub enum ServerError {
     Ops(#[from] OpsError),
 }
 
+/// Why the listener's certificate and key could not be made into a TLS
+/// configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        /// `certificate` or `private key`.
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the certificate chain: {0}")]
+    Certificates(#[source] rustls::pki_types::pem::Error),
+    #[error("no certificate found in the cert file")]
+    NoCertificate,
+    #[error("cannot read the private key: {0}")]
+    Key(#[source] rustls::pki_types::pem::Error),
+    #[error("{0}")]
+    Protocols(#[source] rustls::Error),
+    #[error("certificate and key do not fit: {0}")]
+    Mismatch(#[source] rustls::Error),
+}
+
 /// Builds the rustls configuration from PEM text.
 pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, ServerError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| ServerError::Tls(format!("cannot read the certificate chain: {e}")))?;
+        .map_err(TlsError::Certificates)?;
     if certs.is_empty() {
-        return Err(ServerError::Tls(
-            "no certificate found in the cert file".into(),
-        ));
+        return Err(TlsError::NoCertificate.into());
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| ServerError::Tls(format!("cannot read the private key: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(TlsError::Key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .map_err(TlsError::Protocols)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(format!("certificate and key do not fit: {e}")))?;
+        .map_err(TlsError::Mismatch)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
-fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, ServerError> {
-    std::fs::read(path)
-        .map_err(|e| ServerError::Tls(format!("cannot read {what} {}: {e}", path.display())))
+fn read(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| {
+        TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// How to start a [`Server`] beyond its configuration.
@@ -279,7 +305,7 @@ impl Shared {
         running: &Config,
         new: &Config,
     ) -> Result<(Option<Rebind>, Option<TcpListener>), crate::reload::ReloadError> {
-        let fail = |e: ServerError| crate::reload::ReloadError::Bind(e.to_string());
+        let fail = |e: ServerError| crate::reload::ReloadError::Bind(Box::new(e));
         let (a, b) = (&running.server, &new.server);
         let mut listen = Vec::new();
         let mut https_port = None;
@@ -317,13 +343,10 @@ impl Shared {
         let admin = match (&running.admin, &new.admin) {
             (Some(x), Some(y)) if x.listen != y.listen => {
                 Some(listen_reuseport(y.listen, 128).map_err(|source| {
-                    crate::reload::ReloadError::Bind(
-                        crate::admin::AdminError::Bind {
-                            addr: y.listen,
-                            source,
-                        }
-                        .to_string(),
-                    )
+                    crate::reload::ReloadError::Bind(Box::new(crate::admin::AdminError::Bind {
+                        addr: y.listen,
+                        source,
+                    }))
                 })?)
             }
             _ => None,
@@ -992,6 +1015,48 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_say_what_is_wrong_and_keep_their_cause() {
+        use std::error::Error as _;
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
+        let (cert, key_a, key_b) = (
+            a.cert.pem(),
+            a.signing_key.serialize_pem(),
+            b.signing_key.serialize_pem(),
+        );
+        assert!(tls_config(cert.as_bytes(), key_a.as_bytes()).is_ok());
+        // The message, and whether the TLS error kept a cause beneath it.
+        let failed = |cert: &str, key: &str| {
+            let e = tls_config(cert.as_bytes(), key.as_bytes()).unwrap_err();
+            let caused = e.source().and_then(|tls| tls.source()).is_some();
+            (e.to_string(), caused)
+        };
+        let (msg, caused) = failed(&cert, &key_b);
+        assert!(
+            msg.starts_with("TLS: certificate and key do not fit: "),
+            "{msg}"
+        );
+        assert!(caused);
+        let (msg, caused) = failed("", &key_a);
+        assert_eq!(msg, "TLS: no certificate found in the cert file");
+        assert!(!caused);
+        let (msg, caused) = failed(&cert, "not a key");
+        assert!(
+            msg.starts_with("TLS: cannot read the private key: "),
+            "{msg}"
+        );
+        assert!(caused);
+        let missing = std::path::Path::new("/nonexistent/sessiongate/key.pem");
+        let e = read(missing, "private key").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("TLS: cannot read private key /nonexistent/sessiongate/key.pem: "),
+            "{e}"
+        );
+        assert!(e.source().and_then(|tls| tls.source()).is_some());
+    }
 
     #[test]
     fn affinity_values() {
