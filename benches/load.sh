@@ -11,8 +11,9 @@
 #     (scripts/build-pgo.sh, the build to deploy; BUILD=release skips it);
 #  3. makes a self-signed certificate with openssl in a temporary directory;
 #  4. starts the backend: nginx serving a short body (its /write location adds
-#     `X-Session-Update: {"n": <counter>}`), or the bundled backend when nginx
-#     is missing (the nginx rows are then skipped, loudly);
+#     `X-Session-Update: {"n": <counter>}`; `reuseport`, so each proxy's
+#     upstream connections are spread over its workers), or the bundled
+#     backend when nginx is missing (the nginx rows are then skipped, loudly);
 #  5. starts nginx as a plain proxy_pass reverse proxy to that backend with
 #     upstream keep-alive (plain HTTP, and TLS with HTTP/1.1 and h2), a second
 #     nginx that also sends the nine request headers sessiongate adds on the
@@ -371,7 +372,11 @@ wait_http() { # name url pid
 if ((USE_NGINX)); then
     nginx_conf backend <<EOF
     server {
-        listen 127.0.0.1:$P_BACKEND;
+        # reuseport: the kernel spreads the proxies' upstream connections over
+        # the backend's workers. Without it one worker could take most of one
+        # proxy's connections for the whole run (seen: 1.55 s against 0.65 s of
+        # CPU in 5 s), a spread between runs that no round-robin evens out.
+        listen 127.0.0.1:$P_BACKEND reuseport;
         location / { return 200 "$BODY"; }
         location /write {
             add_header X-Session-Update '{"n": \$connection_requests}' always;
