@@ -2,9 +2,10 @@
 //! format followed by the request time in seconds, or one JSON object a
 //! line.
 //!
-//! The request path only moves an [`Entry`] (shared header values, no
-//! formatting, no allocation) into a bounded channel; a writer thread
-//! formats and writes. When the channel is full the line is dropped and
+//! The request path formats its line (no allocation: a buffer kept per
+//! thread) and appends it to a shared batch under a short lock; a writer
+//! thread takes the whole batch every [`BATCH_WINDOW`] and writes it. When
+//! the batch already holds [`CHANNEL_CAPACITY`] lines, the line is dropped and
 //! counted (`sessiongate_access_log_dropped_total`): a slow disk never
 //! slows a request. A file target is reopened by [`AccessLog::reopen`]
 //! (SIGUSR1, for logrotate).
@@ -12,12 +13,12 @@
 //! Never logged: the query string (of the request target and of the
 //! `Referer`), any cookie, a session key or session data.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Version};
@@ -50,9 +51,10 @@ pub enum AccessLogError {
     Thread(#[source] io::Error),
 }
 
-/// One request, as the request path hands it over.
+/// One request, as the request path hands it over (borrowed: the line is
+/// formatted before the request's state is dropped).
 #[derive(Debug)]
-pub struct Entry {
+pub struct Entry<'a> {
     /// When the request head arrived.
     pub time: SystemTime,
     pub client: IpAddr,
@@ -67,33 +69,80 @@ pub struct Entry {
     pub user_agent: Option<HeaderValue>,
     /// Time to the response head.
     pub duration: Duration,
-    pub route: Option<Arc<str>>,
-    pub upstream: Option<Arc<str>>,
+    pub route: Option<&'a str>,
+    pub upstream: Option<&'a str>,
     pub upstream_time: Option<Duration>,
     /// The `X-Session-Id` the upstream was sent (never the key).
     pub session_id: Option<[u8; 32]>,
 }
 
-// Unboxed: the channel's slots are allocated once, a line is moved in.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Line(Entry),
-    Reopen,
-    /// Answered once everything before it is written.
-    Flush(SyncSender<()>),
+/// What the request path and the writer share.
+struct Shared {
+    state: Mutex<State>,
+    /// The writer waits here for a first line, a reopen or a flush.
+    work: Condvar,
+    /// [`AccessLog::flush`] waits here for its batch to be written.
+    written: Condvar,
+    /// Lines a batch may hold before new ones are dropped.
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Formatted lines, each ending in `\n`, not yet taken by the writer.
+    batch: Vec<u8>,
+    /// How many lines `batch` holds.
+    lines: usize,
+    /// A reopen was asked for when `batch` was this long: the lines before
+    /// it go to the old file, the rest to the new one.
+    reopen_at: Option<usize>,
+    /// Flushes asked for, and how many of them are done (in order).
+    flushes_asked: u64,
+    flushes_done: u64,
+    /// Every [`AccessLog`] is gone: the writer writes what is left and ends.
+    closed: bool,
+}
+
+impl Shared {
+    fn new(capacity: usize) -> Shared {
+        Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            written: Condvar::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held left whole lines or none.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The request path's end of the writer; the last one dropped ends it.
+struct Handle {
+    shared: Arc<Shared>,
+    format: AccessLogFormat,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_one();
+    }
 }
 
 /// The request path's end of the access log. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<Msg>>,
+    handle: Option<Arc<Handle>>,
     dropped: Counter,
 }
 
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessLog")
-            .field("on", &self.tx.is_some())
+            .field("on", &self.handle.is_some())
             .finish()
     }
 }
@@ -102,7 +151,7 @@ impl AccessLog {
     /// An access log that writes nothing.
     pub fn off() -> AccessLog {
         AccessLog {
-            tx: None,
+            handle: None,
             dropped: Counter::default(),
         }
     }
@@ -114,31 +163,27 @@ impl AccessLog {
         format: AccessLogFormat,
         dropped: Counter,
     ) -> Result<AccessLog, AccessLogError> {
-        Self::start_with_capacity(target, format, dropped, CHANNEL_CAPACITY)
-    }
-
-    /// [`AccessLog::start`] with a given channel capacity (tests).
-    pub fn start_with_capacity(
-        target: &AccessLogTarget,
-        format: AccessLogFormat,
-        dropped: Counter,
-        capacity: usize,
-    ) -> Result<AccessLog, AccessLogError> {
         let sink = match target {
-            AccessLogTarget::Off => return Ok(AccessLog { tx: None, dropped }),
+            AccessLogTarget::Off => {
+                return Ok(AccessLog {
+                    handle: None,
+                    dropped,
+                })
+            }
             AccessLogTarget::Stderr => Sink::Stderr(BufWriter::with_capacity(BUFFER, io::stderr())),
             AccessLogTarget::File(p) => Sink::File {
                 path: p.clone(),
                 out: BufWriter::with_capacity(BUFFER, open(p)?),
             },
         };
-        let (tx, rx) = mpsc::sync_channel(capacity);
+        let shared = Arc::new(Shared::new(CHANNEL_CAPACITY));
+        let theirs = shared.clone();
         std::thread::Builder::new()
             .name("sessiongate-access-log".into())
-            .spawn(move || writer(rx, sink, format))
+            .spawn(move || writer(&theirs, sink))
             .map_err(AccessLogError::Thread)?;
         Ok(AccessLog {
-            tx: Some(tx),
+            handle: Some(Arc::new(Handle { shared, format })),
             dropped,
         })
     }
@@ -147,40 +192,64 @@ impl AccessLog {
     /// otherwise).
     #[inline]
     pub fn is_on(&self) -> bool {
-        self.tx.is_some()
+        self.handle.is_some()
     }
 
-    /// Hands a line to the writer; drops and counts it when the writer is
-    /// behind. Never blocks.
-    pub fn log(&self, entry: Entry) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(Msg::Line(entry)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.inc();
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+    /// Formats the line and hands it to the writer; drops and counts it
+    /// when the writer is behind. Never blocks on the writer: the lock is
+    /// held only to append the line.
+    pub fn log(&self, entry: &Entry<'_>) {
+        let Some(h) = &self.handle else { return };
+        thread_local! {
+            static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            match h.format {
+                AccessLogFormat::Combined => combined(&mut line, entry),
+                AccessLogFormat::Json => json(&mut line, entry),
+            }
+            line.push(b'\n');
+            let mut st = h.shared.lock();
+            if st.lines >= h.shared.capacity || st.closed {
+                drop(st);
+                self.dropped.inc();
+                return;
+            }
+            let first = st.lines == 0;
+            st.batch.extend_from_slice(&line);
+            st.lines += 1;
+            drop(st);
+            // Only the first line of a batch can find the writer waiting.
+            if first {
+                h.shared.work.notify_one();
+            }
+        })
     }
 
     /// Blocks until every line handed over so far is written (shutdown).
     pub fn flush(&self) {
-        if let Some(tx) = &self.tx {
-            let (done, wait) = mpsc::sync_channel(1);
-            if tx.send(Msg::Flush(done)).is_ok() {
-                let _ = wait.recv();
-            }
+        let Some(h) = &self.handle else { return };
+        let mut st = h.shared.lock();
+        st.flushes_asked += 1;
+        let ticket = st.flushes_asked;
+        h.shared.work.notify_one();
+        while st.flushes_done < ticket {
+            st = h.shared.written.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    /// Reopens the file (logrotate moved it away); nothing for stderr.
-    /// Waits for room in the channel: a reopen is never dropped.
+    /// Reopens the file (logrotate moved it away) once the lines handed
+    /// over before it are written; nothing for stderr. Never dropped.
     pub fn reopen(&self) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Reopen);
+        let Some(h) = &self.handle else { return };
+        let mut st = h.shared.lock();
+        if st.reopen_at.is_none() {
+            st.reopen_at = Some(st.batch.len());
         }
+        drop(st);
+        h.shared.work.notify_one();
     }
 }
 
@@ -201,10 +270,10 @@ fn open(path: &Path) -> Result<File, AccessLogError> {
 }
 
 impl Sink {
-    fn write(&mut self, line: &[u8]) -> io::Result<()> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
-            Sink::Stderr(out) => out.write_all(line),
-            Sink::File { out, .. } => out.write_all(line),
+            Sink::Stderr(out) => out.write_all(bytes),
+            Sink::File { out, .. } => out.write_all(bytes),
         }
     }
 
@@ -214,73 +283,78 @@ impl Sink {
             Sink::File { out, .. } => out.flush(),
         }
     }
-}
 
-/// The writer thread: waits for a line, lets the batch gather for
-/// [`BATCH_WINDOW`], formats and writes it, and flushes whenever the
-/// channel runs empty. Ends when every sender is gone.
-///
-/// Each message is handled where it was received, by reference: an
-/// [`Entry`] is about 330 bytes, and moving it from one binding to the next
-/// (`Option`, `take`, the match) cost a `memcpy` each, about 650
-/// instructions a line in all (callgrind).
-fn writer(rx: Receiver<Msg>, mut sink: Sink, format: AccessLogFormat) {
-    let mut line = Vec::with_capacity(512);
-    let mut failed = false;
-    while let Ok(mut msg) = rx.recv() {
-        // While this thread sleeps here no receiver waits on the channel,
-        // so the request path's `try_send` wakes nobody (no syscall).
-        std::thread::sleep(BATCH_WINDOW);
-        loop {
-            match &msg {
-                Msg::Line(e) => {
-                    line.clear();
-                    match format {
-                        AccessLogFormat::Combined => combined(&mut line, e),
-                        AccessLogFormat::Json => json(&mut line, e),
-                    }
-                    line.push(b'\n');
-                    match sink.write(&line) {
-                        Ok(()) => failed = false,
-                        Err(e) if !failed => {
-                            failed = true;
-                            tracing::error!(error = %e, "access log: write failed");
-                        }
-                        Err(_) => {}
-                    }
+    fn reopen(&mut self) {
+        if let Sink::File { path, out } = self {
+            let _ = out.flush();
+            match open(path) {
+                Ok(f) => {
+                    *out = BufWriter::with_capacity(BUFFER, f);
+                    tracing::info!(path = %path.display(), "access log reopened");
                 }
-                Msg::Reopen => {
-                    if let Sink::File { path, out } = &mut sink {
-                        let _ = out.flush();
-                        match open(path) {
-                            Ok(f) => {
-                                *out = BufWriter::with_capacity(BUFFER, f);
-                                tracing::info!(path = %path.display(), "access log reopened");
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "access log: reopen failed; writing on to the old file")
-                            }
-                        }
-                    }
+                Err(e) => {
+                    tracing::error!(error = %e, "access log: reopen failed; writing on to the old file")
                 }
-                Msg::Flush(done) => {
-                    let _ = sink.flush();
-                    let _ = done.send(());
-                }
-            }
-            match rx.try_recv() {
-                Ok(next) => msg = next,
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = sink.flush() {
-            if !failed {
-                failed = true;
-                tracing::error!(error = %e, "access log: write failed");
             }
         }
     }
-    let _ = sink.flush();
+}
+
+/// The writer thread: waits for a first line (or a reopen or a flush),
+/// lets the batch gather for [`BATCH_WINDOW`], takes it whole, writes it
+/// and flushes. Ends when every [`AccessLog`] is gone and all is written.
+fn writer(shared: &Shared, mut sink: Sink) {
+    let mut batch = Vec::with_capacity(BUFFER);
+    let mut failed = false;
+    loop {
+        let mut st = shared.lock();
+        while st.lines == 0
+            && st.reopen_at.is_none()
+            && st.flushes_asked == st.flushes_done
+            && !st.closed
+        {
+            st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.lines > 0 && st.flushes_asked == st.flushes_done && !st.closed {
+            // While this thread sleeps the request path only appends: the
+            // first line of the batch woke it, the others wake nobody.
+            drop(st);
+            std::thread::sleep(BATCH_WINDOW);
+            st = shared.lock();
+        }
+        batch.clear();
+        std::mem::swap(&mut batch, &mut st.batch);
+        st.lines = 0;
+        let reopen_at = st.reopen_at.take();
+        let flushes = st.flushes_asked;
+        let closed = st.closed;
+        drop(st);
+
+        let (before, after) = batch.split_at(reopen_at.unwrap_or(batch.len()));
+        let mut wrote = sink.write(before).and_then(|()| sink.flush());
+        if reopen_at.is_some() {
+            sink.reopen();
+            wrote = wrote.and(sink.write(after).and_then(|()| sink.flush()));
+        }
+        match wrote {
+            Ok(()) => failed = false,
+            Err(e) if !failed => {
+                failed = true;
+                tracing::error!(error = %e, "access log: write failed");
+            }
+            Err(_) => {}
+        }
+        if flushes > 0 {
+            let mut st = shared.lock();
+            if st.flushes_done < flushes {
+                st.flushes_done = flushes;
+                shared.written.notify_all();
+            }
+        }
+        if closed && shared.lock().lines == 0 {
+            return;
+        }
+    }
 }
 
 /// The path of the request target without its query.
@@ -453,8 +527,8 @@ pub fn json(out: &mut Vec<u8>, e: &Entry) {
         "http_referer": text(&e.referer, true),
         "http_user_agent": text(&e.user_agent, false),
         "request_time": (e.duration.as_secs_f64() * 1e6).round() / 1e6,
-        "route": e.route.as_deref(),
-        "upstream": e.upstream.as_deref(),
+        "route": e.route,
+        "upstream": e.upstream,
         "upstream_ms": e.upstream_time.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
         "session_id": e.session_id.map(|id| String::from_utf8_lossy(&id).into_owned()),
     });
@@ -465,7 +539,7 @@ pub fn json(out: &mut Vec<u8>, e: &Entry) {
 mod tests {
     use super::*;
 
-    fn entry() -> Entry {
+    fn entry() -> Entry<'static> {
         Entry {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_254_707),
             client: "::ffff:10.1.2.3".parse().unwrap(),
@@ -477,8 +551,8 @@ mod tests {
             referer: Some(HeaderValue::from_static("https://shop.test/list?sid=abc")),
             user_agent: Some(HeaderValue::from_static("curl/8.0 \"quoted\"")),
             duration: Duration::from_micros(1_250),
-            route: Some("app".into()),
-            upstream: Some("http://127.0.0.1:9000".into()),
+            route: Some("app"),
+            upstream: Some("http://127.0.0.1:9000"),
             upstream_time: Some(Duration::from_micros(900)),
             session_id: Some(*b"0123456789abcdef0123456789abcdef"),
         }
@@ -570,18 +644,71 @@ mod tests {
     }
 
     #[test]
-    fn a_full_channel_drops_and_counts() {
+    fn a_full_batch_drops_and_counts() {
         let dropped = Counter::default();
-        // No writer: a channel of one that nobody reads.
-        let (tx, _rx) = mpsc::sync_channel(1);
+        // No writer: a batch of one line that nobody takes.
+        let shared = Arc::new(Shared::new(1));
         let log = AccessLog {
-            tx: Some(tx),
+            handle: Some(Arc::new(Handle {
+                shared: shared.clone(),
+                format: AccessLogFormat::Combined,
+            })),
             dropped: dropped.clone(),
         };
         for _ in 0..5 {
-            log.log(entry());
+            log.log(&entry());
         }
         assert_eq!(dropped.get(), 4);
+        let st = shared.lock();
+        assert_eq!(st.lines, 1);
+        let mut want = Vec::new();
+        combined(&mut want, &entry());
+        want.push(b'\n');
+        assert_eq!(st.batch, want, "the one line kept, whole");
+    }
+
+    #[test]
+    fn lines_from_many_threads_are_written_whole_and_a_flush_waits_for_them() {
+        let dir = std::env::temp_dir().join(format!("sg-access-many-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::start(
+            &AccessLogTarget::File(path.clone()),
+            AccessLogFormat::Combined,
+            Counter::default(),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        log.log(&entry());
+                    }
+                });
+            }
+        });
+        log.flush();
+        let mut want = Vec::new();
+        combined(&mut want, &entry());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2000);
+        assert!(
+            text.lines().all(|l| l.as_bytes() == want),
+            "a line was torn"
+        );
+        // The last handle gone, the writer writes what is left and ends
+        // (nothing to wait on but the file).
+        log.log(&entry());
+        drop(log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&path).unwrap().lines().count() < 2001 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last line was lost"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -595,13 +722,13 @@ mod tests {
             Counter::default(),
         )
         .unwrap();
-        log.log(entry());
+        log.log(&entry());
         log.flush();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         let rotated = dir.join("access.log.1");
         std::fs::rename(&path, &rotated).unwrap();
         log.reopen();
-        log.log(entry());
+        log.log(&entry());
         log.flush();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         assert_eq!(

@@ -374,7 +374,7 @@ impl Proxy {
             if let Some((time, client, method, target, version, referer, user_agent)) = access {
                 use http_body::Body as _;
                 let upstream = conn.note.upstream.load(Ordering::Relaxed).checked_sub(1);
-                self.access_log.log(Entry {
+                self.access_log.log(&Entry {
                     time,
                     client,
                     method,
@@ -385,10 +385,11 @@ impl Proxy {
                     referer,
                     user_agent,
                     duration: took,
-                    route: ops.map(|o| o.name.clone()),
+                    route: ops.map(|o| &*o.name),
                     upstream: ops
                         .zip(upstream)
-                        .and_then(|(o, i)| o.upstreams.get(i).cloned()),
+                        .and_then(|(o, i)| o.upstreams.get(i))
+                        .map(|u| &**u),
                     upstream_time: upstream.map(|_| {
                         Duration::from_nanos(conn.note.upstream_ns.load(Ordering::Relaxed))
                     }),
