@@ -352,7 +352,9 @@ impl Proxy {
                     req.method().clone(),
                     req.uri().path_and_query().cloned(),
                     req.version(),
-                    h.get(header::REFERER).cloned(),
+                    headers::has(h, &header::REFERER)
+                        .then(|| h.get(header::REFERER).cloned())
+                        .flatten(),
                     h.get(header::USER_AGENT).cloned(),
                 )
             });
@@ -515,7 +517,9 @@ impl Proxy {
             _ => {}
         }
         headers::check_transfer_coding(&parts.headers).map_err(ProxyError::TransferCoding)?;
-        if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let first_host = hosts.next();
+        if hosts.next().is_some() {
             return Err(ProxyError::MultipleHosts);
         }
         // The authority of the request target (HTTP/2 :authority, or an
@@ -525,7 +529,7 @@ impl Proxy {
                 headers::check_host(a.as_str().as_bytes()).map_err(ProxyError::InvalidHost)?;
                 Some(HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::InvalidTarget)?)
             }
-            None => match parts.headers.get(header::HOST) {
+            None => match first_host {
                 Some(h) => {
                     headers::check_host(h.as_bytes()).map_err(ProxyError::InvalidHost)?;
                     Some(h.clone())
@@ -1193,7 +1197,9 @@ impl Proxy {
                         );
                         route.mark_up(i);
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                        let proto = resp.headers().get(header::UPGRADE).cloned();
+                        let proto = switching
+                            .then(|| resp.headers().get(header::UPGRADE).cloned())
+                            .flatten();
                         headers::remove_hop_by_hop(resp.headers_mut());
                         if switching {
                             // Only to a WebSocket upgrade, and only into one.
@@ -1341,6 +1347,9 @@ const NEXT_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERI
     .remove(b'/');
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
+    if !headers::has(h, &header::CONTENT_LENGTH) {
+        return None;
+    }
     h.get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
@@ -1368,6 +1377,9 @@ fn join_cookies(h: &mut HeaderMap) {
 
 /// A `Set-Cookie` from the upstream for the session cookie is dropped.
 fn drop_session_set_cookies(h: &mut HeaderMap, name: &str) {
+    if !headers::has(h, &header::SET_COOKIE) {
+        return;
+    }
     if !h
         .get_all(header::SET_COOKIE)
         .iter()

@@ -369,7 +369,7 @@ impl Pool {
         host: &HeaderValue,
         added: &Added,
     ) -> Result<Response<PooledBody>, SendError> {
-        if parts.headers.contains_key(http::header::UPGRADE) {
+        if super::headers::has(&parts.headers, &http::header::UPGRADE) {
             let mut req = Request::from_parts(parts.clone(), body);
             *req.uri_mut() = http::Uri::from(target.clone());
             req.headers_mut().insert(http::header::HOST, host.clone());
