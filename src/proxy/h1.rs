@@ -145,7 +145,7 @@ pub struct Head {
 }
 
 /// Where a field sits in the head's bytes.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Span {
     name: (u32, u32),
     value: (u32, u32),
@@ -156,7 +156,9 @@ struct Span {
 pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut spans = [Span::default(); MAX_HEADERS];
+    // Filled up to the head's count, never zeroed whole (an array would
+    // be 1.6 KB cleared for every response).
+    let mut spans: smallvec::SmallVec<[Span; MAX_HEADERS]> = smallvec::SmallVec::new();
     let mut r = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut r, buf, &mut slots);
@@ -183,12 +185,10 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
     let count = r.headers.len();
-    for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
-        *span = Span {
-            name: at(h.name.as_bytes()),
-            value: at(h.value),
-        };
-    }
+    spans.extend(r.headers.iter().map(|h| Span {
+        name: at(h.name.as_bytes()),
+        value: at(h.value),
+    }));
     let bytes = buf.split_to(len).freeze();
     let slice = |(at, len): (u32, u32)| &bytes[at as usize..(at + len) as usize];
 
@@ -206,7 +206,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     // elements are allowed, RFC 9110 5.6.1), and whether the only one is
     // chunked.
     let mut codings = 0usize;
-    for span in &spans[..count] {
+    for span in &spans {
         let name = HeaderName::from_bytes(slice(span.name))
             .map_err(|_| ProtocolError::Head(httparse::Error::HeaderName))?;
         let raw = slice(span.value);
@@ -271,7 +271,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
             return Err(ProtocolError::TransferEncodingInHttp10);
         }
         if codings > 1 || !head.chunked {
-            return Err(transfer_coding_error(&bytes, &spans[..count]));
+            return Err(transfer_coding_error(&bytes, &spans));
         }
     }
     Ok(Some(head))
