@@ -19,10 +19,16 @@
 # Scenarios: the session=false route, the read path (live session cookie,
 # no write), the write path (the backend sends X-Session-Update on /write).
 #
+# The baseline, last: nginx's plain proxy_pass (one worker, master_process
+# off, access_log off, keepalive to the same backend) under callgrind in the
+# same way, when nginx is installed (NGINX=0 skips it). nginx does less: no
+# session, no access log, no metrics.
+#
 # Needs valgrind, h2load (Debian: nghttp2-client) and curl.
 # Environment: N (requests, default 20000), KEEP=1 keeps the callgrind
 # files and logs, CARGO_TARGET_DIR as for cargo, BIN (a sessiongate binary
-# to measure instead of building one).
+# to measure instead of building one), NGINX (1 by default when nginx is
+# installed).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -120,13 +126,16 @@ COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_SG/write" |
 }
 
 # measure label path [cookie] -> "label instructions/request"
+# (of the process under callgrind: VG, listening on PORT, dumping to CG)
 dumps=0
+PORT=$P_SG
+CG="$WORK/cg.out"
 measure() {
     local label=$1 path=$2 cookie=${3:-}
-    h2load --h1 -n 2000 -c 16 ${cookie:+-H "cookie: $cookie"} "http://127.0.0.1:$P_SG$path" >/dev/null
+    h2load --h1 -n 2000 -c 16 ${cookie:+-H "cookie: $cookie"} "http://127.0.0.1:$PORT$path" >/dev/null
     callgrind_control -z "$VG" >/dev/null 2>&1
     local out
-    out=$(h2load --h1 -n "$N" -c 16 ${cookie:+-H "cookie: $cookie"} "http://127.0.0.1:$P_SG$path")
+    out=$(h2load --h1 -n "$N" -c 16 ${cookie:+-H "cookie: $cookie"} "http://127.0.0.1:$PORT$path")
     grep -q "^requests: $N total, $N started, $N done, $N succeeded" <<<"$out" || {
         echo "h2load: not every request succeeded on $path:" >&2
         echo "$out" >&2
@@ -134,7 +143,7 @@ measure() {
     }
     callgrind_control -d "$VG" >/dev/null 2>&1
     dumps=$((dumps + 1))
-    local f="$WORK/cg.out.$dumps" total
+    local f="$CG.$dumps" total
     for _ in $(seq 100); do [[ -s $f ]] && break; sleep 0.1; done
     total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     [[ -n $total ]] || {
@@ -152,3 +161,51 @@ echo "| --- | --- | ---: |"
 measure "session=false route" /static/
 measure "read path (live session)" / "$COOKIE"
 measure "write path (X-Session-Update every request)" /write "$COOKIE"
+
+NGINX=${NGINX:-$(command -v nginx >/dev/null && echo 1 || echo 0)}
+if [[ $NGINX == 1 ]]; then
+    P_NGINX=$(port)
+    mkdir -p "$WORK/nginx"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $WORK/nginx/error.log;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    upstream backend { server 127.0.0.1:$P_BACKEND; keepalive 64; }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-nginx.out" \
+        nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+    VG=$!
+    PIDS+=("$VG")
+    up=0
+    for _ in $(seq 300); do
+        if curl -s -o /dev/null "http://127.0.0.1:$P_NGINX/"; then
+            up=1
+            break
+        fi
+        kill -0 "$VG" 2>/dev/null || break
+        sleep 0.1
+    done
+    ((up)) || {
+        echo "nginx did not start under valgrind:" >&2
+        tail -20 "$WORK/nginx.log" >&2
+        exit 1
+    }
+    PORT=$P_NGINX
+    CG="$WORK/cg-nginx.out"
+    dumps=0
+    measure "baseline: nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///') proxy_pass, access_log off" /
+fi
