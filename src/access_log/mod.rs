@@ -370,15 +370,24 @@ fn without_query(v: &[u8]) -> &[u8] {
     }
 }
 
-/// Bytes as nginx escapes them in a log line: `"`, `\` and anything not
-/// printable ASCII as `\xHH`. The runs between are copied whole.
+/// The bytes nginx escapes in a log line: `"`, `\` and anything not
+/// printable ASCII. A table: one lookup a byte.
+static ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = b < 0x20 || b >= 0x7f || b == b'"' as usize || b == b'\\' as usize;
+        b += 1;
+    }
+    t
+};
+
+/// Bytes as nginx escapes them in a log line ([`ESCAPE`]) as `\xHH`. The
+/// runs between are copied whole.
 fn escaped(out: &mut Vec<u8>, v: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut rest = v;
-    while let Some(i) = rest
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
-    {
+    while let Some(i) = rest.iter().position(|&b| ESCAPE[usize::from(b)]) {
         out.extend_from_slice(&rest[..i]);
         let b = rest[i];
         out.extend_from_slice(&[
@@ -413,11 +422,15 @@ fn push_time_local(out: &mut Vec<u8>, t: SystemTime) {
         static LAST: std::cell::RefCell<(i64, String)> =
             const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
-    let t = time::OffsetDateTime::from(t);
-    let secs = t.unix_timestamp();
+    // The second, without the calendar (a time before 1970 is never cached).
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok());
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        if last.0 != secs {
+        if secs.is_none() || last.0 != secs.unwrap_or(i64::MIN) {
+            let t = time::OffsetDateTime::from(t);
             last.1 = format!(
                 "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
                 t.day(),
@@ -427,7 +440,7 @@ fn push_time_local(out: &mut Vec<u8>, t: SystemTime) {
                 t.minute(),
                 t.second()
             );
-            last.0 = secs;
+            last.0 = secs.unwrap_or(i64::MIN);
         }
         out.extend_from_slice(last.1.as_bytes());
     })
@@ -607,6 +620,36 @@ mod tests {
             escaped(&mut out, raw);
             assert_eq!(String::from_utf8(out).unwrap(), text);
         }
+    }
+
+    #[test]
+    fn every_byte_is_escaped_as_nginx_does_and_the_time_follows_the_second() {
+        for b in 0..=255u8 {
+            let mut out = Vec::new();
+            escaped(&mut out, &[b'a', b, b'z']);
+            let plain = (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
+            let want = match plain {
+                true => vec![b'a', b, b'z'],
+                false => format!("a\\x{b:02X}z").into_bytes(),
+            };
+            assert_eq!(out, want, "{b:#x}");
+        }
+        let at = |secs: u64| {
+            let mut out = Vec::new();
+            push_time_local(&mut out, SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+            String::from_utf8(out).unwrap()
+        };
+        // One thread's cache, as the request path uses it: the same second,
+        // the next one, a minute later, then back.
+        assert_eq!(at(1_796_254_707), "02/Dec/2026:23:38:27 +0000");
+        assert_eq!(at(1_796_254_707), "02/Dec/2026:23:38:27 +0000");
+        assert_eq!(at(1_796_254_708), "02/Dec/2026:23:38:28 +0000");
+        assert_eq!(at(1_796_254_768), "02/Dec/2026:23:39:28 +0000");
+        assert_eq!(at(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(at(1_796_254_707), "02/Dec/2026:23:38:27 +0000");
+        let mut out = Vec::new();
+        push_time_local(&mut out, SystemTime::UNIX_EPOCH - Duration::from_secs(1));
+        assert_eq!(out, b"31/Dec/1969:23:59:59 +0000");
     }
 
     #[test]
