@@ -104,20 +104,19 @@ SESSIONGATE_WORKERS=1 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.o
 VG=$!
 PIDS+=("$VG")
 
-up=0
-for _ in $(seq 300); do
-    if curl -s -o /dev/null "http://127.0.0.1:$P_SG/static/"; then
-        up=1
-        break
-    fi
-    kill -0 "$VG" 2>/dev/null || break
-    sleep 0.1
-done
-((up)) || {
-    echo "sessiongate did not start under valgrind:" >&2
-    tail -20 "$WORK/sg.log" >&2
+# wait_up name url log: waits for the server under valgrind (VG) to answer.
+wait_up() {
+    local _
+    for _ in $(seq 300); do
+        curl -s -o /dev/null "$2" && return 0
+        kill -0 "$VG" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "$1 did not start under valgrind:" >&2
+    tail -20 "$3" >&2
     exit 1
 }
+wait_up sessiongate "http://127.0.0.1:$P_SG/static/" "$WORK/sg.log"
 COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_SG/write" |
     tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(sessionid=[a-z0-9]\{32\}\);.*/\1/p' | head -1)
 [[ -n $COOKIE ]] || {
@@ -190,20 +189,7 @@ EOF
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
     VG=$!
     PIDS+=("$VG")
-    up=0
-    for _ in $(seq 300); do
-        if curl -s -o /dev/null "http://127.0.0.1:$P_NGINX/"; then
-            up=1
-            break
-        fi
-        kill -0 "$VG" 2>/dev/null || break
-        sleep 0.1
-    done
-    ((up)) || {
-        echo "nginx did not start under valgrind:" >&2
-        tail -20 "$WORK/nginx.log" >&2
-        exit 1
-    }
+    wait_up nginx "http://127.0.0.1:$P_NGINX/" "$WORK/nginx.log"
     PORT=$P_NGINX
     CG="$WORK/cg-nginx.out"
     dumps=0

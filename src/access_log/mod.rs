@@ -686,6 +686,21 @@ mod tests {
         assert!(!String::from_utf8_lossy(&out).contains("secret"));
     }
 
+    /// An access log writing combined lines to `access.log` in a new
+    /// directory of its own: (the directory, the file, the log).
+    fn file_log(tag: &str) -> (PathBuf, PathBuf, AccessLog) {
+        let dir = std::env::temp_dir().join(format!("{tag}{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::start(
+            &AccessLogTarget::File(path.clone()),
+            AccessLogFormat::Combined,
+            Counter::default(),
+        )
+        .unwrap();
+        (dir, path, log)
+    }
+
     #[test]
     fn a_full_batch_drops_and_counts() {
         let dropped = Counter::default();
@@ -712,15 +727,7 @@ mod tests {
 
     #[test]
     fn lines_from_many_threads_are_written_whole_and_a_flush_waits_for_them() {
-        let dir = std::env::temp_dir().join(format!("sg-access-many-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("access.log");
-        let log = AccessLog::start(
-            &AccessLogTarget::File(path.clone()),
-            AccessLogFormat::Combined,
-            Counter::default(),
-        )
-        .unwrap();
+        let (dir, path, log) = file_log("sg-access-many-");
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
@@ -756,15 +763,7 @@ mod tests {
 
     #[test]
     fn a_file_is_written_and_reopened() {
-        let dir = std::env::temp_dir().join(format!("sg-access-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("access.log");
-        let log = AccessLog::start(
-            &AccessLogTarget::File(path.clone()),
-            AccessLogFormat::Combined,
-            Counter::default(),
-        )
-        .unwrap();
+        let (dir, path, log) = file_log("sg-access-");
         log.log(&entry());
         log.flush();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
