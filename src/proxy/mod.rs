@@ -1361,7 +1361,8 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// HTTP/2 clients may split cookies over several headers; an HTTP/1.1
 /// upstream expects one (RFC 9113 8.2.3).
 fn join_cookies(h: &mut HeaderMap) {
-    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+    // No name repeated (the usual case): no second Cookie, and no lookup.
+    if h.len() == h.keys_len() || h.get_all(header::COOKIE).iter().nth(1).is_none() {
         return;
     }
     let joined: Vec<u8> = h

@@ -18,6 +18,25 @@ fn trim(mut b: &[u8]) -> &[u8] {
     b
 }
 
+/// The `;`-separated pairs of a `Cookie` value, as `split` would give them
+/// (empty ones included), each separator found by `memchr`.
+fn pairs(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(v);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        Some(match memchr::memchr(b';', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                &r[..i]
+            }
+            None => {
+                rest = None;
+                r
+            }
+        })
+    })
+}
+
 /// The value of `pair` when it is the cookie called `name`.
 fn value_of<'a>(pair: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let pair = trim(pair);
@@ -36,36 +55,37 @@ pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers
         .get_all(COOKIE)
         .iter()
-        .flat_map(|h| h.as_bytes().split(|&b| b == b';'))
+        .flat_map(|h| pairs(h.as_bytes()))
         .find_map(|pair| value_of(pair, name))
 }
 
 /// Removes every cookie called `name` from the `Cookie` headers, keeping
 /// the others byte for byte. A header left empty is dropped.
 pub fn strip(headers: &mut HeaderMap, name: &str) {
-    let has = |v: &HeaderValue| {
-        v.as_bytes()
-            .split(|&b| b == b';')
-            .any(|p| value_of(p, name).is_some())
-    };
-    let mut all = headers.get_all(COOKIE).iter();
-    if let (Some(only), None) = (all.next(), all.next()) {
-        // The usual case: one Cookie header.
-        if !has(only) {
+    let has = |v: &HeaderValue| presence(v.as_bytes(), name).0;
+    if headers.len() == headers.keys_len() {
+        // No name is repeated, so there is at most one Cookie header (the
+        // usual case). Not `entry`: it makes room for a new field first, and
+        // a map built to its head's size grows (reallocates) for it.
+        let Some(only) = headers.get(COOKIE) else {
             return;
-        }
-        if !only.as_bytes().contains(&b';') {
-            // The session cookie is the only one: nothing to copy.
-            headers.remove(COOKIE);
-            return;
-        }
-        let kept = without(only, name);
-        match kept.is_empty() {
-            true => headers.remove(COOKIE),
-            false => HeaderValue::from_bytes(&kept)
-                .ok()
-                .and_then(|v| headers.insert(COOKIE, v)),
         };
+        match presence(only.as_bytes(), name) {
+            (false, _) => {}
+            (true, false) => {
+                headers.remove(COOKIE);
+            }
+            (true, true) => match HeaderValue::from_bytes(&without(only, name)) {
+                Ok(kept) => {
+                    if let Some(v) = headers.get_mut(COOKIE) {
+                        *v = kept;
+                    }
+                }
+                Err(_) => {
+                    headers.remove(COOKIE);
+                }
+            },
+        }
         return;
     }
     if !headers.get_all(COOKIE).iter().any(has) {
@@ -87,12 +107,24 @@ pub fn strip(headers: &mut HeaderMap, name: &str) {
     }
 }
 
+/// Whether the `Cookie` value `v` holds the cookie called `name`, and
+/// whether it holds any other cookie.
+fn presence(v: &[u8], name: &str) -> (bool, bool) {
+    let (mut found, mut other) = (false, false);
+    for pair in pairs(v) {
+        if value_of(pair, name).is_some() {
+            found = true;
+        } else if !trim(pair).is_empty() {
+            other = true;
+        }
+    }
+    (found, other)
+}
+
 /// The cookies of one `Cookie` value other than `name`, joined by "; ".
 fn without(v: &HeaderValue, name: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    for p in v
-        .as_bytes()
-        .split(|&b| b == b';')
+    for p in pairs(v.as_bytes())
         .map(trim)
         .filter(|p| !p.is_empty() && value_of(p, name).is_none())
     {
@@ -264,6 +296,54 @@ mod tests {
         let mut h = headers(&["sessionidx=k"]);
         strip(&mut h, "sessionid");
         assert_eq!(h.get(COOKIE).unwrap(), "sessionidx=k", "another name kept");
+    }
+
+    #[test]
+    fn pairs_are_what_split_gives() {
+        for v in [
+            "",
+            ";",
+            ";;",
+            "a",
+            "a=1",
+            "a=1;",
+            ";a=1",
+            "a=1; b=2",
+            "a=1;;b=2; ",
+            "a=1; b=\"x;y\"",
+            " sessionid=k ; c",
+        ] {
+            let want: Vec<&[u8]> = v.as_bytes().split(|&b| b == b';').collect();
+            assert_eq!(pairs(v.as_bytes()).collect::<Vec<_>>(), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn strip_one_cookie_header_with_and_without_repeated_names() {
+        for repeated in [false, true] {
+            for (cookie, want) in [
+                ("a=1; sessionid=k; b=2", Some("a=1; b=2")),
+                ("sessionid=k;", None),
+                (" ; sessionid=k; ;", None),
+                ("sessionid=k; sessionid=j; c=3", Some("c=3")),
+                ("a=1;b=2", Some("a=1;b=2")),
+            ] {
+                let mut h = headers(&[cookie]);
+                if repeated {
+                    // Another name with two values: the general path.
+                    h.append("accept", HeaderValue::from_static("a"));
+                    h.append("accept", HeaderValue::from_static("b"));
+                }
+                strip(&mut h, "sessionid");
+                let got: Vec<_> = h.get_all(COOKIE).iter().collect();
+                assert_eq!(
+                    got.iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>(),
+                    want.into_iter().collect::<Vec<_>>(),
+                    "{cookie:?}, repeated names: {repeated}"
+                );
+                assert_eq!(h.get_all("accept").iter().count(), 2 * repeated as usize);
+            }
+        }
     }
 
     #[test]
