@@ -121,11 +121,15 @@ impl SessionKey {
 
     /// [`SessionKey::parse`] on raw cookie bytes.
     pub fn parse_bytes(b: &[u8]) -> Option<SessionKey> {
-        if b.len() != KEY_LEN
-            || !b
-                .iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        {
+        if b.len() != KEY_LEN {
+            return None;
+        }
+        // No early exit, so the check runs over whole vectors of bytes (it
+        // runs on every request that presents a cookie).
+        let valid = b.iter().fold(true, |ok, c| {
+            ok & (c.is_ascii_lowercase() | c.is_ascii_digit())
+        });
+        if !valid {
             return None;
         }
         let mut out = [0u8; KEY_LEN];
@@ -237,6 +241,23 @@ mod tests {
         assert!(SessionKey::parse(&"a".repeat(33)).is_none());
         assert!(SessionKey::parse(&format!("{}-", "a".repeat(31))).is_none());
         assert!(SessionKey::parse(&"a".repeat(32)).is_some());
+    }
+
+    #[test]
+    fn parse_bytes_takes_exactly_lowercase_letters_and_digits_at_every_place() {
+        let good = SessionKey::generate();
+        for at in [0, 1, 15, 16, 31] {
+            for byte in 0..=255u8 {
+                let mut b = *good.as_bytes();
+                b[at] = byte;
+                let want = byte.is_ascii_lowercase() || byte.is_ascii_digit();
+                assert_eq!(
+                    SessionKey::parse_bytes(&b).is_some(),
+                    want,
+                    "byte {byte:#04x} at {at}"
+                );
+            }
+        }
     }
 
     #[test]
