@@ -429,7 +429,8 @@ fn push_time_local(out: &mut Vec<u8>, t: SystemTime) {
         .and_then(|d| i64::try_from(d.as_secs()).ok());
     LAST.with(|last| {
         let mut last = last.borrow_mut();
-        if secs.is_none() || last.0 != secs.unwrap_or(i64::MIN) {
+        // Never equal for a time before 1970 (`secs` is None).
+        if secs != Some(last.0) {
             let t = time::OffsetDateTime::from(t);
             last.1 = format!(
                 "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
