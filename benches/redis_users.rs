@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use sessiongate::session::{Clock, Expiry, Patch, Policy, Record, SessionKey};
+use sessiongate::session::{Clock, Expiry, Patch, Policy, Record, SessionKey, Stamp};
 use sessiongate::store::{Applied, RedisStore, Store, WriteCtx};
 
 const POLICY: Policy = Policy {
@@ -39,6 +39,7 @@ fn record(data: String) -> Record {
         created: t,
         modified: t,
         expires_at: t + 3_600_000,
+        stamp: Stamp::NONE,
     }
 }
 

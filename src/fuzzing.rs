@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::proxy::h1::{self, ChunkedDecoder, Decoded, Framing, ProtocolError};
 use crate::proxy::path;
-use crate::session::{cookie, json, Expiry, Patch, Record, SessionKey};
+use crate::session::{cookie, json, Expiry, Patch, Record, SessionKey, Stamp};
 use crate::store::signed::{self, SignedCookies};
 
 /// Cuts `data` into pieces whose lengths cycle through `sizes` (each at
@@ -615,6 +615,7 @@ pub fn signed_cookie(data: &[u8]) {
         created: word(0),
         modified: word(1),
         expires_at: word(2),
+        stamp: Stamp::NONE,
     };
     let now = word(2).wrapping_sub(1 + i64::from(flags & 0x40 != 0) * 7);
     let encoded = sc.encode(&key, &record);

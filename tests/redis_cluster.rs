@@ -43,8 +43,43 @@ async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_mi
     }
 
     spread_over_every_primary(&cluster).await;
+    a_write_reads_the_session_once(&cluster).await;
     slot_migration_under_a_client_loop(&cluster).await;
     a_hung_node_gives_503_then_recovers(&cluster).await;
+}
+
+/// A write on Cluster reads the session once, as on one server: the load's
+/// `HMGET`, then the compare-and-set from what it loaded (counted over the
+/// three nodes).
+async fn a_write_reads_the_session_once(cluster: &ClusterSet) {
+    let (up, _) = echo(None).await;
+    let a = Instance::start("redis", &cluster.url(), "5s", &up).await;
+    let k = a.post(None, &[("update", r#"{"n":0}"#)]).await.key();
+    assert_eq!(
+        a.post(Some(&k), &[("update", r#"{"n":0}"#)]).await.status,
+        200
+    );
+    for n in &cluster.nodes {
+        n.reset_stats().await;
+    }
+    for n in 1..=10 {
+        let r = a
+            .post(Some(&k), &[("update", &format!(r#"{{"n":{n}}}"#))])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mut calls = std::collections::BTreeMap::new();
+    for n in &cluster.nodes {
+        for (c, k) in n.session_commands().await {
+            *calls.entry(c).or_insert(0) += k;
+        }
+    }
+    assert_eq!(
+        calls,
+        [("evalsha".to_string(), 10), ("hmget".to_string(), 10)].into(),
+        "10 writes on Cluster"
+    );
+    a.stop().await;
 }
 
 /// `rediss+cluster://:PASSWORD@` three primaries that require the password

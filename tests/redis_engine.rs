@@ -441,3 +441,51 @@ async fn rediss_urls_use_tls_and_verify_the_server() {
     a.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A write reads the session once: the request's load, then the
+/// compare-and-set from what it loaded, not a second `HMGET` before it (one
+/// round trip to Redis fewer). A read is one command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_reads_the_session_from_redis_once() {
+    for (engine, write) in [
+        ("redis", &[("evalsha", 10), ("hmget", 10)][..]),
+        // The load checks the cached copy's version; the write starts from it.
+        ("cached_redis", &[("evalsha", 20)][..]),
+    ] {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let (up, _) = echo(None).await;
+        let a = Instance::start(engine, &redis.url(), "5s", &up).await;
+        let k = a.post(None, &[("update", r#"{"n":0}"#)]).await.key();
+        // Once, so that the scripts are loaded.
+        assert_eq!(
+            a.post(Some(&k), &[("update", r#"{"n":0}"#)]).await.status,
+            200
+        );
+        redis.reset_stats().await;
+        for n in 1..=10 {
+            let r = a
+                .post(Some(&k), &[("update", &format!(r#"{{"n":{n}}}"#))])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        let calls = redis.session_commands().await;
+        let want: std::collections::BTreeMap<String, u64> =
+            write.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        assert_eq!(calls, want, "{engine}: 10 writes");
+        redis.reset_stats().await;
+        for _ in 0..10 {
+            assert_eq!(a.get("/", Some(&k)).await.status, 200);
+        }
+        assert_eq!(seen(&up).0, json!({"n": 10}));
+        let read = if engine == "redis" {
+            "hmget"
+        } else {
+            "evalsha"
+        };
+        let calls = redis.session_commands().await;
+        assert_eq!(calls, [(read.to_string(), 10)].into(), "{engine}: 10 reads");
+        a.stop().await;
+    }
+}

@@ -446,6 +446,78 @@ pub async fn forty_concurrent_disjoint_patches<S: Store>(s: Arc<S>) {
     assert_eq!(got.as_object().unwrap().len(), 41, "{got}");
 }
 
+/// `apply_seen` with the record a request loaded: applied to the newest
+/// state whatever happened since the load, as `apply` is.
+pub async fn a_write_from_a_stale_load_keeps_every_change<S: Store>(s: &S) {
+    // Fresh: the write lands on what was loaded.
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    let seen = s.load(&k, T0 + 1).await.unwrap().unwrap();
+    let got = s
+        .apply_seen(&k, &seen, &update(json!({"b": 2})), ctx(T0 + 2))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&got, Applied::Saved { key, record } if *key == k && data(record) == json!({"a": 1, "b": 2})),
+        "{got:?}"
+    );
+    // Stale: another write landed between the load and this one.
+    let seen = s.load(&k, T0 + 3).await.unwrap().unwrap();
+    s.apply(&k, &update(json!({"c": 3})), ctx(T0 + 4))
+        .await
+        .unwrap();
+    s.apply_seen(&k, &seen, &update(json!({"d": 4})), ctx(T0 + 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        data(&s.load(&k, T0 + 6).await.unwrap().unwrap()),
+        json!({"a": 1, "b": 2, "c": 3, "d": 4}),
+        "neither change lost"
+    );
+    // Stale, and the patch looks like no change against what was loaded
+    // but is one against the newest state.
+    let seen = s.load(&k, T0 + 7).await.unwrap().unwrap();
+    s.apply(&k, &update(json!({"a": 9})), ctx(T0 + 8))
+        .await
+        .unwrap();
+    let got = s
+        .apply_seen(&k, &seen, &update(json!({"a": 1})), ctx(T0 + 9))
+        .await
+        .unwrap();
+    assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
+    assert_eq!(
+        data(&s.load(&k, T0 + 10).await.unwrap().unwrap())["a"],
+        json!(1)
+    );
+    // Cycled away, then deleted, since the load: never written back.
+    let seen = s.load(&k, T0 + 11).await.unwrap().unwrap();
+    let cycle = Patch {
+        cycle: true,
+        ..Patch::default()
+    };
+    let Applied::Saved { key: moved, .. } = s.apply(&k, &cycle, ctx(T0 + 12)).await.unwrap() else {
+        panic!("cycle saves")
+    };
+    assert_eq!(
+        s.apply_seen(&k, &seen, &update(json!({"late": 1})), ctx(T0 + 13))
+            .await
+            .unwrap(),
+        Applied::Missing
+    );
+    assert!(
+        s.load(&k, T0 + 13).await.unwrap().is_none(),
+        "no resurrection"
+    );
+    let seen = s.load(&moved, T0 + 14).await.unwrap().unwrap();
+    s.delete(&moved).await.unwrap();
+    assert_eq!(
+        s.apply_seen(&moved, &seen, &update(json!({"late": 1})), ctx(T0 + 15))
+            .await
+            .unwrap(),
+        Applied::Missing
+    );
+    assert!(s.load(&moved, T0 + 15).await.unwrap().is_none());
+}
+
 pub async fn replace_and_clear<S: Store>(s: &S) {
     let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
     let p = Patch {
@@ -520,6 +592,11 @@ macro_rules! conformance {
             async fn forty_concurrent_disjoint_patches() {
                 let (s, _g) = $ctor().await;
                 super::forty_concurrent_disjoint_patches(Arc::new(s)).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_write_from_a_stale_load_keeps_every_change() {
+                let (s, _g) = $ctor().await;
+                super::a_write_from_a_stale_load_keeps_every_change(&s).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn replace_and_clear() {

@@ -882,6 +882,15 @@ impl Proxy {
                     (Some(_), Some((_, record))) => {
                         crate::store::apply_local(&key, record, &patch, ctx)
                     }
+                    // The record this request loaded: an engine that
+                    // compares and sets need not read it again.
+                    (None, Some((_, seen))) => self
+                        .timed(
+                            StoreOp::Apply,
+                            self.store.apply_seen(&key, seen, &patch, ctx),
+                        )
+                        .await
+                        .map_err(ProxyError::Store)?,
                     _ => self
                         .timed(StoreOp::Apply, self.store.apply(&key, &patch, ctx))
                         .await

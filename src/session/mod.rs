@@ -29,6 +29,29 @@ pub struct Record {
     pub modified: i64,
     /// Server-side end of life, computed at the last write.
     pub expires_at: i64,
+    /// Which stored state this record was read from, for an engine whose
+    /// writes compare and set: not part of the record's value.
+    pub stamp: Stamp,
+}
+
+/// The version of the stored state a record was read from, for an engine
+/// whose writes compare and set (Redis): a request's write can then start
+/// from the record it loaded instead of reading it again, and the
+/// compare-and-set still catches a state that changed since. None
+/// elsewhere, and for a record not read from a store.
+///
+/// A mark, not a value: two records are equal whatever their stamps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stamp(pub Option<u64>);
+
+impl Stamp {
+    pub const NONE: Stamp = Stamp(None);
+}
+
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Stamp) -> bool {
+        true
+    }
 }
 
 /// `session.set_expiry(...)` as stored.
@@ -95,6 +118,7 @@ impl Record {
             created: now,
             modified: now,
             expires_at: now,
+            stamp: Stamp::NONE,
         }
     }
 

@@ -79,7 +79,7 @@ use tokio::sync::oneshot;
 use super::memory::KeyHash;
 use super::{Applied, KeyFilter, Store, StoreError, UserSession, WriteCtx};
 use crate::session::key::KEY_LEN;
-use crate::session::{Expiry, Patch, Record, SessionKey};
+use crate::session::{Expiry, Patch, Record, SessionKey, Stamp};
 
 /// The database file inside the configured directory.
 pub const FILE_NAME: &str = "sessions.redb";
@@ -160,6 +160,7 @@ fn decode(b: &[u8]) -> Result<Record, StoreError> {
         created: header_int(b, 1),
         modified: header_int(b, 2),
         expires_at: header_int(b, 3),
+        stamp: Stamp::NONE,
     })
 }
 
@@ -1523,6 +1524,7 @@ mod tests {
                 created: -1,
                 modified: i64::MAX,
                 expires_at: i64::MIN,
+                stamp: Stamp::NONE,
             };
             assert_eq!(decode(&encode(&r)).unwrap(), r);
         }

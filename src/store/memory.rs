@@ -37,7 +37,7 @@ use bytes::Bytes;
 
 use super::{Applied, KeyFilter, Store, StoreError, UserSession, WriteCtx};
 use crate::session::key::KEY_LEN;
-use crate::session::{Expiry, Patch, Record, SessionKey};
+use crate::session::{Expiry, Patch, Record, SessionKey, Stamp};
 
 /// A stored record, compact: 56 bytes (the expiry is split into a kind
 /// and a value so that the user tag fits in what would be padding).
@@ -93,6 +93,7 @@ impl Slot {
             created: self.created,
             modified: self.modified,
             expires_at: self.expires_at,
+            stamp: Stamp::NONE,
         }
     }
 

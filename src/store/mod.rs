@@ -301,6 +301,23 @@ pub trait Store: Send + Sync + 'static {
         ctx: WriteCtx,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send;
 
+    /// [`Store::apply`] for a request that loaded `seen`, this key's
+    /// record, before it went upstream. An engine whose writes compare and
+    /// set may start from `seen` (its [`Stamp`](crate::session::Stamp))
+    /// instead of reading the session again; the patch is still applied to
+    /// the newest state: a `seen` that has gone stale costs a retry, never
+    /// a lost change.
+    fn apply_seen(
+        &self,
+        key: &SessionKey,
+        seen: &Record,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send {
+        let _ = seen;
+        self.apply(key, patch, ctx)
+    }
+
     /// Deletes the record; deleting an absent key is not an error.
     fn delete(&self, key: &SessionKey) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -506,6 +523,15 @@ impl Store for AnyStore {
         ctx: WriteCtx,
     ) -> Result<Applied, StoreError> {
         dispatch!(self, s => s.apply(key, patch, ctx))
+    }
+    async fn apply_seen(
+        &self,
+        key: &SessionKey,
+        seen: &Record,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> Result<Applied, StoreError> {
+        dispatch!(self, s => s.apply_seen(key, seen, patch, ctx))
     }
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
         dispatch!(self, s => s.delete(key))

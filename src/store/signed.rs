@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, COOKIE};
 use ring::{aead, hmac};
 
-use crate::session::{Expiry, Record, SessionKey};
+use crate::session::{Expiry, Record, SessionKey, Stamp};
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 32 + 8 * 3 + 1 + 8;
@@ -197,6 +197,7 @@ impl SignedCookies {
             created: signed,
             modified: signed,
             expires_at,
+            stamp: Stamp::NONE,
         };
         // The cookie carries no key: a fresh one per request stands in for it
         // (never shown: `X-Session-Id` is empty in this format).
@@ -367,6 +368,7 @@ fn parse_payload(p: &[u8], now: i64) -> Option<(SessionKey, Record)> {
         created,
         modified,
         expires_at,
+        stamp: Stamp::NONE,
     };
     r.is_live(now).then_some((key, r))
 }

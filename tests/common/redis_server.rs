@@ -242,6 +242,33 @@ impl RedisServer {
         cmd.query_async(&mut c).await
     }
 
+    /// `CONFIG RESETSTAT`: [`RedisServer::session_commands`] counts from 0.
+    pub async fn reset_stats(&self) {
+        let _: () = self
+            .query(redis::cmd("CONFIG").arg("RESETSTAT"))
+            .await
+            .unwrap();
+    }
+
+    /// The calls since [`RedisServer::reset_stats`] of the commands that
+    /// read a session or run a script. The commands a script runs count
+    /// too, but the engine's scripts call `HMGET` only when the version
+    /// they were given is not the stored one.
+    pub async fn session_commands(&self) -> std::collections::BTreeMap<String, u64> {
+        let info: String = self
+            .query(redis::cmd("INFO").arg("commandstats"))
+            .await
+            .unwrap();
+        let mut calls = command_calls(&info);
+        calls.retain(|c, _| {
+            matches!(
+                c.as_str(),
+                "hmget" | "hgetall" | "evalsha" | "eval" | "script"
+            )
+        });
+        calls
+    }
+
     /// `redis://[:PASSWORD@]127.0.0.1:PORT` (the plain port, db 0).
     pub fn url(&self) -> String {
         match &self.password {
@@ -781,4 +808,35 @@ impl ClusterSet {
         }
         v
     }
+}
+
+/// `INFO commandstats` as the calls of each command (`client|setinfo`
+/// counts as `client`), without connection setup (`hello`, `client`,
+/// `select`, `auth`, `ping`) and what a test asks (`info`, `config`,
+/// `cluster`).
+pub fn command_calls(info: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut calls = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, stats)) = line
+            .trim()
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let name = name.split('|').next().unwrap_or(name);
+        if matches!(
+            name,
+            "hello" | "client" | "select" | "auth" | "ping" | "info" | "config" | "cluster"
+        ) {
+            continue;
+        }
+        let n: u64 = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no calls in {line:?}"));
+        *calls.entry(name.to_string()).or_insert(0) += n;
+    }
+    calls
 }

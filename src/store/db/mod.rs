@@ -35,7 +35,7 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 use super::{Applied, Store, StoreError, WriteCtx};
 use crate::config::DbUrl;
-use crate::session::{json, Expiry, Patch, Record, SessionKey};
+use crate::session::{json, Expiry, Patch, Record, SessionKey, Stamp};
 
 pub use django::{BadSignature, Signer};
 
@@ -179,6 +179,7 @@ impl Codec {
             created,
             modified,
             expires_at,
+            stamp: Stamp::NONE,
         })
     }
 }

@@ -67,7 +67,7 @@ use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Script, Value};
 
 use super::memory::KeyHash;
 use super::{Applied, Store, StoreError, WriteCtx};
-use crate::session::{Expiry, Patch, Record, SessionKey};
+use crate::session::{Expiry, Patch, Record, SessionKey, Stamp};
 
 mod slots;
 pub mod topology;
@@ -174,6 +174,23 @@ struct Versioned {
     record: Record,
     /// The user index entry the record carries (fields `u` and `x`).
     index: Option<Index>,
+}
+
+impl Versioned {
+    /// The state at `version`, its record stamped with it when it carries
+    /// no index entry (a write from the stamp alone could not know the
+    /// entry: see [`from_seen`]).
+    fn new(version: String, mut record: Record, index: Option<Index>) -> Versioned {
+        record.stamp = match index {
+            None => Stamp(parse_version(&version)),
+            Some(_) => Stamp::NONE,
+        };
+        Versioned {
+            version,
+            record,
+            index,
+        }
+    }
 }
 
 /// A session's place in the user index: the user (field `u`) and the Unix
@@ -357,6 +374,27 @@ fn new_version() -> String {
     format!("{:016x}", u64::from_le_bytes(b))
 }
 
+/// A version as [`new_version`] writes it, as a number (another text: none;
+/// the compare-and-set compares the text).
+fn parse_version(v: &str) -> Option<u64> {
+    (v.len() == 16 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| u64::from_str_radix(v, 16).ok())
+        .flatten()
+}
+
+/// The state a request loaded, as a write may start from it: the record
+/// and its version. Only records stamped by [`parse_state`] qualify, which
+/// carried no index entry at that version (`u` and `x` change only with
+/// `v`), so the entry is known to be none.
+fn from_seen(seen: &Record) -> Option<Versioned> {
+    let v = seen.stamp.0?;
+    Some(Versioned {
+        version: format!("{v:016x}"),
+        record: seen.clone(),
+        index: None,
+    })
+}
+
 /// The `m` field.
 fn encode_meta(r: &Record) -> String {
     let e = match r.expiry {
@@ -391,6 +429,7 @@ fn decode_record(meta: &[u8], data: Vec<u8>) -> Option<Record> {
         created,
         modified,
         expires_at,
+        stamp: Stamp::NONE,
     })
 }
 
@@ -424,11 +463,11 @@ fn parse_state(key: &str, fields: Vec<Value>) -> Option<Versioned> {
     let parsed = (|| {
         let meta = bulk(it.next()?)?;
         let data = bulk(it.next()?)?;
-        Some(Versioned {
-            version: String::from_utf8(version).ok()?,
-            record: decode_record(&meta, data)?,
-            index: parse_index(it.next(), it.next()),
-        })
+        Some(Versioned::new(
+            String::from_utf8(version).ok()?,
+            decode_record(&meta, data)?,
+            parse_index(it.next(), it.next()),
+        ))
     })();
     if parsed.is_none() {
         // The Redis key holds the session key: never logged.
@@ -644,14 +683,17 @@ impl RedisStore {
         &self,
         mut c: Conn,
         key: &SessionKey,
+        seen: Option<&Record>,
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, RedisError> {
         let rkey = redis_key(key);
         // `verified`: the state was read from Redis during this call. A
-        // cached state is good enough to attempt the compare-and-set (which
-        // checks it), but not to decide "unchanged" or "expired" alone.
-        let (mut state, mut verified) = match self.cached(key) {
+        // cached state, or the one the request loaded, is good enough to
+        // attempt the compare-and-set (which checks it), but not to decide
+        // "unchanged" or "expired" alone.
+        let held = self.cached(key).or_else(|| seen.and_then(from_seen));
+        let (mut state, mut verified) = match held {
             Some(s) => (Some(s), false),
             None => (Self::fetch(&mut c, &rkey).await?, true),
         };
@@ -740,18 +782,13 @@ impl RedisStore {
                         srem(&mut c, &old.user, &[*key]).await?;
                     }
                     self.forget(key);
-                    self.remember(
-                        new_key,
-                        Versioned {
-                            version,
-                            record: next.clone(),
-                            index: plan.index,
-                        },
-                        ctx.now,
-                    );
+                    // Stamped with the version just written.
+                    let held = Versioned::new(version, next, plan.index);
+                    let record = held.record.clone();
+                    self.remember(new_key, held, ctx.now);
                     return Ok(Applied::Saved {
                         key: new_key,
-                        record: next,
+                        record,
                     });
                 }
                 redis::cmd("DEL")
@@ -793,19 +830,11 @@ impl RedisStore {
                             }
                         }
                     }
-                    self.remember(
-                        *key,
-                        Versioned {
-                            version,
-                            record: next.clone(),
-                            index: plan.index,
-                        },
-                        ctx.now,
-                    );
-                    return Ok(Applied::Saved {
-                        key: *key,
-                        record: next,
-                    });
+                    // Stamped with the version just written.
+                    let held = Versioned::new(version, next, plan.index);
+                    let record = held.record.clone();
+                    self.remember(*key, held, ctx.now);
+                    return Ok(Applied::Saved { key: *key, record });
                 }
                 Value::Int(0) => {
                     self.forget(key);
@@ -1156,15 +1185,7 @@ impl Store for RedisStore {
                 Ok(key)
             })
             .await?;
-        self.remember(
-            key,
-            Versioned {
-                version,
-                record,
-                index,
-            },
-            now,
-        );
+        self.remember(key, Versioned::new(version, record, index), now);
         Ok(key)
     }
 
@@ -1174,7 +1195,18 @@ impl Store for RedisStore {
         patch: &Patch,
         ctx: WriteCtx,
     ) -> Result<Applied, StoreError> {
-        self.op(false, |c| self.apply_inner(c, key, patch, ctx))
+        self.op(false, |c| self.apply_inner(c, key, None, patch, ctx))
+            .await
+    }
+
+    async fn apply_seen(
+        &self,
+        key: &SessionKey,
+        seen: &Record,
+        patch: &Patch,
+        ctx: WriteCtx,
+    ) -> Result<Applied, StoreError> {
+        self.op(false, |c| self.apply_inner(c, key, Some(seen), patch, ctx))
             .await
     }
 
@@ -1270,6 +1302,7 @@ mod tests {
                 created: 1,
                 modified: 2,
                 expires_at: 3,
+                stamp: Stamp::NONE,
             };
             let back = decode_record(encode_meta(&r).as_bytes(), r.data.to_vec()).unwrap();
             assert_eq!(back, r);
