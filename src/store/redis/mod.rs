@@ -1347,4 +1347,37 @@ mod tests {
         assert_ne!(new_version(), new_version());
         assert_eq!(new_version().len(), 16);
     }
+
+    /// A stamp gives back the version text it was made from, so the
+    /// compare-and-set started from it succeeds; any other text stamps
+    /// nothing (that write reads the session first, as before stamps).
+    #[test]
+    fn a_stamp_holds_its_version_and_only_an_unindexed_state_has_one() {
+        for _ in 0..100 {
+            let v = new_version();
+            let held = Versioned::new(v.clone(), Record::new_at(1), None);
+            assert_eq!(from_seen(&held.record).unwrap().version, v);
+        }
+        let v = "00000000000000ff".to_string();
+        let held = Versioned::new(v.clone(), Record::new_at(1), None);
+        assert_eq!(from_seen(&held.record).unwrap().version, v);
+        for other in [
+            "00000000000000FF",
+            "+0000000000000ff",
+            "ff",
+            "0000000000000000f",
+            "x",
+        ] {
+            assert_eq!(parse_version(other), None, "{other}");
+        }
+        let index = Some(Index {
+            user: "ann".into(),
+            until: 5,
+        });
+        let held = Versioned::new(new_version(), Record::new_at(1), index);
+        assert!(
+            from_seen(&held.record).is_none(),
+            "the entry is not in the record"
+        );
+    }
 }
