@@ -489,3 +489,74 @@ async fn a_write_reads_the_session_from_redis_once() {
         a.stop().await;
     }
 }
+
+/// A write from a loaded record whose session is in a user index reads
+/// nothing more either: the entry's user is derived from the data, and the
+/// compare-and-set checks it against the stored one. Where they differ (the
+/// user key was changed in between), the write is made from the stored
+/// entry, so the session stays in its user's set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_from_a_loaded_record_keeps_the_user_index() {
+    use sessiongate::store::Applied;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let t = Duration::from_secs(5);
+    let open = |user_key: &str| {
+        let url = redis.url();
+        let user_key = user_key.to_string();
+        async move {
+            RedisStore::open(&url, t, false)
+                .await
+                .unwrap()
+                .with_user_key(Some(user_key))
+        }
+    };
+    let by_uid = open("uid").await;
+    let t0 = sessiongate::session::Clock::default().now_ms();
+    let mut r = Record::new_at(t0);
+    r.apply_patch(&update(json!({"uid": "ann", "name": "bob"})), t0, &POLICY);
+    let k = by_uid.create(r).await.unwrap();
+
+    // Same user key: one HMGET (the load) and one script a write (after a
+    // first write, which loads the script).
+    by_uid
+        .apply(&k, &update(json!({"n": 0})), ctx(t0))
+        .await
+        .unwrap();
+    let seen = by_uid.load(&k, t0 + 1).await.unwrap().unwrap();
+    redis.reset_stats().await;
+    let got = by_uid
+        .apply_seen(&k, &seen, &update(json!({"n": 1})), ctx(t0 + 2))
+        .await
+        .unwrap();
+    assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
+    assert_eq!(
+        redis.session_commands().await,
+        [("evalsha".to_string(), 1)].into(),
+        "no HMGET before the script"
+    );
+    let ids =
+        |v: Vec<sessiongate::store::UserSession>| v.into_iter().map(|s| s.key).collect::<Vec<_>>();
+    assert_eq!(ids(by_uid.user_sessions("ann", t0 + 3).await.unwrap()), [k]);
+
+    // Loaded under another user key, whose user ("bob") is not the stored
+    // entry's ("ann"): the script refuses the derived entry, and the write
+    // moves the session to bob's set.
+    let by_name = open("name").await;
+    let seen = by_name.load(&k, t0 + 4).await.unwrap().unwrap();
+    let got = by_name
+        .apply_seen(&k, &seen, &update(json!({"n": 2})), ctx(t0 + 5))
+        .await
+        .unwrap();
+    assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
+    assert_eq!(
+        ids(by_name.user_sessions("bob", t0 + 6).await.unwrap()),
+        [k]
+    );
+    assert!(by_name
+        .user_sessions("ann", t0 + 6)
+        .await
+        .unwrap()
+        .is_empty());
+}

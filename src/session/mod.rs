@@ -42,10 +42,20 @@ pub struct Record {
 ///
 /// A mark, not a value: two records are equal whatever their stamps.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Stamp(pub Option<u64>);
+pub struct Stamp {
+    /// The stored state's version.
+    pub version: Option<u64>,
+    /// With a user index (SPEC 9): until when (Unix ms) the user's index
+    /// set was known to live at that version; 0 when the state carried no
+    /// index entry.
+    pub indexed_until: i64,
+}
 
 impl Stamp {
-    pub const NONE: Stamp = Stamp(None);
+    pub const NONE: Stamp = Stamp {
+        version: None,
+        indexed_until: 0,
+    };
 }
 
 impl PartialEq for Stamp {

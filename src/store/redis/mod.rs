@@ -98,13 +98,17 @@ return 1
 ";
 
 /// Compare-and-set. KEYS: the session. ARGV: expected version, new
-/// version, meta, data, ttl ms, user ('': none), index-until ms. Returns 0
-/// (gone), 1 (written) or {v, m, d, u, x} (the newest state, when the
-/// version differs).
+/// version, meta, data, ttl ms, user ('': none), index-until ms, and '1'
+/// and the expected `u` when the caller's index entry was not read but
+/// derived from the data (a stamp: `from_seen`). Returns 0 (gone), 1
+/// (written) or {v, m, d, u, x} (the newest state, when the version, or
+/// the expected `u`, differs).
 const APPLY_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
-if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x') end
+if v ~= ARGV[1] or (ARGV[8] == '1' and redis.call('HGET', KEYS[1], 'u') ~= ARGV[9]) then
+  return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x')
+end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
 if ARGV[6] == '' then
   redis.call('HDEL', KEYS[1], 'u', 'x')
@@ -174,21 +178,25 @@ struct Versioned {
     record: Record,
     /// The user index entry the record carries (fields `u` and `x`).
     index: Option<Index>,
+    /// The entry's user was derived from the data, not read (a state made
+    /// from a stamp, [`from_seen`]): the compare-and-set checks
+    /// that `u` is that user.
+    derived_user: bool,
 }
 
 impl Versioned {
-    /// The state at `version`, its record stamped with it when it carries
-    /// no index entry (a write from the stamp alone could not know the
-    /// entry: see [`from_seen`]).
+    /// The state at `version` as read or written, its record stamped with
+    /// the version and the index entry's `until`.
     fn new(version: String, mut record: Record, index: Option<Index>) -> Versioned {
-        record.stamp = match index {
-            None => Stamp(parse_version(&version)),
-            Some(_) => Stamp::NONE,
+        record.stamp = Stamp {
+            version: parse_version(&version),
+            indexed_until: index.as_ref().map_or(0, |i| i.until),
         };
         Versioned {
             version,
             record,
             index,
+            derived_user: false,
         }
     }
 }
@@ -382,16 +390,26 @@ fn parse_version(v: &str) -> Option<u64> {
         .flatten()
 }
 
-/// The state a request loaded, as a write may start from it: the record
-/// and its version. Only records stamped by [`parse_state`] qualify, which
-/// carried no index entry at that version (`u` and `x` change only with
-/// `v`), so the entry is known to be none.
-fn from_seen(seen: &Record) -> Option<Versioned> {
-    let v = seen.stamp.0?;
+/// The state a request loaded, as a write may start from it, from its
+/// record's stamp: the version, and the index entry at that version (`u`
+/// and `x` change only with `v`): none, or `until` from the stamp and the
+/// user derived from the data under `user_key`, which the compare-and-set
+/// checks against `u`. `None` (the write reads the session first): no
+/// stamp, or an entry and no user key to derive its user.
+fn from_seen(seen: &Record, user_key: Option<&str>) -> Option<Versioned> {
+    let v = seen.stamp.version?;
+    let index = match seen.stamp.indexed_until {
+        0 => None,
+        until => Some(Index {
+            user: super::user_of(&seen.data, user_key?)?,
+            until,
+        }),
+    };
     Some(Versioned {
         version: format!("{v:016x}"),
         record: seen.clone(),
-        index: None,
+        derived_user: index.is_some(),
+        index,
     })
 }
 
@@ -692,7 +710,9 @@ impl RedisStore {
         // cached state, or the one the request loaded, is good enough to
         // attempt the compare-and-set (which checks it), but not to decide
         // "unchanged" or "expired" alone.
-        let held = self.cached(key).or_else(|| seen.and_then(from_seen));
+        let held = self
+            .cached(key)
+            .or_else(|| seen.and_then(|r| from_seen(r, self.user_key.as_deref())));
         let (mut state, mut verified) = match held {
             Some(s) => (Some(s), false),
             None => (Self::fetch(&mut c, &rkey).await?, true),
@@ -812,6 +832,8 @@ impl RedisStore {
                     .arg(ttl)
                     .arg(u_arg)
                     .arg(x_arg)
+                    .arg(if cur.derived_user { "1" } else { "0" })
+                    .arg(cur.index.as_ref().map_or("", |i| i.user.as_str()))
                     .invoke_async(&mut c)
                     .await?
             };
@@ -1350,17 +1372,21 @@ mod tests {
 
     /// A stamp gives back the version text it was made from, so the
     /// compare-and-set started from it succeeds; any other text stamps
-    /// nothing (that write reads the session first, as before stamps).
+    /// nothing (that write reads the session first, as before stamps). An
+    /// index entry comes back with its `until` and the user of the data,
+    /// marked for the script to check.
     #[test]
-    fn a_stamp_holds_its_version_and_only_an_unindexed_state_has_one() {
+    fn a_stamp_gives_back_the_version_and_the_index_entry() {
         for _ in 0..100 {
             let v = new_version();
             let held = Versioned::new(v.clone(), Record::new_at(1), None);
-            assert_eq!(from_seen(&held.record).unwrap().version, v);
+            let back = from_seen(&held.record, None).unwrap();
+            assert_eq!(back.version, v);
+            assert_eq!((back.index, back.derived_user), (None, false));
         }
         let v = "00000000000000ff".to_string();
         let held = Versioned::new(v.clone(), Record::new_at(1), None);
-        assert_eq!(from_seen(&held.record).unwrap().version, v);
+        assert_eq!(from_seen(&held.record, None).unwrap().version, v);
         for other in [
             "00000000000000FF",
             "+0000000000000ff",
@@ -1370,14 +1396,19 @@ mod tests {
         ] {
             assert_eq!(parse_version(other), None, "{other}");
         }
+        let mut r = Record::new_at(1);
+        r.data = bytes::Bytes::from_static(br#"{"uid":"ann"}"#);
         let index = Some(Index {
             user: "ann".into(),
             until: 5,
         });
-        let held = Versioned::new(new_version(), Record::new_at(1), index);
+        let held = Versioned::new(new_version(), r, index.clone());
+        let back = from_seen(&held.record, Some("uid")).unwrap();
+        assert_eq!((back.index, back.derived_user), (index, true));
         assert!(
-            from_seen(&held.record).is_none(),
-            "the entry is not in the record"
+            from_seen(&held.record, None).is_none(),
+            "no user key: the entry's user cannot be derived"
         );
+        assert!(from_seen(&held.record, Some("other")).is_none());
     }
 }
