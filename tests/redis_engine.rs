@@ -554,9 +554,57 @@ async fn a_write_from_a_loaded_record_keeps_the_user_index() {
         ids(by_name.user_sessions("bob", t0 + 6).await.unwrap()),
         [k]
     );
-    assert!(by_name
-        .user_sessions("ann", t0 + 6)
+    let server = &redis;
+    let members = |user: &str| {
+        let set = format!("{}{user}", sessiongate::store::redis::USER_PREFIX);
+        async move {
+            let mut m: Vec<String> = server.query(redis::cmd("SMEMBERS").arg(set)).await.unwrap();
+            m.sort();
+            m
+        }
+    };
+    assert_eq!(
+        members("ann").await,
+        Vec::<String>::new(),
+        "moved out of ann's set"
+    );
+
+    // An unchanged patch from a derived entry: nothing written.
+    let seen = by_name.load(&k, t0 + 7).await.unwrap().unwrap();
+    let noop = sessiongate::session::Patch {
+        delete: vec!["absent".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        by_name
+            .apply_seen(&k, &seen, &noop, ctx(t0 + 8))
+            .await
+            .unwrap(),
+        Applied::Unchanged
+    );
+
+    // Cycle-Key from a record loaded under a changed user key: the new key
+    // is in the new user's set.
+    let mut r = Record::new_at(t0);
+    r.apply_patch(&update(json!({"uid": "cy", "name": "dee"})), t0, &POLICY);
+    let old = by_uid.create(r).await.unwrap();
+    assert_eq!(members("cy").await, [old.as_str().to_string()]);
+    let seen = by_name.load(&old, t0 + 9).await.unwrap().unwrap();
+    let cycle = sessiongate::session::Patch {
+        cycle: true,
+        ..update(json!({"n": 3}))
+    };
+    let Applied::Saved { key: new, .. } = by_name
+        .apply_seen(&old, &seen, &cycle, ctx(t0 + 10))
         .await
         .unwrap()
-        .is_empty());
+    else {
+        panic!("cycle saves")
+    };
+    assert_ne!(new, old);
+    assert_eq!(
+        ids(by_name.user_sessions("dee", t0 + 11).await.unwrap()),
+        [new]
+    );
+    assert!(by_name.load(&old, t0 + 11).await.unwrap().is_none());
 }

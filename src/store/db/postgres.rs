@@ -522,7 +522,7 @@ impl Postgres {
     /// [`Seen`]); `None` when that does not apply (nothing seen, the patch
     /// cycles the key or changes nothing, or the row changed since): the
     /// locking way decides.
-    async fn apply_seen(
+    async fn apply_to_seen_row(
         &self,
         key: &SessionKey,
         patch: &Patch,
@@ -648,7 +648,7 @@ impl Postgres {
         ctx: WriteCtx,
     ) -> Result<Applied, DbError> {
         if self.row_only() {
-            if let Some(applied) = self.apply_seen(key, patch, ctx).await? {
+            if let Some(applied) = self.apply_to_seen_row(key, patch, ctx).await? {
                 return Ok(applied);
             }
         }

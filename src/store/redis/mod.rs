@@ -24,6 +24,12 @@
 //! number of instances. The script returns "missing" when the key is gone
 //! (flushed, cycled away, expired): nothing is resurrected.
 //!
+//! The state a write starts from is the one the request loaded before it
+//! went upstream (its record's [`Stamp`] holds the version), so a write is
+//! the load and the script, with no read in between. This rests on a rule
+//! every script keeps: the index fields `u` and `x` change only together
+//! with the version `v`, so a version names the whole stored state.
+//!
 //! Every script touches exactly one key, so on Redis Cluster each runs
 //! in the one slot that holds the session. Cycle-Key is two steps (the new
 //! key is in another slot): the new record is created under a fresh key
@@ -38,9 +44,8 @@
 //! or the newest record, so a session another instance changed or deleted is
 //! never served, without relying on invalidation messages that may arrive
 //! late or be lost on a reconnect. The cost: a load is still one round trip
-//! (a small one: no data comes back when it is current); the gain: writes
-//! start from the cached state and go straight to the compare-and-set, one
-//! round trip instead of two, and reads do not transfer the data.
+//! (a small one: no data comes back when it is current); the gain: reads
+//! do not transfer the data, and writes start from the cached state.
 //!
 //! # Failures
 //! Every call is bounded by `[store] timeout`; a timeout or a connection
@@ -96,6 +101,9 @@ if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'u', ARGV[5], 'x', ARGV[6]) en
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
+
+// Every script that writes `u` or `x` writes a new `v` with them (see the
+// module's notes: a write starts from a version alone).
 
 /// Compare-and-set. KEYS: the session. ARGV: expected version, new
 /// version, meta, data, ttl ms, user ('': none), index-until ms, and '1'
@@ -186,11 +194,15 @@ struct Versioned {
 
 impl Versioned {
     /// The state at `version` as read or written, its record stamped with
-    /// the version and the index entry's `until`.
+    /// the version and the index entry's `until` (none for the empty user,
+    /// which the scripts store as no entry).
     fn new(version: String, mut record: Record, index: Option<Index>) -> Versioned {
         record.stamp = Stamp {
             version: parse_version(&version),
-            indexed_until: index.as_ref().map_or(0, |i| i.until),
+            indexed_until: index
+                .as_ref()
+                .filter(|i| !i.user.is_empty())
+                .map_or(0, |i| i.until),
         };
         Versioned {
             version,
