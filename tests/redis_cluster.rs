@@ -62,12 +62,7 @@ async fn a_write_reads_the_session_once(cluster: &ClusterSet) {
     for n in &cluster.nodes {
         n.reset_stats().await;
     }
-    for n in 1..=10 {
-        let r = a
-            .post(Some(&k), &[("update", &format!(r#"{{"n":{n}}}"#))])
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    redis_suite::ten_writes(&a, &k).await;
     let mut calls = std::collections::BTreeMap::new();
     for n in &cluster.nodes {
         for (c, k) in n.session_commands().await {

@@ -464,12 +464,7 @@ async fn a_write_reads_the_session_from_redis_once() {
             200
         );
         redis.reset_stats().await;
-        for n in 1..=10 {
-            let r = a
-                .post(Some(&k), &[("update", &format!(r#"{{"n":{n}}}"#))])
-                .await;
-            assert_eq!(r.status, 200, "{}", r.body);
-        }
+        redis_suite::ten_writes(&a, &k).await;
         let calls = redis.session_commands().await;
         let want: std::collections::BTreeMap<String, u64> =
             write.iter().map(|(c, n)| (c.to_string(), *n)).collect();

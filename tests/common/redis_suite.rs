@@ -592,3 +592,14 @@ pub async fn conformance(engine: &str, url: &str, raw: &Raw) {
     never_stale(engine, url, raw).await;
     cycle_under_concurrent_patches(engine, url).await;
 }
+
+/// Ten writes to the session `key` through `a` (updates of `n` to 1..=10),
+/// each answered 200.
+pub async fn ten_writes(a: &Instance, key: &str) {
+    for n in 1..=10 {
+        let r = a
+            .post(Some(key), &[("update", &format!(r#"{{"n":{n}}}"#))])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
