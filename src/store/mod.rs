@@ -7,7 +7,8 @@
 //! - `apply` changes the newest stored state atomically: concurrent patches
 //!   to different keys of one session all survive; a session that is gone
 //!   (flushed, cycled away, expired) is reported [`Applied::Missing`] and is
-//!   never brought back;
+//!   never brought back; `apply_seen` is the same, given the record the
+//!   request loaded (which may have gone stale since);
 //! - `delete` is idempotent; `clear_expired` removes what has expired and
 //!   says how many.
 //! - with a user key (`[session] user_key`, SPEC 9), an engine with a server
