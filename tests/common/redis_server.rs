@@ -811,10 +811,8 @@ impl ClusterSet {
 }
 
 /// `INFO commandstats` as the calls of each command (`client|setinfo`
-/// counts as `client`), without connection setup (`hello`, `client`,
-/// `select`, `auth`, `ping`) and what a test asks (`info`, `config`,
-/// `cluster`).
-pub fn command_calls(info: &str) -> std::collections::BTreeMap<String, u64> {
+/// counts as `client`).
+fn command_calls(info: &str) -> std::collections::BTreeMap<String, u64> {
     let mut calls = std::collections::BTreeMap::new();
     for line in info.lines() {
         let Some((name, stats)) = line
@@ -825,12 +823,6 @@ pub fn command_calls(info: &str) -> std::collections::BTreeMap<String, u64> {
             continue;
         };
         let name = name.split('|').next().unwrap_or(name);
-        if matches!(
-            name,
-            "hello" | "client" | "select" | "auth" | "ping" | "info" | "config" | "cluster"
-        ) {
-            continue;
-        }
         let n: u64 = stats
             .split(',')
             .find_map(|kv| kv.strip_prefix("calls="))
