@@ -59,6 +59,7 @@ macro_rules! cases {
 cases!(
     logout_others,
     logout_user,
+    an_empty_user_is_no_user,
     order_of_directives,
     index_follows_the_session,
     expiry_and_the_sweep,

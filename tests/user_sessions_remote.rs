@@ -187,6 +187,28 @@ async fn logout_directives(s: &Setup) {
     assert!(s.listed("7").await.is_empty());
 }
 
+/// The empty string names no user: in no index, and neither user
+/// directive ends anything from it or for it.
+async fn empty_user(s: &Setup) {
+    let e1 = s.a.post(None, &[("update", r#"{"uid":""}"#)]).await.key();
+    let e2 = s.b.post(None, &[("update", r#"{"uid":""}"#)]).await.key();
+    assert!(
+        s.listed("").await.is_empty(),
+        "no index lists the empty user"
+    );
+    let r = s.a.post(Some(&e1), &[("logout-others", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.assert_live(&e2, json!({"uid": ""}), "after Logout-Others from \"\"")
+        .await;
+    let r = s.b.post(Some(&e2), &[("logout-user", r#""""#)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!deletes_cookie(&r), "{:?}", r.set_cookies());
+    s.assert_live(&e1, json!({"uid": ""}), "after Logout-User \"\"")
+        .await;
+    s.assert_live(&e2, json!({"uid": ""}), "the current session")
+        .await;
+}
+
 /// The index follows re-login, Cycle-Key, the removal of the user key,
 /// Flush and expiry; the store's own calls.
 async fn index_follows(s: &Setup) {
@@ -333,6 +355,7 @@ async fn every_scenario(engine: &str, url: &str, store_extra: &str, nodes: &[Str
     flush_redis(nodes).await;
     let s = setup(engine, url, store_extra).await;
     logout_directives(&s).await;
+    empty_user(&s).await;
     index_follows(&s).await;
     in_flight_write_gets_400(&s).await;
     revoked_not_served_from_a_cache(&s).await;
@@ -658,6 +681,7 @@ async fn db_scenarios(engine: &str, url: &str, store_extra: &str, db: &Db) {
     db.empty().await;
     let s = setup(engine, url, store_extra).await;
     logout_directives(&s).await;
+    empty_user(&s).await;
     index_follows(&s).await;
     in_flight_write_gets_400(&s).await;
     revoked_not_served_from_a_cache(&s).await;

@@ -1014,7 +1014,8 @@ impl Proxy {
             }
         }
         let mut current_ended = false;
-        for v in &patch.logout_users {
+        // The empty string names no user (`store::user_of`): it ends nothing.
+        for v in patch.logout_users.iter().filter(|v| !v.is_empty()) {
             ended += self
                 .timed(StoreOp::Revoke, self.store.revoke_user(v, None, now))
                 .await

@@ -95,7 +95,10 @@ impl UserSession {
 
 /// The user a session belongs to under `user_key`, as text: a JSON string
 /// as it is, a number as its JSON text (so `42` and `"42"` are one user, as
-/// `?user=42` is). Any other value, or no such key: no user.
+/// `?user=42` is). Any other value, the empty string, or no such key: no
+/// user. The empty string is no user on every engine alike (Redis stores
+/// "no user" as an empty field, and the admin API refuses `?user=`), as
+/// Django's `_auth_user_id` is never empty.
 pub fn user_of(data: &[u8], user_key: &str) -> Option<String> {
     with_user(data, user_key, str::to_owned)
 }
@@ -126,8 +129,7 @@ pub fn with_user<R>(data: &[u8], user_key: &str, f: impl FnOnce(&str) -> R) -> O
             d.deserialize_str(self)
         }
     }
-    // The text is what `user_value` makes of the parsed value: a string as
-    // it is, a number as serde_json writes it.
+    // The text: a string as it is, a number as serde_json writes it.
     impl<'de> Visitor<'de> for UserText {
         type Value = Option<Cow<'de, str>>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -193,16 +195,7 @@ pub fn with_user<R>(data: &[u8], user_key: &str, f: impl FnOnce(&str) -> R) -> O
     let mut de = serde_json::Deserializer::from_slice(data);
     let found = de.deserialize_map(Find(user_key)).ok()?;
     de.end().ok()?;
-    found.map(|u| f(&u))
-}
-
-/// [`user_of`] for a value already in hand.
-pub fn user_value(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    found.filter(|u| !u.is_empty()).map(|u| f(&u))
 }
 
 /// Whether `patch` may change the user a session names under `user_key`
@@ -252,6 +245,8 @@ mod user_of_tests {
             b"[1]",
             b"{",
             br#"{"uid":1} x"#,
+            br#"{"uid":""}"#,
+            br#"{"uid":"\u0041","uid":""}"#,
         ] {
             assert_eq!(
                 user_of(none, "uid"),

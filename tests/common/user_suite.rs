@@ -243,6 +243,31 @@ pub async fn logout_user(store: &str) {
     env.stop().await;
 }
 
+/// The empty string names no user, on every engine alike: sessions with
+/// `"uid": ""` are in no index, Logout-Others from one ends nothing, and
+/// `Logout-User: ""` ends nothing.
+pub async fn an_empty_user_is_no_user(store: &str) {
+    let env = Env::start(store, true).await;
+    let a = env.login(json!("")).await;
+    let b = env.login(json!("")).await;
+    assert_eq!(env.listed("").await, 0, "no index lists the empty user");
+    let r = env.send(Some(&a), &[("logout-others", "1")]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        env.is_user(&b, json!("")).await,
+        "Logout-Others ended nothing"
+    );
+    let r = env.send(Some(&b), &[("logout-user", r#""""#)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!deletes_cookie(&r), "{:?}", r.set_cookies());
+    assert!(
+        env.is_user(&a, json!("")).await,
+        "Logout-User \"\" ended nothing"
+    );
+    assert!(env.is_user(&b, json!("")).await);
+    env.stop().await;
+}
+
 /// SPEC 3.3: the user directives act on the user as it stands after the
 /// rest of the response: an Update that logs in as V plus Logout-Others
 /// ends V's other sessions, not the previous user's.
@@ -435,6 +460,7 @@ pub async fn without_user_key(store: &str) {
 pub async fn all(store: &str) {
     logout_others(store).await;
     logout_user(store).await;
+    an_empty_user_is_no_user(store).await;
     order_of_directives(store).await;
     index_follows_the_session(store).await;
     expiry_and_the_sweep(store).await;
