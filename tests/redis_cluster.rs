@@ -49,8 +49,8 @@ async fn cluster_keeps_every_session_rule_spreads_sessions_and_follows_a_slot_mi
 }
 
 /// A write on Cluster reads the session once, as on one server: the load's
-/// `HMGET`, then the compare-and-set from what it loaded (counted over the
-/// three nodes).
+/// `HMGET`, then the compare-and-set from what it loaded, which makes three
+/// calls inside Redis (counted over the three nodes).
 async fn a_write_reads_the_session_once(cluster: &ClusterSet) {
     let (up, _) = echo(None).await;
     let a = Instance::start("redis", &cluster.url(), "5s", &up).await;
@@ -71,8 +71,14 @@ async fn a_write_reads_the_session_once(cluster: &ClusterSet) {
     }
     assert_eq!(
         calls,
-        [("evalsha".to_string(), 10), ("hmget".to_string(), 10)].into(),
-        "10 writes on Cluster"
+        [
+            ("evalsha".to_string(), 10),
+            ("hmget".to_string(), 20),
+            ("hset".to_string(), 10),
+            ("pexpire".to_string(), 10)
+        ]
+        .into(),
+        "10 writes on Cluster: the load's HMGET, then three calls in the script"
     );
     a.stop().await;
 }

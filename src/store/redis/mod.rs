@@ -96,8 +96,11 @@ pub const USER_PREFIX: &str = "sessiongate:u:";
 /// ttl ms, user ('': none), index-until ms.
 const CREATE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'm', ARGV[2], 'd', ARGV[3])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'u', ARGV[5], 'x', ARGV[6]) end
+if ARGV[5] == '' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'm', ARGV[2], 'd', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'm', ARGV[2], 'd', ARGV[3], 'u', ARGV[5], 'x', ARGV[6])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
@@ -111,17 +114,23 @@ return 1
 /// derived from the data (a stamp: `from_seen`). Returns 0 (gone), 1
 /// (written) or {v, m, d, u, x} (the newest state, when the version, or
 /// the expected `u`, differs).
+///
+/// Three calls inside Redis for a write that lands (every call a script
+/// makes costs the server a command's dispatch, and on Cluster a slot
+/// check): one read of `v`, `u` and `x`, one `HSET` of every field written,
+/// and `PEXPIRE`; `HDEL` only when an entry is there to be dropped.
 const APPLY_LUA: &str = r"
-local v = redis.call('HGET', KEYS[1], 'v')
+local s = redis.call('HMGET', KEYS[1], 'v', 'u', 'x')
+local v = s[1]
 if not v then return 0 end
-if v ~= ARGV[1] or (ARGV[8] == '1' and redis.call('HGET', KEYS[1], 'u') ~= ARGV[9]) then
+if v ~= ARGV[1] or (ARGV[8] == '1' and s[2] ~= ARGV[9]) then
   return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x')
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
 if ARGV[6] == '' then
-  redis.call('HDEL', KEYS[1], 'u', 'x')
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
+  if s[2] or s[3] then redis.call('HDEL', KEYS[1], 'u', 'x') end
 else
-  redis.call('HSET', KEYS[1], 'u', ARGV[6], 'x', ARGV[7])
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4], 'u', ARGV[6], 'x', ARGV[7])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
