@@ -445,18 +445,17 @@ async fn rediss_urls_use_tls_and_verify_the_server() {
 /// A write reads the session once: the request's load, then the
 /// compare-and-set from what it loaded, not a second `HMGET` before it (one
 /// round trip to Redis fewer). Inside Redis the compare-and-set makes three
-/// calls (one read of the version and the user entry, one `HSET`,
-/// `PEXPIRE`): no `HDEL` of an entry the session does not have. A read is
-/// one command.
+/// calls (`HGET` of the version, one `HSET`, `PEXPIRE`): no `HDEL` of an
+/// entry the session does not have. A read is one command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_reads_the_session_from_redis_once() {
     for (engine, write, read) in [
         (
             "redis",
-            // The load's HMGET, then the script's own.
             &[
                 ("evalsha", 10),
-                ("hmget", 20),
+                ("hget", 10),
+                ("hmget", 10),
                 ("hset", 10),
                 ("pexpire", 10),
             ][..],
@@ -466,13 +465,7 @@ async fn a_write_reads_the_session_from_redis_once() {
         // write starts from it.
         (
             "cached_redis",
-            &[
-                ("evalsha", 20),
-                ("hget", 10),
-                ("hmget", 10),
-                ("hset", 10),
-                ("pexpire", 10),
-            ][..],
+            &[("evalsha", 20), ("hget", 20), ("hset", 10), ("pexpire", 10)][..],
             &[("evalsha", 10), ("hget", 10)][..],
         ),
     ] {
@@ -504,6 +497,79 @@ async fn a_write_reads_the_session_from_redis_once() {
         assert_eq!(calls, want, "{engine}: 10 reads");
         a.stop().await;
     }
+}
+
+/// A write that keeps no user entry deletes the one the stored hash has:
+/// `u` and `x` left by an instance with a user key, or fields that make no
+/// entry (an `x` alone, as another program might leave). When the state it
+/// starts from has neither, it sends no `HDEL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_an_entry_deletes_a_leftover_one_and_only_then() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let t = Duration::from_secs(5);
+    let indexed = RedisStore::open(&redis.url(), t, false)
+        .await
+        .unwrap()
+        .with_user_key(Some("uid".into()));
+    let plain = RedisStore::open(&redis.url(), t, false).await.unwrap();
+    let fields = |k: &SessionKey| {
+        let cmd = redis::cmd("HKEYS")
+            .arg(format!("sessiongate:s:{}", k.as_str()))
+            .clone();
+        let server = &redis;
+        async move {
+            let mut f: Vec<String> = server.query(&cmd).await.unwrap();
+            f.sort();
+            f
+        }
+    };
+    let t0 = sessiongate::session::Clock::default().now_ms();
+    let mut r = Record::new_at(t0);
+    r.apply_patch(&update(json!({"uid": "ann"})), t0, &POLICY);
+    let k = indexed.create(r).await.unwrap();
+    assert_eq!(fields(&k).await, ["d", "m", "u", "v", "x"]);
+
+    // Loaded and written by the instance without a user key.
+    let seen = plain.load(&k, t0 + 1).await.unwrap().unwrap();
+    plain
+        .apply_seen(&k, &seen, &update(json!({"n": 1})), ctx(t0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(fields(&k).await, ["d", "m", "v"], "the leftover entry");
+
+    // An `x` alone: no entry, but not nothing.
+    let _: () = redis
+        .query(
+            redis::cmd("HSET")
+                .arg(format!("sessiongate:s:{}", k.as_str()))
+                .arg("x")
+                .arg("zz"),
+        )
+        .await
+        .unwrap();
+    let seen = plain.load(&k, t0 + 3).await.unwrap().unwrap();
+    plain
+        .apply_seen(&k, &seen, &update(json!({"n": 2})), ctx(t0 + 4))
+        .await
+        .unwrap();
+    assert_eq!(fields(&k).await, ["d", "m", "v"], "an x alone");
+
+    // Nothing to delete: no HDEL.
+    let seen = plain.load(&k, t0 + 5).await.unwrap().unwrap();
+    redis.reset_stats().await;
+    plain
+        .apply_seen(&k, &seen, &update(json!({"n": 3})), ctx(t0 + 6))
+        .await
+        .unwrap();
+    let calls = redis.session_commands().await;
+    assert!(!calls.contains_key("hdel"), "{calls:?}");
+    let got = plain.load(&k, t0 + 7).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got.data).unwrap(),
+        json!({"uid": "ann", "n": 3})
+    );
 }
 
 /// A write from a loaded record whose session is in a user index reads
@@ -551,12 +617,12 @@ async fn a_write_from_a_loaded_record_keeps_the_user_index() {
         redis.session_commands().await,
         [
             ("evalsha".to_string(), 1),
-            ("hmget".to_string(), 1),
+            ("hget".to_string(), 2),
             ("hset".to_string(), 1),
             ("pexpire".to_string(), 1)
         ]
         .into(),
-        "no HMGET before the script; in it one read, one HSET of every field"
+        "no HMGET before the script; in it the version and the user checked, one HSET"
     );
     let ids =
         |v: Vec<sessiongate::store::UserSession>| v.into_iter().map(|s| s.key).collect::<Vec<_>>();

@@ -46,8 +46,9 @@ pub struct Stamp {
     /// The stored state's version.
     pub version: Option<u64>,
     /// With a user index (SPEC 9): until when (Unix ms) the user's index
-    /// set was known to live at that version; 0 when the state carried no
-    /// index entry.
+    /// set was known to live at that version. 0: the state carried no
+    /// index fields at all; negative: fields that make no entry (an empty
+    /// user, or one without a readable `until`).
     pub indexed_until: i64,
 }
 

@@ -109,26 +109,28 @@ return 1
 // module's notes: a write starts from a version alone).
 
 /// Compare-and-set. KEYS: the session. ARGV: expected version, new
-/// version, meta, data, ttl ms, user ('': none), index-until ms, and '1'
-/// and the expected `u` when the caller's index entry was not read but
-/// derived from the data (a stamp: `from_seen`). Returns 0 (gone), 1
-/// (written) or {v, m, d, u, x} (the newest state, when the version, or
-/// the expected `u`, differs).
+/// version, meta, data, ttl ms, user ('': none), index-until ms; '1' and
+/// the expected `u` when the caller's index entry was not read but derived
+/// from the data (a stamp: `from_seen`); '1' when the expected version has
+/// neither `u` nor `x` (`Versioned::bare`). Returns 0 (gone), 1 (written)
+/// or {v, m, d, u, x} (the newest state, when the version, or the expected
+/// `u`, differs).
 ///
-/// Three calls inside Redis for a write that lands (every call a script
-/// makes costs the server a command's dispatch, and on Cluster a slot
-/// check): one read of `v`, `u` and `x`, one `HSET` of every field written,
-/// and `PEXPIRE`; `HDEL` only when an entry is there to be dropped.
+/// Three calls inside Redis for a write that lands, four when the user is
+/// checked: each call a script makes costs the server about as much as a
+/// command of its own (callgrind counted 5,000 instructions for the `HDEL`
+/// of absent fields, a tenth of the whole write: BENCHMARKS.md), so `u`
+/// and `x` are deleted only when the expected version may have them, and
+/// written in the one `HSET`.
 const APPLY_LUA: &str = r"
-local s = redis.call('HMGET', KEYS[1], 'v', 'u', 'x')
-local v = s[1]
+local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 0 end
-if v ~= ARGV[1] or (ARGV[8] == '1' and s[2] ~= ARGV[9]) then
+if v ~= ARGV[1] or (ARGV[8] == '1' and redis.call('HGET', KEYS[1], 'u') ~= ARGV[9]) then
   return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x')
 end
 if ARGV[6] == '' then
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4])
-  if s[2] or s[3] then redis.call('HDEL', KEYS[1], 'u', 'x') end
+  if ARGV[10] ~= '1' then redis.call('HDEL', KEYS[1], 'u', 'x') end
 else
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'm', ARGV[3], 'd', ARGV[4], 'u', ARGV[6], 'x', ARGV[7])
 end
@@ -199,25 +201,32 @@ struct Versioned {
     /// from a stamp, [`from_seen`]): the compare-and-set checks
     /// that `u` is that user.
     derived_user: bool,
+    /// At `version` the stored hash has neither `u` nor `x` (`u` and `x`
+    /// change only with `v`): a write that keeps no entry need not delete
+    /// them. False when unknown.
+    bare: bool,
 }
 
 impl Versioned {
     /// The state at `version` as read or written, its record stamped with
-    /// the version and the index entry's `until` (none for the empty user,
-    /// which the scripts store as no entry).
-    fn new(version: String, mut record: Record, index: Option<Index>) -> Versioned {
+    /// the version and the index entry (see [`Stamp::indexed_until`]): an
+    /// entry with an empty user (the scripts store that as no entry) or
+    /// with no `until` is not one.
+    fn new(version: String, mut record: Record, index: Option<Index>, bare: bool) -> Versioned {
         record.stamp = Stamp {
             version: parse_version(&version),
-            indexed_until: index
-                .as_ref()
-                .filter(|i| !i.user.is_empty())
-                .map_or(0, |i| i.until),
+            indexed_until: match &index {
+                Some(i) if !i.user.is_empty() && i.until > 0 => i.until,
+                _ if bare => 0,
+                _ => -1,
+            },
         };
         Versioned {
             version,
             record,
             index,
             derived_user: false,
+            bare,
         }
     }
 }
@@ -420,7 +429,7 @@ fn parse_version(v: &str) -> Option<u64> {
 fn from_seen(seen: &Record, user_key: Option<&str>) -> Option<Versioned> {
     let v = seen.stamp.version?;
     let index = match seen.stamp.indexed_until {
-        0 => None,
+        until if until <= 0 => None,
         until => Some(Index {
             user: super::user_of(&seen.data, user_key?)?,
             until,
@@ -430,6 +439,7 @@ fn from_seen(seen: &Record, user_key: Option<&str>) -> Option<Versioned> {
         version: format!("{v:016x}"),
         record: seen.clone(),
         derived_user: index.is_some(),
+        bare: seen.stamp.indexed_until == 0,
         index,
     })
 }
@@ -502,10 +512,14 @@ fn parse_state(key: &str, fields: Vec<Value>) -> Option<Versioned> {
     let parsed = (|| {
         let meta = bulk(it.next()?)?;
         let data = bulk(it.next()?)?;
+        let (u, x) = (it.next(), it.next());
+        let absent = |f: &Option<Value>| matches!(f, None | Some(Value::Nil));
+        let bare = absent(&u) && absent(&x);
         Some(Versioned::new(
             String::from_utf8(version).ok()?,
             decode_record(&meta, data)?,
-            parse_index(it.next(), it.next()),
+            parse_index(u, x),
+            bare,
         ))
     })();
     if parsed.is_none() {
@@ -824,7 +838,8 @@ impl RedisStore {
                     }
                     self.forget(key);
                     // Stamped with the version just written.
-                    let held = Versioned::new(version, next, plan.index);
+                    let bare = plan.index.is_none();
+                    let held = Versioned::new(version, next, plan.index, bare);
                     let record = held.record.clone();
                     self.remember(new_key, held, ctx.now);
                     return Ok(Applied::Saved {
@@ -855,6 +870,7 @@ impl RedisStore {
                     .arg(x_arg)
                     .arg(if cur.derived_user { "1" } else { "0" })
                     .arg(cur.index.as_ref().map_or("", |i| i.user.as_str()))
+                    .arg(if cur.bare { "1" } else { "0" })
                     .invoke_async(&mut c)
                     .await?
             };
@@ -874,7 +890,8 @@ impl RedisStore {
                         }
                     }
                     // Stamped with the version just written.
-                    let held = Versioned::new(version, next, plan.index);
+                    let bare = plan.index.is_none();
+                    let held = Versioned::new(version, next, plan.index, bare);
                     let record = held.record.clone();
                     self.remember(*key, held, ctx.now);
                     return Ok(Applied::Saved { key: *key, record });
@@ -1228,7 +1245,8 @@ impl Store for RedisStore {
                 Ok(key)
             })
             .await?;
-        self.remember(key, Versioned::new(version, record, index), now);
+        let bare = index.is_none();
+        self.remember(key, Versioned::new(version, record, index, bare), now);
         Ok(key)
     }
 
@@ -1400,13 +1418,37 @@ mod tests {
     fn a_stamp_gives_back_the_version_and_the_index_entry() {
         for _ in 0..100 {
             let v = new_version();
-            let held = Versioned::new(v.clone(), Record::new_at(1), None);
+            let held = Versioned::new(v.clone(), Record::new_at(1), None, true);
             let back = from_seen(&held.record, None).unwrap();
             assert_eq!(back.version, v);
-            assert_eq!((back.index, back.derived_user), (None, false));
+            assert_eq!(
+                (back.index, back.derived_user, back.bare),
+                (None, false, true)
+            );
+        }
+        // Fields that make no entry (an empty user, no readable `until`):
+        // no entry, and not bare, so that a write deletes them.
+        for index in [
+            None,
+            Some(Index {
+                user: String::new(),
+                until: 5,
+            }),
+            Some(Index {
+                user: "ann".into(),
+                until: 0,
+            }),
+        ] {
+            let held = Versioned::new(new_version(), Record::new_at(1), index.clone(), false);
+            let back = from_seen(&held.record, Some("uid")).unwrap();
+            assert_eq!(
+                (back.index, back.derived_user, back.bare),
+                (None, false, false),
+                "{index:?}"
+            );
         }
         let v = "00000000000000ff".to_string();
-        let held = Versioned::new(v.clone(), Record::new_at(1), None);
+        let held = Versioned::new(v.clone(), Record::new_at(1), None, true);
         assert_eq!(from_seen(&held.record, None).unwrap().version, v);
         for other in [
             "00000000000000FF",
@@ -1423,9 +1465,12 @@ mod tests {
             user: "ann".into(),
             until: 5,
         });
-        let held = Versioned::new(new_version(), r, index.clone());
+        let held = Versioned::new(new_version(), r, index.clone(), false);
         let back = from_seen(&held.record, Some("uid")).unwrap();
-        assert_eq!((back.index, back.derived_user), (index, true));
+        assert_eq!(
+            (back.index, back.derived_user, back.bare),
+            (index, true, false)
+        );
         assert!(
             from_seen(&held.record, None).is_none(),
             "no user key: the entry's user cannot be derived"
