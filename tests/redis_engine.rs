@@ -499,6 +499,64 @@ async fn a_write_reads_the_session_from_redis_once() {
     }
 }
 
+/// `cached_redis` whose copy of a session is gone by the time of the write
+/// (pruned, or another instance's cache): the write starts from the
+/// request's loaded record, as `redis` does, reading nothing first, and a
+/// write that landed since the load is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_redis_without_its_copy_writes_from_the_loaded_record() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let t = Duration::from_secs(5);
+    let a = RedisStore::open(&redis.url(), t, true).await.unwrap();
+    let b = RedisStore::open(&redis.url(), t, true).await.unwrap();
+    let t0 = sessiongate::session::Clock::default().now_ms();
+    let mut r = Record::new_at(t0);
+    r.apply_patch(&update(json!({"a": 1})), t0, &POLICY);
+    let k = a.create(r).await.unwrap();
+    let data = |r: Record| serde_json::from_slice::<Value>(&r.data).unwrap();
+    // Once, so that the script is loaded.
+    a.apply(&k, &update(json!({"w": 0})), ctx(t0 + 1))
+        .await
+        .unwrap();
+
+    // Loaded on A; B, which holds no copy, writes from it: no read first.
+    let seen = a.load(&k, t0 + 1).await.unwrap().unwrap();
+    redis.reset_stats().await;
+    b.apply_seen(&k, &seen, &update(json!({"b": 2})), ctx(t0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.session_commands().await,
+        [
+            ("evalsha".to_string(), 1),
+            ("hget".to_string(), 1),
+            ("hset".to_string(), 1),
+            ("pexpire".to_string(), 1)
+        ]
+        .into(),
+        "the compare-and-set alone"
+    );
+
+    // Stale: A wrote after the load B writes from.
+    let seen = a.load(&k, t0 + 3).await.unwrap().unwrap();
+    a.apply(&k, &update(json!({"c": 3})), ctx(t0 + 4))
+        .await
+        .unwrap();
+    let c = RedisStore::open(&redis.url(), t, true).await.unwrap();
+    c.apply_seen(&k, &seen, &update(json!({"d": 4})), ctx(t0 + 5))
+        .await
+        .unwrap();
+    for s in [&a, &b, &c] {
+        assert_eq!(
+            data(s.load(&k, t0 + 6).await.unwrap().unwrap()),
+            json!({"a": 1, "w": 0, "b": 2, "c": 3, "d": 4}),
+            "neither change lost, on every instance"
+        );
+    }
+}
+
 /// A write that keeps no user entry deletes the one the stored hash has:
 /// `u` and `x` left by an instance with a user key, or fields that make no
 /// entry (an `x` alone, as another program might leave). When the state it
