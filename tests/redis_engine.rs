@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::redis_server::{tls_files, RedisServer};
+use common::redis_server::{calls, tls_files, RedisServer};
 use redis_suite::{assert_store_503, echo, seen, Instance, Raw};
 use sessiongate::session::{Record, SessionKey};
 use sessiongate::store::{RedisStore, Store, StoreError};
@@ -483,18 +483,14 @@ async fn a_write_reads_the_session_from_redis_once() {
         redis.reset_stats().await;
         redis_suite::ten_writes(&a, &k).await;
         let calls = redis.session_commands().await;
-        let want: std::collections::BTreeMap<String, u64> =
-            write.iter().map(|(c, n)| (c.to_string(), *n)).collect();
-        assert_eq!(calls, want, "{engine}: 10 writes");
+        assert_eq!(calls, self::calls(write), "{engine}: 10 writes");
         redis.reset_stats().await;
         for _ in 0..10 {
             assert_eq!(a.get("/", Some(&k)).await.status, 200);
         }
         assert_eq!(seen(&up).0, json!({"n": 10}));
-        let want: std::collections::BTreeMap<String, u64> =
-            read.iter().map(|(c, n)| (c.to_string(), *n)).collect();
         let calls = redis.session_commands().await;
-        assert_eq!(calls, want, "{engine}: 10 reads");
+        assert_eq!(calls, self::calls(read), "{engine}: 10 reads");
         a.stop().await;
     }
 }
@@ -529,13 +525,7 @@ async fn cached_redis_without_its_copy_writes_from_the_loaded_record() {
         .unwrap();
     assert_eq!(
         redis.session_commands().await,
-        [
-            ("evalsha".to_string(), 1),
-            ("hget".to_string(), 1),
-            ("hset".to_string(), 1),
-            ("pexpire".to_string(), 1)
-        ]
-        .into(),
+        calls(&[("evalsha", 1), ("hget", 1), ("hset", 1), ("pexpire", 1)]),
         "the compare-and-set alone"
     );
 
@@ -673,13 +663,7 @@ async fn a_write_from_a_loaded_record_keeps_the_user_index() {
     assert!(matches!(got, Applied::Saved { .. }), "{got:?}");
     assert_eq!(
         redis.session_commands().await,
-        [
-            ("evalsha".to_string(), 1),
-            ("hget".to_string(), 2),
-            ("hset".to_string(), 1),
-            ("pexpire".to_string(), 1)
-        ]
-        .into(),
+        calls(&[("evalsha", 1), ("hget", 2), ("hset", 1), ("pexpire", 1)]),
         "no HMGET before the script; in it the version and the user checked, one HSET"
     );
     let ids =

@@ -819,6 +819,12 @@ impl ClusterSet {
     }
 }
 
+/// Command counts as [`RedisServer::session_commands`] gives them, for
+/// comparing: `calls(&[("evalsha", 10), ("hget", 10)])`.
+pub fn calls(counts: &[(&str, u64)]) -> std::collections::BTreeMap<String, u64> {
+    counts.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+}
+
 /// `INFO commandstats` as the calls of each command (`client|setinfo`
 /// counts as `client`).
 fn command_calls(info: &str) -> std::collections::BTreeMap<String, u64> {
