@@ -21,6 +21,11 @@
 # start-up not. The arguments follow HEAD's script (ARGV[10] '1': the state
 # has no `u` or `x`); an older script ignores the ones it does not read.
 #
+# A second table counts the loads the same way: the `redis` engine's `HMGET`
+# of the whole record, `cached_redis`'s version check as a plain `HGET`, and, for each
+# revision that has it, the version-check script the `HGET` replaced
+# (FRESH_LUA), with the version current.
+#
 # Needs valgrind, redis-server, redis-cli, redis-benchmark.
 set -euo pipefail
 
@@ -34,12 +39,13 @@ done
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-# The script's text between `const APPLY_LUA: &str = r"` and `";`.
+# The text of script $2 (APPLY_LUA, FRESH_LUA) at revision $1, between
+# `const NAME: &str = r"` and `";`; nothing when the revision has none.
 extract() {
     git show "$1:src/store/redis/mod.rs" | python3 -c '
 import re, sys
-m = re.search(r"const APPLY_LUA: &str = r\"(.*?)\";", sys.stdin.read(), re.S)
-sys.exit("no APPLY_LUA") if not m else sys.stdout.write(m.group(1))'
+m = re.search(r"const " + sys.argv[1] + r": &str = r\"(.*?)\";", sys.stdin.read(), re.S)
+sys.stdout.write(m.group(1) if m else "")' "$2"
 }
 
 # Instructions of one redis-server run that makes CALLS calls.
@@ -53,7 +59,14 @@ run() {
         redis-server --port "$port" --dir "$dir" --save '' --appendonly no $extra \
         >/dev/null 2>"$dir/valgrind.err" &
     pid=$!
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.2; done
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || {
+            echo "[redis_script.sh] ERROR: redis-server on port $port did not start:" >&2
+            tail -5 "$dir/valgrind.err" >&2
+            exit 1
+        }
+        sleep 0.2
+    done
     if [ "$mode" = cluster ]; then
         redis-cli -p "$port" cluster addslotsrange 0 16383 >/dev/null
         until redis-cli -p "$port" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
@@ -61,6 +74,20 @@ run() {
     local k=sessiongate:s:abcdefghijklmnopqrstuvwxyz012345 v=0000000000000001
     local meta='d 1 2 9999999999999'
     local args
+    if [ "$case" = load ]; then
+        # $lua: a command (hmget, hget) or a version-check script file.
+        redis-cli -p "$port" hset $k v $v m "$meta" d '{"n":1,"cart":[1,2,3]}' >/dev/null
+        case $lua in
+            hmget) args=(hmget $k v m d u x) ;;
+            hget) args=(hget $k v) ;;
+            *) args=(evalsha "$(redis-cli -p "$port" script load "$(cat "$lua")")" 1 $k $v) ;;
+        esac
+        redis-benchmark -p "$port" -n "$calls" -c 1 -q "${args[@]}" >/dev/null
+        redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+        wait "$pid" || true
+        grep -m1 '^summary:\|^totals:' "$dir/cg.out" | awk '{print $2}'
+        return
+    fi
     sha=$(redis-cli -p "$port" script load "$(cat "$lua")")
     if [ "$case" = no_user ]; then
         redis-cli -p "$port" hset $k v $v m "$meta" d '{"n":1,"cart":[1,2,3]}' >/dev/null
@@ -79,14 +106,30 @@ run() {
 
 echo "| revision | server | session | instructions per call |"
 echo "| --- | --- | --- | ---: |"
+per_call() {
+    local a b
+    a=$(run "$1" "$2" "$3" $((N / 5)))
+    b=$(run "$1" "$2" "$3" "$N")
+    echo $(((b - a) / (N - N / 5)))
+}
 for rev in "$@"; do
-    lua="$TMP/$rev.lua"
-    extract "$rev" >"$lua"
+    lua="$TMP/$rev.apply.lua"
+    extract "$rev" APPLY_LUA >"$lua"
+    [ -s "$lua" ] || { echo "[redis_script.sh] ERROR: no APPLY_LUA at $rev" >&2; exit 1; }
     for mode in plain cluster; do
         for case in no_user checked_user; do
-            a=$(run $mode $case "$lua" $((N / 5)))
-            b=$(run $mode $case "$lua" "$N")
-            echo "| $rev | $mode | $case | $(((b - a) / (N - N / 5))) |"
+            echo "| $rev | $mode | $case | $(per_call $mode $case "$lua") |"
         done
     done
+done
+
+echo
+echo "| load | instructions per call (plain server, version current) |"
+echo "| --- | ---: |"
+echo "| \`HMGET\` of the record (\`redis\`) | $(per_call plain load hmget) |"
+echo "| \`HGET\` of the version (\`cached_redis\`) | $(per_call plain load hget) |"
+for rev in "$@"; do
+    lua="$TMP/$rev.fresh.lua"
+    extract "$rev" FRESH_LUA >"$lua"
+    [ -s "$lua" ] && echo "| version-check script at $rev | $(per_call plain load "$lua") |"
 done

@@ -39,13 +39,15 @@
 //! newest state (see `apply_inner`).
 //!
 //! # `cached_redis`: a version-checked cache
-//! Each instance keeps records with their version in memory. A load sends
-//! the cached version to a script that answers "same" (one integer), "gone",
-//! or the newest record, so a session another instance changed or deleted is
-//! never served, without relying on invalidation messages that may arrive
-//! late or be lost on a reconnect. The cost: a load is still one round trip
-//! (a small one: no data comes back when it is current); the gain: reads
-//! do not transfer the data, and writes start from the cached state.
+//! Each instance keeps records with their version in memory. A load reads
+//! the stored version (`HGET`): the same as the cached one, the copy is
+//! served; none, the session is gone; another, the newest record is read
+//! (`HMGET`). So a session another instance changed or deleted is never
+//! served, without relying on invalidation messages that may arrive late or
+//! be lost on a reconnect. The cost: a load is still one round trip (a
+//! small one: no data comes back when it is current), two when the session
+//! changed; the gain: reads do not transfer the data, and writes start from
+//! the cached state.
 //!
 //! # Failures
 //! Every call is bounded by `[store] timeout`; a timeout or a connection
@@ -146,15 +148,6 @@ if not v then return 0 end
 if v ~= ARGV[1] then return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x') end
 redis.call('DEL', KEYS[1])
 return 1
-";
-
-/// Version check. ARGV: the version the caller holds. Returns 0 (gone),
-/// 1 (still current) or {v, m, d, u, x}.
-const FRESH_LUA: &str = r"
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return 0 end
-if v == ARGV[1] then return 1 end
-return redis.call('HMGET', KEYS[1], 'v', 'm', 'd', 'u', 'x')
 ";
 
 /// Adds a session to a user's index set and makes the set live at least
@@ -263,7 +256,6 @@ struct Scripts {
     create: Script,
     apply: Script,
     retire: Script,
-    fresh: Script,
     index_add: Script,
     revoke: Script,
     delete: Script,
@@ -273,7 +265,6 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     create: Script::new(CREATE_LUA),
     apply: Script::new(APPLY_LUA),
     retire: Script::new(RETIRE_LUA),
-    fresh: Script::new(FRESH_LUA),
     index_add: Script::new(INDEX_ADD_LUA),
     revoke: Script::new(REVOKE_LUA),
     delete: Script::new(DELETE_LUA),
@@ -691,17 +682,21 @@ impl RedisStore {
         Ok(parse_state(rkey, fields))
     }
 
+    /// Whether the state at `version` is still the stored one: a plain
+    /// `HGET` of the version, and the whole state read only when it moved.
+    /// Not a script: Redis spends about a third of a script's instructions
+    /// on the `HGET` (BENCHMARKS.md), and the check is every `cached_redis`
+    /// load. Versions are random, so one seen again is the same state.
     async fn check(&self, c: &mut Conn, rkey: &str, version: &str) -> Result<Fresh, RedisError> {
-        let v: Value = SCRIPTS.fresh.key(rkey).arg(version).invoke_async(c).await?;
-        match v {
-            Value::Int(0) => Ok(Fresh::Gone),
-            Value::Int(1) => Ok(Fresh::Same),
-            Value::Array(fields) => Ok(match parse_state(rkey, fields) {
+        let stored: Option<Vec<u8>> = redis::cmd("HGET").arg(rkey).arg("v").query_async(c).await?;
+        Ok(match stored {
+            None => Fresh::Gone,
+            Some(v) if v == version.as_bytes() => Fresh::Same,
+            Some(_) => match Self::fetch(c, rkey).await? {
                 Some(s) => Fresh::Changed(s),
                 None => Fresh::Gone,
-            }),
-            other => Err(unexpected("version check", &other)),
-        }
+            },
+        })
     }
 
     async fn load_inner(
