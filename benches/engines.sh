@@ -9,6 +9,8 @@
 # session, see BENCHMARKS.md), and is stopped at exit. Rows:
 #   memory     the baseline
 #   redis      one redis-server
+#   cached_redis  the same redis-server (database 2), each instance's copies
+#              version-checked on every load
 #   cluster    redis through redis+cluster:// on three primaries (redis-cli --cluster create)
 #   sqlite     db on SQLite (a file in the temporary directory)
 #   postgres   db on PostgreSQL 15 (initdb in the temporary directory, run as the
@@ -48,7 +50,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 SESSIONS=${SESSIONS:-64}
 WARMUP=${WARMUP:-1}
-ONLY=${ONLY:-memory redis cluster sqlite postgres cached_db}
+ONLY=${ONLY:-memory redis cached_redis cluster sqlite postgres cached_db}
 KEEP=${KEEP:-0}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SG_BIN=${SG_BIN:-$ROOT/target/release/sessiongate}
@@ -78,7 +80,7 @@ if [[ ! -x $SG_BIN ]]; then
 fi
 has() { [[ " $ONLY " == *" $1 "* ]]; }
 ENGINES=(memory redis)
-for e in cluster sqlite postgres cached_db; do has "$e" && ENGINES+=("$e"); done
+for e in cached_redis cluster sqlite postgres cached_db; do has "$e" && ENGINES+=("$e"); done
 BASED=()
 if [[ -n $BASE_BIN ]]; then
     [[ -x $BASE_BIN ]] || die "BASE_BIN=$BASE_BIN is not an executable"
@@ -231,6 +233,8 @@ sg_conf() { # engine -> $WORK/sg-ENGINE.toml
     memory) store='engine = "memory"' ;;
     redis) store="engine = \"redis\"
 url = \"redis://127.0.0.1:$P_REDIS/0\"" ;;
+    cached_redis) store="engine = \"cached_redis\"
+url = \"redis://127.0.0.1:$P_REDIS/2\"" ;;
     cluster) store="engine = \"redis\"
 url = \"redis+cluster://$(
         IFS=,
