@@ -222,6 +222,13 @@ impl Versioned {
             bare,
         }
     }
+
+    /// The state a script of this engine just wrote at `version`: it has
+    /// `u` and `x` exactly when it has an entry.
+    fn written(version: String, record: Record, index: Option<Index>) -> Versioned {
+        let bare = index.is_none();
+        Versioned::new(version, record, index, bare)
+    }
 }
 
 /// A session's place in the user index: the user (field `u`) and the Unix
@@ -833,8 +840,7 @@ impl RedisStore {
                     }
                     self.forget(key);
                     // Stamped with the version just written.
-                    let bare = plan.index.is_none();
-                    let held = Versioned::new(version, next, plan.index, bare);
+                    let held = Versioned::written(version, next, plan.index);
                     let record = held.record.clone();
                     self.remember(new_key, held, ctx.now);
                     return Ok(Applied::Saved {
@@ -885,8 +891,7 @@ impl RedisStore {
                         }
                     }
                     // Stamped with the version just written.
-                    let bare = plan.index.is_none();
-                    let held = Versioned::new(version, next, plan.index, bare);
+                    let held = Versioned::written(version, next, plan.index);
                     let record = held.record.clone();
                     self.remember(*key, held, ctx.now);
                     return Ok(Applied::Saved { key: *key, record });
@@ -1240,8 +1245,7 @@ impl Store for RedisStore {
                 Ok(key)
             })
             .await?;
-        let bare = index.is_none();
-        self.remember(key, Versioned::new(version, record, index, bare), now);
+        self.remember(key, Versioned::written(version, record, index), now);
         Ok(key)
     }
 
