@@ -141,6 +141,106 @@ async fn forward_names_of_every_route_are_stripped_on_every_route() {
     p.stop().await;
 }
 
+/// SPEC 3.1 as a CGI, WSGI, PHP or Rack upstream reads it: `X_User` and
+/// `X-User` are one variable there (`HTTP_X_USER`), so a name with `_` that
+/// reads as one the proxy owns (the `X-Session` space, a `forward` name,
+/// the forwarding fields) never reaches the upstream. From a peer that is
+/// not a trusted proxy, every forwarding field goes too (`X-Forwarded-*`,
+/// `Forwarded`, `X-Real-IP`). Other names, with `_` or not, pass.
+#[tokio::test]
+async fn underscore_aliases_and_the_clients_forwarding_fields_never_reach_the_upstream() {
+    let up = upstream(|_| ok()).await;
+    let routes = format!(
+        "[[route]]\nname = \"app\"\npath = \"/app\"\nupstream = \"{u}\"\nforward = {{ \"X-User\" = \"username\" }}\n\
+         [[route]]\nname = \"static\"\npath = \"/static\"\nupstream = \"{u}\"\nsession = false\n",
+        u = up.url()
+    );
+    let p = start(&config("", &routes)).await;
+    for path in ["/app/z", "/static/x"] {
+        let got = p
+            .send(
+                p.req(Method::GET, path, None)
+                    .header("x_user", "admin")
+                    .header("x_session", "{\"username\": \"admin\"}")
+                    .header("X_Session_Id", "forged")
+                    .header("x_forwarded_for", "6.6.6.6")
+                    .header("x_forwarded-proto", "https")
+                    .header("x-forwarded-port", "443")
+                    .header("x-forwarded-prefix", "/admin")
+                    .header("forwarded", "for=1.1.1.1;proto=https")
+                    .header("x-real-ip", "1.1.1.1")
+                    .header("x_real_ip", "1.1.1.1")
+                    .header("my_header", "kept")
+                    .header("x-forwarded", "kept too")
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(got.status, StatusCode::OK, "{path}");
+        let seen = up.last();
+        assert_eq!(seen.uri.path(), path);
+        let names: Vec<&str> = seen.headers.keys().map(|k| k.as_str()).collect();
+        for gone in [
+            "x_user",
+            "x_session",
+            "x_session_id",
+            "x_forwarded_for",
+            "x_forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "forwarded",
+            "x-real-ip",
+            "x_real_ip",
+        ] {
+            assert!(!names.contains(&gone), "{gone} reached {path}: {names:?}");
+        }
+        assert_eq!(seen.header("my_header"), Some("kept"), "{path}");
+        assert_eq!(seen.header("x-forwarded"), Some("kept too"), "{path}");
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{path}");
+        assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{path}");
+        assert_eq!(seen.header("x-user"), None, "{path}");
+    }
+    p.stop().await;
+}
+
+/// RFC 9112 3.2.2: an absolute-form target with an empty path has the path
+/// "/": `GET http://a?x=1` reaches the upstream as `GET /?x=1`, and a
+/// `login_required` redirect names `/?x=1`.
+#[tokio::test]
+async fn an_absolute_form_target_with_an_empty_path_goes_upstream_as_slash() {
+    let (addr, rec) = raw_upstream(Some(
+        // One answer a connection (`raw_upstream`), so none is reused.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_vec(),
+    ))
+    .await;
+    let routes = format!(
+        "[[route]]\nname = \"app\"\npath = \"/\"\nupstream = \"http://{addr}\"\n\
+         [[route]]\nname = \"private\"\nhost = \"private.test\"\nupstream = \"http://{addr}\"\nlogin_required = [\"user_id\"]\n"
+    );
+    let p = start(&config("", &routes)).await;
+    for method in ["GET", "POST"] {
+        let r = raw_request(
+            p.addr,
+            &format!("{method} http://example.com?x=1 HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{method}");
+        rec.wait_for(&format!(
+            "{} /?x=1 http/1.1\r\n",
+            method.to_ascii_lowercase()
+        ))
+        .await;
+    }
+    let r = raw_request(
+        p.addr,
+        "GET http://private.test?x=1 HTTP/1.1\r\nHost: private.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("/login?next=/%3Fx%3D1"));
+    p.stop().await;
+}
+
 /// The 101 a raw upstream answers to anything.
 const SWITCH_H2C: &[u8] =
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";

@@ -27,6 +27,62 @@ pub fn remove_each(h: &mut HeaderMap, names: &[&HeaderName]) {
     }
 }
 
+/// Whether a lower-case field name is one of the forwarding fields a proxy
+/// in front sets: `X-Forwarded-*` (For, Proto, Host, Port, Prefix, ...),
+/// `Forwarded` (RFC 7239) and `X-Real-IP`. From a peer that is not a
+/// trusted proxy they are the client's claims, and go (as Traefik drops
+/// them); the proxy sets its own `X-Forwarded-For`, `-Proto` and `-Host`.
+#[inline]
+pub fn is_forwarding_name(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || name == "forwarded" || name == "x-real-ip"
+}
+
+/// Removes every forwarding field ([`is_forwarding_name`]): one pass over
+/// the names when there is none.
+pub fn remove_forwarding(h: &mut HeaderMap) {
+    if !h.keys().any(|k| is_forwarding_name(k.as_str())) {
+        return;
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| is_forwarding_name(k.as_str()))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+/// Removes the fields whose name holds `_` and, read with `-` for `_`, is
+/// one the proxy owns: the `X-Session` space, the forwarding fields
+/// ([`is_forwarding_name`]) and the `forward` names (`owned`). CGI, WSGI,
+/// PHP and Rack upstreams see `X_User` and `X-User` as one variable
+/// (`HTTP_X_USER`), so such a field would pass for the proxy's own (nginx
+/// ignores every name with `_` by default; Django's runserver drops them).
+/// Other names with `_` pass untouched.
+pub fn remove_underscore_aliases(h: &mut HeaderMap, owned: &[HeaderName]) {
+    if !h.keys().any(|k| k.as_str().as_bytes().contains(&b'_')) {
+        return;
+    }
+    let aliases: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let name = k.as_str();
+            if !name.as_bytes().contains(&b'_') {
+                return false;
+            }
+            let dashed = name.replace('_', "-");
+            dashed.starts_with("x-session")
+                || is_forwarding_name(&dashed)
+                || owned.iter().any(|o| o.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for n in aliases {
+        h.remove(n);
+    }
+}
+
 /// Removes the hop-by-hop headers: first every name the `Connection`
 /// header nominates, then the fixed list. Done before the proxy adds
 /// anything, so a client cannot nominate a header the proxy sets.

@@ -454,6 +454,7 @@ impl Proxy {
             for name in &self.router.forward_names {
                 parts.headers.remove(name);
             }
+            headers::remove_underscore_aliases(&mut parts.headers, &self.router.forward_names);
             if let Some(proto) = &upgrade {
                 parts
                     .headers
@@ -547,6 +548,17 @@ impl Proxy {
             Ok(std::borrow::Cow::Borrowed(_)) => None,
             Ok(std::borrow::Cow::Owned(p)) => Some(p),
             Err(e) => return Err(ProxyError::InvalidPath(e)),
+        };
+        // An absolute-form target with an empty path (`http://a?x=1`) has
+        // the path "/" (RFC 9112 3.2.2); `Uri::path()` says so, but its
+        // path-and-query, which is what goes upstream, starts at the `?`.
+        let empty_path = parts
+            .uri
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().starts_with('?'));
+        let normalized = match normalized {
+            None if empty_path => Some(parts.uri.path().to_string()),
+            n => n,
         };
         if let Some(p) = normalized {
             let pq = match parts.uri.query() {
@@ -1122,8 +1134,9 @@ impl Proxy {
         // keeps the request's future (moved whole at each step) smaller.
         async move {
             let h = &mut parts.headers;
-            // The client's own X-Forwarded-* are dropped: the proxy's replace
-            // them (a trusted proxy's are kept: SPEC 7.4). So is `Expect`, as
+            // The client's own X-Forwarded-*, Forwarded and X-Real-IP are
+            // dropped: the proxy's replace them (a trusted proxy's are kept:
+            // SPEC 7.4). So is `Expect`, as
             // nginx does: the client already had its `100 Continue` from this
             // proxy, which sends the body without waiting, and an old
             // upstream may refuse the field with a 417.
@@ -1131,15 +1144,8 @@ impl Proxy {
                 headers::remove_each(h, &[&header::EXPECT]);
                 forwarded_by_trusted(h, &mut added, conn, host.as_ref());
             } else {
-                headers::remove_each(
-                    h,
-                    &[
-                        &header::EXPECT,
-                        &headers::X_FORWARDED_FOR,
-                        &headers::X_FORWARDED_PROTO,
-                        &headers::X_FORWARDED_HOST,
-                    ],
-                );
+                headers::remove_each(h, &[&header::EXPECT]);
+                headers::remove_forwarding(h);
                 added.push_value(&headers::X_FORWARDED_FOR, &conn.forwarded_for);
                 added.push_value(&headers::X_FORWARDED_PROTO, scheme_value(conn.tls));
                 if let Some(v) = &host {
