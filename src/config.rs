@@ -935,7 +935,13 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             ss.cookie_domain
         ));
     }
-    if name.starts_with("__Host-") {
+    // Browsers match the prefixes in any case (RFC 6265bis 4.1.3): a
+    // `__host-` cookie that breaks the rules is refused by them as well.
+    let prefixed = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(p))
+    };
+    if prefixed("__Host-") {
         if !ss.cookie_secure {
             return Err(
                 "[session] cookie_name: the __Host- prefix requires cookie_secure = true".into(),
@@ -950,7 +956,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             return Err("[session] cookie_name: the __Host- prefix requires cookie_domain = \"\" (no domain)".into());
         }
     }
-    if name.starts_with("__Secure-") && !ss.cookie_secure {
+    if prefixed("__Secure-") && !ss.cookie_secure {
         return Err(
             "[session] cookie_name: the __Secure- prefix requires cookie_secure = true".into(),
         );
@@ -1315,6 +1321,14 @@ fn parse_upstream(u: &str) -> Result<Upstream, String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("upstream: {u:?} has no host"))?;
+    // `user:password@` would be ignored (nothing sends it), and it is not
+    // echoed back here either.
+    if let Some((_, host)) = written.as_str().rsplit_once('@') {
+        return Err(format!(
+            "upstream: \"{}://…@{host}\" must not carry a user name or password",
+            uri.scheme_str().unwrap_or("http")
+        ));
+    }
     let authority = match (https, written.port_u16()) {
         (true, None) => format!("{}:443", written.host())
             .parse()
@@ -1481,6 +1495,33 @@ mod tests {
         .to_string();
         assert!(e.contains("cookie_path"), "{e}");
         assert!(parse(&minimal("cookie_name = \"__Host-sid\"", ROUTE)).is_ok());
+        // In any case, as browsers match them.
+        for name in ["__host-sid", "__HOST-sid", "__secure-sid", "__SECURE-sid"] {
+            let e = parse(&minimal(
+                &format!("cookie_name = \"{name}\"\ncookie_secure = false"),
+                ROUTE,
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("prefix requires cookie_secure"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_with_userinfo_is_refused_without_echoing_it() {
+        for u in [
+            "http://u:secret@127.0.0.1:9000",
+            "https://secret@app.internal/x",
+        ] {
+            let e = parse(&minimal(
+                "",
+                &format!("[[route]]\nname = \"app\"\nupstream = \"{u}\"\n"),
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("must not carry a user name or password"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
     }
 
     #[test]
