@@ -401,3 +401,68 @@ every_engine!(
     db,
     cached_db
 );
+
+/// SPEC 8: on the engines that store Django's format, `_session_expiry` is
+/// the session's expiry and never a key an upstream sets, however the
+/// session was made (a new visitor's first write, a Replace, an Update of
+/// an existing session). Django reads the key as the expiry: a stray value
+/// would shorten the session, end it, or make Django's views fail.
+async fn session_expiry_is_not_data(engine: &str, store_extra: &str) {
+    let Some((store, _guard)) = store_for(engine).await else {
+        return;
+    };
+    let up = echo().await;
+    let toml = config("", &route(&up, ""))
+        .replace("[store]\n", &format!("[store]\n{store}\n{store_extra}\n"));
+    let p = start_engine(&toml).await;
+    let default_age = (14 * 86_400).to_string();
+    for (first, value) in [
+        ("update", r#"{"cart":1,"_session_expiry":5}"#),
+        (
+            "replace",
+            r#"{"cart":1,"_session_expiry":"2020-01-01T00:00:00+00:00"}"#,
+        ),
+        ("update", r#"{"cart":1,"_session_expiry":"garbage"}"#),
+        ("replace", r#"{"cart":1,"_session_expiry":0}"#),
+    ] {
+        let r = call(&p, "/", "", &[(first, value)]).await;
+        assert_eq!(r.status, 200, "{engine} {value}: {}", r.body);
+        let mut jar = r.cookie_jar();
+        // Then once more on the session as it stands.
+        let r = call(&p, "/", &jar, &[("update", r#"{"_session_expiry":7}"#)]).await;
+        assert_eq!(r.status, 200, "{engine} {value}: {}", r.body);
+        if !r.cookie_jar().is_empty() {
+            jar = r.cookie_jar();
+        }
+        call(&p, "/", &jar, &[]).await;
+        let s = up.last();
+        assert_eq!(s.header("x-session-new"), Some("false"), "{engine} {value}");
+        assert_eq!(s.session(), json!({"cart":1}), "{engine} {value}");
+        assert_eq!(
+            s.header("x-session-expiry-age"),
+            Some(default_age.as_str()),
+            "{engine} {value}"
+        );
+        assert_eq!(
+            s.header("x-session-expire-at-browser-close"),
+            Some("false"),
+            "{engine} {value}"
+        );
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_not_data_on_db() {
+    session_expiry_is_not_data("db", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_not_data_on_cached_db() {
+    session_expiry_is_not_data("cached_db", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_not_data_on_djangos_signed_cookies() {
+    session_expiry_is_not_data("signed_cookies", "format = \"django\"").await;
+}

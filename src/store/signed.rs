@@ -154,6 +154,8 @@ impl SignedCookies {
         let mut map = r.data_map();
         use serde_json::Value;
         let key = crate::store::db::EXPIRY_KEY;
+        // The expiry is the record's, never a key an upstream wrote (SPEC 8).
+        map.remove(key);
         match r.expiry {
             Expiry::Default => {}
             Expiry::BrowserClose => {

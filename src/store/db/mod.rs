@@ -131,6 +131,9 @@ impl Codec {
     /// `session_data` for `r`.
     pub(crate) fn encode(&self, r: &Record) -> String {
         let mut map = r.data_map();
+        // The expiry is the record's, never a key an upstream wrote
+        // (SPEC 8), whatever the path that made the record.
+        map.remove(EXPIRY_KEY);
         match r.expiry {
             Expiry::Default => {}
             Expiry::BrowserClose => {
