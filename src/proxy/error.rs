@@ -286,7 +286,8 @@ mod tests {
             (ProxyError::UpstreamTarget(bad_uri), 502, "request target not valid for the upstream"),
             (ProxyError::Directive(Box::new(DirectiveError { header: "X-Session-Update", problem: "not JSON".into() })), 502, "invalid session directive from upstream: X-Session-Update: not JSON"),
             (ProxyError::SessionTooLarge { size: 70000, limit: 65536 }, 502, "the upstream's session change would make the session 70000 bytes, over max_session_size (65536 bytes); nothing was changed"),
-            (ProxyError::SignedTooLarge(SignedTooLarge { size: 9, limit: 8 }), 502, "the session is too large for signed cookies: 9 bytes encoded, at most 8 fit in 10 cookies"),
+            (ProxyError::SignedTooLarge(SignedTooLarge { size: 9, limit: 8, cookies: 10 }), 502, "the session is too large for signed cookies: 9 bytes encoded, at most 8 fit in 10 cookies"),
+            (ProxyError::SignedTooLarge(SignedTooLarge { size: 9, limit: 8, cookies: 1 }), 502, "the session is too large for signed cookies: 9 bytes encoded, at most 8 fit in one cookie (Django's format is not split)"),
             (ProxyError::Interrupted, 400, "the session was deleted by a concurrent request (logout or key change); its changes were not saved"),
             (ProxyError::Store(StoreError::Unavailable("down".into())), 503, "the session store is unavailable; try again shortly"),
         ];

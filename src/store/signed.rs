@@ -61,12 +61,23 @@ impl Keys {
     }
 }
 
-/// The token is larger than `MAX_CHUNKS` cookies can carry.
+/// The token is larger than the cookies of its format can carry
+/// (`MAX_CHUNKS`, or Django's one).
 #[derive(Debug, thiserror::Error)]
-#[error("the session is too large for signed cookies: {size} bytes encoded, at most {limit} fit in {MAX_CHUNKS} cookies")]
+#[error("the session is too large for signed cookies: {size} bytes encoded, at most {limit} fit in {}", in_cookies(*.cookies))]
 pub struct TooLarge {
     pub size: usize,
     pub limit: usize,
+    /// How many cookies the format may use.
+    pub cookies: usize,
+}
+
+fn in_cookies(n: usize) -> String {
+    if n == 1 {
+        "one cookie (Django's format is not split)".into()
+    } else {
+        format!("{n} cookies")
+    }
 }
 
 pub struct SignedCookies {
@@ -135,6 +146,7 @@ impl SignedCookies {
                 return Err(TooLarge {
                     size: token.len(),
                     limit,
+                    cookies: 1,
                 });
             }
             return Ok(vec![token.to_string()]);
@@ -395,6 +407,7 @@ pub fn split(base: &str, token: &str) -> Result<Vec<String>, TooLarge> {
         return Err(TooLarge {
             size: token.len(),
             limit,
+            cookies: MAX_CHUNKS,
         });
     }
     let mut parts = Vec::new();
