@@ -180,8 +180,11 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), Reload
     if a.tls.is_some() != b.tls.is_some() {
         changed.push("[server] tls (turning TLS on or off)");
     }
-    if a.access_log != b.access_log || a.access_log_format != b.access_log_format {
+    if a.access_log != b.access_log {
         changed.push("[server] access_log");
+    }
+    if a.access_log_format != b.access_log_format {
+        changed.push("[server] access_log_format");
     }
     if running.admin.is_some() != new.admin.is_some() {
         changed.push("[admin] (added or removed)");
@@ -198,6 +201,32 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Result<(), Reload
             changed.join(", ")
         )))
     }
+}
+
+/// The keys a reload accepts but leaves at their start-up values (the
+/// listeners' and workers' settings, read once), changed in `new`: the
+/// reload says so rather than seem to apply them.
+pub fn kept_until_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&running.server, &new.server);
+    [
+        (
+            "keepalive_timeout",
+            a.keepalive_timeout != b.keepalive_timeout,
+        ),
+        (
+            "header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        ),
+        (
+            "h2_max_concurrent_streams",
+            a.h2_max_concurrent_streams != b.h2_max_concurrent_streams,
+        ),
+        ("max_connections", a.max_connections != b.max_connections),
+        ("shutdown_grace", a.shutdown_grace != b.shutdown_grace),
+    ]
+    .into_iter()
+    .filter_map(|(k, changed)| changed.then_some(k))
+    .collect()
 }
 
 /// Logs a reload that took effect and counts it in
@@ -237,6 +266,36 @@ mod tests {
             "[server]\n{server}\n[session]\nsecret_key = \"0123456789abcdef0123456789abcdef\"\n{admin}\n[[route]]\nupstream = \"http://127.0.0.1:9000\"\n"
         );
         Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    #[test]
+    fn keys_read_once_are_named_when_a_reload_changes_them() {
+        let plain = |port: u16| format!("listen = \"127.0.0.1:{port}\"\ntls = false");
+        let running = config(&plain(8000), "");
+        assert!(kept_until_restart(&running, &config(&plain(8000), "")).is_empty());
+        let new = config(
+            &format!(
+                "{}\nkeepalive_timeout = \"3s\"\nmax_connections = 5",
+                plain(8000)
+            ),
+            "",
+        );
+        assert_eq!(
+            kept_until_restart(&running, &new),
+            ["keepalive_timeout", "max_connections"]
+        );
+        let e = restart_only_changes(
+            &running,
+            &config(
+                &format!("{}\naccess_log_format = \"json\"", plain(8000)),
+                "",
+            ),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("[server] access_log_format changed"),
+            "{e}"
+        );
     }
 
     #[test]

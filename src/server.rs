@@ -247,6 +247,7 @@ impl Shared {
             }
         };
         let routes = p.config.routes.len();
+        let kept = crate::reload::kept_until_restart(&current.config, &p.config);
         let moved = rebind.is_some() || admin.is_some();
         let (listen, redirect) = (p.config.server.listen, p.config.server.redirect_http);
         let listen_moved = rebind.as_ref().is_some_and(|r| !r.listen.is_empty());
@@ -294,6 +295,13 @@ impl Shared {
             tracing::info!(%listen, redirect_http = ?redirect, "listeners moved by the reload; the old ones are closed, their connections finish their requests");
         }
         crate::reload::record_success(&self.ops.metrics, &path, routes);
+        if !kept.is_empty() {
+            tracing::warn!(
+                config = %path.display(),
+                "[server] {} changed: the reload keeps the start-up value until a restart",
+                kept.join(", ")
+            );
+        }
         Ok(())
     }
 

@@ -618,3 +618,38 @@ async fn a_moved_redirect_http_is_rebound_and_turning_tls_off_is_refused() {
     );
     assert_eq!(ask(r2).await.status, 308);
 }
+
+/// SPEC 7.1 "each reload is logged with its result": a reload that changes
+/// keys read once at start (`keepalive_timeout`, `max_connections`, ...)
+/// takes effect for the rest and says which keys keep their start-up
+/// values, rather than seem to apply them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_keys_it_leaves_at_their_start_up_values() {
+    let one = upstream(named_upstream("one")).await;
+    let two = upstream(named_upstream("two")).await;
+    let dir = TempDir::new("reload-kept");
+    let admin = common::redis_server::free_port();
+    let path = dir.write("sessiongate.toml", &config_text(&one.url(), admin, ""));
+    let sg = Running::start(&path).await;
+    let changed = config_text(&two.url(), admin, "").replace(
+        "access_log = \"off\"",
+        "access_log = \"off\"\nkeepalive_timeout = \"30s\"\nmax_connections = 5",
+    );
+    std::fs::write(&path, changed).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    let line = sg
+        .wait_for("the reload keeps the start-up value until a restart", 1)
+        .await;
+    assert!(
+        line.contains("[server] keepalive_timeout, max_connections changed"),
+        "{line}"
+    );
+    // The routes did change.
+    let got = client::<Full<Bytes>>()
+        .get(format!("http://{}/page", sg.addr).parse().unwrap())
+        .await
+        .unwrap();
+    let body = got.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"two"), "{body:?}");
+}
