@@ -974,6 +974,12 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
     if ss.refresh_interval.0.as_secs() > CENTURY {
         return Err("[session] refresh_interval: must be at most 100 years".into());
     }
+    if !ss.refresh_interval.0.is_zero() && ss.refresh_interval.0 >= ss.cookie_age.0 {
+        return Err(format!(
+            "[session] refresh_interval: must be shorter than cookie_age ({}s), or a session expires before its refresh is due",
+            ss.cookie_age.0.as_secs()
+        ));
+    }
     if !ss.refresh_interval.0.is_zero() && ss.save_every_request {
         return Err("[session] refresh_interval: not with save_every_request = true (every request already refreshes the session)".into());
     }
@@ -1522,6 +1528,23 @@ mod tests {
             assert!(e.contains("must not carry a user name or password"), "{e}");
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_refresh_interval_must_come_before_the_cookie_expires() {
+        for interval in ["14d", "15d"] {
+            let e = parse(&minimal(
+                &format!("refresh_interval = \"{interval}\""),
+                ROUTE,
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("must be shorter than cookie_age (1209600s)"),
+                "{e}"
+            );
+        }
+        assert!(parse(&minimal("refresh_interval = \"13d\"", ROUTE)).is_ok());
     }
 
     #[test]

@@ -209,7 +209,10 @@ impl SignedCookies {
             data: crate::session::json::encode_object(&map),
             expiry,
             created: signed,
-            modified: signed,
+            // The end of the signing second (Django stamps whole seconds),
+            // as the db engine reads its rows: `refresh_interval` never
+            // counts a write as older than it is.
+            modified: signed.saturating_add(999).min(now),
             expires_at,
             stamp: Stamp::NONE,
         };
@@ -517,6 +520,21 @@ mod tests {
             assert_eq!(k2, k);
             assert_eq!(r2, r);
         }
+    }
+
+    /// Django stamps whole seconds: a cookie signed at 12.3 s was written
+    /// at 12 s on its face, and read as written at the end of that second
+    /// (`now` at most), so `refresh_interval` never counts it older than it
+    /// is and never refreshes early.
+    #[test]
+    fn djangos_cookie_reads_as_written_at_the_end_of_its_second() {
+        let c = SignedCookies::django("sessionid", b"0123456789abcdef0123456789abcdef", &[], 3600);
+        let t = c.encode(&SessionKey::generate(), &rec(r#"{"a":1}"#, 12_300));
+        let (_, r) = c.decode(t.as_bytes(), 15_000).unwrap();
+        assert_eq!(r.modified, 12_999);
+        assert_eq!(r.created, 12_000);
+        let (_, r) = c.decode(t.as_bytes(), 12_500).unwrap();
+        assert_eq!(r.modified, 12_500, "never after now");
     }
 
     #[test]
