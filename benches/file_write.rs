@@ -54,6 +54,7 @@ fn ctx() -> WriteCtx {
         now: now_ms(),
         policy: POLICY,
         touch: false,
+        refresh_ms: 0,
         max_size: 0,
     }
 }

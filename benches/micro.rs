@@ -382,6 +382,7 @@ fn memory_store(c: &mut Criterion) {
                 now,
                 policy: p,
                 touch: false,
+                refresh_ms: 0,
                 max_size: 0,
             };
             let k = &keys[next()];
@@ -397,6 +398,7 @@ fn memory_store(c: &mut Criterion) {
                 now,
                 policy: p,
                 touch: false,
+                refresh_ms: 0,
                 max_size: 0,
             };
             let k = &keys[next()];

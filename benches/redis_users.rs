@@ -77,6 +77,7 @@ async fn writes(store: &Arc<RedisStore>, keys: &[SessionKey], secs: f64) -> f64 
                     now: now(),
                     policy: POLICY,
                     touch: false,
+                    refresh_ms: 0,
                     max_size: 0,
                 };
                 let r = store.apply(&k, &update(n), ctx).await.expect("apply");

@@ -37,6 +37,7 @@ fn ctx() -> WriteCtx {
         now: now(),
         policy: POLICY,
         touch: false,
+        refresh_ms: 0,
         max_size: 0,
     }
 }

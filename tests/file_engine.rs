@@ -66,6 +66,7 @@ fn ctx(now: i64) -> WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        refresh_ms: 0,
         max_size: 0,
     }
 }

@@ -294,6 +294,7 @@ fn ctx(now: i64) -> sessiongate::store::WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        refresh_ms: 0,
         max_size: 0,
     }
 }

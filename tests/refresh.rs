@@ -12,6 +12,7 @@ mod sessions_api;
 
 use std::any::Any;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::e2e::*;
@@ -305,4 +306,74 @@ fn check_refuses_refresh_interval_with_save_every_request() {
         e.contains("refresh_interval") && e.contains("save_every_request"),
         "{e}"
     );
+}
+
+/// SPEC 10 "the store sees at most one write per session per interval",
+/// for the requests a page makes at once (parallel XHR, assets on a session
+/// route): they all load the session due for a refresh before any answers.
+/// One of them writes it and sends the refreshed cookie; the others find it
+/// just written and send none.
+async fn a_burst_refreshes_once(engine: &str) {
+    const BURST: usize = 6;
+    let arrived = Arc::new(tokio::sync::Barrier::new(BURST));
+    let up = upstream_async({
+        let arrived = arrived.clone();
+        move |s: Seen| {
+            let arrived = arrived.clone();
+            Box::pin(async move {
+                if s.uri.path() == "/login" {
+                    return directives(&[("x-session-update", r#"{"user_id": 1}"#)]);
+                }
+                // Every request of the burst has loaded the session.
+                arrived.wait().await;
+                ok()
+            })
+        }
+    })
+    .await;
+    let Some((p, _guard)) = proxy(engine, &up, &refresh_config()).await else {
+        return;
+    };
+    let admin = p.admin.unwrap();
+    let mut b = Browser::default();
+    b.get(&p, "/login").await.key_or_token();
+    let before = saved(admin).await;
+    p.clock.advance(Duration::from_secs(INTERVAL + 1));
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let mut b = Browser { jar: b.jar.clone() };
+            let p = &p;
+            async move { b.get(p, "/page").await }
+        })
+        .collect();
+    let got = within("the burst", futures_util::future::join_all(burst)).await;
+    assert!(got.iter().all(|g| g.status == 200), "{engine}");
+    let cookies = got.iter().filter(|g| g.session_cookie().is_some()).count();
+    assert_eq!(cookies, 1, "{engine}: one refreshed cookie for the burst");
+    assert_eq!(
+        saved(admin).await - before,
+        1,
+        "{engine}: one write for the burst"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_refreshes_once() {
+    a_burst_refreshes_once("memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_a_burst_refreshes_once() {
+    a_burst_refreshes_once("file").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_a_burst_refreshes_once() {
+    a_burst_refreshes_once("db").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_burst_refreshes_once() {
+    a_burst_refreshes_once("redis").await;
 }

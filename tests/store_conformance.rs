@@ -26,6 +26,7 @@ fn ctx(now: i64) -> WriteCtx {
         now,
         policy: POLICY,
         touch: false,
+        refresh_ms: 0,
         max_size: 0,
     }
 }
@@ -288,6 +289,7 @@ pub async fn unchanged_patch_writes_nothing_unless_touch<S: Store>(s: &S) {
     );
     let touch = WriteCtx {
         touch: true,
+        refresh_ms: 0,
         ..ctx(T0 + 5000)
     };
     assert!(matches!(
@@ -297,6 +299,52 @@ pub async fn unchanged_patch_writes_nothing_unless_touch<S: Store>(s: &S) {
     assert_eq!(
         s.load(&k, T0).await.unwrap().unwrap().expires_at,
         T0 + 5000 + 3_600_000
+    );
+}
+
+/// SPEC 10: requests that each found the session due for a refresh (they
+/// loaded it before any of them wrote) make one write: the others find the
+/// newest state just written, and write nothing. After another interval, a
+/// refresh writes again.
+pub async fn a_burst_of_refreshes_writes_once<S: Store>(s: &S) {
+    let k = s.create(record(json!({"a": 1}), T0)).await.unwrap();
+    let seen = s.load(&k, T0 + 5000).await.unwrap().unwrap();
+    let refresh = |now: i64| WriteCtx {
+        refresh_ms: 2000,
+        ..ctx(now)
+    };
+    let first = s
+        .apply_seen(&k, &seen, &Patch::default(), refresh(T0 + 5000))
+        .await
+        .unwrap();
+    assert!(matches!(first, Applied::Saved { .. }), "{first:?}");
+    for now in [T0 + 5001, T0 + 6999] {
+        assert_eq!(
+            s.apply_seen(&k, &seen, &Patch::default(), refresh(now))
+                .await
+                .unwrap(),
+            Applied::Unchanged,
+            "a second refresh from the same load, at {now}"
+        );
+        assert_eq!(
+            s.apply(&k, &Patch::default(), refresh(now)).await.unwrap(),
+            Applied::Unchanged
+        );
+    }
+    assert_eq!(
+        s.load(&k, T0 + 6000).await.unwrap().unwrap().expires_at,
+        T0 + 5000 + 3_600_000
+    );
+    // Past the interval (the db engines read a write as made at the end of
+    // its signing second: 999 ms more).
+    let later = s
+        .apply(&k, &Patch::default(), refresh(T0 + 8000))
+        .await
+        .unwrap();
+    assert!(matches!(later, Applied::Saved { .. }), "{later:?}");
+    assert_eq!(
+        s.load(&k, T0 + 8000).await.unwrap().unwrap().expires_at,
+        T0 + 8000 + 3_600_000
     );
 }
 
@@ -567,6 +615,11 @@ macro_rules! conformance {
             async fn unchanged_patch_writes_nothing_unless_touch() {
                 let (s, _g) = $ctor().await;
                 super::unchanged_patch_writes_nothing_unless_touch(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_burst_of_refreshes_writes_once() {
+                let (s, _g) = $ctor().await;
+                super::a_burst_of_refreshes_writes_once(&s).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn deleted_session_is_missing_and_never_resurrected() {

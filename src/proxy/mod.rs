@@ -882,7 +882,8 @@ impl Proxy {
         let ctx = WriteCtx {
             now,
             policy: self.policy,
-            touch: save_every || refresh,
+            touch: save_every,
+            refresh_ms: if refresh { self.refresh_ms } else { 0 },
             max_size: self.max_session,
         };
         // The session as it stands after the rest of the patch: what the

@@ -1370,7 +1370,7 @@ impl<'t> Tables<'t> {
                 record,
             }));
         }
-        if !record.apply_patch(patch, ctx.now, &ctx.policy) && !ctx.touch {
+        if !record.apply_patch(patch, ctx.now, &ctx.policy) && !ctx.touches(&before) {
             return Ok(Ok(Applied::Unchanged));
         }
         if let Some(size) = ctx.too_large(&before, &record) {

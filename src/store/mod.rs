@@ -52,6 +52,12 @@ pub struct WriteCtx {
     /// Write (and refresh the expiry) even when the patch changes nothing
     /// (`save_every_request`).
     pub touch: bool,
+    /// `refresh_interval` in ms when the request found its session due for
+    /// a refresh (SPEC 10), else 0. A patch that changes nothing then
+    /// writes only when the newest state is still that old: of a burst of
+    /// requests that all found it due, one writes (the others find it
+    /// just written).
+    pub refresh_ms: i64,
     /// `max_session_size` (0: none): a patch that makes the stored data
     /// longer than this, and longer than it was, is not written
     /// ([`Applied::TooLarge`]). Checked on the newest state, so concurrent
@@ -60,6 +66,12 @@ pub struct WriteCtx {
 }
 
 impl WriteCtx {
+    /// Whether a patch that changes nothing still writes, on `base` (the
+    /// newest state): `touch`, or a refresh still due on it.
+    pub fn touches(&self, base: &Record) -> bool {
+        self.touch || (self.refresh_ms > 0 && self.now - base.modified >= self.refresh_ms)
+    }
+
     /// The size of `after`'s data when `max_size` refuses it (over the
     /// limit, and grown from `before`).
     pub fn too_large(&self, before: &Record, after: &Record) -> Option<usize> {
@@ -491,7 +503,7 @@ macro_rules! dispatch {
 pub fn apply_local(key: &SessionKey, record: &Record, patch: &Patch, ctx: WriteCtx) -> Applied {
     let mut next = record.clone();
     let modified = next.apply_patch(patch, ctx.now, &ctx.policy);
-    if !modified && !ctx.touch && !patch.cycle {
+    if !modified && !ctx.touches(record) && !patch.cycle {
         return Applied::Unchanged;
     }
     if let Some(size) = ctx.too_large(record, &next) {
@@ -576,6 +588,7 @@ pub(crate) mod test_support {
             now,
             policy: POLICY,
             touch: false,
+            refresh_ms: 0,
             max_size: 0,
         }
     }

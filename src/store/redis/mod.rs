@@ -762,7 +762,7 @@ impl RedisStore {
             let mut next = cur.record.clone();
             let modified = next.apply_patch(patch, ctx.now, &ctx.policy);
             let live = cur.record.is_live(ctx.now);
-            let unchanged = !patch.cycle && !modified && !ctx.touch;
+            let unchanged = !patch.cycle && !modified && !ctx.touches(&cur.record);
             let too_large = ctx.too_large(&cur.record, &next);
             if !verified && (!live || unchanged || too_large.is_some()) {
                 state = match self.check(&mut c, &rkey, &cur.version).await? {
