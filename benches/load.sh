@@ -58,7 +58,7 @@
 #   ONLY=""          scenario ids to run, space-separated (for example
 #                    ONLY="nginx nginx_hdr sg_read" with more ROUNDS, to settle
 #                    a few percent between two rows); ratios of rows not run
-#                    print n/a. Ids: backend nginx nginx_hdr sg_static sg_read
+#                    print n/a. Ids: backend nginx nginx_hdr nginx_log sg_static sg_read
 #                    sg_read_rel (with the PGO build only) sg_write sg_tls_h1 sg_tls_h2 nginx_tls_h1 nginx_tls_h2
 #                    nginx_1w sg_read_1w nginx_pin sg_read_pin sg_read_nolog
 #                    sg_write_user sg_write_uid sg_login sg_login_user sg_read_alt (with ALT_BIN)
@@ -299,6 +299,7 @@ free_port P_SG
 free_port P_SG_TLS
 free_port P_NGINX1
 free_port P_NGINX_HDR
+free_port P_NGINX_LOG
 free_port P_NGINX_PIN
 free_port P_SG_PIN
 free_port P_SG_NOLOG
@@ -466,6 +467,28 @@ EOF
     start nginx-proxy-hdr "$NGINX_BIN" -p "$WORK/proxyhdr" -e "$WORK/proxyhdr/error.log" -c "$WORK/proxyhdr/nginx.conf"
     wait_http nginx-proxy-hdr "http://127.0.0.1:$P_NGINX_HDR/" "${PIDS[-1]}"
     CPU_PIDS[nginx_hdr]=$(workers_of "${PIDS[-1]}" "$(nproc)")
+    # nginx as it runs out of the box: its default access log (combined, one
+    # write(2) to a file per request), beside sessiongate's default (the
+    # access log on, to stderr, which this script sends to a file).
+    nginx_conf proxylog <<EOF
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_LOG;
+        access_log $WORK/proxylog/access.log combined;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+    start nginx-proxy-log "$NGINX_BIN" -p "$WORK/proxylog" -e "$WORK/proxylog/error.log" -c "$WORK/proxylog/nginx.conf"
+    wait_http nginx-proxy-log "http://127.0.0.1:$P_NGINX_LOG/" "${PIDS[-1]}"
+    CPU_PIDS[nginx_log]=$(workers_of "${PIDS[-1]}" "$(nproc)")
     if [[ $ONE_WORKER == 1 ]]; then
         nginx_conf proxy1 1 <<EOF
     upstream backend {
@@ -659,6 +682,9 @@ fi
 SCEN+=("sg_read|sessiongate live session (read)|wrk|http://127.0.0.1:$P_SG/|$COOKIE")
 if [[ -n ${ALT_BIN:-} ]]; then
     SCEN+=("sg_read_alt|sessiongate live session (read), ALT_BIN \`$(basename "$(dirname "$(dirname "$ALT_BIN")")")/$(basename "$(dirname "$ALT_BIN")")/$(basename "$ALT_BIN")\`|wrk|http://127.0.0.1:$P_SG_ALT/|$COOKIE_ALT")
+fi
+if ((USE_NGINX)); then
+    SCEN+=("nginx_log|nginx proxy_pass, its default access log (combined, to a file)|wrk|http://127.0.0.1:$P_NGINX_LOG/|")
 fi
 SCEN+=("sg_read_nolog|sessiongate live session (read), access_log = \"off\", no [admin] (no metrics)|wrk|http://127.0.0.1:$P_SG_NOLOG/|$COOKIE_NOLOG")
 if [[ $BUILT == pgo ]]; then
@@ -957,6 +983,8 @@ REPORT="$WORK/report.md"
     row "sessiongate write, user_key set (a logged-in session, the user unchanged) / unset" sg_write_uid sg_write 0.9
     row "sessiongate login (a new session every request), user_key set / unset" sg_login_user sg_login 0.9
     row "sessiongate read / nginx proxy sending the same 9 request headers (like for like)" sg_read nginx_hdr
+    row "sessiongate read / nginx proxy_pass with its default access log (each with its default log on)" sg_read nginx_log
+    row "nginx with its default access log / nginx plain proxy (access_log off)" nginx_log nginx
     row "nginx with the 9 headers / nginx plain proxy (what the headers cost, both sides)" nginx_hdr nginx
     row "sessiongate TLS HTTP/1.1 / plain (read)" sg_tls_h1 sg_read
     row "sessiongate TLS h2 / plain HTTP/1.1 (read)" sg_tls_h2 sg_read
