@@ -252,3 +252,48 @@ async fn signed_only_mode_is_readable_but_still_verified() {
     call(&p, &format!("sessionid=1.{forged}"), &[]).await;
     assert_eq!(up.last().header("x-session-new"), Some("true"));
 }
+
+/// SPEC 2 `absolute_timeout` on Django's format: "no session outlives this
+/// since its creation, whatever its activity". The cookie carries the
+/// creation time, so writes that re-sign it do not move its start; without
+/// `absolute_timeout` the cookie is Django's exactly (no such key).
+#[tokio::test]
+async fn djangos_format_keeps_absolute_timeout_across_writes() {
+    let up = echo().await;
+    let p = start_engine(&cfg(
+        &up,
+        "format = \"django\"",
+        "cookie_age = \"100s\"\nabsolute_timeout = \"150s\"",
+    ))
+    .await;
+    let r = call(&p, "", &[("update", r#"{"n":0}"#)]).await;
+    let mut jar = r.cookie_jar();
+    for n in 1..=3 {
+        p.clock.advance(Duration::from_secs(40));
+        let r = call(&p, &jar, &[("update", &format!("{{\"n\":{n}}}"))]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        jar = r.cookie_jar();
+        assert_eq!(
+            up.last().session(),
+            json!({"n": n - 1}),
+            "hidden from X-Session"
+        );
+    }
+    // 160 s after its creation, 40 s after its last write.
+    p.clock.advance(Duration::from_secs(40));
+    call(&p, &jar, &[]).await;
+    assert_eq!(up.last().header("x-session-new"), Some("true"));
+    assert_eq!(up.last().session(), json!({}));
+
+    // Without absolute_timeout the cookie holds the data only.
+    let p = start_engine(&cfg(&up, "format = \"django\"", "")).await;
+    let r = call(&p, "", &[("update", r#"{"n":0}"#)]).await;
+    let token = r.cookie_jar();
+    let payload = token.split_once('=').unwrap().1.split(':').next().unwrap();
+    let b64 = payload.trim_start_matches('.');
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(raw, br#"{"n":0}"#, "Django's own payload, uncompressed");
+}

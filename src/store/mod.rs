@@ -406,12 +406,15 @@ impl AnyStore {
             Engine::SignedCookies => {
                 let s = &config.session;
                 if c.django_format {
-                    return Ok(AnyStore::Signed(SignedCookies::django(
-                        &s.cookie_name,
-                        &s.secret_key,
-                        &s.secret_key_fallbacks,
-                        s.cookie_age.as_secs() as i64,
-                    )));
+                    return Ok(AnyStore::Signed(
+                        SignedCookies::django(
+                            &s.cookie_name,
+                            &s.secret_key,
+                            &s.secret_key_fallbacks,
+                            s.cookie_age.as_secs() as i64,
+                        )
+                        .keeping_creation(!s.absolute_timeout.is_zero()),
+                    ));
                 }
                 Ok(AnyStore::Signed(SignedCookies::new(
                     &s.cookie_name,

@@ -87,6 +87,12 @@ pub struct SignedCookies {
     /// (`signing.dumps`, salt `django.contrib.sessions.backends.signed_cookies`,
     /// signed, not encrypted, one cookie), and the max age of its timestamp.
     django: Option<(crate::store::db::Signer, i64)>,
+    /// Django's format with `absolute_timeout` set: the cookie also carries
+    /// the session's creation time, as `_sessiongate_created` (Unix ms, as
+    /// the db engine keeps it in a row), which Django's format has no
+    /// place for. Without it, a session's age would count from its last
+    /// write.
+    keep_created: bool,
     /// The current key first, then the fallbacks.
     keys: Vec<Keys>,
 }
@@ -100,7 +106,15 @@ impl SignedCookies {
             encrypt,
             keys,
             django: None,
+            keep_created: false,
         }
+    }
+
+    /// Django's format only: whether the cookie carries the creation time
+    /// (`absolute_timeout` set; see the field).
+    pub fn keeping_creation(mut self, on: bool) -> Self {
+        self.keep_created = on && self.django.is_some();
+        self
     }
 
     /// Django's `signed_cookies` format (SPEC 8), verified with `secret`
@@ -162,8 +176,11 @@ impl SignedCookies {
         presented_chunks(headers, &self.name)
     }
 
-    fn encode_django(signer: &crate::store::db::Signer, r: &Record) -> String {
+    fn encode_django(&self, signer: &crate::store::db::Signer, r: &Record) -> String {
         let mut map = r.data_map();
+        if self.keep_created {
+            map.insert(crate::store::db::CREATED_KEY.into(), r.created.into());
+        }
         use serde_json::Value;
         let key = crate::store::db::EXPIRY_KEY;
         // The expiry is the record's, never a key an upstream wrote (SPEC 8).
@@ -200,6 +217,15 @@ impl SignedCookies {
         let mut map = crate::session::json::parse_object(&json)?;
         let expiry = crate::store::db::expiry_from_value(map.remove(crate::store::db::EXPIRY_KEY));
         let signed = ts * 1000;
+        // A cookie from before `absolute_timeout` was set, or Django's own,
+        // counts from its signing.
+        let created = match self.keep_created {
+            true => map
+                .remove(crate::store::db::CREATED_KEY)
+                .and_then(|v| v.as_i64())
+                .map_or(signed, |c| c.min(signed)),
+            false => signed,
+        };
         let expires_at = match expiry {
             Expiry::Seconds(n) => signed + n * 1000,
             Expiry::At(t) => t,
@@ -208,7 +234,7 @@ impl SignedCookies {
         let r = Record {
             data: crate::session::json::encode_object(&map),
             expiry,
-            created: signed,
+            created,
             // The end of the signing second (Django stamps whole seconds),
             // as the db engine reads its rows: `refresh_interval` never
             // counts a write as older than it is.
@@ -232,7 +258,7 @@ impl SignedCookies {
     /// Encodes a session as one token (before splitting into cookies).
     pub fn encode(&self, key: &SessionKey, r: &Record) -> String {
         if let Some((signer, _)) = &self.django {
-            return Self::encode_django(signer, r);
+            return self.encode_django(signer, r);
         }
         let mut buf = Vec::with_capacity(NONCE_LEN + HEADER_LEN + r.data.len() + MAC_LEN + 16);
         if self.encrypt {
