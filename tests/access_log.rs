@@ -2,6 +2,8 @@
 //! format and JSON, with no query string, cookie, key or session data.
 
 mod common;
+#[path = "common/sessions_api.rs"]
+mod sessions_api;
 
 use common::e2e::*;
 use common::*;
@@ -102,4 +104,90 @@ async fn json_lines_carry_route_upstream_and_the_public_session_id() {
     assert_ne!(id, key);
     // The first request had no session yet.
     assert_eq!(lines[0]["session_id"], Value::Null);
+}
+
+/// SPEC 6 (a line that says what happened), 7.2 (counters are exact) and
+/// 7.3 (one line per request): the heads the connection layer answers
+/// itself, before any route (hyper's `400` and `431`, the `501` of a
+/// transfer coding), get a one-line body, and are counted and logged like
+/// every other request (route `-`).
+#[tokio::test]
+async fn refused_heads_get_a_line_and_are_counted_and_logged() {
+    let up = upstream(|_| ok()).await;
+    let dir = TempDir::new("access-refused");
+    let log = dir.join("access.log");
+    let toml = config_with(
+        &format!("access_log = \"{}\"\n", log.display()),
+        "",
+        &format!("{}\n[admin]\nlisten = \"127.0.0.1:0\"\n", route(&up, "")),
+    );
+    let p = start(&toml).await;
+    let admin = p.admin.unwrap();
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let many = format!(
+        "GET /many HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        (0..120)
+            .map(|i| format!("X-H{i}: 1\r\n"))
+            .collect::<String>()
+    );
+    let cases: [(&str, u16, &str, &str); 5] = [
+        (
+            "GET /x HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n",
+            400,
+            "malformed request head",
+            "\"GET /x HTTP/1.1\" 400 ",
+        ),
+        (
+            "G@T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "malformed request head",
+            "\"-\" 400 ",
+        ),
+        (
+            "POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            501,
+            "request transfer coding not supported",
+            "\"POST /te HTTP/1.1\" 501 ",
+        ),
+        (
+            &big,
+            431,
+            "request head too large",
+            "\"GET /big HTTP/1.1\" 431 ",
+        ),
+        (
+            &many,
+            431,
+            "request head too large",
+            "\"GET /many HTTP/1.1\" 431 ",
+        ),
+    ];
+    for (head, status, says, _) in &cases {
+        let r = raw_request(p.addr, head).await;
+        assert_eq!(r.status, *status, "{says}");
+        assert_one_line(&r.text());
+        assert!(r.text().contains(says), "{:?}", r.text());
+    }
+    for (status, n) in [(400, 2), (431, 2), (501, 1)] {
+        assert_eq!(
+            sessions_api::metric(
+                admin,
+                &format!("sessiongate_requests_total{{route=\"-\",status=\"{status}\"}}")
+            )
+            .await,
+            n,
+            "{status}"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    p.stop().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), cases.len(), "{text}");
+    for (line, (_, _, _, logged)) in lines.iter().zip(&cases) {
+        assert!(line.contains(logged), "{line}");
+    }
 }

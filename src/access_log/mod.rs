@@ -58,7 +58,9 @@ pub struct Entry<'a> {
     /// When the request head arrived.
     pub time: SystemTime,
     pub client: IpAddr,
-    pub method: Method,
+    /// `None`: a head too broken to name one (the line shows `"-"` for the
+    /// request, the JSON `null`s).
+    pub method: Option<Method>,
     /// The request target; its query is cut off when the line is written.
     pub target: Option<http::uri::PathAndQuery>,
     pub version: Version,
@@ -457,11 +459,16 @@ pub fn combined(out: &mut Vec<u8>, e: &Entry) {
     out.extend_from_slice(b" - - [");
     push_time_local(out, e.time);
     out.extend_from_slice(b"] \"");
-    escaped(out, e.method.as_str().as_bytes());
-    out.push(b' ');
-    escaped(out, path_only(e.target.as_ref()).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(version_str(e.version).as_bytes());
+    match &e.method {
+        Some(m) => {
+            escaped(out, m.as_str().as_bytes());
+            out.push(b' ');
+            escaped(out, path_only(e.target.as_ref()).as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(version_str(e.version).as_bytes());
+        }
+        None => out.push(b'-'),
+    }
     out.extend_from_slice(b"\" ");
     out.extend_from_slice(itoa(u64::from(e.status), &mut [0; 20]));
     out.push(b' ');
@@ -533,9 +540,9 @@ pub fn json(out: &mut Vec<u8>, e: &Entry) {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
         "remote_addr": e.client.to_canonical().to_string(),
-        "method": e.method.as_str(),
-        "path": path_only(e.target.as_ref()),
-        "protocol": version_str(e.version),
+        "method": e.method.as_ref().map(Method::as_str),
+        "path": e.method.as_ref().map(|_| path_only(e.target.as_ref())),
+        "protocol": e.method.as_ref().map(|_| version_str(e.version)),
         "status": e.status,
         "body_bytes_sent": e.bytes,
         "http_referer": text(&e.referer, true),
@@ -557,7 +564,7 @@ mod tests {
         Entry {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_254_707),
             client: "::ffff:10.1.2.3".parse().unwrap(),
-            method: Method::GET,
+            method: Some(Method::GET),
             target: Some("/cart/add?item=7&token=secret".parse().unwrap()),
             version: Version::HTTP_11,
             status: 200,
@@ -660,7 +667,7 @@ mod tests {
         e.referer = None;
         e.user_agent = None;
         e.target = None;
-        e.method = Method::from_bytes(b"PROPFIND").unwrap();
+        e.method = Some(Method::from_bytes(b"PROPFIND").unwrap());
         let mut out = Vec::new();
         combined(&mut out, &e);
         let line = String::from_utf8(out).unwrap();

@@ -349,7 +349,7 @@ impl Proxy {
                 (
                     SystemTime::now(),
                     client,
-                    req.method().clone(),
+                    Some(req.method().clone()),
                     req.uri().path_and_query().cloned(),
                     req.version(),
                     headers::has(h, &header::REFERER)
@@ -405,6 +405,44 @@ impl Proxy {
                 }
             }
             Ok(resp)
+        }
+    }
+
+    /// Counts and logs a request the connection layer answered itself
+    /// (a head hyper would refuse: `400`, `431`, `501`), as every other
+    /// request is: route `-`, nothing sent upstream. `line` is the
+    /// request line when the head had a readable one.
+    pub fn refused(
+        &self,
+        conn: &ConnInfo,
+        status: StatusCode,
+        body_len: usize,
+        line: Option<(Method, Option<http::uri::PathAndQuery>, Version)>,
+    ) {
+        if self.metrics_on {
+            self.no_route.request(status.as_u16(), Duration::ZERO);
+        }
+        if self.access_log.is_on() {
+            let (method, target, version) = match line {
+                Some((m, t, v)) => (Some(m), t, v),
+                None => (None, None, Version::HTTP_11),
+            };
+            self.access_log.log(&Entry {
+                time: SystemTime::now(),
+                client: conn.peer.ip(),
+                method,
+                target,
+                version,
+                status: status.as_u16(),
+                bytes: Some(body_len as u64),
+                referer: None,
+                user_agent: None,
+                duration: Duration::ZERO,
+                route: None,
+                upstream: None,
+                upstream_time: None,
+                session_id: None,
+            });
         }
     }
 

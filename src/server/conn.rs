@@ -368,15 +368,44 @@ where
                 Ok(super::h1::Next::Handoff) => {}
                 Err(e) => return Err(e.into()),
             }
-            match super::io::judge_head(&buf) {
+            // A head hyper would refuse is answered here, with a line that
+            // says why, and counted and logged as every request is.
+            let refused = match super::io::judge_head(&buf) {
                 HeadVerdict::Refuse(coding) => {
                     tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
-                    io.refuse(coding);
-                    let _ = io.shutdown().await;
-                    return Ok(());
+                    let (status, body) =
+                        crate::proxy::ProxyError::TransferCoding(coding).status_and_body();
+                    Some((status, body))
                 }
-                HeadVerdict::Pass { tunnel } => io.check_heads(true, tunnel),
-                HeadVerdict::More => io.check_heads(true, false),
+                HeadVerdict::Malformed(why) => {
+                    tracing::debug!(%why, "malformed request head: answered 400");
+                    Some((http::StatusCode::BAD_REQUEST, why.to_string()))
+                }
+                HeadVerdict::TooLarge => {
+                    tracing::debug!("request head too large: answered 431");
+                    Some((
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request head too large (over 64 KiB or 100 fields)".to_string(),
+                    ))
+                }
+                HeadVerdict::Pass { tunnel } => {
+                    io.check_heads(true, tunnel);
+                    None
+                }
+                HeadVerdict::More => {
+                    io.check_heads(true, false);
+                    None
+                }
+            };
+            if let Some((status, body)) = refused {
+                let line = super::io::request_line(&buf);
+                w.gen
+                    .load()
+                    .proxy
+                    .refused(&info, status, body.len() + 1, line);
+                io.answer(status, &body);
+                let _ = io.shutdown().await;
+                return Ok(());
             }
         }
         // Boxed: only a connection handed over pays for hyper's.

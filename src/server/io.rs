@@ -298,6 +298,11 @@ pub(super) enum HeadVerdict {
     Pass { tunnel: bool },
     /// Answered `501` here, naming the coding.
     Refuse(crate::proxy::headers::Coding),
+    /// Not a request head hyper would take (its `400`): what is wrong.
+    Malformed(&'static str),
+    /// Over [`super::conn::MAX_REQUEST_HEAD`] bytes or 100 fields
+    /// (hyper's `431`).
+    TooLarge,
 }
 
 /// Judges a request head at the front of `head` as hyper would parse it:
@@ -307,9 +312,15 @@ pub(super) fn judge_head(head: &[u8]) -> HeadVerdict {
     let mut fields = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut fields);
     match req.parse(head) {
+        Ok(httparse::Status::Partial) if head.len() >= super::conn::MAX_REQUEST_HEAD => {
+            return HeadVerdict::TooLarge
+        }
         Ok(httparse::Status::Partial) => return HeadVerdict::More,
         Ok(httparse::Status::Complete(_)) => {}
-        Err(_) => return HeadVerdict::Pass { tunnel: false },
+        Err(httparse::Error::TooManyHeaders) => return HeadVerdict::TooLarge,
+        // `HTTP/2.0` is h2c's preface (hyper's), other versions its 400.
+        Err(httparse::Error::Version) => return HeadVerdict::Pass { tunnel: false },
+        Err(e) => return HeadVerdict::Malformed(malformed(e)),
     }
     let tunnel = req.method == Some("CONNECT")
         || req
@@ -341,6 +352,36 @@ pub(super) fn judge_head(head: &[u8]) -> HeadVerdict {
             Ok(()) => HeadVerdict::Pass { tunnel },
         },
         _ => HeadVerdict::Pass { tunnel },
+    }
+}
+
+/// The request line of a head the connection layer refuses, when it has a
+/// readable one (for the access log): httparse keeps what it read before
+/// the fault.
+pub(super) fn request_line(
+    head: &[u8],
+) -> Option<(http::Method, Option<http::uri::PathAndQuery>, http::Version)> {
+    let mut fields = [httparse::EMPTY_HEADER; 100];
+    let mut req = httparse::Request::new(&mut fields);
+    let _ = req.parse(head);
+    let method = http::Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let version = match req.version? {
+        0 => http::Version::HTTP_10,
+        _ => http::Version::HTTP_11,
+    };
+    Some((method, req.path.and_then(|p| p.parse().ok()), version))
+}
+
+/// What is wrong with a head httparse refused, for the `400`'s line.
+fn malformed(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "malformed request head: an invalid header field name",
+        httparse::Error::HeaderValue => "malformed request head: an invalid header field value",
+        httparse::Error::NewLine | httparse::Error::Status => {
+            "malformed request head: an invalid line ending"
+        }
+        httparse::Error::Token => "malformed request head: an invalid method or request line",
+        _ => "malformed request head",
     }
 }
 
@@ -379,6 +420,11 @@ impl HeadCheck {
                 self.done(state);
                 None
             }
+            // hyper answers these on a connection it serves.
+            HeadVerdict::Malformed(_) | HeadVerdict::TooLarge => {
+                self.done(state);
+                None
+            }
             HeadVerdict::Refuse(c) => {
                 self.done(state);
                 self.off = true;
@@ -404,6 +450,11 @@ struct Refusal {
 impl Refusal {
     fn new(coding: crate::proxy::headers::Coding) -> Refusal {
         let (status, body) = crate::proxy::ProxyError::TransferCoding(coding).status_and_body();
+        Refusal::answer(status, &body)
+    }
+
+    /// `status` with the one-line `body`, then the connection closes.
+    fn answer(status: http::StatusCode, body: &str) -> Refusal {
         let body = format!("{body}\n");
         let bytes = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -474,10 +525,11 @@ impl<T: IntoTcp> ConnIo<T> {
         };
     }
 
-    /// Answers `501` naming `coding` (at the next shutdown, or read), then
-    /// the connection closes after the lingering close.
-    pub(crate) fn refuse(&mut self, coding: crate::proxy::headers::Coding) {
-        self.refusal = Some(Box::new(Refusal::new(coding)));
+    /// Answers `status` with the one-line `body` (at the next shutdown, or
+    /// read), then the connection closes after the lingering close: a head
+    /// the connection layer refuses itself.
+    pub(crate) fn answer(&mut self, status: http::StatusCode, body: &str) {
+        self.refusal = Some(Box::new(Refusal::answer(status, body)));
     }
 
     fn io(&mut self) -> Pin<&mut T>
