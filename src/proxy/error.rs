@@ -46,6 +46,13 @@ pub enum ProxyError {
     ClientBody(#[source] BoxError),
     #[error("request body stalled for {0:?}")]
     ClientBodyTimeout(Duration),
+    /// A request head hyper would refuse, answered by the connection
+    /// layer: what is wrong.
+    #[error("malformed request head: {0}")]
+    MalformedHead(&'static str),
+    /// Over 64 KiB or 100 fields.
+    #[error("request head too large")]
+    HeadTooLarge,
 
     // The upstream.
     #[error("upstream unreachable")]
@@ -119,6 +126,14 @@ impl ProxyError {
             E::ClientBody(e) => (
                 StatusCode::BAD_REQUEST,
                 format!("request body incomplete or badly framed: {}", one_line(&**e)),
+            ),
+            E::MalformedHead(why) => (
+                StatusCode::BAD_REQUEST,
+                format!("malformed request head: {why}"),
+            ),
+            E::HeadTooLarge => s(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head too large (over 64 KiB or 100 fields)",
             ),
             E::ClientBodyTimeout(d) => (
                 StatusCode::REQUEST_TIMEOUT,
@@ -236,21 +251,23 @@ mod tests {
             ProxyError::TransferCoding(..) => 8,
             ProxyError::ClientBody(..) => 9,
             ProxyError::ClientBodyTimeout(..) => 10,
-            ProxyError::UpstreamConnect(..) => 11,
-            ProxyError::UpstreamCertificate(..) => 12,
-            ProxyError::UpstreamIo(..) => 13,
-            ProxyError::UpstreamProtocol(..) => 14,
-            ProxyError::UpstreamClosed(..) => 15,
-            ProxyError::UpstreamSwitched => 16,
-            ProxyError::UpstreamUpgrade(..) => 17,
-            ProxyError::UpstreamTimeout(..) => 18,
-            ProxyError::UpstreamReadTimeout(..) => 19,
-            ProxyError::UpstreamTarget(..) => 20,
-            ProxyError::Directive(..) => 21,
-            ProxyError::SessionTooLarge { .. } => 22,
-            ProxyError::SignedTooLarge(..) => 23,
-            ProxyError::Interrupted => 24,
-            ProxyError::Store(..) => 25,
+            ProxyError::MalformedHead(..) => 11,
+            ProxyError::HeadTooLarge => 12,
+            ProxyError::UpstreamConnect(..) => 13,
+            ProxyError::UpstreamCertificate(..) => 14,
+            ProxyError::UpstreamIo(..) => 15,
+            ProxyError::UpstreamProtocol(..) => 16,
+            ProxyError::UpstreamClosed(..) => 17,
+            ProxyError::UpstreamSwitched => 18,
+            ProxyError::UpstreamUpgrade(..) => 19,
+            ProxyError::UpstreamTimeout(..) => 20,
+            ProxyError::UpstreamReadTimeout(..) => 21,
+            ProxyError::UpstreamTarget(..) => 22,
+            ProxyError::Directive(..) => 23,
+            ProxyError::SessionTooLarge { .. } => 24,
+            ProxyError::SignedTooLarge(..) => 25,
+            ProxyError::Interrupted => 26,
+            ProxyError::Store(..) => 27,
         }
     }
 
@@ -273,6 +290,8 @@ mod tests {
             (ProxyError::TransferCoding(Coding("gzip".into())), 501, "request transfer coding not supported: gzip (only chunked)"),
             (ProxyError::ClientBody(boxed()), 400, "request body incomplete or badly framed: connection reset"),
             (ProxyError::ClientBodyTimeout(Duration::from_secs(60)), 408, "request body stalled: nothing received for 60s"),
+            (ProxyError::MalformedHead("an invalid header field name"), 400, "malformed request head: an invalid header field name"),
+            (ProxyError::HeadTooLarge, 431, "request head too large (over 64 KiB or 100 fields)"),
             (ProxyError::UpstreamConnect(boxed()), 502, "upstream unreachable"),
             (ProxyError::UpstreamCertificate(boxed()), 502, "the upstream's TLS certificate was refused"),
             (ProxyError::UpstreamIo(io()), 502, "upstream failed to answer"),
@@ -295,7 +314,7 @@ mod tests {
         covered.dedup();
         assert_eq!(
             covered,
-            (0..26).collect::<Vec<_>>(),
+            (0..28).collect::<Vec<_>>(),
             "every variant, once, in order"
         );
         for (e, status, body) in &table {

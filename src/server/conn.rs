@@ -370,24 +370,11 @@ where
             }
             // A head hyper would refuse is answered here, with a line that
             // says why, and counted and logged as every request is.
+            use crate::proxy::ProxyError;
             let refused = match super::io::judge_head(&buf) {
-                HeadVerdict::Refuse(coding) => {
-                    tracing::debug!(coding = %coding, "request transfer coding not supported: answered 501");
-                    let (status, body) =
-                        crate::proxy::ProxyError::TransferCoding(coding).status_and_body();
-                    Some((status, body))
-                }
-                HeadVerdict::Malformed(why) => {
-                    tracing::debug!(%why, "malformed request head: answered 400");
-                    Some((http::StatusCode::BAD_REQUEST, why.to_string()))
-                }
-                HeadVerdict::TooLarge => {
-                    tracing::debug!("request head too large: answered 431");
-                    Some((
-                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "request head too large (over 64 KiB or 100 fields)".to_string(),
-                    ))
-                }
+                HeadVerdict::Refuse(coding) => Some(ProxyError::TransferCoding(coding)),
+                HeadVerdict::Malformed(why) => Some(ProxyError::MalformedHead(why)),
+                HeadVerdict::TooLarge => Some(ProxyError::HeadTooLarge),
                 HeadVerdict::Pass { tunnel } => {
                     io.check_heads(true, tunnel);
                     None
@@ -397,7 +384,9 @@ where
                     None
                 }
             };
-            if let Some((status, body)) = refused {
+            if let Some(e) = refused {
+                let (status, body) = e.status_and_body();
+                tracing::debug!(error = %crate::proxy::error::one_line(&e), status = status.as_u16(), "request head refused");
                 let line = super::io::request_line(&buf);
                 w.gen
                     .load()

@@ -375,13 +375,11 @@ pub(super) fn request_line(
 /// What is wrong with a head httparse refused, for the `400`'s line.
 fn malformed(e: httparse::Error) -> &'static str {
     match e {
-        httparse::Error::HeaderName => "malformed request head: an invalid header field name",
-        httparse::Error::HeaderValue => "malformed request head: an invalid header field value",
-        httparse::Error::NewLine | httparse::Error::Status => {
-            "malformed request head: an invalid line ending"
-        }
-        httparse::Error::Token => "malformed request head: an invalid method or request line",
-        _ => "malformed request head",
+        httparse::Error::HeaderName => "an invalid header field name",
+        httparse::Error::HeaderValue => "an invalid header field value",
+        httparse::Error::NewLine | httparse::Error::Status => "an invalid line ending",
+        httparse::Error::Token => "an invalid method or request line",
+        _ => "not HTTP/1.1",
     }
 }
 
