@@ -849,6 +849,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
 
     // [session]
     let ss = raw.session;
+    let mut key_file = None;
     let secret_key = match (ss.secret_key, ss.secret_key_file) {
         (Some(_), Some(_)) => {
             return Err("[session]: set secret_key or secret_key_file, not both".into())
@@ -866,6 +867,7 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
             while text.last().is_some_and(|b| b.is_ascii_whitespace()) {
                 text.pop();
             }
+            key_file = Some(p);
             text
         }
         (None, None) => {
@@ -875,10 +877,17 @@ fn validate(raw: RawFile, base: &Path, file: &Path) -> Result<Config, String> {
         }
     };
     if secret_key.len() < 32 {
-        return Err(format!(
-            "[session] secret_key: must be at least 32 bytes, got {}",
-            secret_key.len()
-        ));
+        return Err(match key_file {
+            Some(p) => format!(
+                "[session] secret_key_file: {} holds {} bytes (trailing whitespace aside); the key must be at least 32",
+                p.display(),
+                secret_key.len()
+            ),
+            None => format!(
+                "[session] secret_key: must be at least 32 bytes, got {}",
+                secret_key.len()
+            ),
+        });
     }
     for (i, k) in ss.secret_key_fallbacks.iter().enumerate() {
         if k.len() < 32 {
@@ -1545,6 +1554,25 @@ mod tests {
             );
         }
         assert!(parse(&minimal("refresh_interval = \"13d\"", ROUTE)).is_ok());
+    }
+
+    #[test]
+    fn a_short_secret_key_file_is_named() {
+        let path = std::env::temp_dir().join(format!("sg-short-key-{}", std::process::id()));
+        std::fs::write(&path, "too short\n").unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\n\n[session]\nsecret_key_file = \"{}\"\n\n{ROUTE}",
+            path.display()
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.contains(&format!(
+                "secret_key_file: {} holds 9 bytes",
+                path.display()
+            )),
+            "{e}"
+        );
     }
 
     #[test]
