@@ -106,6 +106,36 @@ async fn json_lines_carry_route_upstream_and_the_public_session_id() {
     assert_eq!(lines[0]["session_id"], Value::Null);
 }
 
+/// A request whose upstream did not answer names the upstream it tried
+/// (nginx's `$upstream_addr`), in JSON; the combined line is as ever.
+#[tokio::test]
+async fn a_failed_upstream_is_named_in_the_json_line() {
+    let dead = common::redis_server::free_port();
+    let dir = TempDir::new("access-dead");
+    let log = dir.join("access.log");
+    let toml = config_with(
+        &format!(
+            "access_log = \"{}\"\naccess_log_format = \"json\"\n",
+            log.display()
+        ),
+        "",
+        &format!("[[route]]\nname = \"dead\"\nupstream = \"http://127.0.0.1:{dead}\"\n"),
+    );
+    let p = start(&toml).await;
+    assert_eq!(p.get("/x", None).await.status, 502);
+    p.stop().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let l: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(l["status"], 502);
+    assert_eq!(l["route"], "dead");
+    assert_eq!(
+        l["upstream"],
+        format!("http://127.0.0.1:{dead}").as_str(),
+        "{l}"
+    );
+    assert!(l["upstream_ms"].as_f64().unwrap() >= 0.0, "{l}");
+}
+
 /// SPEC 6 (a line that says what happened), 7.2 (counters are exact) and
 /// 7.3 (one line per request): the heads the connection layer answers
 /// itself, before any route (hyper's `400` and `431`, the `501` of a

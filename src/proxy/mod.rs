@@ -1238,18 +1238,20 @@ impl Proxy {
                     .pool
                     .send(route.slots[i], &parts, &pq, b, hv, &added)
                     .await;
+                let took = sent_at.elapsed();
+                // The access log names the upstream last tried, answered or
+                // not (nginx's `$upstream_addr`), and how long it took.
+                conn.note.upstream.store(i + 1, Ordering::Relaxed);
+                conn.note.upstream_ns.store(
+                    u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 match sent {
                     Ok(mut resp) => {
-                        let took = sent_at.elapsed();
                         if let (true, Some(o)) = (self.metrics_on, self.route_ops.get(route.index))
                         {
                             o.metrics.upstream_duration.observe(took);
                         }
-                        conn.note.upstream.store(i + 1, Ordering::Relaxed);
-                        conn.note.upstream_ns.store(
-                            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-                            Ordering::Relaxed,
-                        );
                         route.mark_up(i);
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let proto = switching
