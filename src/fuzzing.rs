@@ -368,6 +368,22 @@ pub fn path(data: &[u8]) {
         }
     }
     assert_eq!(kept, stack, "{p:?} -> {out:?}");
+    // The path routes are chosen on: no encoded slash, normal (so no
+    // `//` or dot segment an encoded slash could have made), and the same
+    // path when there was no encoded slash.
+    match path::for_routing(&out) {
+        Ok(r) => {
+            assert!(!r.contains("%2F"), "{out:?} -> {r:?}");
+            assert_eq!(path::normalize(&r).expect("normal"), r, "{out:?}");
+            if !out.contains("%2F") {
+                assert_eq!(r, out);
+            }
+        }
+        Err(e) => {
+            assert!(out.contains("%2F"), "{out:?}: {e}");
+            assert_eq!(e, path::PathError::AboveRoot, "{out:?}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

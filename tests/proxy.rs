@@ -133,6 +133,13 @@ async fn strip_prefix_keeps_the_query() {
     let s = up.last();
     assert_eq!(s.uri.path(), "/");
     assert_eq!(s.uri.query(), Some("q=1"));
+
+    // An encoded slash after the prefix: the route is chosen on `/app/x`,
+    // and the prefix is stripped from that.
+    assert_eq!(get_with(&p, "/app%2Fx?a=1", &[]).await.status, 200);
+    let s = up.last();
+    assert_eq!(s.uri.path(), "/x");
+    assert_eq!(s.uri.query(), Some("a=1"));
     p.stop().await;
 }
 

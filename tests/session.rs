@@ -861,14 +861,18 @@ async fn path_tricks_cannot_bypass_login_required() {
         "//account",
         "/static/../account/x",
         "/./account",
+        // An encoded slash: the upstream would decode it to `/`.
+        "/account%2Fx",
+        "/account%2fx",
+        "/%2Faccount",
+        "/static/..%2Faccount",
     ] {
         let r = p.get(trick, None).await;
         assert_eq!(r.status, 302, "{trick}");
+        let location = r.header("location").unwrap();
         assert!(
-            r.header("location")
-                .unwrap()
-                .starts_with("/login?next=/account"),
-            "{trick}"
+            location.starts_with("/login?next=/") && location.contains("account"),
+            "{trick}: {location}"
         );
     }
     assert_eq!(
@@ -882,7 +886,14 @@ async fn path_tricks_cannot_bypass_login_required() {
         up.last().uri.path_and_query().unwrap().as_str(),
         "/a/b/d?q=1"
     );
+    // An encoded slash is kept on the way to the upstream.
+    p.get("/a%2Fb?q=1", None).await;
+    assert_eq!(
+        up.last().uri.path_and_query().unwrap().as_str(),
+        "/a%2Fb?q=1"
+    );
     assert_eq!(p.get("/../etc/passwd", None).await.status, 400);
+    assert_eq!(p.get("/x/..%2F..%2Fetc", None).await.status, 400);
     assert_eq!(p.get("/bad%zzescape", None).await.status, 400);
 }
 

@@ -607,12 +607,10 @@ impl Proxy {
             up.path_and_query = pq.parse().ok();
             parts.uri = Uri::from_parts(up).map_err(|_| ProxyError::InvalidTarget)?;
         }
+        let route_path = path::for_routing(parts.uri.path()).map_err(ProxyError::InvalidPath)?;
         let route = self
             .router
-            .find(
-                host.as_ref().and_then(|h| h.to_str().ok()),
-                parts.uri.path(),
-            )
+            .find(host.as_ref().and_then(|h| h.to_str().ok()), &route_path)
             .ok_or(ProxyError::NoRoute)?;
         Ok(Admitted::Forward(route, host))
     }
@@ -1196,7 +1194,12 @@ impl Proxy {
             // The request target without the upstream's own prefix: shared
             // (no copy) when nothing is stripped.
             let target: Option<http::uri::PathAndQuery> = if route.cfg.strip_prefix {
-                let path = route::strip_prefix(&route.cfg.path, parts.uri.path());
+                // The prefix is stripped from the path the route was
+                // chosen on (an encoded slash read as `/`, as nginx strips
+                // from the decoded path).
+                let routed =
+                    path::for_routing(parts.uri.path()).unwrap_or(std::borrow::Cow::Borrowed("/"));
+                let path = route::strip_prefix(&route.cfg.path, &routed);
                 let pq = match parts.uri.query() {
                     Some(q) => format!("{path}?{q}"),
                     None => path.to_string(),

@@ -105,9 +105,40 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
 }
 
+/// The path a route is chosen on: the normalised path (see
+/// [`normalize`]) with each encoded slash (`%2F`, which [`normalize`]
+/// keeps and upper-cases) read as `/`, then normalised again. Most
+/// upstreams decode `%2F` themselves (WSGI's `PATH_INFO`, PHP, Rack), so
+/// `/admin%2Fsecret` is `/admin/secret` to them: it must meet the routes
+/// (and their `login_required`) as that, as nginx matches its locations on
+/// the decoded path. The path sent upstream keeps its `%2F`.
+pub fn for_routing(normalized: &str) -> Result<Cow<'_, str>, PathError> {
+    if !normalized.contains("%2F") {
+        return Ok(Cow::Borrowed(normalized));
+    }
+    let slashes = normalized.replace("%2F", "/");
+    Ok(Cow::Owned(normalize(&slashes)?.into_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_slashes_are_slashes_for_routing() {
+        let r = |p: &str| for_routing(&normalize(p).unwrap()).map(|c| c.into_owned());
+        assert_eq!(r("/admin%2Fsecret").unwrap(), "/admin/secret");
+        assert_eq!(r("/admin%2fsecret").unwrap(), "/admin/secret");
+        assert_eq!(r("/%2Fadmin").unwrap(), "/admin");
+        assert_eq!(r("/x/..%2F..%2Fadmin").unwrap_err(), PathError::AboveRoot);
+        assert_eq!(r("/a/%2E%2E%2Fadmin").unwrap(), "/admin");
+        assert_eq!(
+            r("/a%252Fb").unwrap(),
+            "/a%252Fb",
+            "an escaped % is not a slash"
+        );
+        assert!(matches!(for_routing("/plain/path"), Ok(Cow::Borrowed(_))));
+    }
 
     fn n(p: &str) -> Result<String, PathError> {
         normalize(p).map(|c| c.into_owned())
