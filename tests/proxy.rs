@@ -1722,3 +1722,54 @@ async fn shutdown_refuses_new_connections_and_finishes_in_flight_requests() {
         .await
         .expect("server task");
 }
+
+/// SPEC 2 `upstream_timeout` (-> 504), README "a 504 is not retried": a
+/// request the upstream has but does not answer in time is never sent
+/// again, neither on another connection to it (one that was kept alive
+/// may look as if it had closed) nor to the next upstream: the upstream
+/// may be acting on it.
+#[tokio::test]
+async fn a_timed_out_request_is_never_sent_again() {
+    let gate = Gate::default();
+    let slow_upstream = || {
+        let gate = gate.clone();
+        upstream_async(move |s| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                if s.uri.path() == "/slow" {
+                    gate.wait().await;
+                }
+                ok()
+            })
+        })
+    };
+    let (a, b) = (slow_upstream().await, slow_upstream().await);
+    let p = start(&config_with(
+        "upstream_timeout = \"500ms\"",
+        "",
+        &format!(
+            "[[route]]\nname = \"app\"\nupstreams = [\"{}\", \"{}\"]\n",
+            a.url(),
+            b.url()
+        ),
+    ))
+    .await;
+    // Each upstream has a kept-alive connection in the pool.
+    for _ in 0..2 {
+        assert_eq!(p.get("/warm", None).await.status, 200);
+    }
+    assert_eq!((a.count(), b.count()), (1, 1));
+    let slow = |u: &Upstream| {
+        u.requests()
+            .iter()
+            .filter(|s| s.uri.path() == "/slow")
+            .count()
+    };
+    for n in 1..=2 {
+        let r = p.get("/slow", None).await;
+        assert_eq!(r.status, 504, "{}", r.body);
+        assert_eq!(slow(&a) + slow(&b), n, "sent once, to one upstream");
+    }
+    gate.open();
+    p.stop().await;
+}

@@ -709,13 +709,16 @@ async fn exchange(
                 // Waiting for the upstream to take more of the body.
                 return deadline
                     .poll(&pool.timer, pool.read_timeout, cx)
-                    .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
+                    .map(|()| Err(fail(upstream_timeout(pool), false, false)));
             }
             continue;
         }
+        // A timeout is never "nothing happened": the upstream has the
+        // request and may be acting on it, so it is not sent again (to
+        // this upstream on a new connection, or to the next one).
         return deadline
             .poll(&pool.timer, pool.read_timeout, cx)
-            .map(|()| Err(fail(upstream_timeout(pool), !received, false)));
+            .map(|()| Err(fail(upstream_timeout(pool), false, false)));
     })
     .await?;
     let mut head = head;
