@@ -44,12 +44,24 @@ impl Route {
             return std::borrow::Cow::Borrowed(&[0]);
         }
         let now = now();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let ring = (0..n).map(|k| (start + k) % n);
-        let (mut up, down): (Vec<usize>, Vec<usize>) =
-            ring.partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
-        up.extend(down);
-        std::borrow::Cow::Owned(up)
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let (live, down): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
+        // The round-robin runs over the live upstreams, so that they share
+        // a down one's requests evenly (as nginx spreads over its live
+        // peers); the down ones follow, in turn too.
+        let rotated = |v: &[usize]| -> Vec<usize> {
+            match v.len() {
+                0 => Vec::new(),
+                len => {
+                    let start = turn % len;
+                    v[start..].iter().chain(&v[..start]).copied().collect()
+                }
+            }
+        };
+        let mut order = rotated(&live);
+        order.extend(rotated(&down));
+        std::borrow::Cow::Owned(order)
     }
 
     pub fn mark_down(&self, i: usize, now: i64) {
@@ -186,11 +198,21 @@ mod tests {
         let firsts: Vec<usize> = (0..3).map(|_| route.upstream_order(|| 0)[0]).collect();
         assert_eq!(firsts, vec![0, 1, 2]);
         route.mark_down(1, 0);
-        let order = route.upstream_order(|| 0);
-        assert_eq!(order, vec![0, 2, 1], "down upstream tried last, once");
-        let order = route.upstream_order(|| FAIL_TIMEOUT_MS + 1);
-        assert_eq!(order.len(), 3);
-        assert_eq!(order[0], 1, "back after the fail timeout");
+        let mut first = [0usize; 3];
+        for _ in 0..60 {
+            let order = route.upstream_order(|| 0);
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[2], 1, "down upstream tried last, once: {order:?}");
+            first[order[0]] += 1;
+        }
+        assert_eq!(first, [30, 0, 30], "the live ones share its turns evenly");
+        let firsts: Vec<usize> = (0..3)
+            .map(|_| route.upstream_order(|| FAIL_TIMEOUT_MS + 1)[0])
+            .collect();
+        assert!(
+            firsts.contains(&1),
+            "back after the fail timeout: {firsts:?}"
+        );
     }
 
     #[test]
