@@ -279,3 +279,42 @@ async fn a_request_coded_identity_over_tls_is_a_501() {
     assert_eq!(up.count(), 0, "nothing reached the upstream");
     p.stop().await;
 }
+
+/// SPEC 2 `hsts`: Strict-Transport-Security on TLS responses, those the
+/// connection layer answers before any route included (a malformed head,
+/// a head over 64 KiB, a transfer coding the proxy does not take).
+#[tokio::test]
+async fn refused_heads_over_tls_carry_hsts_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = certs();
+    let up = upstream(|_| text("never")).await;
+    let p = start_config(tls_config(&certs, &up, "")).await;
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    for (head, status) in [
+        (
+            "GET / HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+            "400",
+        ),
+        (big.as_str(), "431"),
+        (
+            "POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "501",
+        ),
+    ] {
+        let mut tls = connect(p.addr, &certs, &[b"http/1.1"]).await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = within("the answer", tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(text.starts_with(&format!("http/1.1 {status} ")), "{text}");
+        assert!(
+            text.contains("\r\nstrict-transport-security: max-age=86400\r\n"),
+            "{text}"
+        );
+    }
+    assert_eq!(up.count(), 0);
+    p.stop().await;
+}

@@ -408,6 +408,12 @@ impl Proxy {
         }
     }
 
+    /// The `Strict-Transport-Security` value for a response on `conn`
+    /// (TLS, with `hsts` set).
+    pub fn hsts(&self, conn: &ConnInfo) -> Option<&HeaderValue> {
+        self.hsts.as_ref().filter(|_| conn.tls)
+    }
+
     /// Counts and logs a request the connection layer answered itself
     /// (a head hyper would refuse: `400`, `431`, `501`), as every other
     /// request is: route `-`, nothing sent upstream. `line` is the

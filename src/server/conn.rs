@@ -388,11 +388,9 @@ where
                 let (status, body) = e.status_and_body();
                 tracing::debug!(error = %crate::proxy::error::one_line(&e), status = status.as_u16(), "request head refused");
                 let line = super::io::request_line(&buf);
-                w.gen
-                    .load()
-                    .proxy
-                    .refused(&info, status, body.len() + 1, line);
-                io.answer(status, &body);
+                let proxy = w.gen.load().proxy.clone();
+                proxy.refused(&info, status, body.len() + 1, line);
+                io.answer(status, &body, proxy.hsts(&info));
                 let _ = io.shutdown().await;
                 return Ok(());
             }

@@ -448,14 +448,21 @@ struct Refusal {
 impl Refusal {
     fn new(coding: crate::proxy::headers::Coding) -> Refusal {
         let (status, body) = crate::proxy::ProxyError::TransferCoding(coding).status_and_body();
-        Refusal::answer(status, &body)
+        Refusal::answer(status, &body, None)
     }
 
-    /// `status` with the one-line `body`, then the connection closes.
-    fn answer(status: http::StatusCode, body: &str) -> Refusal {
+    /// `status` with the one-line `body` (and `Strict-Transport-Security`
+    /// when given), then the connection closes.
+    fn answer(status: http::StatusCode, body: &str, hsts: Option<&http::HeaderValue>) -> Refusal {
         let body = format!("{body}\n");
+        let hsts = hsts.map_or(String::new(), |h| {
+            format!(
+                "strict-transport-security: {}\r\n",
+                String::from_utf8_lossy(h.as_bytes())
+            )
+        });
         let bytes = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{hsts}connection: close\r\n\r\n{body}",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
             body.len()
@@ -526,8 +533,13 @@ impl<T: IntoTcp> ConnIo<T> {
     /// Answers `status` with the one-line `body` (at the next shutdown, or
     /// read), then the connection closes after the lingering close: a head
     /// the connection layer refuses itself.
-    pub(crate) fn answer(&mut self, status: http::StatusCode, body: &str) {
-        self.refusal = Some(Box::new(Refusal::answer(status, body)));
+    pub(crate) fn answer(
+        &mut self,
+        status: http::StatusCode,
+        body: &str,
+        hsts: Option<&http::HeaderValue>,
+    ) {
+        self.refusal = Some(Box::new(Refusal::answer(status, body, hsts)));
     }
 
     fn io(&mut self) -> Pin<&mut T>
