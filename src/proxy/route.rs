@@ -109,7 +109,11 @@ impl Router {
 
     /// The route for a request, by host (without port, any case) and path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(crate::config::strip_port);
+        // `app.example.com.` (the fully qualified form) is `app.example.com`,
+        // as nginx takes it.
+        let host = host
+            .map(crate::config::strip_port)
+            .map(|h| h.strip_suffix('.').unwrap_or(h));
         let mut best_host: Option<&Route> = None;
         let mut best_any: Option<&Route> = None;
         for r in &self.routes {
@@ -213,6 +217,21 @@ mod tests {
             firsts.contains(&1),
             "back after the fail timeout: {firsts:?}"
         );
+    }
+
+    #[test]
+    fn a_host_with_its_trailing_dot_meets_its_route() {
+        let r = router(
+            "[[route]]\nname=\"any\"\nupstream=\"http://a:1\"\n[[route]]\nname=\"app\"\nhost=\"app.example.com\"\nupstream=\"http://b:1\"\n",
+        );
+        for host in [
+            "app.example.com",
+            "app.example.com.",
+            "APP.example.com.:8443",
+        ] {
+            assert_eq!(r.find(Some(host), "/x").unwrap().cfg.name, "app", "{host}");
+        }
+        assert_eq!(r.find(Some("other.test."), "/x").unwrap().cfg.name, "any");
     }
 
     #[test]
