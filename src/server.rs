@@ -914,21 +914,38 @@ fn worker_cpus(
 
 /// `308` to the same host and path over https (never a cookie).
 fn redirect_response<B>(req: &Request<B>, https_port: u16) -> Response<RespBody> {
+    // An absolute-form target's authority wins over Host (RFC 9112 3.2.2).
     let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .map(crate::config::strip_port)
         .unwrap_or("");
     if host.is_empty() || host.bytes().any(|b| b <= 0x20 || b == b'/' || b == b'@') {
         return error_response(StatusCode::BAD_REQUEST, "missing or invalid Host header");
     }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = match req.uri().path_and_query().map(|p| p.as_str()) {
+        None | Some("") => "/",
+        // `OPTIONS *` names no resource to send elsewhere.
+        Some(p) if !p.starts_with('/') && !p.starts_with('?') => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the request path must start with /",
+            )
+        }
+        Some(p) => p,
+    };
+    let with_slash;
+    let pq = if pq.starts_with('?') {
+        with_slash = format!("/{pq}");
+        with_slash.as_str()
+    } else {
+        pq
+    };
     let location = if https_port == 443 {
         format!("https://{host}{pq}")
     } else {

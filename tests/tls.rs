@@ -189,6 +189,33 @@ async fn redirect_listener_answers_308_to_https() {
     let want = format!("https://example.com:{tls_port}/x?y=1");
     assert_eq!(r.header("location"), Some(want.as_str()));
     assert!(r.header("set-cookie").is_none(), "{r:?}");
+    // An absolute-form target: its authority wins over Host; an empty
+    // path is "/".
+    for (target, want) in [
+        (
+            "http://other.test/abs?x",
+            format!("https://other.test:{tls_port}/abs?x"),
+        ),
+        (
+            "http://other.test?x",
+            format!("https://other.test:{tls_port}/?x"),
+        ),
+    ] {
+        let r = raw_request(
+            redirect,
+            &format!("GET {target} HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 308, "{target}");
+        assert_eq!(r.header("location"), Some(want.as_str()), "{target}");
+    }
+    // `OPTIONS *` names nothing to move.
+    let r = raw_request(
+        redirect,
+        "OPTIONS * HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(up.count(), 0, "a redirect never reaches the upstream");
 
     let _ = stop.send(());
