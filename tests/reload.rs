@@ -130,6 +130,34 @@ upstream = "{upstream}"
     )
 }
 
+/// Two upstreams that say their names, and the binary running on a config
+/// file (in its own directory) routing to the first, with an admin listener.
+struct OneTwo {
+    one: Upstream,
+    two: Upstream,
+    admin: u16,
+    path: std::path::PathBuf,
+    sg: Running,
+    dir: TempDir,
+}
+
+async fn one_then_two(dir: &str) -> OneTwo {
+    let one = upstream(named_upstream("one")).await;
+    let two = upstream(named_upstream("two")).await;
+    let dir = TempDir::new(dir);
+    let admin = common::redis_server::free_port();
+    let path = dir.write("sessiongate.toml", &config_text(&one.url(), admin, ""));
+    let sg = Running::start(&path).await;
+    OneTwo {
+        one,
+        two,
+        admin,
+        path,
+        sg,
+        dir,
+    }
+}
+
 fn named_upstream(name: &'static str) -> impl Fn(&Seen) -> http::Response<Full<Bytes>> {
     move |s: &Seen| {
         if s.uri.path() == "/login" {
@@ -142,12 +170,14 @@ fn named_upstream(name: &'static str) -> impl Fn(&Seen) -> http::Response<Full<B
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_under_load_and_refuses_what_it_must() {
-    let one = upstream(named_upstream("one")).await;
-    let two = upstream(named_upstream("two")).await;
-    let dir = TempDir::new("reload");
-    let admin = common::redis_server::free_port();
-    let path = dir.write("sessiongate.toml", &config_text(&one.url(), admin, ""));
-    let sg = Running::start(&path).await;
+    let OneTwo {
+        one,
+        two,
+        admin,
+        path,
+        sg,
+        dir,
+    } = one_then_two("reload").await;
     let base = format!("http://{}", sg.addr);
 
     let http = client::<Full<Bytes>>();
@@ -625,12 +655,14 @@ async fn a_moved_redirect_http_is_rebound_and_turning_tls_off_is_refused() {
 /// values, rather than seem to apply them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_names_the_keys_it_leaves_at_their_start_up_values() {
-    let one = upstream(named_upstream("one")).await;
-    let two = upstream(named_upstream("two")).await;
-    let dir = TempDir::new("reload-kept");
-    let admin = common::redis_server::free_port();
-    let path = dir.write("sessiongate.toml", &config_text(&one.url(), admin, ""));
-    let sg = Running::start(&path).await;
+    let OneTwo {
+        two,
+        admin,
+        path,
+        sg,
+        dir: _dir,
+        ..
+    } = one_then_two("reload-kept").await;
     let changed = config_text(&two.url(), admin, "").replace(
         "access_log = \"off\"",
         "access_log = \"off\"\nkeepalive_timeout = \"30s\"\nmax_connections = 5",
