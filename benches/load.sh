@@ -412,25 +412,33 @@ workers_of() { # pid [expected children] -> its child processes, or itself when 
 declare -A CPU_PIDS
 BACKEND_PIDS=$(workers_of "${PIDS[-1]}" "$( ((USE_NGINX)) && nproc || echo 0)")
 
-if ((USE_NGINX)); then
-    nginx_conf proxy <<EOF
+# The http{} body of nginx as a plain proxy_pass to the backend over kept-alive
+# upstream connections: listening on 127.0.0.1:$1, with server-level
+# directives $2 and location-level ones $3 (both optional).
+proxy_pass_body() {
+    cat <<EOF
     upstream backend {
         server 127.0.0.1:$P_BACKEND;
         keepalive 64;
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$P_NGINX;
-        listen 127.0.0.1:$P_NGINX_TLS ssl http2;
-        ssl_certificate $WORK/cert.pem;
-        ssl_certificate_key $WORK/key.pem;
+        listen 127.0.0.1:$1;
+${2:-}
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+${3:-}
         }
     }
 EOF
+}
+
+if ((USE_NGINX)); then
+    proxy_pass_body "$P_NGINX" "        listen 127.0.0.1:$P_NGINX_TLS ssl http2;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;" | nginx_conf proxy
     start nginx-proxy "$NGINX_BIN" -p "$WORK/proxy" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf"
     wait_http nginx-proxy "http://127.0.0.1:$P_NGINX/" "${PIDS[-1]}"
     CPU_PIDS[nginx]=$(workers_of "${PIDS[-1]}" "$(nproc)")
@@ -440,19 +448,7 @@ EOF
     # session, with values of the same length: the backend parses the same,
     # only the proxy's work differs.
     SG_EXPIRY_DATE=$(date -u -d '+14 days' '+%Y-%m-%dT%H:%M:%SZ')
-    nginx_conf proxyhdr <<EOF
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX_HDR;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Session '{"n":1}';
+    proxy_pass_body "$P_NGINX_HDR" "" "            proxy_set_header X-Session '{\"n\":1}';
             proxy_set_header X-Session-Id 0123456789abcdef0123456789abcdef;
             proxy_set_header X-Session-New false;
             proxy_set_header X-Session-Expiry-Age 1209600;
@@ -460,71 +456,25 @@ EOF
             proxy_set_header X-Session-Expire-At-Browser-Close false;
             proxy_set_header X-Forwarded-For \$remote_addr;
             proxy_set_header X-Forwarded-Proto \$scheme;
-            proxy_set_header X-Forwarded-Host \$http_host;
-        }
-    }
-EOF
+            proxy_set_header X-Forwarded-Host \$http_host;" | nginx_conf proxyhdr
     start nginx-proxy-hdr "$NGINX_BIN" -p "$WORK/proxyhdr" -e "$WORK/proxyhdr/error.log" -c "$WORK/proxyhdr/nginx.conf"
     wait_http nginx-proxy-hdr "http://127.0.0.1:$P_NGINX_HDR/" "${PIDS[-1]}"
     CPU_PIDS[nginx_hdr]=$(workers_of "${PIDS[-1]}" "$(nproc)")
     # nginx as it runs out of the box: its default access log (combined, one
     # write(2) to a file per request), beside sessiongate's default (the
     # access log on, to stderr, which this script sends to a file).
-    nginx_conf proxylog <<EOF
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX_LOG;
-        access_log $WORK/proxylog/access.log combined;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-EOF
+    proxy_pass_body "$P_NGINX_LOG" "        access_log $WORK/proxylog/access.log combined;" | nginx_conf proxylog
     start nginx-proxy-log "$NGINX_BIN" -p "$WORK/proxylog" -e "$WORK/proxylog/error.log" -c "$WORK/proxylog/nginx.conf"
     wait_http nginx-proxy-log "http://127.0.0.1:$P_NGINX_LOG/" "${PIDS[-1]}"
     CPU_PIDS[nginx_log]=$(workers_of "${PIDS[-1]}" "$(nproc)")
     if [[ $ONE_WORKER == 1 ]]; then
-        nginx_conf proxy1 1 <<EOF
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX1;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-EOF
+        proxy_pass_body "$P_NGINX1" | nginx_conf proxy1 1
         start nginx-proxy-1w "$NGINX_BIN" -p "$WORK/proxy1" -e "$WORK/proxy1/error.log" -c "$WORK/proxy1/nginx.conf"
         wait_http nginx-proxy-1w "http://127.0.0.1:$P_NGINX1/" "${PIDS[-1]}"
         CPU_PIDS[nginx_1w]=$(workers_of "${PIDS[-1]}" 1)
     fi
     if [[ $PINNED == 1 ]]; then
-        nginx_conf proxypin auto "worker_cpu_affinity auto;" <<EOF
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX_PIN;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-EOF
+        proxy_pass_body "$P_NGINX_PIN" | nginx_conf proxypin auto "worker_cpu_affinity auto;"
         start nginx-proxy-pin "$NGINX_BIN" -p "$WORK/proxypin" -e "$WORK/proxypin/error.log" -c "$WORK/proxypin/nginx.conf"
         wait_http nginx-proxy-pin "http://127.0.0.1:$P_NGINX_PIN/" "${PIDS[-1]}"
         CPU_PIDS[nginx_pin]=$(workers_of "${PIDS[-1]}" "$(nproc)")
