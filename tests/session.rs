@@ -717,6 +717,55 @@ async fn flush_during_an_in_flight_request_gives_400_and_no_resurrection() {
     }
 }
 
+/// SPEC 4.9 and 9: Logout-Others from a request whose session another
+/// request flushed (or cycled) meanwhile cannot act on the session's user:
+/// it is the 400 of an interrupted session, not a 200 that ended nothing.
+#[tokio::test]
+async fn logout_others_after_a_concurrent_flush_is_interrupted() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (g, a) = (gate.clone(), arrived.clone());
+    let up = upstream_async(move |s| {
+        let (g, a) = (g.clone(), a.clone());
+        Box::pin(async move {
+            match s.uri.path() {
+                "/login" => directives(&[("x-session-update", r#"{"user":"u1"}"#)]),
+                "/logout" => directives(&[("x-session-flush", "1")]),
+                "/cycle" => directives(&[("x-session-cycle-key", "1")]),
+                "/slow-others" => {
+                    a.notify_one();
+                    g.notified().await;
+                    directives(&[("x-session-logout-others", "1")])
+                }
+                _ => ok(),
+            }
+        })
+    })
+    .await;
+    let p = Arc::new(start(&config("user_key = \"user\"", &route(&up, ""))).await);
+    for ender in ["/logout", "/cycle"] {
+        let other = p.get("/login", None).await.key();
+        let key = p.get("/login", None).await.key();
+        let slow = {
+            let p = p.clone();
+            let key = key.clone();
+            tokio::spawn(async move { p.get("/slow-others", Some(&key)).await })
+        };
+        arrived.notified().await;
+        assert_eq!(p.get(ender, Some(&key)).await.status, 200);
+        gate.notify_one();
+        let r = slow.await.unwrap();
+        assert_eq!(r.status, 400, "{ender}: {}", r.body);
+        assert!(r.body.contains("concurrent"), "{}", r.body);
+        p.get("/", Some(&other)).await;
+        assert_eq!(
+            up.last().session(),
+            json!({"user": "u1"}),
+            "{ender}: the other session was not ended"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_no_op_directive_after_a_concurrent_flush_is_not_interrupted() {
     let gate = Arc::new(tokio::sync::Notify::new());

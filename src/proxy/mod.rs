@@ -967,7 +967,11 @@ impl Proxy {
                     // something to save: a response whose directives change
                     // nothing in the session as this request loaded it (a
                     // Delete of an absent key, say) is not interrupted.
-                    Applied::Missing if !self.would_save(loaded, &patch, now) => {}
+                    // Logout-Others acts on the session's user: when the
+                    // session is gone (another request flushed or cycled
+                    // it) it cannot, and the upstream is told so.
+                    Applied::Missing
+                        if !self.would_save(loaded, &patch, now) && !patch.logout_others => {}
                     Applied::Missing => {
                         self.count(|m| m.sessions_interrupted.inc());
                         return Err(ProxyError::Interrupted);
