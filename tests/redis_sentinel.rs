@@ -418,3 +418,93 @@ fn check(i: u64, got: &common::Got, k: &str, up: &common::Upstream) -> bool {
         s => panic!("request {i}: {s} {}", got.body),
     }
 }
+
+/// SPEC 11 "follows the promoted replica ... never a wrong or empty
+/// session": in a switchover (`SENTINEL FAILOVER`) the old primary stays
+/// up, and takes writes until Sentinel demotes it, seconds later, when it
+/// resyncs from the new one and drops them. sessiongate must write to the
+/// promoted primary well before that: the sentinels are asked which primary
+/// they name while the store is in use, and a move replaces the
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_is_followed_before_the_old_primary_is_demoted() {
+    let Some(set) = SentinelSet::start().await else {
+        return;
+    };
+    let url = set.url();
+    let (up, _) = echo(None).await;
+    let a = Instance::start("redis", &url, "1s", &up).await;
+    let k = a.post(None, &[("update", r#"{"n":0}"#)]).await.key();
+    let rkey = format!("sessiongate:s:{k}");
+    let old = set.primary_port().await.expect("a primary");
+    // Refused (NOGOODSLAVE) until a sentinel has fresh INFO from the
+    // replica: asked again until it accepts.
+    wait_until(
+        "a sentinel accepts SENTINEL FAILOVER",
+        Duration::from_secs(30),
+        || async {
+            let r: redis::RedisResult<()> = set.sentinels[0]
+                .query(redis::cmd("SENTINEL").arg("FAILOVER").arg(SENTINEL_SERVICE))
+                .await;
+            r.is_ok()
+        },
+    )
+    .await;
+    wait_until(
+        "the sentinels name the promoted replica",
+        Duration::from_secs(30),
+        || async { set.primary_port().await.is_some_and(|p| p != old) },
+    )
+    .await;
+    // Writes until one lands on the promoted primary; until then the old
+    // primary must still be one (not yet demoted): a write it took after
+    // that would be lost.
+    let old_is_primary = || async {
+        let info: String = set
+            .primary
+            .query(redis::cmd("INFO").arg("replication"))
+            .await
+            .unwrap_or_default();
+        info.contains("role:master")
+    };
+    let mut n = 0;
+    let last = loop {
+        n += 1;
+        // Asked before the write: a write that lands on the promoted
+        // primary must come while the old one still takes writes too.
+        let old_still_primary = old_is_primary().await;
+        let got = a
+            .post(Some(&k), &[("update", &format!(r#"{{"n":{n}}}"#))])
+            .await;
+        assert!(
+            got.status == 200 || got.status == 503,
+            "write {n}: {}",
+            got.status
+        );
+        let on_new: Option<String> = set
+            .replica
+            .query(redis::cmd("HGET").arg(&rkey).arg("d"))
+            .await
+            .unwrap_or(None);
+        if got.status == 200 && on_new.as_deref() == Some(format!(r#"{{"n":{n}}}"#).as_str()) {
+            assert!(
+                old_still_primary,
+                "write {n}: sessiongate followed the promoted primary only once Sentinel had demoted the old one (every write before was lost)"
+            );
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Once the old primary is a replica of the new one, the session is the
+    // last write acknowledged.
+    wait_until(
+        "Sentinel demotes the old primary",
+        Duration::from_secs(60),
+        || async { !old_is_primary().await },
+    )
+    .await;
+    let got = a.get("/", Some(&k)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(up.last().session(), serde_json::json!({ "n": last }));
+    a.stop().await;
+}

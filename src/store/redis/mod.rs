@@ -296,6 +296,9 @@ struct Link {
     /// Each thread's connection.
     slots: thread_local::ThreadLocal<Slot>,
     generations: AtomicU64,
+    /// Sentinel: the watch's version the connections were last replaced
+    /// for (see `topology::PrimaryWatch`).
+    primary_seen: AtomicU64,
 }
 
 /// One thread's connection (see [`Link`]).
@@ -325,6 +328,21 @@ impl Link {
 
     /// This thread's current connection, or a new one; `true` when new.
     async fn get(&self) -> Result<(u64, Conn, bool), RedisError> {
+        if let Target::Sentinel(_, watch) = &self.target {
+            watch.poll();
+            let version = watch.version();
+            let seen = self.primary_seen.load(Ordering::Relaxed);
+            if seen != version
+                && self.primary_seen.swap(version, Ordering::Relaxed) == seen
+                && seen != 0
+            {
+                // The sentinels name another primary: every thread's
+                // connection points at one that no longer is.
+                for slot in self.slots.iter() {
+                    *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            }
+        }
         let slot = self.slot();
         if let Some((g, c)) = slot.current() {
             return Ok((g, c, false));
@@ -572,6 +590,7 @@ impl RedisStore {
                 config,
                 slots: thread_local::ThreadLocal::new(),
                 generations: AtomicU64::new(0),
+                primary_seen: AtomicU64::new(0),
             }),
             timeout,
             cache: cached.then(|| DashMap::with_hasher(KeyHash)),

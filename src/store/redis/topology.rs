@@ -14,8 +14,9 @@
 //! `rediss+sentinel://` and `rediss+cluster://` use TLS to every node.
 
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
@@ -262,8 +263,9 @@ pub fn validate(url: &str) -> Result<(), UrlError> {
 pub(super) enum Target {
     Single(Client),
     /// One client per sentinel, asked all at once (see [`Target::connect`]);
-    /// each locked while in use (the crate's client wants `&mut`).
-    Sentinel(Vec<tokio::sync::Mutex<SentinelClient>>),
+    /// each locked while in use (the crate's client wants `&mut`); and the
+    /// watch on which primary they name.
+    Sentinel(Vec<tokio::sync::Mutex<SentinelClient>>, Arc<PrimaryWatch>),
     /// The crate's client, and what the fast path's own node connections
     /// need (see [`super::slots`]).
     Cluster(ClusterClient, Arc<NodeParams>),
@@ -276,6 +278,7 @@ impl Target {
             Kind::Single => Target::Single(Client::open(url).map_err(UrlError::Client)?),
             Kind::Sentinel => {
                 let mut clients = Vec::with_capacity(p.hosts.len());
+                let mut plain = Vec::with_capacity(p.hosts.len());
                 for (h, port) in &p.hosts {
                     let addr = if p.tls {
                         ConnectionAddr::TcpTls {
@@ -287,6 +290,17 @@ impl Target {
                     } else {
                         ConnectionAddr::Tcp(h.clone(), *port)
                     };
+                    plain.push(
+                        Client::open(redis::ConnectionInfo {
+                            addr: addr.clone(),
+                            redis: redis::RedisConnectionInfo {
+                                username: p.sentinel_username.clone(),
+                                password: p.sentinel_password.clone(),
+                                ..Default::default()
+                            },
+                        })
+                        .map_err(UrlError::Client)?,
+                    );
                     let mut b = SentinelClientBuilder::new(
                         [addr],
                         p.service.clone(),
@@ -315,7 +329,25 @@ impl Target {
                         b.build().map_err(UrlError::Client)?,
                     ));
                 }
-                Target::Sentinel(clients)
+                let watch = PrimaryWatch {
+                    sentinels: plain,
+                    service: p.service.clone(),
+                    timeout,
+                    start: Instant::now(),
+                    next_ms: AtomicU64::new(0),
+                    busy: AtomicBool::new(false),
+                    named: Mutex::new(None),
+                    version: AtomicU64::new(0),
+                    conn: tokio::sync::Mutex::new(None),
+                    node: redis::RedisConnectionInfo {
+                        db: p.db,
+                        username: p.username.clone(),
+                        password: p.password.clone(),
+                        ..Default::default()
+                    },
+                    tls: p.tls,
+                };
+                Target::Sentinel(clients, Arc::new(watch))
             }
             Kind::Cluster => {
                 let scheme = if p.tls { "rediss" } else { "redis" };
@@ -371,7 +403,13 @@ impl Target {
             // dead primary) would hold every reconnection until the timeout.
             // Each answer is checked by the crate, which connects to the
             // named primary and asks its ROLE.
-            Target::Sentinel(clients) => {
+            Target::Sentinel(clients, watch) => {
+                // The primary the watch knows, first: a sentinel slower to
+                // learn of a promotion could still name the old one, which
+                // answers ROLE as a primary until it is demoted.
+                if let Some(c) = watch.connect_named(config).await {
+                    return Ok(Conn::Single(c));
+                }
                 let asks = clients.iter().map(|c| {
                     Box::pin(async move {
                         c.lock()
@@ -388,6 +426,157 @@ impl Target {
                 .await
                 .map(Conn::Cluster),
         }
+    }
+}
+
+/// How often the sentinels are asked which primary they name, while the
+/// store is in use.
+const PRIMARY_CHECK: Duration = Duration::from_millis(200);
+
+/// Which primary the sentinels name, asked every [`PRIMARY_CHECK`] while
+/// the store is used (by a task of its own, never on a request's path).
+/// A connection is checked (`ROLE`) only when it is made; after a
+/// switchover (`SENTINEL FAILOVER`, or a failover while the old primary
+/// stays up) the old primary keeps taking writes until Sentinel demotes
+/// it, seconds later, and those writes are then lost. Each connection
+/// remembers the primary the sentinels named when it was made; one whose
+/// primary is no longer the named one is replaced.
+pub(super) struct PrimaryWatch {
+    /// A plain client to each sentinel, with the sentinels' credentials.
+    sentinels: Vec<Client>,
+    service: String,
+    timeout: Duration,
+    start: Instant,
+    /// When the next check may run (ms since `start`).
+    next_ms: AtomicU64,
+    /// A check is running.
+    busy: AtomicBool,
+    /// The primary the last answer named.
+    named: Mutex<Option<(String, u16)>>,
+    /// Bumped each time `named` changes (its first answer included).
+    version: AtomicU64,
+    /// The connection to the sentinel that answered last, kept.
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// How to reach a data node (the URL's TLS, user, password, database).
+    node: redis::RedisConnectionInfo,
+    tls: bool,
+}
+
+impl PrimaryWatch {
+    /// Changes whenever the named primary does (see [`PrimaryWatch::named`]).
+    pub(super) fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// The primary the sentinels named last (`None` before a first answer).
+    pub(super) fn named(&self) -> Option<(String, u16)> {
+        self.named.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts a check (in a task of its own) when one is due.
+    pub(super) fn poll(self: &Arc<Self>) {
+        let now = self.start.elapsed().as_millis() as u64;
+        if now < self.next_ms.load(Ordering::Relaxed)
+            || self
+                .busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(me.timeout, me.ask()).await {
+                Ok(Ok(named)) => me.saw(named),
+                Ok(Err(e)) => tracing::debug!(error = %e, "redis sentinel: primary not asked"),
+                Err(_) => tracing::debug!("redis sentinel: no answer on the primary in time"),
+            }
+            let next = me.start.elapsed() + PRIMARY_CHECK;
+            me.next_ms.store(next.as_millis() as u64, Ordering::Relaxed);
+            me.busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// `SENTINEL get-master-addr-by-name` on the kept connection, else on
+    /// the first sentinel to answer.
+    pub(super) async fn ask(&self) -> Result<(String, u16), RedisError> {
+        let mut kept = self.conn.lock().await;
+        let cmd = || {
+            let mut c = redis::cmd("SENTINEL");
+            c.arg("get-master-addr-by-name").arg(&self.service);
+            c
+        };
+        if let Some(c) = kept.as_mut() {
+            match cmd().query_async(c).await {
+                Ok(named) => return Ok(named),
+                Err(_) => *kept = None,
+            }
+        }
+        // A sentinel that hangs fails its call within half the timeout, and
+        // the next check asks them all again.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout / 2)
+            .set_response_timeout(self.timeout / 2);
+        let config = &config;
+        let asks = self.sentinels.iter().map(|client| {
+            Box::pin(async move {
+                let mut c = client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?;
+                let named: (String, u16) = cmd().query_async(&mut c).await?;
+                Ok::<_, RedisError>((named, c))
+            })
+        });
+        let ((named, c), _) = futures_util::future::select_ok(asks).await?;
+        *kept = Some(c);
+        Ok(named)
+    }
+
+    /// A connection to the primary the sentinels named last, when it
+    /// answers `ROLE` as a primary; `None` otherwise (no answer yet, or it
+    /// is not one): the caller then asks the sentinels itself.
+    async fn connect_named(&self, config: &AsyncConnectionConfig) -> Option<MultiplexedConnection> {
+        let (host, port) = self.named()?;
+        let addr = if self.tls {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
+        let client = Client::open(redis::ConnectionInfo {
+            addr,
+            redis: self.node.clone(),
+        })
+        .ok()?;
+        let mut c = client
+            .get_multiplexed_async_connection_with_config(config)
+            .await
+            .ok()?;
+        let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut c).await.ok()?;
+        match role.first() {
+            Some(Value::BulkString(r)) if r == b"master" => Some(c),
+            _ => None,
+        }
+    }
+
+    pub(super) fn saw(&self, named: (String, u16)) {
+        let mut last = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref() == Some(&named) {
+            return;
+        }
+        if let Some(was) = last.as_ref() {
+            tracing::info!(
+                from = %format!("{}:{}", was.0, was.1),
+                to = %format!("{}:{}", named.0, named.1),
+                "redis sentinel: the primary moved; reconnecting"
+            );
+        }
+        *last = Some(named);
+        self.version.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -409,7 +598,7 @@ impl fmt::Display for Where<'_> {
                 let i = c.get_connection_info();
                 write!(f, "{} db {}", i.addr, i.redis.db)
             }
-            Target::Sentinel(_) => write!(
+            Target::Sentinel(..) => write!(
                 f,
                 "primary {:?} db {} via sentinels {}",
                 self.0.service,
