@@ -147,6 +147,46 @@ async fn killed_and_restarted(engine: &str) {
     a.stop().await;
 }
 
+/// SPEC 5 "Redis down -> 503": not while Redis is up. A connection Redis
+/// closed while it was idle (its `timeout`, `CLIENT KILL`, a restart the
+/// proxy did not see) costs no request a 503: a write, as a read, gets one
+/// more attempt on a new connection.
+async fn connections_redis_closed_cost_no_request(engine: &str) {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (up, _) = echo(None).await;
+    let a = Instance::start(engine, &redis.url(), "2s", &up).await;
+    let k = a.post(None, &[("update", r#"{"u":1}"#)]).await.key();
+    for (n, write) in ["a write on an existing session", "a new session", "a read"]
+        .into_iter()
+        .enumerate()
+    {
+        let _: redis::Value = redis
+            .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal"))
+            .await
+            .expect("CLIENT KILL");
+        let r = match n {
+            0 => a.post(Some(&k), &[("update", r#"{"u":2}"#)]).await,
+            1 => a.post(None, &[("update", r#"{"v":1}"#)]).await,
+            _ => a.get("/", Some(&k)).await,
+        };
+        assert_eq!(r.status, 200, "{engine}: {write}: {}", r.body);
+    }
+    assert_eq!(seen(&up), (json!({"u": 2}), "false".into()), "{engine}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_redis_closed_cost_no_request() {
+    connections_redis_closed_cost_no_request("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_redis_connections_redis_closed_cost_no_request() {
+    connections_redis_closed_cost_no_request("cached_redis").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_gives_503_on_session_routes_only_and_recovers_on_restart() {
     killed_and_restarted("redis").await;

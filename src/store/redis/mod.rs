@@ -396,6 +396,25 @@ fn connection_is_fine(e: &RedisError) -> bool {
     )
 }
 
+/// A connection made earlier that Redis (or something on the way) had
+/// closed: the crate answers a bare `BrokenPipe` for it (Redis's idle
+/// `timeout`, `CLIENT KILL`, a restart, Sentinel's reconfiguration). A write
+/// gets one more attempt on a new connection then, as a read does: on such
+/// a connection the write went nowhere, or it was in flight as the
+/// connection closed, and the compare-and-set scripts make a second run
+/// of a patch find the state the first left (an Update or Delete applies
+/// the same), at worst a 400 for a Cycle-Key whose first run went through.
+/// A reset or a timeout (the write may have run) is not retried.
+fn found_closed(e: &RedisError) -> bool {
+    // The crate keeps the io::Error's kind to itself: of the dropped
+    // connections (BrokenPipe, ConnectionReset, UnexpectedEof), BrokenPipe
+    // is told by its text ("broken pipe", or "Broken pipe (os error 32)").
+    e.is_connection_dropped()
+        && e.to_string()
+            .to_ascii_lowercase()
+            .starts_with("broken pipe")
+}
+
 /// Errors at start that a retry will not fix: the configuration is wrong.
 fn is_misconfiguration(e: &RedisError) -> bool {
     matches!(
@@ -645,7 +664,7 @@ impl RedisStore {
                 match f(conn).await {
                     Err(e) if !connection_is_fine(&e) => {
                         self.link.reset(generation);
-                        if idempotent && !fresh && tries == 1 {
+                        if (idempotent || found_closed(&e)) && !fresh && tries == 1 {
                             continue;
                         }
                         return Err(e);
