@@ -1250,7 +1250,10 @@ fn validate_route(r: RawRoute, name: String, base: &Path) -> Result<RouteConfig,
     let host = match r.host {
         Some(h) if !h.is_empty() => {
             let h = h.to_ascii_lowercase();
-            let h = strip_port(&h).to_string();
+            // Without its port, and without a trailing dot (the request's
+            // Host is read so too).
+            let h = strip_port(&h);
+            let h = h.strip_suffix('.').unwrap_or(h).to_string();
             if h.is_empty() || h.bytes().any(|b| b <= 0x20 || b == b'/') {
                 return Err(format!("host: {h:?} is not a host name"));
             }
@@ -1262,6 +1265,14 @@ fn validate_route(r: RawRoute, name: String, base: &Path) -> Result<RouteConfig,
     for (header, key) in r.forward {
         let hn = HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("forward: {header:?} is not a valid header name"))?;
+        // CGI, WSGI, PHP and Rack read `X_User` and `X-User` as one
+        // variable: a name with `_` would let a client's `X-User` pass for
+        // it (the proxy removes client names that read as its own).
+        if header.contains('_') {
+            return Err(format!(
+                "forward: {header:?}: use - rather than _ in a header name (upstreams read both as the same variable)"
+            ));
+        }
         let reserved = crate::proxy::headers::is_hop_by_hop(&hn)
             || hn.as_str().starts_with("x-session")
             || hn.as_str().starts_with("x-forwarded-")
@@ -1573,6 +1584,17 @@ mod tests {
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn forward_names_with_underscores_are_refused() {
+        let e = parse(&minimal(
+            "",
+            "[[route]]\nname = \"app\"\nupstream = \"http://127.0.0.1:9000\"\nforward = { \"X_User\" = \"u\" }\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("use - rather than _"), "{e}");
     }
 
     #[test]

@@ -140,6 +140,9 @@ async fn strip_prefix_keeps_the_query() {
     let s = up.last();
     assert_eq!(s.uri.path(), "/x");
     assert_eq!(s.uri.query(), Some("a=1"));
+    // Encoded slashes after the prefix are kept.
+    assert_eq!(get_with(&p, "/app/a%2Fb", &[]).await.status, 200);
+    assert_eq!(up.last().uri.path(), "/a%2Fb");
     p.stop().await;
 }
 

@@ -1204,12 +1204,18 @@ impl Proxy {
             // The request target without the upstream's own prefix: shared
             // (no copy) when nothing is stripped.
             let target: Option<http::uri::PathAndQuery> = if route.cfg.strip_prefix {
-                // The prefix is stripped from the path the route was
-                // chosen on (an encoded slash read as `/`, as nginx strips
-                // from the decoded path).
-                let routed =
-                    path::for_routing(parts.uri.path()).unwrap_or(std::borrow::Cow::Borrowed("/"));
-                let path = route::strip_prefix(&route.cfg.path, &routed);
+                // The prefix is stripped from the path as it came, its
+                // escapes kept; when the prefix ends at an encoded slash
+                // (`/app%2Fx`), from the path the route was chosen on.
+                let raw = parts.uri.path();
+                let routed;
+                let from = if route::prefix_matches(&route.cfg.path, raw) {
+                    raw
+                } else {
+                    routed = path::for_routing(raw).unwrap_or(std::borrow::Cow::Borrowed("/"));
+                    &routed
+                };
+                let path = route::strip_prefix(&route.cfg.path, from);
                 let pq = match parts.uri.query() {
                     Some(q) => format!("{path}?{q}"),
                     None => path.to_string(),

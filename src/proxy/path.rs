@@ -15,6 +15,10 @@ pub enum PathError {
     BadEscape,
     #[error("the request path climbs above the root")]
     AboveRoot,
+    /// `.` or `..` between encoded slashes (`/a/..%2Fb`): the upstream
+    /// would read a path the route was not chosen on.
+    #[error("the request path has a . or .. segment made of encoded slashes")]
+    EncodedDotSegment,
 }
 
 fn unreserved(b: u8) -> bool {
@@ -117,6 +121,14 @@ pub fn for_routing(normalized: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(normalized));
     }
     let slashes = normalized.replace("%2F", "/");
+    // Dot segments of the path itself are resolved already: any left here
+    // come from encoded slashes. Resolved, they would choose a route for a
+    // path the upstream does not get (`/account/..%2Fstatic`, which a
+    // decoding upstream reads as `/account/../static`, would be routed as
+    // `/static`): refused.
+    if slashes.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(PathError::EncodedDotSegment);
+    }
     Ok(Cow::Owned(normalize(&slashes)?.into_owned()))
 }
 
@@ -130,8 +142,23 @@ mod tests {
         assert_eq!(r("/admin%2Fsecret").unwrap(), "/admin/secret");
         assert_eq!(r("/admin%2fsecret").unwrap(), "/admin/secret");
         assert_eq!(r("/%2Fadmin").unwrap(), "/admin");
-        assert_eq!(r("/x/..%2F..%2Fadmin").unwrap_err(), PathError::AboveRoot);
-        assert_eq!(r("/a/%2E%2E%2Fadmin").unwrap(), "/admin");
+        assert_eq!(
+            r("/x/..%2F..%2Fadmin").unwrap_err(),
+            PathError::EncodedDotSegment
+        );
+        assert_eq!(
+            r("/a/%2E%2E%2Fadmin").unwrap_err(),
+            PathError::EncodedDotSegment
+        );
+        assert_eq!(
+            r("/account/..%2Fstatic").unwrap_err(),
+            PathError::EncodedDotSegment
+        );
+        assert_eq!(
+            r("/account/.%2Fx").unwrap_err(),
+            PathError::EncodedDotSegment
+        );
+        assert_eq!(r("/a%2F..b").unwrap(), "/a/..b", "not a dot segment");
         assert_eq!(
             r("/a%252Fb").unwrap(),
             "/a%252Fb",

@@ -296,9 +296,6 @@ struct Link {
     /// Each thread's connection.
     slots: thread_local::ThreadLocal<Slot>,
     generations: AtomicU64,
-    /// Sentinel: the watch's version the connections were last replaced
-    /// for (see `topology::PrimaryWatch`).
-    primary_seen: AtomicU64,
 }
 
 /// One thread's connection (see [`Link`]).
@@ -310,6 +307,9 @@ struct Slot {
     connecting: tokio::sync::Mutex<()>,
     /// Whether this thread had a connection before (for the log).
     had: std::sync::atomic::AtomicBool,
+    /// Sentinel: the watch's version when the connection was made (see
+    /// `topology::PrimaryWatch`).
+    primary_version: AtomicU64,
 }
 
 impl Slot {
@@ -328,28 +328,27 @@ impl Link {
 
     /// This thread's current connection, or a new one; `true` when new.
     async fn get(&self) -> Result<(u64, Conn, bool), RedisError> {
+        let slot = self.slot();
         if let Target::Sentinel(_, watch) = &self.target {
             watch.poll();
-            let version = watch.version();
-            let seen = self.primary_seen.load(Ordering::Relaxed);
-            if seen != version
-                && self.primary_seen.swap(version, Ordering::Relaxed) == seen
-                && seen != 0
-            {
-                // The sentinels name another primary: every thread's
-                // connection points at one that no longer is.
-                for slot in self.slots.iter() {
-                    *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                }
+            // A connection made before the named primary last changed
+            // (or while it changed) may point at one that no longer is.
+            if slot.primary_version.load(Ordering::Relaxed) != watch.version() {
+                *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
         }
-        let slot = self.slot();
         if let Some((g, c)) = slot.current() {
             return Ok((g, c, false));
         }
         let _one_at_a_time = slot.connecting.lock().await;
         if let Some((g, c)) = slot.current() {
             return Ok((g, c, false));
+        }
+        if let Target::Sentinel(_, watch) = &self.target {
+            // Read before connecting: a change while connecting makes the
+            // next call connect again.
+            slot.primary_version
+                .store(watch.version(), Ordering::Relaxed);
         }
         let conn = self.target.connect(&self.config).await?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
@@ -609,7 +608,6 @@ impl RedisStore {
                 config,
                 slots: thread_local::ThreadLocal::new(),
                 generations: AtomicU64::new(0),
-                primary_seen: AtomicU64::new(0),
             }),
             timeout,
             cache: cached.then(|| DashMap::with_hasher(KeyHash)),

@@ -439,8 +439,8 @@ const PRIMARY_CHECK: Duration = Duration::from_millis(200);
 /// switchover (`SENTINEL FAILOVER`, or a failover while the old primary
 /// stays up) the old primary keeps taking writes until Sentinel demotes
 /// it, seconds later, and those writes are then lost. Each connection
-/// remembers the primary the sentinels named when it was made; one whose
-/// primary is no longer the named one is replaced.
+/// remembers the watch's version when it was made; one made before the
+/// named primary last changed is replaced.
 pub(super) struct PrimaryWatch {
     /// A plain client to each sentinel, with the sentinels' credentials.
     sentinels: Vec<Client>,
@@ -536,6 +536,18 @@ impl PrimaryWatch {
     /// answers `ROLE` as a primary; `None` otherwise (no answer yet, or it
     /// is not one): the caller then asks the sentinels itself.
     async fn connect_named(&self, config: &AsyncConnectionConfig) -> Option<MultiplexedConnection> {
+        // A quarter of the store's timeout at most: a named primary that
+        // does not answer leaves time to ask the sentinels.
+        tokio::time::timeout(self.timeout / 4, self.connect_named_inner(config))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn connect_named_inner(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> Option<MultiplexedConnection> {
         let (host, port) = self.named()?;
         let addr = if self.tls {
             ConnectionAddr::TcpTls {
