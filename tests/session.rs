@@ -673,41 +673,71 @@ async fn forty_concurrent_disjoint_updates_all_survive() {
     }
 }
 
+/// An upstream for the in-flight races (SPEC 4.9): `/login` writes
+/// `login`, `/logout` flushes, `/cycle` cycles the key, and each of `slow`'s
+/// paths answers its directive only once the test lets it ([`Race::end`]).
+struct Race {
+    up: Upstream,
+    gate: Arc<tokio::sync::Notify>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+impl Race {
+    async fn upstream(
+        login: &'static str,
+        slow: &'static [(&'static str, &'static str, &'static str)],
+    ) -> Race {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (g, a) = (gate.clone(), arrived.clone());
+        let up = upstream_async(move |s| {
+            let (g, a) = (g.clone(), a.clone());
+            Box::pin(async move {
+                match s.uri.path() {
+                    "/login" => directives(&[("x-session-update", login)]),
+                    "/logout" => directives(&[("x-session-flush", "1")]),
+                    "/cycle" => directives(&[("x-session-cycle-key", "1")]),
+                    path => match slow.iter().find(|(p, _, _)| *p == path) {
+                        Some((_, name, value)) => {
+                            a.notify_one();
+                            g.notified().await;
+                            directives(&[(name, value)])
+                        }
+                        None => ok(),
+                    },
+                }
+            })
+        })
+        .await;
+        Race { up, gate, arrived }
+    }
+
+    /// `slow` on `key`'s session, with `ender` answered while it is in
+    /// flight: the slow request's answer.
+    async fn end(&self, p: &Arc<Proxy>, key: &str, slow: &'static str, ender: &str) -> Got {
+        let pending = {
+            let (p, key) = (p.clone(), key.to_string());
+            tokio::spawn(async move { p.get(slow, Some(&key)).await })
+        };
+        self.arrived.notified().await;
+        assert_eq!(p.get(ender, Some(key)).await.status, 200, "{ender}");
+        self.gate.notify_one();
+        pending.await.unwrap()
+    }
+}
+
 #[tokio::test]
 async fn flush_during_an_in_flight_request_gives_400_and_no_resurrection() {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (g, a) = (gate.clone(), arrived.clone());
-    let up = upstream_async(move |s| {
-        let (g, a) = (g.clone(), a.clone());
-        Box::pin(async move {
-            match s.uri.path() {
-                "/slow" => {
-                    a.notify_one();
-                    g.notified().await;
-                    directives(&[("x-session-update", r#"{"late":1}"#)])
-                }
-                "/login" => directives(&[("x-session-update", r#"{"user":1}"#)]),
-                "/logout" => directives(&[("x-session-flush", "1")]),
-                "/cycle" => directives(&[("x-session-cycle-key", "1")]),
-                _ => ok(),
-            }
-        })
-    })
+    let race = Race::upstream(
+        r#"{"user":1}"#,
+        &[("/slow", "x-session-update", r#"{"late":1}"#)],
+    )
     .await;
-    let p = Arc::new(start(&config("", &route(&up, ""))).await);
+    let up = &race.up;
+    let p = Arc::new(start(&config("", &route(up, ""))).await);
     for ender in ["/logout", "/cycle"] {
         let key = p.get("/login", None).await.key();
-        let slow = {
-            let p = p.clone();
-            let key = key.clone();
-            tokio::spawn(async move { p.get("/slow", Some(&key)).await })
-        };
-        arrived.notified().await;
-        let r = p.get(ender, Some(&key)).await;
-        assert_eq!(r.status, 200);
-        gate.notify_one();
-        let r = slow.await.unwrap();
+        let r = race.end(&p, &key, "/slow", ender).await;
         assert_eq!(r.status, 400, "{ender}: {}", r.body);
         assert!(r.body.contains("concurrent"), "{}", r.body);
         assert!(r.set_cookies().is_empty());
@@ -722,39 +752,17 @@ async fn flush_during_an_in_flight_request_gives_400_and_no_resurrection() {
 /// it is the 400 of an interrupted session, not a 200 that ended nothing.
 #[tokio::test]
 async fn logout_others_after_a_concurrent_flush_is_interrupted() {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (g, a) = (gate.clone(), arrived.clone());
-    let up = upstream_async(move |s| {
-        let (g, a) = (g.clone(), a.clone());
-        Box::pin(async move {
-            match s.uri.path() {
-                "/login" => directives(&[("x-session-update", r#"{"user":"u1"}"#)]),
-                "/logout" => directives(&[("x-session-flush", "1")]),
-                "/cycle" => directives(&[("x-session-cycle-key", "1")]),
-                "/slow-others" => {
-                    a.notify_one();
-                    g.notified().await;
-                    directives(&[("x-session-logout-others", "1")])
-                }
-                _ => ok(),
-            }
-        })
-    })
+    let race = Race::upstream(
+        r#"{"user":"u1"}"#,
+        &[("/slow-others", "x-session-logout-others", "1")],
+    )
     .await;
-    let p = Arc::new(start(&config("user_key = \"user\"", &route(&up, ""))).await);
+    let up = &race.up;
+    let p = Arc::new(start(&config("user_key = \"user\"", &route(up, ""))).await);
     for ender in ["/logout", "/cycle"] {
         let other = p.get("/login", None).await.key();
         let key = p.get("/login", None).await.key();
-        let slow = {
-            let p = p.clone();
-            let key = key.clone();
-            tokio::spawn(async move { p.get("/slow-others", Some(&key)).await })
-        };
-        arrived.notified().await;
-        assert_eq!(p.get(ender, Some(&key)).await.status, 200);
-        gate.notify_one();
-        let r = slow.await.unwrap();
+        let r = race.end(&p, &key, "/slow-others", ender).await;
         assert_eq!(r.status, 400, "{ender}: {}", r.body);
         assert!(r.body.contains("concurrent"), "{}", r.body);
         p.get("/", Some(&other)).await;
@@ -768,44 +776,20 @@ async fn logout_others_after_a_concurrent_flush_is_interrupted() {
 
 #[tokio::test]
 async fn a_no_op_directive_after_a_concurrent_flush_is_not_interrupted() {
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (g, a) = (gate.clone(), arrived.clone());
-    let up = upstream_async(move |s| {
-        let (g, a) = (g.clone(), a.clone());
-        Box::pin(async move {
-            match s.uri.path() {
-                "/login" => directives(&[("x-session-update", r#"{"user":1}"#)]),
-                "/logout" => directives(&[("x-session-flush", "1")]),
-                // Pops a key the session does not have: Django's
-                // session.pop(k, None) leaves it unmodified, so no save.
-                "/slow-noop" => {
-                    a.notify_one();
-                    g.notified().await;
-                    directives(&[("x-session-delete", "absent")])
-                }
-                "/slow-pop" => {
-                    a.notify_one();
-                    g.notified().await;
-                    directives(&[("x-session-delete", "user")])
-                }
-                _ => ok(),
-            }
-        })
-    })
+    // `/slow-noop` pops a key the session does not have: Django's
+    // session.pop(k, None) leaves it unmodified, so no save.
+    let race = Race::upstream(
+        r#"{"user":1}"#,
+        &[
+            ("/slow-noop", "x-session-delete", "absent"),
+            ("/slow-pop", "x-session-delete", "user"),
+        ],
+    )
     .await;
-    let p = Arc::new(start(&config("", &route(&up, ""))).await);
+    let p = Arc::new(start(&config("", &route(&race.up, ""))).await);
     for (path, status) in [("/slow-noop", 200), ("/slow-pop", 400)] {
         let key = p.get("/login", None).await.key();
-        let slow = {
-            let p = p.clone();
-            let key = key.clone();
-            tokio::spawn(async move { p.get(path, Some(&key)).await })
-        };
-        arrived.notified().await;
-        assert_eq!(p.get("/logout", Some(&key)).await.status, 200);
-        gate.notify_one();
-        let r = slow.await.unwrap();
+        let r = race.end(&p, &key, path, "/logout").await;
         assert_eq!(r.status, status, "{path}: {}", r.body);
         assert!(r.set_cookies().is_empty(), "{path}");
     }
