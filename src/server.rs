@@ -264,6 +264,9 @@ impl Shared {
                 .clone()
                 .filter(|_| p.config.server.tls.is_none()),
         };
+        // The store's keys (and what else it takes from `[session]`) before
+        // any worker serves the new configuration.
+        self.store.follow(&p.config);
         if let Some(a) = &self.ops.admin {
             a.configure(&p.config);
         }

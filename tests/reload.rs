@@ -693,3 +693,87 @@ async fn a_reload_names_the_keys_it_leaves_at_their_start_up_values() {
     })
     .await;
 }
+
+/// A key rotation by reload (SPEC 7.1: the reload re-reads the key files)
+/// reaches the engines that sign with `secret_key`: `signed_cookies` (the
+/// cookie) and `db` (Django's `session_data`). Before, both kept the keys
+/// they opened with until a restart: a reload that dropped a leaked key
+/// still accepted it, and the cookies made after the reload were signed
+/// with the old key, so the restart that finally applied the rotation
+/// ended them.
+async fn a_reload_rotates_the_keys_of(tag: &str, store: &str) {
+    let one = upstream(named_upstream("one")).await;
+    let dir = TempDir::new(tag);
+    let admin = common::redis_server::free_port();
+    let keyed = |secret: &str, fallbacks: &str| {
+        config_text(&one.url(), admin, store).replace(
+            &format!("secret_key = \"{SECRET}\""),
+            &format!("secret_key = \"{secret}\"\nsecret_key_fallbacks = [{fallbacks}]"),
+        )
+    };
+    const NEW: &str = "a-new-secret-after-the-rotation-0123456789";
+    let path = dir.write("sessiongate.toml", &keyed(SECRET, ""));
+    if store.contains("\"db\"") {
+        let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .args(["migrate", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let sg = Running::start(&path).await;
+    let login = || async {
+        let r = raw_request(
+            sg.addr,
+            "GET /login HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let c = r.header("set-cookie").expect("a session cookie");
+        c.split(';').next().unwrap().to_string()
+    };
+    let page = |cookie: String| async move {
+        let r = raw_request(
+            sg.addr,
+            &format!(
+                "GET /page HTTP/1.1\r\nHost: a\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    };
+    let signed_before = login().await;
+    assert_eq!(page(signed_before.clone()).await, r#"one {"user":"ann"}"#);
+
+    // The new key signs, the old one still verifies (as a fallback).
+    std::fs::write(&path, keyed(NEW, &format!("\"{SECRET}\""))).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 1).await;
+    assert_eq!(page(signed_before.clone()).await, r#"one {"user":"ann"}"#);
+    let signed_after = login().await;
+
+    // The old key dropped: what it signed is no longer adopted, what the
+    // new key signed is.
+    std::fs::write(&path, keyed(NEW, "")).unwrap();
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 2).await;
+    assert_eq!(
+        page(signed_before).await,
+        "one {}",
+        "the dropped key still verifies"
+    );
+    assert_eq!(page(signed_after).await, r#"one {"user":"ann"}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_keys_of_signed_cookies() {
+    a_reload_rotates_the_keys_of("reload-keys-signed", "engine = \"signed_cookies\"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_keys_of_the_db_engine() {
+    a_reload_rotates_the_keys_of(
+        "reload-keys-db",
+        "engine = \"db\"\nurl = \"sqlite://sessions.sqlite3\"",
+    )
+    .await;
+}

@@ -403,26 +403,7 @@ impl AnyStore {
         // `check` refuses it with signed_cookies, which keeps no index.
         let user_key = config.session.user_key.clone();
         match c.engine {
-            Engine::SignedCookies => {
-                let s = &config.session;
-                if c.django_format {
-                    return Ok(AnyStore::Signed(
-                        SignedCookies::django(
-                            &s.cookie_name,
-                            &s.secret_key,
-                            &s.secret_key_fallbacks,
-                            s.cookie_age.as_secs() as i64,
-                        )
-                        .keeping_creation(!s.absolute_timeout.is_zero()),
-                    ));
-                }
-                Ok(AnyStore::Signed(SignedCookies::new(
-                    &s.cookie_name,
-                    &s.secret_key,
-                    &s.secret_key_fallbacks,
-                    c.encrypt,
-                )))
-            }
+            Engine::SignedCookies => Ok(AnyStore::Signed(SignedCookies::from_config(config))),
             Engine::Memory => Ok(AnyStore::Memory(MemoryStore::new().with_user_key(user_key))),
             Engine::Db | Engine::CachedDb => {
                 let url =
@@ -464,6 +445,23 @@ impl AnyStore {
                         .with_user_key(user_key),
                 ))
             }
+        }
+    }
+
+    /// A reload: what the engine takes from `[session]` follows `config`
+    /// (its `[store]` is the running one: a reload refuses another). The
+    /// keys above all: `signed_cookies` signs and verifies its cookies, and
+    /// `db`/`cached_db` its rows, with the reloaded `secret_key` and
+    /// `secret_key_fallbacks`, so a key rotated (or dropped after a leak)
+    /// by a reload is rotated, not kept until a restart.
+    pub fn follow(&self, config: &Config) {
+        match self {
+            AnyStore::Signed(s) => s.follow(config),
+            AnyStore::Db(d) => d.rekey(
+                &config.session.secret_key,
+                &config.session.secret_key_fallbacks,
+            ),
+            AnyStore::Memory(_) | AnyStore::File(_) | AnyStore::Redis(_) => {}
         }
     }
 

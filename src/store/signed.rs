@@ -23,6 +23,8 @@ use bytes::Bytes;
 use http::header::{HeaderMap, COOKIE};
 use ring::{aead, hmac};
 
+use std::sync::Arc;
+
 use crate::session::{Expiry, Record, SessionKey, Stamp};
 
 const VERSION: u8 = 1;
@@ -80,7 +82,9 @@ fn in_cookies(n: usize) -> String {
     }
 }
 
-pub struct SignedCookies {
+/// The engine's codec for one configuration (its cookie name, keys and
+/// format), replaced whole when a reload changes them.
+struct Codec {
     name: String,
     encrypt: bool,
     /// `format = "django"`: Django's `signed_cookies` format instead
@@ -97,11 +101,11 @@ pub struct SignedCookies {
     keys: Vec<Keys>,
 }
 
-impl SignedCookies {
-    pub fn new(cookie_name: &str, secret: &[u8], fallbacks: &[Vec<u8>], encrypt: bool) -> Self {
+impl Codec {
+    fn new(cookie_name: &str, secret: &[u8], fallbacks: &[Vec<u8>], encrypt: bool) -> Self {
         let mut keys = vec![Keys::new(secret)];
         keys.extend(fallbacks.iter().map(|f| Keys::new(f)));
-        SignedCookies {
+        Codec {
             name: cookie_name.to_string(),
             encrypt,
             keys,
@@ -112,19 +116,14 @@ impl SignedCookies {
 
     /// Django's format only: whether the cookie carries the creation time
     /// (`absolute_timeout` set; see the field).
-    pub fn keeping_creation(mut self, on: bool) -> Self {
+    fn keeping_creation(mut self, on: bool) -> Self {
         self.keep_created = on && self.django.is_some();
         self
     }
 
     /// Django's `signed_cookies` format (SPEC 8), verified with `secret`
     /// then `fallbacks`, valid `max_age_secs` (`cookie_age`) from its signing.
-    pub fn django(
-        cookie_name: &str,
-        secret: &[u8],
-        fallbacks: &[Vec<u8>],
-        max_age_secs: i64,
-    ) -> Self {
+    fn django(cookie_name: &str, secret: &[u8], fallbacks: &[Vec<u8>], max_age_secs: i64) -> Self {
         let mut s = Self::new(cookie_name, secret, fallbacks, false);
         s.django = Some((
             crate::store::db::Signer::new(
@@ -135,6 +134,26 @@ impl SignedCookies {
             max_age_secs,
         ));
         s
+    }
+
+    fn from_config(config: &crate::config::Config) -> Self {
+        let (s, c) = (&config.session, &config.store);
+        if c.django_format {
+            Codec::django(
+                &s.cookie_name,
+                &s.secret_key,
+                &s.secret_key_fallbacks,
+                s.cookie_age.as_secs() as i64,
+            )
+            .keeping_creation(!s.absolute_timeout.is_zero())
+        } else {
+            Codec::new(
+                &s.cookie_name,
+                &s.secret_key,
+                &s.secret_key_fallbacks,
+                c.encrypt,
+            )
+        }
     }
 
     /// Whether this is Django's format: no key in the cookie (`X-Session-Id`
@@ -341,6 +360,92 @@ impl SignedCookies {
             return parse_payload(payload, now);
         }
         None
+    }
+}
+
+/// The `signed_cookies` engine: the [`Codec`] of the running configuration.
+/// A reload that changes `secret_key`, its fallbacks, the cookie's name or
+/// age (or `absolute_timeout`, for Django's format) takes effect here at
+/// once ([`SignedCookies::follow`]): a key rotated by a reload signs the
+/// next cookie, and a key dropped from the fallbacks verifies no more.
+pub struct SignedCookies {
+    codec: arc_swap::ArcSwap<Codec>,
+}
+
+impl SignedCookies {
+    fn with(codec: Codec) -> Self {
+        SignedCookies {
+            codec: arc_swap::ArcSwap::from_pointee(codec),
+        }
+    }
+
+    /// sessiongate's own format, signed with `secret` (and verified with it
+    /// and then `fallbacks`), encrypted too when `encrypt`.
+    pub fn new(cookie_name: &str, secret: &[u8], fallbacks: &[Vec<u8>], encrypt: bool) -> Self {
+        Self::with(Codec::new(cookie_name, secret, fallbacks, encrypt))
+    }
+
+    /// Django's `signed_cookies` format (SPEC 8), verified with `secret`
+    /// then `fallbacks`, valid `max_age_secs` (`cookie_age`) from its signing.
+    pub fn django(
+        cookie_name: &str,
+        secret: &[u8],
+        fallbacks: &[Vec<u8>],
+        max_age_secs: i64,
+    ) -> Self {
+        Self::with(Codec::django(cookie_name, secret, fallbacks, max_age_secs))
+    }
+
+    /// The engine `config` describes (`[store] format` and `encrypt`, and
+    /// the `[session]` keys the cookie depends on).
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self::with(Codec::from_config(config))
+    }
+
+    /// Django's format only: whether the cookie carries the creation time
+    /// (`absolute_timeout` set; see [`Codec`]'s field).
+    pub fn keeping_creation(self, on: bool) -> Self {
+        let codec = Arc::try_unwrap(self.codec.into_inner())
+            .unwrap_or_else(|_| unreachable!("the builder holds the only reference"));
+        Self::with(codec.keeping_creation(on))
+    }
+
+    /// A reload: cookies from now on are made and read with what `config`
+    /// says (its `[store]` is the running one: a reload refuses another).
+    pub fn follow(&self, config: &crate::config::Config) {
+        self.codec.store(Arc::new(Codec::from_config(config)));
+    }
+
+    /// Whether this is Django's format: no key in the cookie (`X-Session-Id`
+    /// is empty), one cookie only.
+    pub fn is_django(&self) -> bool {
+        self.codec.load().is_django()
+    }
+
+    /// The request's token: [`join`] of the numbered cookies, or Django's one cookie.
+    pub fn token(&self, headers: &HeaderMap) -> Option<Option<String>> {
+        self.codec.load().token(headers)
+    }
+
+    /// The cookie values for `token`: [`split`], or Django's one cookie.
+    pub fn cookie_values(&self, token: &str) -> Result<Vec<String>, TooLarge> {
+        self.codec.load().cookie_values(token)
+    }
+
+    /// The numbered chunk cookies the request carried (none in Django's format).
+    pub fn chunks(&self, headers: &HeaderMap) -> Vec<usize> {
+        self.codec.load().chunks(headers)
+    }
+
+    /// Encodes a session as one token (before splitting into cookies).
+    pub fn encode(&self, key: &SessionKey, r: &Record) -> String {
+        self.codec.load().encode(key, r)
+    }
+
+    /// Decodes a token: `None` when it is malformed, tampered with, made
+    /// with an unknown key, or expired at `now`.
+    pub fn decode(&self, token: &[u8], now: i64) -> Option<(SessionKey, Record)> {
+        self.codec.load().decode(token, now)
     }
 }
 

@@ -97,7 +97,9 @@ pub enum Migrated {
 
 /// Encodes and decodes rows (shared by the databases).
 pub(crate) struct Codec {
-    signer: Signer,
+    /// `session_data`'s signer: `secret_key` and its fallbacks, shared by
+    /// the store's codecs and replaced by a reload ([`DbStore::rekey`]).
+    signer: Arc<arc_swap::ArcSwap<Signer>>,
     /// `[session] user_key` and the index statements (SPEC 9).
     /// Boxed: most stores have none, and the store sits in an enum.
     pub(crate) index: Option<Box<UserIndex>>,
@@ -148,7 +150,7 @@ impl Codec {
         }
         map.insert(CREATED_KEY.into(), Value::from(r.created));
         let text = json::to_ascii_vec(&map);
-        self.signer.dumps(&text, r.modified.div_euclid(1000))
+        self.signer.load().dumps(&text, r.modified.div_euclid(1000))
     }
 
     /// The record in a row, or `None` when the row has expired at `now` or
@@ -157,7 +159,7 @@ impl Codec {
         if expires_at <= now {
             return None;
         }
-        let (text, signed) = match self.signer.loads_at(data, None) {
+        let (text, signed) = match self.signer.load().loads_at(data, None) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "session row not adopted: bad signature or data");
@@ -372,8 +374,13 @@ impl DbStore {
         fallbacks: &[Vec<u8>],
         cache_url: Option<&str>,
     ) -> Result<DbStore, StoreError> {
+        let signer = Arc::new(arc_swap::ArcSwap::from_pointee(Signer::new(
+            django::SESSION_SALT,
+            secret,
+            fallbacks,
+        )));
         let codec = || Codec {
-            signer: Signer::new(django::SESSION_SALT, secret, fallbacks),
+            signer: signer.clone(),
             index: None,
         };
         let cache = match cache_url {
@@ -400,6 +407,17 @@ impl DbStore {
             cache,
             table: table.to_string(),
         })
+    }
+
+    /// A reload: rows are signed with `secret` from now on and verified
+    /// with it, then `fallbacks` (Django's `SECRET_KEY_FALLBACKS`), by every
+    /// connection of the store.
+    pub fn rekey(&self, secret: &[u8], fallbacks: &[Vec<u8>]) {
+        self.codec.signer.store(Arc::new(Signer::new(
+            django::SESSION_SALT,
+            secret,
+            fallbacks,
+        )));
     }
 
     async fn load_raw(&self, key: &SessionKey) -> Result<Option<(String, i64)>, DbError> {
@@ -531,7 +549,11 @@ mod tests {
 
     fn codec() -> Codec {
         Codec {
-            signer: Signer::new(django::SESSION_SALT, &[b'k'; 40], &[]),
+            signer: Arc::new(arc_swap::ArcSwap::from_pointee(Signer::new(
+                django::SESSION_SALT,
+                &[b'k'; 40],
+                &[],
+            ))),
             index: None,
         }
     }
@@ -571,7 +593,7 @@ mod tests {
             let mut r = record(T0, "cart", serde_json::json!([1, 2]));
             r.expiry = expiry;
             let data = c.encode(&r);
-            let text = c.signer.loads(&data, None).unwrap();
+            let text = c.signer.load().loads(&data, None).unwrap();
             let map = json::parse_object(&text).unwrap();
             match expiry {
                 Expiry::Default => assert!(!map.contains_key(EXPIRY_KEY)),
@@ -586,7 +608,11 @@ mod tests {
             assert!(c.decode(&data, T0, T0).is_none(), "expired");
         }
         let other = Codec {
-            signer: Signer::new(django::SESSION_SALT, &[b'o'; 40], &[]),
+            signer: Arc::new(arc_swap::ArcSwap::from_pointee(Signer::new(
+                django::SESSION_SALT,
+                &[b'o'; 40],
+                &[],
+            ))),
             index: None,
         };
         let data = c.encode(&record(T0, "a", 1));
