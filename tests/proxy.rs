@@ -1607,10 +1607,25 @@ async fn slow_upstream_is_504() {
     p.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_that_goes_away_mid_request_loses_no_session_change() {
-    // Django runs the view to the end and saves the session even when the
-    // browser has gone; so does the proxy with what the upstream answers.
+/// How a client leaves before its answer.
+#[derive(Clone, Copy, Debug)]
+enum GoesAway {
+    /// HTTP/1.1: the connection is closed.
+    H1Close,
+    /// HTTP/2: the stream is reset (RST_STREAM), the connection stays.
+    H2Reset,
+    /// HTTP/2: the connection is closed.
+    H2Close,
+}
+
+/// Django runs the view to the end and saves the session even when the
+/// browser has gone; so does the proxy with what the upstream answers, over
+/// either HTTP version (over HTTP/2, hyper drops the request's future when
+/// the stream is reset or the connection ends: the change was lost, a
+/// logout too).
+async fn a_client_that_goes_away(how: GoesAway) {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use sessiongate::store::Store;
     let gate = Gate::default();
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel::<()>();
@@ -1630,14 +1645,52 @@ async fn a_client_that_goes_away_mid_request_loses_no_session_change() {
     .await;
     let p = start(&config("", &route(&up, ""))).await;
     let key = p.get("/login", None).await.key();
+    let cookie = format!("sessionid={key}");
 
-    let mut client = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    let req = format!("GET /slow HTTP/1.1\r\nHost: app\r\nCookie: sessionid={key}\r\n\r\n");
-    client.write_all(req.as_bytes()).await.unwrap();
-    within("the upstream to get the request", arrived.recv())
-        .await
-        .unwrap();
-    drop(client);
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    // What is kept open until the change is seen (the HTTP/2 connection
+    // whose stream was reset).
+    let mut kept = None;
+    match how {
+        GoesAway::H1Close => {
+            let req = format!("GET /slow HTTP/1.1\r\nHost: app\r\nCookie: {cookie}\r\n\r\n");
+            tcp.write_all(req.as_bytes()).await.unwrap();
+            within("the upstream to get the request", arrived.recv()).await;
+            drop(tcp);
+        }
+        GoesAway::H2Reset => {
+            let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let req = http::Request::get("http://app/slow")
+                .header("cookie", &cookie)
+                .body(())
+                .unwrap();
+            let (_response, mut stream) = send.send_request(req, true).unwrap();
+            within("the upstream to get the request", arrived.recv()).await;
+            stream.send_reset(h2::Reason::CANCEL);
+            kept = Some((send, conn));
+        }
+        GoesAway::H2Close => {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            let conn = tokio::spawn(conn);
+            let req = http::Request::get("http://app/slow")
+                .header("cookie", &cookie)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let asked = tokio::spawn(send.send_request(req));
+            within("the upstream to get the request", arrived.recv()).await;
+            asked.abort();
+            conn.abort();
+            let _ = conn.await;
+        }
+    }
+    // Nothing tells when the server has seen the client go (what it does
+    // then is the test): the upstream answers a moment later, long enough
+    // for a server that cancels the request to have done so.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     gate.open();
 
     let k = sessiongate::session::SessionKey::parse(&key).unwrap();
@@ -1651,7 +1704,23 @@ async fn a_client_that_goes_away_mid_request_loses_no_session_change() {
         }
     })
     .await;
+    drop(kept);
     p.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_connection_mid_request_loses_no_session_change() {
+    a_client_that_goes_away(GoesAway::H1Close).await;
+}
+
+#[tokio::test]
+async fn an_h2_stream_reset_mid_request_loses_no_session_change() {
+    a_client_that_goes_away(GoesAway::H2Reset).await;
+}
+
+#[tokio::test]
+async fn an_h2_connection_closed_mid_request_loses_no_session_change() {
+    a_client_that_goes_away(GoesAway::H2Close).await;
 }
 
 #[tokio::test]

@@ -65,6 +65,9 @@ pub(super) struct Worker {
     /// off (`SESSIONGATE_H1=hyper`: to compare, or to fall back), hyper
     /// serves every request.
     own_h1: bool,
+    /// Requests a connection may keep running after their client went
+    /// away (`h2_max_concurrent_streams`; see [`Handled`]).
+    abandon_limit: usize,
 }
 
 /// One configuration's share of a worker (SPEC 7.1).
@@ -130,6 +133,7 @@ impl Worker {
             header_read: s.header_read_timeout,
             // Checked by `main` (own or hyper).
             own_h1: std::env::var("SESSIONGATE_H1").map_or(true, |v| v.trim() != "hyper"),
+            abandon_limit: s.h2_max_concurrent_streams as usize,
             gen: arc_swap::ArcSwap::from_pointee(Gen {
                 ops: crate::ops::ConnOps::new(s, proxy.metrics()),
                 proxy,
@@ -189,11 +193,12 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     redirect: bool,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     drain: Drain,
 ) {
     let drain = &drain;
     let state = Arc::new(ConnState::new());
+    state.hold(permit);
     if redirect {
         let port = w.https_port.load(std::sync::atomic::Ordering::Relaxed);
         let st = state.clone();
@@ -457,14 +462,51 @@ fn track<B>(resp: Response<B>, guard: InFlight) -> Response<Tracked<B>> {
     })
 }
 
-/// A request's future, boxed (see [`service`]).
-type Handled = Pin<
-    Box<
-        dyn Future<Output = Result<Response<Tracked<crate::proxy::RespBody>>, Infallible>>
-            + Send
-            + 'static,
-    >,
->;
+type Answer = Result<Response<Tracked<crate::proxy::RespBody>>, Infallible>;
+
+/// A request's future, boxed (see [`service`]), which the client going
+/// away does not cancel: hyper drops it when an HTTP/2 stream is reset or
+/// the connection ends, and it then runs on in a task of its own, so the
+/// upstream's answer is read and its session changes saved (bounded by
+/// `upstream_timeout`; [`ConnState::abandon`] bounds how many).
+pub(super) struct Handled {
+    fut: Option<Pin<Box<dyn Future<Output = Answer> + Send + 'static>>>,
+    state: Arc<ConnState>,
+    /// Abandoned requests a connection may keep running.
+    limit: usize,
+}
+
+impl Future for Handled {
+    type Output = Answer;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Answer> {
+        let fut = self
+            .fut
+            .as_mut()
+            .expect("a request's future polled after its end");
+        let r = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(r)
+    }
+}
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        match self.state.abandon(self.limit) {
+            Some(counted) => {
+                rt.spawn(async move {
+                    let _counted = counted;
+                    let _ = fut.await;
+                });
+            }
+            None => tracing::debug!("request cancelled: its client went away, and the connection has too many abandoned requests running"),
+        }
+    }
+}
 
 /// The proxy's service for one connection, each request counted in flight.
 ///
@@ -488,6 +530,7 @@ fn service(
        + 'static {
     let w = w.clone();
     let state = state.clone();
+    let limit = w.abandon_limit;
     service_fn(move |req: Request<Incoming>| -> Handled {
         let guard = state.request();
         let proxy = w.gen.load().proxy.clone();
@@ -499,7 +542,11 @@ fn service(
             let resp = proxy.handle(req.map(Into::into), info).await?;
             Ok(track(resp, guard))
         }));
-        fut
+        Handled {
+            fut: Some(fut),
+            state: state.clone(),
+            limit,
+        }
     })
 }
 

@@ -46,6 +46,13 @@ pub(crate) struct ConnState {
     /// Told to close (the worker drains, or the connection was idle): the
     /// server's own HTTP/1.1 path reads it (hyper has its own).
     closing: AtomicBool,
+    /// Requests whose client went away and that run on to their end
+    /// ([`ConnState::abandon`]).
+    abandoned: AtomicUsize,
+    /// The connection's `max_connections` permit: released when the last
+    /// holder of this state is gone, the connection and every request it
+    /// started, abandoned ones too.
+    slot: std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ConnState {
@@ -58,7 +65,30 @@ impl ConnState {
             changed: AtomicBool::new(false),
             served: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            abandoned: AtomicUsize::new(0),
+            slot: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps the connection's `max_connections` permit (see the field).
+    pub(crate) fn hold(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let _ = self.slot.set(permit);
+    }
+
+    /// A request whose client went away (an HTTP/2 stream reset, the
+    /// connection closed) before its answer: whether it may run on to its
+    /// end, so that its session changes are saved (a Django view runs to
+    /// its end too). At most `limit` at once per connection, so resetting
+    /// streams does not start upstream work without bound; past it, the
+    /// request is cancelled, as nginx cancels one. The returned guard
+    /// counts it until dropped.
+    pub(crate) fn abandon(self: &Arc<Self>, limit: usize) -> Option<Abandoned> {
+        let n = self.abandoned.fetch_add(1, Ordering::Relaxed);
+        if n >= limit {
+            self.abandoned.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Abandoned(self.clone()))
     }
 
     fn now_ms(&self) -> u64 {
@@ -152,6 +182,15 @@ impl Drop for InFlight {
         }
         s.served.fetch_add(1, Ordering::Relaxed);
         s.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One abandoned request running on (see [`ConnState::abandon`]).
+pub(crate) struct Abandoned(Arc<ConnState>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.abandoned.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -774,6 +813,18 @@ async fn linger(mut tcp: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_keeps_at_most_its_limit_of_abandoned_requests() {
+        let state = Arc::new(ConnState::new());
+        let a = state.abandon(2).expect("the first runs on");
+        let b = state.abandon(2).expect("the second runs on");
+        assert!(state.abandon(2).is_none(), "the third is cancelled");
+        drop(a);
+        let c = state.abandon(2).expect("room again once one ended");
+        drop((b, c));
+        assert_eq!(state.abandoned.load(Ordering::Relaxed), 0);
+    }
 
     fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
         let len = (payload.len() as u32).to_be_bytes();
