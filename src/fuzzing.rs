@@ -518,12 +518,13 @@ fn cookie_pairs(h: &HeaderMap) -> Vec<Vec<u8>> {
 
 fn names(pair: &[u8], name: &str) -> bool {
     pair.strip_prefix(name.as_bytes())
-        .is_some_and(|r| r.first() == Some(&b'='))
+        .is_some_and(|r| r.trim_ascii_start().first() == Some(&b'='))
 }
 
 /// Target `cookie`: the first line is the cookie name (default
 /// `sessionid`), every other line a `Cookie` header. `find` gives the first
-/// pair with that name (quotes removed); `strip` removes every such pair
+/// pair with that name (spaces around its `=` allowed; the value's spaces,
+/// then its quotes, removed); `strip` removes every such pair
 /// and keeps the others, in order, byte for byte; `set_cookie_names` never
 /// panics.
 pub fn cookie(data: &[u8]) {
@@ -547,7 +548,8 @@ pub fn cookie(data: &[u8]) {
     }
     let pairs = cookie_pairs(&h);
     let want = pairs.iter().find(|p| names(p, &name)).map(|p| {
-        let v = &p[name.len() + 1..];
+        let rest = p[name.len()..].trim_ascii_start();
+        let v = rest[1..].trim_ascii();
         match v {
             [b'"', inner @ .., b'"'] => inner.to_vec(),
             v => v.to_vec(),

@@ -495,16 +495,29 @@ async fn session_cookie_is_hidden_from_the_upstream_and_cannot_be_set_by_it() {
     let p = start(&config("", &route(&up, ""))).await;
     let key = get_with(&p, "/login", &[]).await.key();
 
-    let cookie = format!("a=1; sessionid={key}; b=2");
-    let r = get_with(&p, "/", &[("cookie", &cookie)]).await;
-    assert_eq!(r.status, 200);
-    let s = up.last();
-    assert_eq!(
-        s.session()["user_id"],
-        1,
-        "the session was loaded from the cookie"
-    );
-    assert_eq!(s.header("cookie"), Some("a=1; b=2"));
+    // Spaces around the `=` too: Django reads `sessionid =K` as the
+    // session cookie (it was forwarded, key and all, and not adopted).
+    for cookie in [
+        format!("a=1; sessionid={key}; b=2"),
+        format!("a=1; sessionid ={key}; b=2"),
+        format!("a=1; sessionid= {key}; b=2"),
+    ] {
+        let r = get_with(&p, "/", &[("cookie", &cookie)]).await;
+        assert_eq!(r.status, 200);
+        let s = up.last();
+        assert_eq!(
+            s.session()["user_id"],
+            1,
+            "{cookie}: the session was loaded from the cookie"
+        );
+        assert_eq!(s.header("cookie"), Some("a=1; b=2"), "{cookie}");
+    }
+    let r = get_with(
+        &p,
+        "/",
+        &[("cookie", &format!("a=1; sessionid={key}; b=2"))],
+    )
+    .await;
     assert_eq!(
         r.set_cookies(),
         vec!["theme=dark; Path=/".to_string()],

@@ -37,12 +37,15 @@ fn pairs(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The value of `pair` when it is the cookie called `name`.
+/// The value of `pair` when it is the cookie called `name`. Spaces around
+/// the `=` are allowed, as Django (`parse_cookie` strips the name and the
+/// value) and werkzeug read them: `sessionid =K` is the session cookie, so
+/// it is found and never forwarded.
 fn value_of<'a>(pair: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let pair = trim(pair);
     let rest = pair.strip_prefix(name.as_bytes())?;
-    let v = rest.strip_prefix(b"=")?;
-    Some(match v {
+    let v = trim(rest).strip_prefix(b"=")?;
+    Some(match trim(v) {
         [b'"', inner @ .., b'"'] => inner,
         v => v,
     })
@@ -261,6 +264,27 @@ mod tests {
         let h = headers(&["xsessionid=no; a=1", "sessionid=\"quoted\""]);
         assert_eq!(find(&h, "sessionid"), Some(&b"quoted"[..]));
         assert_eq!(find(&headers(&["a=1"]), "sessionid"), None);
+    }
+
+    #[test]
+    fn spaces_around_the_equals_sign_are_djangos() {
+        // Django: parse_cookie('a=1; sessionid =K') == {'a': '1', 'sessionid': 'K'},
+        // and parse_cookie('sessionid= K') == {'sessionid': 'K'}.
+        for (cookie, want) in [
+            ("a=1; sessionid =K", "K"),
+            ("sessionid= K", "K"),
+            ("sessionid\t=\t\"K\" ", "K"),
+        ] {
+            let mut h = headers(&[cookie]);
+            assert_eq!(find(&h, "sessionid"), Some(want.as_bytes()), "{cookie}");
+            strip(&mut h, "sessionid");
+            assert_eq!(find(&h, "sessionid"), None, "{cookie}: stripped");
+        }
+        let mut h = headers(&["a=1; sessionid =K", "b=2"]);
+        strip(&mut h, "sessionid");
+        let v: Vec<_> = h.get_all(COOKIE).iter().collect();
+        assert_eq!(v, ["a=1", "b=2"]);
+        assert_eq!(find(&headers(&["sessionid x=K"]), "sessionid"), None);
     }
 
     #[test]
