@@ -638,6 +638,33 @@ async fn a_slow_client_body_is_not_an_upstream_timeout() {
     p.stop().await;
 }
 
+/// An HTTP/2 request with neither `:authority` nor `Host` is malformed
+/// (RFC 9113 8.3.1), as an HTTP/1.1 one without `Host` is: `400`, not
+/// forwarded with the upstream's own address as its Host.
+#[tokio::test]
+async fn an_h2_request_without_authority_or_host_is_refused() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&config("", &route(&up, ""))).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    for (uri, host, status) in [
+        ("/x", None, 400),
+        ("/x", Some("app"), 200),
+        ("http://app/x", None, 200),
+    ] {
+        let mut req = http::Request::get(uri);
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+        let resp = within("the h2 response", resp).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{uri} {host:?}");
+    }
+    assert_eq!(up.count(), 2, "the one without a host never went upstream");
+    p.stop().await;
+}
+
 /// The same for HTTP/2's `:authority`.
 #[tokio::test]
 async fn an_h2_authority_with_userinfo_is_refused() {

@@ -582,7 +582,9 @@ impl Proxy {
                 None => None,
             },
         };
-        if host.is_none() && parts.version == Version::HTTP_11 {
+        // HTTP/1.0 may go without; an HTTP/2 request with neither
+        // `:authority` nor `Host` is malformed (RFC 9113 8.3.1).
+        if host.is_none() && matches!(parts.version, Version::HTTP_11 | Version::HTTP_2) {
             return Err(ProxyError::MissingHost);
         }
         if parts.method == Method::OPTIONS && max_forwards(&mut parts.headers) {
