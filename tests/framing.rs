@@ -271,3 +271,43 @@ async fn an_h2_request_with_transfer_encoding_is_reset_and_not_forwarded() {
     );
     p.stop().await;
 }
+
+/// The upstream's reason phrase reaches the client as nginx passes it:
+/// `499 Client Closed Request` was `499 <none>`, `200 Fine` was `200 OK`;
+/// on the server's own HTTP/1.1 path (a GET) and on hyper's (a POST).
+#[tokio::test]
+async fn the_upstreams_reason_phrase_is_passed_on() {
+    for (answer, line) in [
+        (
+            &b"HTTP/1.1 499 Client Closed Request\r\nContent-Length: 0\r\n\r\n"[..],
+            "HTTP/1.1 499 Client Closed Request",
+        ),
+        (
+            b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 Fine",
+        ),
+        (
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 404 Not Found",
+        ),
+    ] {
+        let (addr, _) = raw_upstream(answer).await;
+        let p = proxy_to(addr).await;
+        for req in [
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        ] {
+            let got = within("the answer", async {
+                let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await.unwrap();
+                out
+            })
+            .await;
+            let text = String::from_utf8_lossy(&got);
+            assert_eq!(text.lines().next(), Some(line), "{req:?}: {text}");
+        }
+        p.stop().await;
+    }
+}

@@ -133,6 +133,9 @@ pub(crate) fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// The upstream's reason phrase when it is not the status's own
+    /// (`499 Client Closed`, `200 Fine`), passed on as nginx passes it.
+    pub reason: Option<hyper::ext::ReasonPhrase>,
     /// The end-to-end fields. `Connection` is kept only when it nominates
     /// other fields (for the caller's hop-by-hop removal).
     pub headers: HeaderMap,
@@ -175,6 +178,11 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     }
     let code = r.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Status(code))?;
+    let reason = r.reason.unwrap_or("");
+    let reason = match status.canonical_reason() {
+        Some(own) if own == reason => None,
+        _ => hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok(),
+    };
     let version = if r.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -195,6 +203,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     let mut head = Head {
         status,
         version,
+        reason,
         // Room for what the proxy adds (Vary, Set-Cookie, Cache-Control)
         // without growing the map.
         headers: HeaderMap::with_capacity(count + 4),

@@ -549,6 +549,9 @@ impl Pool {
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
+        if let Some(r) = head.reason {
+            resp.extensions_mut().insert(r);
+        }
         resp
     }
 

@@ -172,19 +172,23 @@ fn body_length<B: Body>(b: &B) -> Option<Option<u64>> {
 /// connection ends after it (the response said `Connection: close`).
 pub(crate) fn encode_head(
     status: StatusCode,
+    reason: Option<&[u8]>,
     headers: &HeaderMap,
     body: Option<Option<u64>>,
     close: bool,
     dst: &mut Vec<u8>,
 ) -> Result<(Framing, bool), BadLength> {
     let bodyless = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-    if status == StatusCode::OK {
+    if status == StatusCode::OK && reason.is_none() {
         dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
         dst.extend_from_slice(b"HTTP/1.1 ");
         dst.extend_from_slice(status.as_str().as_bytes());
         dst.push(b' ');
-        dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        // The upstream's own phrase, else the status's (hyper writes
+        // `<none>` for a code it does not know: so do we, alike).
+        let reason = reason.unwrap_or(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        dst.extend_from_slice(reason);
         dst.extend_from_slice(b"\r\n");
     }
     let mut framing = None;
@@ -483,7 +487,11 @@ where
     let encoded = if parts.status.is_informational() {
         Err(BadLength)
     } else {
-        encode_head(parts.status, &parts.headers, len, close, &mut out)
+        let reason = parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| r.as_bytes());
+        encode_head(parts.status, reason, &parts.headers, len, close, &mut out)
     };
     let (mut framing, last) = match encoded {
         Ok(e) => e,
@@ -492,6 +500,7 @@ where
             let empty = HeaderMap::new();
             encode_head(
                 StatusCode::INTERNAL_SERVER_ERROR,
+                None,
                 &empty,
                 None,
                 true,
@@ -738,6 +747,7 @@ mod tests {
         let mut out = Vec::new();
         let (f, last) = encode_head(
             StatusCode::from_u16(status).unwrap(),
+            None,
             &h,
             body,
             close,
@@ -801,11 +811,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::CONTENT_LENGTH, "1".parse().unwrap());
         h.append(header::CONTENT_LENGTH, "2".parse().unwrap());
-        assert!(encode_head(StatusCode::OK, &h, Some(None), false, &mut out).is_err());
+        assert!(encode_head(StatusCode::OK, None, &h, Some(None), false, &mut out).is_err());
         let mut out = Vec::new();
         let mut h = HeaderMap::new();
         h.insert(header::DATE, "yesterday".parse().unwrap());
-        encode_head(StatusCode::OK, &h, None, false, &mut out).unwrap();
+        encode_head(StatusCode::OK, None, &h, None, false, &mut out).unwrap();
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\ndate: yesterday\r\ncontent-length: 0\r\n\r\n"
