@@ -182,6 +182,14 @@ fn kind(v: &Value) -> &'static str {
 
 fn parse_key_list(v: &HeaderValue) -> Result<Vec<String>, DirectiveError> {
     let t = text(DELETE, v)?;
+    // An object is an upstream's mistake (Update's form), not a key name:
+    // a name that starts with `{` is sent as a JSON string.
+    if t.starts_with('{') {
+        return Err(err(
+            DELETE,
+            "expected key names (a comma-separated list, a JSON array of strings or a JSON string), found a JSON object",
+        ));
+    }
     if t.starts_with('"') {
         return match serde_json::from_str::<String>(t) {
             Ok(k) => Ok(vec![k]),
@@ -368,6 +376,10 @@ mod tests {
         let p = parse(&[("x-session-delete", r#""a""#)]).unwrap();
         assert_eq!(p.delete, vec!["a"]);
         assert!(parse(&[("x-session-delete", r#"[1]"#)]).is_err());
+        let bad = parse(&[("x-session-delete", r#"{"a":1}"#)]).unwrap_err();
+        assert!(bad.to_string().contains("found a JSON object"), "{bad}");
+        let p = parse(&[("x-session-delete", r#""{a}""#)]).unwrap();
+        assert_eq!(p.delete, vec!["{a}"]);
         let (_, _, modified) = run(
             &parse(&[("x-session-delete", "zz")]).unwrap(),
             json!({"a":1}),
