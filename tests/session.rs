@@ -66,6 +66,30 @@ async fn new_visitor_gets_no_cookie_and_no_record() {
     );
 }
 
+/// An Expiry already past on a new visitor (with data or without) makes
+/// no session: it would end at once. Before, each such request minted a
+/// key, wrote a record and sent a cookie that expired as it arrived.
+#[tokio::test]
+async fn a_past_expiry_on_a_new_visitor_makes_no_session() {
+    let (_up, p) = setup("").await;
+    for directives in [
+        &[("expiry", "2000-01-01T00:00:00Z")][..],
+        &[
+            ("update", r#"{"a": 1}"#),
+            ("expiry", "2000-01-01T00:00:00Z"),
+        ],
+    ] {
+        let r = with(&p, None, directives).await;
+        assert_eq!(r.status, 200);
+        assert!(
+            r.set_cookies().is_empty(),
+            "{directives:?}: {:?}",
+            r.set_cookies()
+        );
+    }
+    assert_eq!(p.store.as_memory().unwrap().len(), 0, "no record made");
+}
+
 #[tokio::test]
 async fn update_creates_session_and_next_request_sees_it() {
     let (up, p) = setup("").await;

@@ -992,11 +992,14 @@ impl Proxy {
             None => {
                 let mut record = Record::new_at(now);
                 record.apply_patch(&patch, now, &self.policy);
-                let keep = !record.data_is_empty()
+                // A session that would end at once (an Expiry in the past)
+                // is not made: no record, no key, no cookie.
+                let keep = (!record.data_is_empty()
                     || patch.cycle
                     || patch
                         .expiry
-                        .is_some_and(|e| e != crate::session::Expiry::Default);
+                        .is_some_and(|e| e != crate::session::Expiry::Default))
+                    && record.is_live(now);
                 if keep {
                     let key = match codec {
                         Some(_) => SessionKey::generate(),
