@@ -178,10 +178,12 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     }
     let code = r.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Status(code))?;
-    let reason = r.reason.unwrap_or("");
-    let reason = match status.canonical_reason() {
-        Some(own) if own == reason => None,
-        _ => hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok(),
+    let reason = match (code, r.reason.unwrap_or("")) {
+        (200, "OK") => None,
+        (_, reason) => match status.canonical_reason() {
+            Some(own) if own == reason => None,
+            _ => hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok(),
+        },
     };
     let version = if r.version == Some(0) {
         Version::HTTP_10
