@@ -522,9 +522,25 @@ fn push_seconds(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
+/// `n` units of 10^-`decimals` as a JSON number in plain decimal form
+/// (`0.000005`, never `5e-6`, which some log pipelines read as text).
+fn push_fixed(out: &mut Vec<u8>, n: u128, decimals: u32) {
+    let unit = 10u128.pow(decimals);
+    let whole = u64::try_from(n / unit).unwrap_or(u64::MAX);
+    out.extend_from_slice(itoa(whole, &mut [0; 20]));
+    out.push(b'.');
+    let frac = n % unit;
+    for d in (0..decimals).rev() {
+        out.push(b'0' + (frac / 10u128.pow(d) % 10) as u8);
+    }
+}
+
 /// The same fields as [`combined`] plus `route`, `upstream`,
-/// `upstream_ms` and `session_id`, as one JSON object.
+/// `upstream_ms` and `session_id`, as one JSON object. `request_time` is
+/// seconds to the microsecond, `upstream_ms` milliseconds to the
+/// microsecond, both in plain decimal form.
 pub fn json(out: &mut Vec<u8>, e: &Entry) {
+    use serde_json::to_writer;
     let text = |v: &Option<HeaderValue>, cut: bool| {
         v.as_ref().map(|v| {
             let b = if cut {
@@ -535,25 +551,51 @@ pub fn json(out: &mut Vec<u8>, e: &Entry) {
             String::from_utf8_lossy(b).into_owned()
         })
     };
-    let obj = serde_json::json!({
-        "time": time::OffsetDateTime::from(e.time)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-        "remote_addr": e.client.to_canonical().to_string(),
-        "method": e.method.as_ref().map(Method::as_str),
-        "path": e.method.as_ref().map(|_| path_only(e.target.as_ref())),
-        "protocol": e.method.as_ref().map(|_| version_str(e.version)),
-        "status": e.status,
-        "body_bytes_sent": e.bytes,
-        "http_referer": text(&e.referer, true),
-        "http_user_agent": text(&e.user_agent, false),
-        "request_time": (e.duration.as_secs_f64() * 1e6).round() / 1e6,
-        "route": e.route,
-        "upstream": e.upstream,
-        "upstream_ms": e.upstream_time.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
-        "session_id": e.session_id.map(|id| String::from_utf8_lossy(&id).into_owned()),
-    });
-    let _ = serde_json::to_writer(&mut *out, &obj);
+    let time = time::OffsetDateTime::from(e.time)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    out.extend_from_slice(b"{\"time\":");
+    let _ = to_writer(&mut *out, &time);
+    out.extend_from_slice(b",\"remote_addr\":");
+    let _ = to_writer(&mut *out, &e.client.to_canonical().to_string());
+    out.extend_from_slice(b",\"method\":");
+    let _ = to_writer(&mut *out, &e.method.as_ref().map(Method::as_str));
+    out.extend_from_slice(b",\"path\":");
+    let _ = to_writer(
+        &mut *out,
+        &e.method.as_ref().map(|_| path_only(e.target.as_ref())),
+    );
+    out.extend_from_slice(b",\"protocol\":");
+    let _ = to_writer(
+        &mut *out,
+        &e.method.as_ref().map(|_| version_str(e.version)),
+    );
+    out.extend_from_slice(b",\"status\":");
+    let _ = to_writer(&mut *out, &e.status);
+    out.extend_from_slice(b",\"body_bytes_sent\":");
+    let _ = to_writer(&mut *out, &e.bytes);
+    out.extend_from_slice(b",\"http_referer\":");
+    let _ = to_writer(&mut *out, &text(&e.referer, true));
+    out.extend_from_slice(b",\"http_user_agent\":");
+    let _ = to_writer(&mut *out, &text(&e.user_agent, false));
+    out.extend_from_slice(b",\"request_time\":");
+    push_fixed(out, (e.duration.as_nanos() + 500) / 1000, 6);
+    out.extend_from_slice(b",\"route\":");
+    let _ = to_writer(&mut *out, &e.route);
+    out.extend_from_slice(b",\"upstream\":");
+    let _ = to_writer(&mut *out, &e.upstream);
+    out.extend_from_slice(b",\"upstream_ms\":");
+    match e.upstream_time {
+        Some(d) => push_fixed(out, (d.as_nanos() + 500) / 1000, 3),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"session_id\":");
+    let _ = to_writer(
+        &mut *out,
+        &e.session_id
+            .map(|id| String::from_utf8_lossy(&id).into_owned()),
+    );
+    out.push(b'}');
 }
 
 #[cfg(test)]
@@ -692,6 +734,30 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["request_time"], 0.00125);
         assert!(!String::from_utf8_lossy(&out).contains("secret"));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""request_time":0.001250,"#), "{text}");
+        assert!(text.contains(r#""upstream_ms":0.900,"#), "{text}");
+    }
+
+    #[test]
+    fn json_times_are_plain_decimals_however_short() {
+        // serde_json writes 0.000005 as 5e-6.
+        let mut e = entry();
+        e.duration = Duration::from_micros(5);
+        e.upstream_time = Some(Duration::from_nanos(1_400));
+        let mut out = Vec::new();
+        json(&mut out, &e);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""request_time":0.000005,"#), "{text}");
+        assert!(text.contains(r#""upstream_ms":0.001,"#), "{text}");
+        e.duration = Duration::from_millis(61_250);
+        e.upstream_time = None;
+        let mut out = Vec::new();
+        json(&mut out, &e);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["request_time"], 61.25);
+        assert!(v["upstream_ms"].is_null());
+        assert_eq!(v.as_object().unwrap().len(), 14, "every field, once");
     }
 
     /// An access log writing combined lines to `access.log` in a new
