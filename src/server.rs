@@ -247,7 +247,8 @@ impl Shared {
             }
         };
         let routes = p.config.routes.len();
-        let kept = crate::reload::kept_until_restart(&current.config, &p.config);
+        // Against the start-up values, which are the ones in effect.
+        let kept = crate::reload::kept_until_restart(&self.config, &p.config);
         let moved = rebind.is_some() || admin.is_some();
         let (listen, redirect) = (p.config.server.listen, p.config.server.redirect_http);
         let listen_moved = rebind.as_ref().is_some_and(|r| !r.listen.is_empty());
@@ -321,6 +322,15 @@ impl Shared {
         let mut listen = Vec::new();
         let mut https_port = None;
         if a.listen != b.listen {
+            if a.listen.port() != b.listen.port() {
+                not_held_elsewhere(b.listen).map_err(|source| {
+                    fail(ServerError::Bind {
+                        what: "listen",
+                        addr: b.listen,
+                        source,
+                    })
+                })?;
+            }
             let first = bind_reuseport(b.listen).map_err(fail)?;
             let addr = first.local_addr().map_err(|source| {
                 fail(ServerError::Bind {
@@ -353,12 +363,22 @@ impl Shared {
         };
         let admin = match (&running.admin, &new.admin) {
             (Some(x), Some(y)) if x.listen != y.listen => {
-                Some(listen_reuseport(y.listen, 128).map_err(|source| {
-                    crate::reload::ReloadError::Bind(Box::new(crate::admin::AdminError::Bind {
-                        addr: y.listen,
-                        source,
-                    }))
-                })?)
+                let held = if x.listen.port() != y.listen.port() {
+                    not_held_elsewhere(y.listen)
+                } else {
+                    Ok(())
+                };
+                Some(
+                    held.and_then(|()| listen_reuseport(y.listen, 128))
+                        .map_err(|source| {
+                            crate::reload::ReloadError::Bind(Box::new(
+                                crate::admin::AdminError::Bind {
+                                    addr: y.listen,
+                                    source,
+                                },
+                            ))
+                        })?,
+                )
             }
             _ => None,
         };
@@ -457,7 +477,10 @@ impl Server {
         if let Some(a) = &admin {
             let weak = Arc::downgrade(&shared);
             a.set_reload(Box::new(move || match weak.upgrade() {
-                Some(s) => s.reload().map_err(|e| e.to_string()),
+                Some(s) => s
+                    .reload()
+                    .map(|()| s.config.source.display().to_string())
+                    .map_err(|e| e.to_string()),
                 None => Err("the server has stopped".into()),
             }));
         }
@@ -829,6 +852,35 @@ fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError
             addr,
             source,
         })
+}
+
+/// Fails with `AddrInUse` when another socket listens on `addr` (port 0:
+/// never). A reload binds its new `listen` with `SO_REUSEPORT`, which
+/// would succeed beside another sessiongate of the same user and split
+/// the traffic with it; a second process on one port is a binary upgrade,
+/// started with `run`, never a reload. The probe binds without
+/// `SO_REUSEPORT` (so any listener conflicts) and with `SO_REUSEADDR` (so
+/// connections in `TIME_WAIT` do not), then closes.
+fn not_held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    probe.set_reuseaddr(true)?;
+    probe.bind(addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                e.kind(),
+                "address in use by another process (a reload does not share a port; start a second process with `run` for that)",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`

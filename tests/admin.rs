@@ -197,12 +197,25 @@ async fn health_and_the_separation_of_admin_paths_and_routes() {
         0,
         "the admin listener never reaches an upstream"
     );
-    let r = raw_request(
-        admin,
-        "POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 405);
+    // A known path asked with another method is a 405 naming the right
+    // ones; an unknown path is a 404 whatever the method.
+    for (method, path, want, allow) in [
+        ("POST", "/metrics", 405, Some("GET, HEAD")),
+        ("DELETE", "/healthz", 405, Some("GET, HEAD")),
+        ("GET", "/reload", 405, Some("POST")),
+        ("PUT", "/reload", 405, Some("POST")),
+        ("POST", "/nope", 404, None),
+        ("DELETE", "/", 404, None),
+    ] {
+        let r = raw_request(
+            admin,
+            &format!("{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, want, "{method} {path}");
+        assert_eq!(r.header("allow"), allow, "{method} {path}");
+        assert_eq!(r.text().lines().count(), 1, "{method} {path}: {}", r.text());
+    }
 
     // ...and the routes serve no admin path: they reach the upstream.
     for path in ["/metrics", "/healthz", "/readyz"] {

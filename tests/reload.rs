@@ -434,7 +434,10 @@ async fn the_reload_command_reaches_the_server_through_the_admin_listener() {
     .await
     .unwrap();
     assert_eq!(code, Some(0), "{out} {err}");
-    assert!(out.contains("configuration reloaded"), "{out}");
+    assert!(
+        out.contains(&format!("configuration reloaded from {}", path.display())),
+        "{out}"
+    );
     let got = client::<Full<Bytes>>()
         .get(format!("http://{}/page", sg.addr).parse().unwrap())
         .await
@@ -461,14 +464,29 @@ async fn the_reload_command_reaches_the_server_through_the_admin_listener() {
     // Through a valid file naming the same admin listener, the server is
     // asked; it re-reads its own (invalid) file and answers with the check
     // message, which the command prints.
-    let (code, _, err) = tokio::task::spawn_blocking(move || cmd(&keep))
-        .await
-        .unwrap();
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let keep = keep.clone();
+        move || cmd(&keep)
+    })
+    .await
+    .unwrap();
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("sessiongate.toml:21:16: invalid type"),
         "{err}"
     );
+    // Once its own file is valid again, the answer names that file, not
+    // the one the command was given.
+    std::fs::write(&path, with_token(&two)).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || cmd(&keep))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("configuration reloaded from {}", path.display())),
+        "{out}"
+    );
+    assert!(!out.contains("good.toml"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -567,6 +585,25 @@ async fn a_moved_listen_is_rebound_and_a_taken_port_keeps_the_old_one_serving() 
             && line.contains("in use"),
         "{line}"
     );
+    // Another process listening with SO_REUSEPORT, as a second
+    // sessiongate does: a reload never shares its port (that would split
+    // the traffic between the two), whatever the kernel would allow.
+    let shared = {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_reuseaddr(true).unwrap();
+        s.set_reuseport(true).unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s.listen(16).unwrap()
+    };
+    let taken = shared.local_addr().unwrap().port();
+    std::fs::write(&path, text_for(taken, a2)).unwrap();
+    sg.signal("HUP");
+    let line = sg.wait_for("reload failed", 2).await;
+    assert!(
+        line.contains(&format!("cannot listen on 127.0.0.1:{taken} (listen)"))
+            && line.contains("in use by another process"),
+        "{line}"
+    );
     let r = raw_request(
         new,
         "GET /page HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
@@ -581,11 +618,11 @@ async fn a_moved_listen_is_rebound_and_a_taken_port_keeps_the_old_one_serving() 
     .text();
     for line in [
         r#"sessiongate_config_reloads_total{result="ok"} 1"#,
-        r#"sessiongate_config_reloads_total{result="invalid"} 1"#,
+        r#"sessiongate_config_reloads_total{result="invalid"} 2"#,
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    drop(held);
+    drop((held, shared));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,6 +709,18 @@ async fn a_reload_names_the_keys_it_leaves_at_their_start_up_values() {
     sg.wait_for("configuration reloaded", 1).await;
     let line = sg
         .wait_for("the reload keeps the start-up value until a restart", 1)
+        .await;
+    assert!(
+        line.contains("[server] keepalive_timeout, max_connections changed"),
+        "{line}"
+    );
+    // Reloading the same file again: the values in effect are still the
+    // start-up ones, so it says so again (the previous file is not what
+    // serves).
+    sg.signal("HUP");
+    sg.wait_for("configuration reloaded", 2).await;
+    let line = sg
+        .wait_for("the reload keeps the start-up value until a restart", 2)
         .await;
     assert!(
         line.contains("[server] keepalive_timeout, max_connections changed"),

@@ -127,6 +127,35 @@ async fn the_sessions_api_needs_the_bearer_token() {
     }
     let r = admin(a, "GET", "/sessions?user=alice", Some(TOKEN)).await;
     assert_eq!((r.status, r.text().trim()), (200, "[]"));
+    // The scheme is case-insensitive, with one or more spaces (RFC 9110
+    // 11.1); another scheme, or none, is a 401.
+    for (auth, want) in [
+        (format!("bearer {TOKEN}"), 200),
+        (format!("BEARER   {TOKEN}"), 200),
+        (format!("Bearer{TOKEN}"), 401),
+        (format!("Basic {TOKEN}"), 401),
+        (TOKEN.to_string(), 401),
+    ] {
+        let r = raw_request(
+            a,
+            &format!(
+                "GET /sessions?user=alice HTTP/1.1\r\nHost: admin\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(r.status, want, "Authorization: {auth}");
+    }
+    // HEAD goes where GET goes: the head of the list, no body.
+    let head = raw_bytes(
+        a,
+        &format!(
+            "HEAD /sessions?user=alice HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "no body after a HEAD: {head}");
     // The other admin paths stay open.
     assert_eq!(admin(a, "GET", "/healthz", None).await.status, 200);
     p.stop().await;
@@ -180,7 +209,12 @@ async fn bad_requests_are_400_and_wrong_methods_405() {
             "/sessions/0123456789abcdef0123456789abcdef",
             "DELETE",
         ),
-        ("POST", "/sessions?user=alice", "GET, DELETE"),
+        ("POST", "/sessions?user=alice", "GET, HEAD, DELETE"),
+        (
+            "PUT",
+            "/sessions/0123456789abcdef0123456789abcdef",
+            "DELETE",
+        ),
     ] {
         let r = admin(a, method, target, Some(TOKEN)).await;
         assert_eq!(r.status, 405, "{method} {target}");
@@ -665,4 +699,17 @@ async fn the_sessions_commands_say_what_is_wrong() {
     assert_eq!(code, 2);
     let (code, _, _) = cli(&["revoke", "--user", "a", "--id", "b"], &not_running).await;
     assert_eq!(code, 2);
+}
+
+/// The bytes of one exchange, to EOF (a HEAD answer has a length and no body).
+async fn raw_bytes(addr: std::net::SocketAddr, request: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within("a raw exchange", async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        out
+    })
+    .await
 }

@@ -98,11 +98,67 @@ fn bearer_ok(req: &Request<Incoming>, want: &[u8; 32]) -> bool {
     let Some(given) = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
     else {
         return false;
     };
-    bool::from(sha256(given).ct_eq(want))
+    // RFC 9110 11.1: the scheme is case-insensitive, one or more spaces
+    // before the token.
+    let Some((scheme, rest)) = given.split_at_checked(6) else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case(b"Bearer") || !rest.starts_with(b" ") {
+        return false;
+    }
+    let token = rest.trim_ascii_start();
+    bool::from(sha256(token).ct_eq(want))
+}
+
+/// The admin paths, each with the methods it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    Reload,
+    /// `/sessions?user=V`
+    Sessions,
+    /// `/sessions/ID`
+    SessionById,
+}
+
+impl Endpoint {
+    fn of(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/healthz" => Endpoint::Healthz,
+            "/readyz" => Endpoint::Readyz,
+            "/metrics" => Endpoint::Metrics,
+            "/reload" => Endpoint::Reload,
+            "/sessions" => Endpoint::Sessions,
+            p if p.starts_with("/sessions/") => Endpoint::SessionById,
+            _ => return None,
+        })
+    }
+
+    /// The `Allow` field of a `405`.
+    fn allow(self) -> &'static str {
+        match self {
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics => "GET, HEAD",
+            Endpoint::Reload => "POST",
+            Endpoint::Sessions => "GET, HEAD, DELETE",
+            Endpoint::SessionById => "DELETE",
+        }
+    }
+
+    fn allows(self, method: &Method) -> bool {
+        let get = *method == Method::GET || *method == Method::HEAD;
+        match self {
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics => get,
+            Endpoint::Reload => *method == Method::POST,
+            Endpoint::Sessions => get || *method == Method::DELETE,
+            Endpoint::SessionById => *method == Method::DELETE,
+        }
+    }
 }
 
 /// The 401 of a missing or wrong token.
@@ -116,8 +172,10 @@ fn unauthorized() -> Response<Full<Bytes>> {
     r
 }
 
-/// Reloads the configuration; `Err` carries the logged message.
-pub type ReloadFn = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Reloads the configuration: `Ok` names the file the server re-read
+/// (its own, whichever file `sessiongate reload` was given), `Err`
+/// carries the logged message.
+pub type ReloadFn = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 impl Admin {
     pub fn new(
@@ -148,25 +206,30 @@ impl Admin {
         let _ = self.reload.set(f);
     }
 
-    /// Serves one admin request.
+    /// Serves one admin request: an unknown path is `404` whatever the
+    /// method, a known one asked with another method `405` naming the
+    /// right ones (`HEAD` goes wherever `GET` does).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.uri().path() == "/reload" && req.method() == Method::POST {
-            return self.reload(&req).await;
-        }
-        let path = req.uri().path();
-        if path == "/sessions" || path.starts_with("/sessions/") {
-            return self.sessions(&req).await;
-        }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        let Some(endpoint) = Endpoint::of(req.uri().path()) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not an admin path (/healthz, /readyz, /metrics, /reload, /sessions)\n".into(),
+            );
+        };
+        if !endpoint.allows(req.method()) {
+            let allow = endpoint.allow();
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{}: {allow} only\n", req.uri().path()),
+            );
             r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
             return r;
         }
-        match req.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => self.ready().await,
-            "/metrics" => {
+        match endpoint {
+            Endpoint::Healthz => text(StatusCode::OK, "ok\n".into()),
+            Endpoint::Readyz => self.ready().await,
+            Endpoint::Metrics => {
                 let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -174,10 +237,8 @@ impl Admin {
                 );
                 r
             }
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not an admin path (/healthz, /readyz, /metrics, /sessions)\n".into(),
-            ),
+            Endpoint::Reload => self.reload(&req).await,
+            Endpoint::Sessions | Endpoint::SessionById => self.sessions(&req).await,
         }
     }
 
@@ -196,7 +257,10 @@ impl Admin {
         .await
         .unwrap_or_else(|e| Err(format!("reload failed: {e}")));
         match outcome {
-            Ok(()) => text(StatusCode::OK, "configuration reloaded\n".into()),
+            Ok(file) => text(
+                StatusCode::OK,
+                format!("configuration reloaded from {file}\n"),
+            ),
             Err(e) => text(StatusCode::CONFLICT, format!("{e}\n")),
         }
     }
@@ -215,23 +279,8 @@ impl Admin {
         if !bearer_ok(req, &token) {
             return unauthorized();
         }
-        let path = req.uri().path();
-        let by_id = path.strip_prefix("/sessions/");
-        let allowed = if by_id.is_some() {
-            "DELETE"
-        } else {
-            "GET, DELETE"
-        };
+        let by_id = req.uri().path().strip_prefix("/sessions/");
         let method = req.method();
-        if !(method == Method::DELETE || (method == Method::GET && by_id.is_none())) {
-            let mut r = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{path}: {allowed} only\n"),
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allowed));
-            return r;
-        }
         if !live.user_key {
             return text(
                 StatusCode::CONFLICT,
