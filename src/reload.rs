@@ -106,9 +106,16 @@ pub fn load_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsFileError> 
     Ok(cfg)
 }
 
-/// What `check` runs after parsing: the TLS files when `tls = true`. The
-/// message has `check`'s shape (`FILE: [server] cert: ...`).
+/// What `check` runs after parsing: the access log file can be written,
+/// and the TLS files when `tls = true`. The message has `check`'s shape
+/// (`FILE: [server] cert: ...`).
 pub fn check_files(config: &Config) -> Result<Option<rustls::ServerConfig>, ConfigError> {
+    if let crate::config::AccessLogTarget::File(path) = &config.server.access_log {
+        writable(path).map_err(|e| ConfigError::Invalid {
+            path: config.source.display().to_string(),
+            message: format!("[server] access_log: cannot open {}: {e}", path.display()),
+        })?;
+    }
     let Some(files) = &config.server.tls else {
         return Ok(None);
     };
@@ -124,6 +131,25 @@ pub fn check_files(config: &Config) -> Result<Option<rustls::ServerConfig>, Conf
             message: format!("[server] {key}: {e}"),
         }
     })
+}
+
+/// Whether the access log at `path` can be opened for appending, as the
+/// server will: an existing file is opened (not changed), a missing one is
+/// created and removed again, so `check` leaves no file behind (one owned
+/// by the user who ran `check` rather than the service's user).
+fn writable(path: &std::path::Path) -> std::io::Result<()> {
+    use std::fs::OpenOptions;
+    match OpenOptions::new().append(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(path)?;
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Why a new configuration does not replace the running one.

@@ -204,6 +204,36 @@ fn check_names_a_bad_operations_setting() {
     }
 }
 
+/// `check` opens the access log file as `run` will: a path in a missing
+/// directory, or a directory, is named; a file that can be created is not
+/// left behind by `check`.
+#[test]
+fn check_opens_the_access_log_file() {
+    let dir = TempDir::new("cli");
+    let base = valid_config("http://127.0.0.1:9000");
+    let missing = dir.path().join("no-such-dir").join("access.log");
+    for target in [missing.clone(), dir.path().to_path_buf()] {
+        let line = format!("access_log = {:?}", target.display().to_string());
+        let path = dir.write(
+            "bad.toml",
+            &base.replace("[session]", &format!("{line}\n\n[session]")),
+        );
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{line}: {}", stderr(&out));
+        let want = format!("[server] access_log: cannot open {}", target.display());
+        assert!(stderr(&out).contains(&want), "{line}: {}", stderr(&out));
+    }
+    let fine = dir.path().join("access.log");
+    let line = format!("access_log = {:?}", fine.display().to_string());
+    let path = dir.write(
+        "good.toml",
+        &base.replace("[session]", &format!("{line}\n\n[session]")),
+    );
+    let out = check(dir.path(), path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!fine.exists(), "check creates no access log file");
+}
+
 #[test]
 fn check_reports_an_unknown_key_with_file_line_and_column() {
     let dir = TempDir::new("cli");
