@@ -177,10 +177,11 @@ async fn refused_heads_get_a_line_and_are_counted_and_logged() {
             "\"-\" 400 ",
         ),
         (
-            "POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST /te HTTP/1.1\r\nHost: a\r\nReferer: https://r.test/\r\nUser-Agent: curl/8\r\nTransfer-Encoding: gzip\r\n\r\n",
             501,
             "request transfer coding not supported",
-            "\"POST /te HTTP/1.1\" 501 ",
+            // The head was read whole: its referer and agent are logged.
+            "\"POST /te HTTP/1.1\" 501 59 \"https://r.test/\" \"curl/8\"",
         ),
         (
             &big,

@@ -41,6 +41,11 @@ fn certs() -> Certs {
 
 /// TLS configuration text for one route to `up`.
 fn tls_config(certs: &Certs, up: &Upstream, server_extra: &str) -> Config {
+    let access_log = if server_extra.contains("access_log") {
+        ""
+    } else {
+        "access_log = \"off\""
+    };
     let text = format!(
         r#"
 [server]
@@ -51,7 +56,7 @@ key = "key.pem"
 hsts = "1d"
 upstream_timeout = "10s"
 shutdown_grace = "5s"
-access_log = "off"
+{access_log}
 {server_extra}
 
 [session]
@@ -261,9 +266,15 @@ async fn plain_http_on_the_tls_port_gets_a_readable_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs = certs();
     let up = upstream(|_| text("over tls")).await;
-    let p = start_config(tls_config(&certs, &up, "")).await;
+    let log = certs.dir.join("plain-http-access.log");
+    let p = start_config(tls_config(
+        &certs,
+        &up,
+        &format!("access_log = {:?}", log.display().to_string()),
+    ))
+    .await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    c.write_all(b"GET /plain?q=1 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: agent-x\r\n\r\n")
         .await
         .unwrap();
     let mut answer = Vec::new();
@@ -283,6 +294,13 @@ async fn plain_http_on_the_tls_port_gets_a_readable_400() {
     let tls = connect(p.addr, &certs, &[b"http/1.1"]).await;
     assert_eq!(alpn(&tls).as_deref(), Some(&b"http/1.1"[..]));
     p.stop().await;
+    // Logged as every answered request is (nginx logs its 400 too).
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("\"GET /plain HTTP/1.1\" 400 65 \"-\" \"agent-x\""),
+        "{text}"
+    );
 }
 
 /// SPEC 3.1 over TLS: a final transfer coding other than `chunked` is a

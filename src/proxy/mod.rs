@@ -41,6 +41,18 @@ pub type RespBody = Either<PooledBody, Full<Bytes>>;
 /// Room for the fields the proxy adds to a request, beyond the session data.
 const ADDED_CAPACITY: usize = 384;
 
+/// What could be read of a request head the connection layer refused,
+/// for its access log line: `None` for what the head did not show.
+#[derive(Debug, Default)]
+pub struct RefusedHead {
+    pub method: Option<Method>,
+    pub target: Option<http::uri::PathAndQuery>,
+    /// HTTP/1.1 when the head did not say.
+    pub version: Version,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+}
+
 /// What the server knows about the connection a request came on.
 ///
 /// The server clones it for each request, and a clone starts with empty
@@ -415,34 +427,24 @@ impl Proxy {
     }
 
     /// Counts and logs a request the connection layer answered itself
-    /// (a head hyper would refuse: `400`, `431`, `501`), as every other
-    /// request is: route `-`, nothing sent upstream. `line` is the
-    /// request line when the head had a readable one.
-    pub fn refused(
-        &self,
-        conn: &ConnInfo,
-        status: StatusCode,
-        body_len: usize,
-        line: Option<(Method, Option<http::uri::PathAndQuery>, Version)>,
-    ) {
+    /// (a head hyper would refuse: `400`, `431`, `501`; plain HTTP on the
+    /// TLS port), as every other request is: route `-`, nothing sent
+    /// upstream. `head` is what could be read of the request's head.
+    pub fn refused(&self, conn: &ConnInfo, status: StatusCode, body_len: usize, head: RefusedHead) {
         if self.metrics_on {
             self.no_route.request(status.as_u16(), Duration::ZERO);
         }
         if self.access_log.is_on() {
-            let (method, target, version) = match line {
-                Some((m, t, v)) => (Some(m), t, v),
-                None => (None, None, Version::HTTP_11),
-            };
             self.access_log.log(&Entry {
                 time: SystemTime::now(),
                 client: conn.peer.ip(),
-                method,
-                target,
-                version,
+                method: head.method,
+                target: head.target,
+                version: head.version,
                 status: status.as_u16(),
                 bytes: Some(body_len as u64),
-                referer: None,
-                user_agent: None,
+                referer: head.referer,
+                user_agent: head.user_agent,
                 duration: Duration::ZERO,
                 route: None,
                 upstream: None,

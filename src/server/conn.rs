@@ -35,6 +35,8 @@ use crate::timer::{Sleep, Wheel};
 
 /// The answer to a plain-HTTP request on a TLS listener.
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 65\r\nconnection: close\r\n\r\nthis port speaks HTTPS: use https:// in the address, not http://\n";
+/// The length of [`PLAIN_HTTP_ON_TLS`]'s body, for the access log.
+const PLAIN_HTTP_ON_TLS_BODY: usize = 65;
 
 /// The largest request head, HTTP/1.1 and HTTP/2 alike: a larger one is
 /// answered `431 Request Header Fields Too Large`. (HTTP/1: the head's
@@ -256,7 +258,7 @@ fn serve_tls<'a>(
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + 'a {
     async move {
-        let Some(tls) = Box::pin(handshake(&w, stream, acceptor, drain, peer)).await else {
+        let Some(tls) = Box::pin(handshake(&w, stream, acceptor, drain, &info)).await else {
             return;
         };
         // What ALPN chose, and nothing else: no sniffing on TLS.
@@ -294,8 +296,9 @@ async fn handshake(
     mut stream: TcpStream,
     acceptor: TlsAcceptor,
     drain: &Drain,
-    peer: SocketAddr,
+    info: &ConnInfo,
 ) -> Option<TlsStream<TcpStream>> {
+    let peer = info.peer;
     // A connection still handshaking when the drain starts is dropped (it
     // has no request yet), not waited on.
     let handshake = tokio::time::timeout(w.header_read, async move {
@@ -306,20 +309,30 @@ async fn handshake(
         if matches!(stream.peek(&mut first).await, Ok(1)) && first[0].is_ascii_uppercase() {
             use tokio::io::AsyncWriteExt;
             // What already came of the request is read first, so closing
-            // does not reset the answer away.
+            // does not reset the answer away; the first bytes are kept for
+            // the access log.
             let mut sink = [0u8; 4096];
-            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+            let mut head = None;
+            while let Ok(n @ 1..) = stream.try_read(&mut sink) {
+                head.get_or_insert_with(|| super::io::refused_head(&sink[..n]));
+            }
             let _ = stream.write_all(PLAIN_HTTP_ON_TLS).await;
             let _ = stream.shutdown().await;
-            return Ok(None);
+            return Ok(Err(head.unwrap_or_default()));
         }
-        acceptor.accept(stream).await.map(Some)
+        acceptor.accept(stream).await.map(Ok)
     });
     tokio::select! {
         r = handshake => match r {
-            Ok(Ok(Some(s))) => Some(s),
-            Ok(Ok(None)) => {
+            Ok(Ok(Ok(s))) => Some(s),
+            Ok(Ok(Err(head))) => {
                 tracing::debug!(%peer, "plain HTTP on the TLS port: answered 400");
+                w.gen.load().proxy.refused(
+                    info,
+                    http::StatusCode::BAD_REQUEST,
+                    PLAIN_HTTP_ON_TLS_BODY,
+                    head,
+                );
                 None
             }
             Ok(Err(e)) => {
@@ -392,9 +405,9 @@ where
             if let Some(e) = refused {
                 let (status, body) = e.status_and_body();
                 tracing::debug!(error = %crate::proxy::error::one_line(&e), status = status.as_u16(), "request head refused");
-                let line = super::io::request_line(&buf);
+                let head = super::io::refused_head(&buf);
                 let proxy = w.gen.load().proxy.clone();
-                proxy.refused(&info, status, body.len() + 1, line);
+                proxy.refused(&info, status, body.len() + 1, head);
                 io.answer(status, &body, proxy.hsts(&info));
                 let _ = io.shutdown().await;
                 return Ok(());

@@ -394,21 +394,34 @@ pub(super) fn judge_head(head: &[u8]) -> HeadVerdict {
     }
 }
 
-/// The request line of a head the connection layer refuses, when it has a
-/// readable one (for the access log): httparse keeps what it read before
-/// the fault.
-pub(super) fn request_line(
-    head: &[u8],
-) -> Option<(http::Method, Option<http::uri::PathAndQuery>, http::Version)> {
+/// What can be read of a head the connection layer refuses (for the
+/// access log): httparse keeps what it read before the fault, the fields
+/// up to it included.
+pub(super) fn refused_head(head: &[u8]) -> crate::proxy::RefusedHead {
     let mut fields = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut fields);
     let _ = req.parse(head);
-    let method = http::Method::from_bytes(req.method?.as_bytes()).ok()?;
-    let version = match req.version? {
-        0 => http::Version::HTTP_10,
-        _ => http::Version::HTTP_11,
+    let mut out = crate::proxy::RefusedHead::default();
+    let Some(method) = req
+        .method
+        .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok())
+    else {
+        return out;
     };
-    Some((method, req.path.and_then(|p| p.parse().ok()), version))
+    out.method = Some(method);
+    out.target = req.path.and_then(|p| p.parse().ok());
+    if req.version == Some(0) {
+        out.version = http::Version::HTTP_10;
+    }
+    for f in req.headers.iter().take_while(|f| !f.name.is_empty()) {
+        let value = || http::HeaderValue::from_bytes(f.value).ok();
+        if f.name.eq_ignore_ascii_case("user-agent") {
+            out.user_agent = value();
+        } else if f.name.eq_ignore_ascii_case("referer") {
+            out.referer = value();
+        }
+    }
+    out
 }
 
 /// What is wrong with a head httparse refused, for the `400`'s line.
