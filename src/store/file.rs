@@ -462,6 +462,9 @@ enum Op {
     },
     /// End these sessions; answers how many were live.
     RevokeKeys(Vec<SessionKey>, i64, Reply<u64>),
+    /// `/readyz`: whether the log can be written now (an empty frame is
+    /// appended and synced, as a write's frame would be).
+    Ping(Reply<()>),
     /// Finish what is queued before it, checkpoint, stop the writer thread.
     Stop(oneshot::Sender<()>),
 }
@@ -727,6 +730,13 @@ impl Store for FileStore {
         self.call(|r| Op::RevokeKeys(keys, now, r)).await
     }
 
+    /// Ready when the writer can append to the log now: not broken (a
+    /// failed write is retried by reopening), and an empty frame is
+    /// appended and synced. A full disk fails it, as it fails every write.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call(Op::Ping).await
+    }
+
     /// Every write is durable when acknowledged; this waits for the queued
     /// ones, checkpoints (the log is left empty) and stops the writer
     /// thread. Later writes fail as Unavailable; reads still work.
@@ -784,6 +794,7 @@ fn fail_op(op: Op, e: &StoreError) {
         Op::Clear(_, r) => drop(r.send(Err(again(e)))),
         Op::Revoke { reply, .. } => drop(reply.send(Err(again(e)))),
         Op::RevokeKeys(_, _, r) => drop(r.send(Err(again(e)))),
+        Op::Ping(r) => drop(r.send(Err(again(e)))),
         Op::Stop(s) => drop(s.send(())),
     }
 }
@@ -898,6 +909,53 @@ impl Writer {
     /// Runs `ops` (and a chunk of the oldest pending sweep) in one
     /// transaction, logs and commits it, updates the cache, answers.
     fn batch(&mut self, ops: Vec<Op>) {
+        let mut pings = Vec::new();
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Ping(r) => {
+                    pings.push(r);
+                    None
+                }
+                op => Some(op),
+            })
+            .collect();
+        if !ops.is_empty() || !self.clears.is_empty() {
+            self.write_batch(ops);
+        }
+        if !pings.is_empty() {
+            let result = self.probe();
+            for r in pings {
+                let _ = r.send(result.as_ref().map(|_| ()).map_err(again));
+            }
+        }
+    }
+
+    /// A ping's answer: the writer is not broken, and an empty frame (a
+    /// batch that changes nothing, replayed as such) reaches the log.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        if let Some(cause) = &self.broken {
+            return Err(StoreError::Unavailable(cause.clone()));
+        }
+        let f = frame(self.seq + 1, &[]);
+        let log = self.log.as_mut().expect("not broken");
+        match log.append(&f) {
+            Ok(()) => {
+                self.seq += 1;
+                self.log_len += f.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = self.error("cannot write the log", e);
+                tracing::error!(error = %msg, "session store ping failed; reopening");
+                // The log may end in a torn frame: recovery deals with it.
+                self.broken = Some(msg.clone());
+                Err(StoreError::Unavailable(msg))
+            }
+        }
+    }
+
+    fn write_batch(&mut self, ops: Vec<Op>) {
         let mut pending = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
@@ -1336,7 +1394,7 @@ impl<'t> Tables<'t> {
                 }
                 Outcome::Count(reply, n)
             }
-            Op::Clear(..) | Op::Stop(_) => unreachable!("handled by the batch"),
+            Op::Clear(..) | Op::Ping(_) | Op::Stop(_) => unreachable!("handled by the batch"),
         })
     }
 
@@ -1684,7 +1742,12 @@ mod tests {
     async fn disk_failure_is_unavailable_then_recovers(cached: bool) {
         let (s, fail, dir) = flaky_store(cached);
         let k = s.create(record()).await.unwrap();
+        s.ping().await.expect("ready while the disk takes writes");
         fail.store(true, Ordering::SeqCst);
+        // `/readyz` sees a full disk before any write does...
+        let e = s.ping().await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("cannot write the log"), "{e}");
         let e = s.create(record()).await.unwrap_err();
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
         assert!(e.to_string().contains(dir.to_str().unwrap()), "{e}");
@@ -1719,6 +1782,9 @@ mod tests {
             }
         };
         assert!(matches!(applied, Applied::Saved { .. }), "{applied:?}");
+        // ...and ready again once writes work, the empty frames its pings
+        // appended replayed as nothing.
+        s.ping().await.expect("ready again");
         let got = s.load(&k, T0).await.unwrap().unwrap();
         assert!(got.data.starts_with(b"{\"a\":1"), "{:?}", got.data);
         assert!(got.data.ends_with(b"\"c\":3}"), "{:?}", got.data);
@@ -1806,6 +1872,35 @@ mod tests {
         drop(s);
         let s = FileStore::open(&dir, false).await.unwrap();
         assert!(s.load(&k, T0).await.unwrap().is_some());
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A ping's empty frame between two writes, as a crash leaves the log:
+    /// the replay goes on past it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pings_empty_frame_is_replayed_as_nothing() {
+        let dir = tmp("ping-frame");
+        let (a, b) = (SessionKey::generate(), SessionKey::generate());
+        {
+            let s = FileStore::open(&dir, false).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let mut log = frame(1, &put_entry(&a, &record()));
+        log.extend(frame(2, &[]));
+        log.extend(frame(3, &put_entry(&b, &record())));
+        std::fs::write(dir.join(LOG_NAME), &log).unwrap();
+        let s = FileStore::open(&dir, false).await.unwrap();
+        assert!(s.load(&a, T0).await.unwrap().is_some());
+        assert!(
+            s.load(&b, T0).await.unwrap().is_some(),
+            "past the empty frame"
+        );
+        s.ping().await.unwrap();
+        let c = s.create(record()).await.unwrap();
+        drop(s);
+        let s = FileStore::open(&dir, false).await.unwrap();
+        assert!(s.load(&c, T0).await.unwrap().is_some());
         drop(s);
         let _ = std::fs::remove_dir_all(dir);
     }
