@@ -50,7 +50,7 @@ struct Two {
     a: DbStore,
     b: DbStore,
     file: std::path::PathBuf,
-    _redis: redis_server::RedisServer,
+    redis: redis_server::RedisServer,
     dir: std::path::PathBuf,
 }
 
@@ -79,7 +79,7 @@ async fn two() -> Option<Two> {
         a,
         b,
         file,
-        _redis: redis,
+        redis,
         dir,
     })
 }
@@ -151,4 +151,23 @@ async fn reads_come_from_redis_when_it_holds_the_session() {
     // Through sessiongate the write goes to the table, then Redis.
     t.a.delete(&k).await.unwrap();
     assert!(t.b.load(&k, now()).await.unwrap().is_none());
+}
+
+/// `/readyz` on `cached_db` (SPEC 7.2): the store is ready when the table
+/// and the Redis in front of it both answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_needs_the_table_and_redis() {
+    let Some(mut t) = two().await else { return };
+    t.a.ping().await.expect("ready");
+    t.redis.kill();
+    let e = t.a.ping().await.expect_err("not ready without its Redis");
+    assert!(matches!(e, sessiongate::store::StoreError::Unavailable(_)), "{e}");
+    t.redis.restart().await;
+    // Reconnection has no event to wait on from outside: asked again,
+    // bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = t.a.ping().await {
+        assert!(std::time::Instant::now() < deadline, "not ready again: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

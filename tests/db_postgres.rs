@@ -77,12 +77,27 @@ async fn down_is_503_on_session_routes_only_and_recovers_without_restart() {
         return;
     };
     let up = echo().await;
-    let p = start_engine(&toml(&up, &server.url("sessions"), "2s")).await;
+    let text = toml(&up, &server.url("sessions"), "2s") + "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let p = start_engine(&text).await;
+    let admin = p.admin.unwrap();
+    let readyz = || async move {
+        let r = common::e2e::raw_request(
+            admin,
+            "GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        (r.status, r.text())
+    };
+    assert_eq!(readyz().await.0, 200);
     let key = call(&p, "/", None, &[("update", r#"{"cart":[1]}"#)])
         .await
         .key();
 
     server.stop();
+    // The load balancer sees it before a request does.
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store db"), "names the engine: {body}");
     let r = call(&p, "/", Some(&key), &[]).await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_one_line_body(&r.body);
@@ -94,6 +109,7 @@ async fn down_is_503_on_session_routes_only_and_recovers_without_restart() {
     server.start_again().expect("start PostgreSQL again");
     let r = call(&p, "/", Some(&key), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(readyz().await.0, 200, "ready again");
     assert_eq!(up.last().session(), json!({"cart": [1]}));
     let r = call(&p, "/", Some(&key), &[("update", r#"{"b":2}"#)]).await;
     assert_eq!(r.status, 200);

@@ -166,6 +166,25 @@ impl Cache {
         }
     }
 
+    /// `/readyz`: the cache answers `PING` within the store's timeout.
+    pub(crate) async fn ping(&self) -> Result<(), DbError> {
+        let work = async {
+            let mut conn = self.conn().await?;
+            let r: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut conn).await;
+            if r.is_err() {
+                self.forget().await;
+            }
+            r.map_err(DbError::Redis)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.forget().await;
+                Err(DbError::Timeout(self.timeout))
+            }
+        }
+    }
+
     pub(crate) async fn get(&self, key: &SessionKey) -> Result<Cached, DbError> {
         let work = async {
             let mut conn = self.conn().await?;

@@ -482,6 +482,15 @@ impl Store for DbStore {
     async fn create(&self, record: Record) -> Result<SessionKey, StoreError> {
         backend!(self, b => b.create(record))
     }
+    /// `/readyz`: the table answers a read (of a key no session has), as
+    /// a request's would, and `cached_db`'s Redis answers `PING`.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.load_raw(&SessionKey::generate()).await?;
+        if let Some(c) = &self.cache {
+            c.ping().await?;
+        }
+        Ok(())
+    }
     async fn apply(
         &self,
         key: &SessionKey,
