@@ -38,6 +38,7 @@ mod conn;
 mod drain;
 pub(crate) mod h1;
 mod io;
+pub(crate) use io::{LINGER_BYTES, LINGER_TIME};
 mod listener;
 mod shutdown;
 

@@ -161,7 +161,10 @@ async fn ping_needs_the_table_and_redis() {
     t.a.ping().await.expect("ready");
     t.redis.kill();
     let e = t.a.ping().await.expect_err("not ready without its Redis");
-    assert!(matches!(e, sessiongate::store::StoreError::Unavailable(_)), "{e}");
+    assert!(
+        matches!(e, sessiongate::store::StoreError::Unavailable(_)),
+        "{e}"
+    );
     t.redis.restart().await;
     // Reconnection has no event to wait on from outside: asked again,
     // bounded.

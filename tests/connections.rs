@@ -522,6 +522,63 @@ async fn an_oversized_upload_always_reads_its_413() {
     p.stop().await;
 }
 
+/// The same over HTTP/2: the `413` comes at the request's head, while the
+/// client is still sending; what follows is read and discarded, not reset
+/// (before, hyper reset the stream under the upload and curl reported
+/// "Stream error in the HTTP/2 framing layer" instead of the 413). Both
+/// the declared-too-large body and one that grows over the limit.
+#[tokio::test]
+async fn an_oversized_h2_upload_reads_its_413_and_is_not_reset() {
+    let up = upstream(|_| ok()).await;
+    let p = start(&plain(&up, "max_request_body = \"1KiB\"")).await;
+    for declared in [true, false] {
+        let (send, _conn, mut ping) = h2c(p.addr).await;
+        let mut ready = send.ready().await.expect("ready to send");
+        let mut req = http::Request::post("http://localhost/up");
+        if declared {
+            req = req.header("content-length", "40000");
+        }
+        let (resp, mut body) = ready.send_request(req.body(()).unwrap(), false).unwrap();
+        // Half the body (within the stream's initial window), then the
+        // answer, then the rest.
+        body.send_data(Bytes::from(vec![b'x'; 20_000]), false)
+            .unwrap();
+        let resp = within("the 413", resp).await.expect("an answer");
+        assert_eq!(resp.status(), 413, "declared: {declared}");
+        let mut answer = resp.into_body();
+        while let Some(chunk) = within("the 413's body", answer.data()).await {
+            let chunk = chunk.expect("the 413's body, not a reset");
+            let _ = answer.flow_control().release_capacity(chunk.len());
+        }
+        body.send_data(Bytes::from(vec![b'x'; 20_000]), true)
+            .expect("the rest of the upload is taken, not reset");
+        // A PING answered after the upload: the server has read every
+        // frame the client sent, and reset nothing.
+        within("a PING round trip", ping.ping(h2::Ping::opaque()))
+            .await
+            .expect("the connection lives");
+        let reset = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match body.poll_reset(cx) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        assert!(
+            reset.is_none(),
+            "declared: {declared}: stream reset: {reset:?}"
+        );
+        if declared {
+            assert_eq!(
+                up.count(),
+                0,
+                "a declared length over the limit is not forwarded"
+            );
+        }
+    }
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn at_shutdown_idle_clients_see_a_clean_close_and_h2_a_goaway() {
     let up = upstream(|_| ok()).await;

@@ -1200,19 +1200,72 @@ fn from_hyper(e: hyper::Error) -> ProxyError {
 /// A client's request body, as the server hands it to the proxy: hyper's,
 /// or none at all (a request the server's own HTTP/1.1 path read, which
 /// takes only requests without a body: `server::h1`).
-pub struct ClientBody(Option<Incoming>);
+///
+/// An HTTP/2 body dropped before its end (the proxy answered without
+/// reading it: a `413`, a `404`, an upstream that answered early) is
+/// drained for a while ([`linger`]), so the client's upload ends cleanly
+/// and it reads the answer instead of a stream reset.
+pub struct ClientBody {
+    body: Option<Incoming>,
+    h2: bool,
+}
 
 impl ClientBody {
     /// No body: the request ended with its head.
     pub fn empty() -> ClientBody {
-        ClientBody(None)
+        ClientBody {
+            body: None,
+            h2: false,
+        }
+    }
+
+    /// hyper's body of a request; `h2`: it came over HTTP/2.
+    pub fn new(body: Incoming, h2: bool) -> ClientBody {
+        ClientBody {
+            body: Some(body),
+            h2,
+        }
+    }
+
+    fn take(&mut self) -> Option<Incoming> {
+        self.body.take()
     }
 }
 
-impl From<Incoming> for ClientBody {
-    fn from(b: Incoming) -> ClientBody {
-        ClientBody(Some(b))
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let (Some(b), true) = (self.body.take(), self.h2) {
+            linger(b);
+        }
     }
+}
+
+/// Reads and discards what remains of an HTTP/2 request body the proxy
+/// will not read, for at most `LINGER_TIME` and `LINGER_BYTES` (as the
+/// lingering close of an HTTP/1.1 connection, `server::io`), in a task of
+/// its own. Without it, hyper resets the stream while the client is still
+/// sending: curl then reports "Stream error in the HTTP/2 framing layer"
+/// instead of the `413` it was sent. A body already over costs nothing.
+fn linger(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    if body.is_end_stream() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > crate::server::LINGER_BYTES {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(crate::server::LINGER_TIME, drain).await;
+    });
 }
 
 /// The client's request body on its way upstream: streamed frame by frame,
@@ -1223,6 +1276,9 @@ impl From<Incoming> for ClientBody {
 /// has nothing (an upstream slow to read holds no client to account).
 pub struct UpstreamBody {
     inner: Option<Incoming>,
+    /// The body came over HTTP/2: what is left of it when the upstream
+    /// exchange drops it is drained ([`linger`]).
+    h2: bool,
     seen: u64,
     limit: u64,
     timeout: Duration,
@@ -1235,9 +1291,11 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(body: ClientBody, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
-        let body = body.0;
+    pub fn new(mut body: ClientBody, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
+        let h2 = body.h2;
+        let body = body.take();
         UpstreamBody {
+            h2,
             timer: body
                 .as_ref()
                 .is_some_and(|b| !b.is_end_stream())
@@ -1247,6 +1305,14 @@ impl UpstreamBody {
             limit,
             timeout,
             idle: None,
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let (Some(b), true) = (self.inner.take(), self.h2) {
+            linger(b);
         }
     }
 }
@@ -1274,7 +1340,11 @@ impl Body for UpstreamBody {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if this.seen > this.limit {
-                        this.inner = None;
+                        // Over HTTP/2 the rest is drained, so the client
+                        // reads the `413`.
+                        if let (Some(b), true) = (this.inner.take(), this.h2) {
+                            linger(b);
+                        }
                         return Poll::Ready(Some(Err(Box::new(TooLarge(this.limit)))));
                     }
                 }

@@ -552,7 +552,9 @@ fn service(
         // filled in place: `Box::pin(f)` builds `f` on the stack and copies
         // all of it (3.4 KB) into the allocation, once per request.
         let fut: Pin<Box<_>> = Box::into_pin(Box::write(Box::new_uninit(), async move {
-            let resp = proxy.handle(req.map(Into::into), info).await?;
+            let h2 = req.version() == http::Version::HTTP_2;
+            let req = req.map(|b| crate::proxy::ClientBody::new(b, h2));
+            let resp = proxy.handle(req, info).await?;
             Ok(track(resp, guard))
         }));
         Handled {

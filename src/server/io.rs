@@ -25,8 +25,10 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub(super) const CONTROL_FRAMES_PER_SECOND: u32 = 100;
 
 /// How long, and how many bytes, a closed connection is drained for.
-const LINGER_TIME: Duration = Duration::from_secs(5);
-const LINGER_BYTES: usize = 32 << 20;
+/// (An HTTP/2 request body the proxy answered before reading is drained
+/// within the same bounds: `proxy::upstream::linger`.)
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(5);
+pub(crate) const LINGER_BYTES: usize = 32 << 20;
 
 /// What the watchdog of one connection reads, written by the stream, the
 /// requests in flight and the frame scanner. Times are milliseconds since
