@@ -1636,7 +1636,7 @@ enum GoesAway {
 /// either HTTP version (over HTTP/2, hyper drops the request's future when
 /// the stream is reset or the connection ends: the change was lost, a
 /// logout too).
-async fn a_client_that_goes_away(how: GoesAway) {
+async fn a_client_that_goes_away(how: GoesAway, workers: usize, shutdown: bool) {
     use http_body_util::Empty;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use sessiongate::store::Store;
@@ -1656,19 +1656,30 @@ async fn a_client_that_goes_away(how: GoesAway) {
         })
     })
     .await;
-    let p = start(&config("", &route(&up, ""))).await;
+    let cfg = sessiongate::config::Config::parse(
+        &config("", &route(&up, "")),
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let store = sessiongate::store::AnyStore::Memory(sessiongate::store::MemoryStore::new());
+    let mut p = common::start_workers(cfg, store, workers).await;
     let key = p.get("/login", None).await.key();
     let cookie = format!("sessionid={key}");
 
+    let gauge = p.metrics.connections("main");
     let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     // What is kept open until the change is seen (the HTTP/2 connection
     // whose stream was reset).
     let mut kept = None;
+    // Connections open while the request runs (the client's keep-alive
+    // one of `/login` may be one).
+    let mut open = 0;
     match how {
         GoesAway::H1Close => {
             let req = format!("GET /slow HTTP/1.1\r\nHost: app\r\nCookie: {cookie}\r\n\r\n");
             tcp.write_all(req.as_bytes()).await.unwrap();
             within("the upstream to get the request", arrived.recv()).await;
+            open = gauge.get();
             drop(tcp);
         }
         GoesAway::H2Reset => {
@@ -1682,6 +1693,10 @@ async fn a_client_that_goes_away(how: GoesAway) {
             within("the upstream to get the request", arrived.recv()).await;
             stream.send_reset(h2::Reason::CANCEL);
             kept = Some((send, conn));
+            // Nothing tells when the server has dropped the reset stream's
+            // request (what it does then is the test): a moment, long
+            // enough for a server that cancels it to have done so.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         GoesAway::H2Close => {
             let (mut send, conn) =
@@ -1695,15 +1710,35 @@ async fn a_client_that_goes_away(how: GoesAway) {
                 .unwrap();
             let asked = tokio::spawn(send.send_request(req));
             within("the upstream to get the request", arrived.recv()).await;
+            open = gauge.get();
             asked.abort();
             conn.abort();
             let _ = conn.await;
         }
     }
-    // Nothing tells when the server has seen the client go (what it does
-    // then is the test): the upstream answers a moment later, long enough
-    // for a server that cancels the request to have done so.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // HTTP/1.1: the server does not watch the client while a request is
+    // in flight (`half_close`), so nothing can cancel it before it ends.
+    if matches!(how, GoesAway::H2Close) {
+        // The server has seen the connection end once its task has: the
+        // gauge of open connections goes down.
+        within("the server to see the connection close", async {
+            while gauge.get() >= open {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+    if shutdown {
+        // A graceful shutdown starts while the request runs on: it is
+        // given the grace period, not cancelled with the worker.
+        p.trigger_shutdown();
+        within("the listener to close", async {
+            while tokio::net::TcpStream::connect(p.addr).await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
     gate.open();
 
     let k = sessiongate::session::SessionKey::parse(&key).unwrap();
@@ -1723,17 +1758,26 @@ async fn a_client_that_goes_away(how: GoesAway) {
 
 #[tokio::test]
 async fn a_client_that_closes_its_connection_mid_request_loses_no_session_change() {
-    a_client_that_goes_away(GoesAway::H1Close).await;
+    a_client_that_goes_away(GoesAway::H1Close, 0, false).await;
 }
 
 #[tokio::test]
 async fn an_h2_stream_reset_mid_request_loses_no_session_change() {
-    a_client_that_goes_away(GoesAway::H2Reset).await;
+    a_client_that_goes_away(GoesAway::H2Reset, 0, false).await;
 }
 
 #[tokio::test]
 async fn an_h2_connection_closed_mid_request_loses_no_session_change() {
-    a_client_that_goes_away(GoesAway::H2Close).await;
+    a_client_that_goes_away(GoesAway::H2Close, 0, false).await;
+}
+
+/// SPEC 1: a shutdown lets in-flight requests finish within
+/// `shutdown_grace`, those whose client went away too (on a worker thread
+/// of its own, whose runtime ends with the shutdown: before, the request
+/// was dropped with it and its change lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_request_whose_client_went_away() {
+    a_client_that_goes_away(GoesAway::H2Close, 1, true).await;
 }
 
 #[tokio::test]

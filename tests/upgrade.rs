@@ -135,3 +135,38 @@ async fn upgrade_fails_over_to_the_next_upstream_and_its_path() {
     upgrade_and_echo(&p, "/chat/ws").await;
     p.stop().await;
 }
+
+/// README (known gaps): an upgraded connection gives its `max_connections`
+/// slot back when the tunnel starts, so open WebSockets do not lock other
+/// clients out (before, the tunnel held the slot until it closed).
+#[tokio::test]
+async fn a_tunnel_gives_back_its_connection_slot() {
+    let up = echo_upgrade_upstream().await;
+    let routes = format!("[[route]]\nupstream = \"http://{up}\"\n");
+    let toml = common::config("", &routes).replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nmax_connections = 1",
+    );
+    assert!(toml.contains("max_connections = 1"), "{toml}");
+    let p = common::start(&toml).await;
+    let mut ws = TcpStream::connect(p.addr).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = common::e2e::within("the 101", read_head(&mut ws)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The tunnel stays open; another client is served.
+    let r = common::e2e::within(
+        "a second client, with the tunnel open",
+        common::e2e::raw_request(
+            p.addr,
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await;
+    assert!(r.status > 0);
+    drop(ws);
+    p.stop().await;
+}

@@ -70,6 +70,9 @@ pub(super) struct Worker {
     /// Requests a connection may keep running after their client went
     /// away (`h2_max_concurrent_streams`; see [`Handled`]).
     abandon_limit: usize,
+    /// Those requests, running on: the worker's shutdown waits for them
+    /// within `shutdown_grace`, as for the connections.
+    pub(super) abandoned: tokio_util::task::TaskTracker,
 }
 
 /// One configuration's share of a worker (SPEC 7.1).
@@ -136,6 +139,7 @@ impl Worker {
             // Checked by `main` (own or hyper).
             own_h1: std::env::var("SESSIONGATE_H1").map_or(true, |v| v.trim() != "hyper"),
             abandon_limit: s.h2_max_concurrent_streams as usize,
+            abandoned: tokio_util::task::TaskTracker::new(),
             gen: arc_swap::ArcSwap::from_pointee(Gen {
                 ops: crate::ops::ConnOps::new(s, proxy.metrics()),
                 proxy,
@@ -200,7 +204,9 @@ pub(super) async fn serve(
 ) {
     let drain = &drain;
     let state = Arc::new(ConnState::new());
-    state.hold(permit);
+    // Held here until the connection ends (and by its abandoned requests).
+    let permit = Arc::new(permit);
+    state.hold(&permit, &w.abandoned);
     if redirect {
         let port = w.https_port.load(std::sync::atomic::Ordering::Relaxed);
         let st = state.clone();
@@ -510,12 +516,7 @@ impl Drop for Handled {
             return;
         };
         match self.state.abandon(self.limit) {
-            Some(counted) => {
-                rt.spawn(async move {
-                    let _counted = counted;
-                    let _ = fut.await;
-                });
-            }
+            Some(counted) => self.state.run_abandoned(&rt, counted, fut),
             None => tracing::debug!("request cancelled: its client went away, and the connection has too many abandoned requests running"),
         }
     }

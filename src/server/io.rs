@@ -51,10 +51,15 @@ pub(crate) struct ConnState {
     /// Requests whose client went away and that run on to their end
     /// ([`ConnState::abandon`]).
     abandoned: AtomicUsize,
-    /// The connection's `max_connections` permit: released when the last
-    /// holder of this state is gone, the connection and every request it
-    /// started, abandoned ones too.
-    slot: std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>,
+    /// The connection's `max_connections` permit, held by the connection's
+    /// task and by each abandoned request (so it is released when the
+    /// connection and its abandoned requests are all done), not by this
+    /// state: an upgraded connection's tunnel keeps the state (in its
+    /// `ConnIo`) and gives the permit back when the tunnel starts.
+    slot: std::sync::OnceLock<std::sync::Weak<tokio::sync::OwnedSemaphorePermit>>,
+    /// The worker's abandoned requests, which its shutdown waits for
+    /// within `shutdown_grace`.
+    tracker: std::sync::OnceLock<tokio_util::task::TaskTracker>,
 }
 
 impl ConnState {
@@ -69,12 +74,37 @@ impl ConnState {
             closing: AtomicBool::new(false),
             abandoned: AtomicUsize::new(0),
             slot: std::sync::OnceLock::new(),
+            tracker: std::sync::OnceLock::new(),
         }
     }
 
-    /// Keeps the connection's `max_connections` permit (see the field).
-    pub(crate) fn hold(&self, permit: tokio::sync::OwnedSemaphorePermit) {
-        let _ = self.slot.set(permit);
+    /// Knows the connection's `max_connections` permit (which its task
+    /// holds) and the worker's tracker of abandoned requests (see the
+    /// fields).
+    pub(crate) fn hold(
+        &self,
+        permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
+        tracker: &tokio_util::task::TaskTracker,
+    ) {
+        let _ = self.slot.set(Arc::downgrade(permit));
+        let _ = self.tracker.set(tracker.clone());
+    }
+
+    /// Runs an abandoned request (counted by `counted`) to its end, in a
+    /// task the worker's shutdown waits for.
+    pub(crate) fn run_abandoned<F>(&self, rt: &tokio::runtime::Handle, counted: Abandoned, fut: F)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let task = async move {
+            let _counted = counted;
+            let _ = fut.await;
+        };
+        match self.tracker.get() {
+            Some(t) => drop(t.spawn_on(task, rt)),
+            None => drop(rt.spawn(task)),
+        }
     }
 
     /// A request whose client went away (an HTTP/2 stream reset, the
@@ -90,7 +120,10 @@ impl ConnState {
             self.abandoned.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Abandoned(self.clone()))
+        Some(Abandoned {
+            state: self.clone(),
+            _slot: self.slot.get().and_then(std::sync::Weak::upgrade),
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -187,12 +220,16 @@ impl Drop for InFlight {
     }
 }
 
-/// One abandoned request running on (see [`ConnState::abandon`]).
-pub(crate) struct Abandoned(Arc<ConnState>);
+/// One abandoned request running on (see [`ConnState::abandon`]), with
+/// its connection's `max_connections` permit.
+pub(crate) struct Abandoned {
+    state: Arc<ConnState>,
+    _slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
 
 impl Drop for Abandoned {
     fn drop(&mut self) {
-        self.0.abandoned.fetch_sub(1, Ordering::Relaxed);
+        self.state.abandoned.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

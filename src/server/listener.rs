@@ -161,6 +161,7 @@ impl Listener {
         tracing::debug!(grace = ?self.grace, "listener closed; finishing its connections");
         main.drain.start();
         redirected.drain.start();
+        let deadline = Instant::now() + self.grace;
         let (mut conns, mut others) = (main.conns, redirected.conns);
         let all_closed = async {
             while conns.join_next().await.is_some() {}
@@ -179,6 +180,20 @@ impl Listener {
         }
         while conns.join_next().await.is_some() {}
         while others.join_next().await.is_some() {}
+        // Requests whose client went away run on to their end (their
+        // session changes saved), within what is left of the grace period;
+        // past it they are cancelled with the worker's runtime.
+        let abandoned = &self.worker.abandoned;
+        abandoned.close();
+        if tokio::time::timeout_at(deadline, abandoned.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = abandoned.len(),
+                "shutdown grace period over; cancelling the requests whose clients went away"
+            );
+        }
         // Those of closed sockets: already draining, each within its grace.
         while retired.join_next().await.is_some() {}
     }
