@@ -8,7 +8,7 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 
 use crate::config::{SameSite, SessionConfig};
 
-fn trim(mut b: &[u8]) -> &[u8] {
+pub(crate) fn trim(mut b: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = b {
         b = rest;
     }

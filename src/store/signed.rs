@@ -585,7 +585,10 @@ pub fn presented_chunks(headers: &HeaderMap, base: &str) -> Vec<usize> {
     let mut out = Vec::new();
     for h in headers.get_all(COOKIE) {
         for pair in h.as_bytes().split(|&b| b == b';') {
-            let pair = pair.trim_ascii_start();
+            // Read as `cookie::find` reads names (spaces around the `=`
+            // allowed, as Django's), so every chunk `join` used is listed
+            // (and stripped before forwarding).
+            let pair = crate::session::cookie::trim(pair);
             let Some(rest) = pair.strip_prefix(base.as_bytes()) else {
                 continue;
             };
@@ -597,7 +600,7 @@ pub fn presented_chunks(headers: &HeaderMap, base: &str) -> Vec<usize> {
                 .take_while(|b| b.is_ascii_digit())
                 .copied()
                 .collect();
-            if rest.get(digits.len()) == Some(&b'=') {
+            if crate::session::cookie::trim(&rest[digits.len()..]).first() == Some(&b'=') {
                 if let Some(i) = std::str::from_utf8(&digits)
                     .ok()
                     .and_then(|d| d.parse().ok())
@@ -617,6 +620,25 @@ mod tests {
     use super::*;
     use crate::session::Policy;
     use http::HeaderValue;
+
+    /// A chunk named with a space before its `=` is joined (as Django
+    /// reads names): it is listed too, so it is stripped and cleaned up.
+    #[test]
+    fn a_spaced_chunk_is_joined_and_listed_alike() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_static("sessionid=3.AAA; sessionid.1 =BBB;\tsessionid.2\t= CCC"),
+        );
+        assert_eq!(join(&h, "sessionid"), Some(Some("AAABBBCCC".to_string())));
+        assert_eq!(presented_chunks(&h, "sessionid"), vec![1, 2]);
+        // Not a chunk: another name, or no `=`.
+        h.insert(
+            COOKIE,
+            HeaderValue::from_static("sessionid.1x=B; sessionid.2; sessionid.3 x=C"),
+        );
+        assert!(presented_chunks(&h, "sessionid").is_empty());
+    }
 
     const P: Policy = Policy {
         cookie_age_secs: 3600,
