@@ -290,6 +290,15 @@ async fn the_upstreams_reason_phrase_is_passed_on() {
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
             "HTTP/1.1 404 Not Found",
         ),
+        // No phrase, or one that is not text: the standard one.
+        (
+            b"HTTP/1.1 404 \r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 404 Not Found",
+        ),
+        (
+            b"HTTP/1.1 403 Verboten \xff\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 403 Forbidden",
+        ),
     ] {
         let (addr, _) = raw_upstream(answer).await;
         let p = proxy_to(addr).await;

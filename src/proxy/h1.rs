@@ -179,7 +179,9 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
     let code = r.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| ProtocolError::Status(code))?;
     let reason = match (code, r.reason.unwrap_or("")) {
-        (200, "OK") => None,
+        // An empty phrase (or one httparse could not read as text, which
+        // it gives as empty) gets the standard one, not a bare `404 `.
+        (200, "OK") | (_, "") => None,
         (_, reason) => match status.canonical_reason() {
             Some(own) if own == reason => None,
             _ => hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok(),
