@@ -677,11 +677,13 @@ impl Config {
         let shown = path.display().to_string();
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let message = e.message().trim().replace('\n', " ");
+            let at = text.lines().nth(line - 1).unwrap_or("");
             ConfigError::Parse {
                 path: shown.clone(),
                 line,
                 col,
-                message: e.message().trim().replace('\n', " "),
+                message: explain(message, at),
             }
         })?;
         let base = path
@@ -708,6 +710,29 @@ impl Config {
             );
         }
         out
+    }
+}
+
+/// toml's message, said in the file's terms where it speaks serde's:
+/// `at` is the line the error points at.
+fn explain(message: String, at: &str) -> String {
+    if at.trim_start().starts_with("[route]") {
+        // `invalid type: map, expected a sequence`, or `duplicate key`
+        // after a `[[route]]`.
+        return "[route] is written [[route]]: each route is one table of an array, even when there is one".into();
+    }
+    match message.strip_prefix("missing field `") {
+        Some(rest) => {
+            let key = rest.trim_end_matches('`');
+            match key {
+                "server" => {
+                    "missing section [server] (it needs at least listen = \"ADDRESS:PORT\")".into()
+                }
+                "session" => "missing section [session] (it needs at least secret_key)".into(),
+                _ => format!("missing key `{key}`"),
+            }
+        }
+        None => message,
     }
 }
 

@@ -525,7 +525,8 @@ fn names(pair: &[u8], name: &str) -> bool {
 /// `sessionid`), every other line a `Cookie` header. `find` gives the first
 /// pair with that name (spaces around its `=` allowed; the value's spaces,
 /// then its quotes, removed); `strip` removes every such pair
-/// and keeps the others, in order, byte for byte; `set_cookie_names` never
+/// and keeps the others, in order, byte for byte; every signed-cookie
+/// chunk of the name is listed for stripping; `set_cookie_names` never
 /// panics.
 pub fn cookie(data: &[u8]) {
     let mut lines = data.split(|&b| b == b'\n');
@@ -565,6 +566,17 @@ pub fn cookie(data: &[u8]) {
         "strip left the cookie"
     );
     assert_eq!(cookie_pairs(&stripped), others, "strip kept the others");
+    // Every chunk `signed::join` could read (`NAME.i`, read as `find`
+    // reads names) is listed, so the proxy strips it before forwarding.
+    let listed = signed::presented_chunks(&h, &name);
+    for i in 1..=signed::MAX_CHUNKS {
+        if cookie::find(&h, &signed::chunk_name(&name, i)).is_some() {
+            assert!(
+                listed.contains(&i),
+                "chunk {i} can be joined but is not listed"
+            );
+        }
+    }
 }
 
 /// Target `signed_cookie`: byte 0 picks encryption and a fallback key, the

@@ -234,6 +234,36 @@ fn check_opens_the_access_log_file() {
     assert!(!fine.exists(), "check creates no access log file");
 }
 
+/// The structural slips of a first file, said in the file's terms (not
+/// serde's "missing field" or "invalid type: map, expected a sequence").
+#[test]
+fn check_explains_a_missing_section_and_a_single_bracket_route() {
+    let dir = TempDir::new("cli");
+    let valid = valid_config("http://127.0.0.1:9000");
+    let no_server = valid.replace(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls = false\nshutdown_grace = \"10s\"\n",
+        "",
+    );
+    let no_listen = valid.replace("listen = \"127.0.0.1:0\"\n", "");
+    let single = valid.replace("[[route]]", "[route]");
+    let mixed = format!("{valid}\n[route]\nname = \"b\"\nupstream = \"http://127.0.0.1:9001\"\n");
+    for (text, want) in [
+        (
+            &no_server,
+            "1:1: missing section [server] (it needs at least listen",
+        ),
+        (&no_listen, "missing key `listen`"),
+        (&single, "[route] is written [[route]]"),
+        (&mixed, "[route] is written [[route]]"),
+    ] {
+        assert_ne!(text, &valid);
+        let path = dir.write("bad.toml", text);
+        let out = check(dir.path(), path.to_str().unwrap());
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(stderr(&out).contains(want), "{want}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn check_reports_an_unknown_key_with_file_line_and_column() {
     let dir = TempDir::new("cli");
