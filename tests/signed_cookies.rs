@@ -305,3 +305,64 @@ async fn djangos_format_keeps_absolute_timeout_across_writes() {
         .unwrap();
     assert_eq!(raw, br#"{"n":0}"#, "Django's own payload, uncompressed");
 }
+
+/// A reload installs the new codec (keys, cookie name) in the store before
+/// the workers take the new configuration up; a request still served by
+/// the old generation reads and makes its cookies with that generation's
+/// codec, not half with each (before: with `cookie_name` changed, the old
+/// generation looked for the token under the new name and stripped the
+/// old one: a logged-in visitor became a new one mid-reload).
+#[tokio::test]
+async fn a_generation_keeps_its_own_codec_across_a_reload() {
+    use http_body_util::BodyExt;
+    use sessiongate::proxy::{ClientBody, ConnInfo, Proxy as Gen};
+    let up = echo().await;
+    let text = cfg(&up, "", "cookie_name = \"sid_a\"");
+    let a = sessiongate::config::Config::parse(&text, std::path::Path::new("a.toml")).unwrap();
+    let b = sessiongate::config::Config::parse(
+        &text.replace("cookie_name = \"sid_a\"", "cookie_name = \"sid_b\""),
+        std::path::Path::new("a.toml"),
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(sessiongate::store::AnyStore::open(&a).await.unwrap());
+    let old = std::sync::Arc::new(Gen::new(&a, store.clone(), Default::default()));
+    let conn = ConnInfo::new("127.0.0.1:9".parse().unwrap(), false);
+    let ask = |cookie: Option<String>, update: Option<&str>| {
+        let mut r = http::Request::get("http://app/");
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        if let Some(u) = update {
+            r = r.header("x-test-update", u);
+        }
+        r.body(ClientBody::empty()).unwrap()
+    };
+    let resp = old
+        .clone()
+        .handle(ask(None, Some(r#"{"user":"ann"}"#)), conn.clone())
+        .await
+        .unwrap();
+    let set: Vec<String> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+        .collect();
+    let _ = resp.into_body().collect().await;
+    assert!(set[0].starts_with("sid_a="), "{set:?}");
+    // The reload's new codec, installed before the old generation stops.
+    store.follow(&b);
+    let resp = old
+        .clone()
+        .handle(ask(Some(set.join("; ")), None), conn.clone())
+        .await
+        .unwrap();
+    let _ = resp.into_body().collect().await;
+    let seen = up.last();
+    assert_eq!(
+        seen.session()["user"],
+        "ann",
+        "the old generation's cookie is still read"
+    );
+    assert!(seen.header("cookie").is_none(), "and never forwarded");
+}

@@ -162,6 +162,9 @@ pub struct Proxy {
     router: Router,
     pool: Arc<Pool>,
     store: Arc<AnyStore>,
+    /// `signed_cookies`: the codec of this generation's configuration
+    /// (see [`crate::store::signed::SignedCookies::snapshot`]).
+    signed: Option<crate::store::signed::SignedCookies>,
     session: SessionConfig,
     /// `secret_key` prepared for `X-Session-Id`.
     ids: IdKey,
@@ -272,6 +275,7 @@ impl Proxy {
             })
             .collect();
         Proxy {
+            signed: store.as_signed().map(|s| s.snapshot()),
             no_route: metrics.route(crate::metrics::NO_ROUTE),
             route_ops,
             metrics,
@@ -719,7 +723,7 @@ impl Proxy {
             }
             let view = sh::View {
                 // Django's signed-cookie format carries no key.
-                key: key.filter(|_| !self.store.as_signed().is_some_and(|c| c.is_django())),
+                key: key.filter(|_| !self.signed.as_ref().is_some_and(|c| c.is_django())),
                 record,
                 is_new: loaded.live.is_none(),
             };
@@ -782,7 +786,7 @@ impl Proxy {
     /// malformed, unknown or expired is never adopted.
     async fn load(&self, h: &HeaderMap, now: i64) -> Result<Loaded, StoreError> {
         let name = &self.session.cookie_name;
-        if let Some(codec) = self.store.as_signed() {
+        if let Some(codec) = self.signed.as_ref() {
             let chunks = codec.chunks(h);
             let token = codec.token(h);
             let live = token
@@ -879,7 +883,7 @@ impl Proxy {
     fn strip_session_cookies(&self, h: &mut HeaderMap) {
         let name = &self.session.cookie_name;
         cookie::strip(h, name);
-        if self.store.as_signed().is_some() {
+        if self.signed.as_ref().is_some() {
             for i in signed::presented_chunks(h, name) {
                 cookie::strip(h, &signed::chunk_name(name, i));
             }
@@ -906,7 +910,7 @@ impl Proxy {
         }
         let save_every = self.session.save_every_request;
         let mut current = loaded.live.as_ref().map(|(k, _)| *k);
-        let codec = self.store.as_signed();
+        let codec = self.signed.as_ref();
         if patch.flush {
             if let Some(k) = current.take() {
                 if codec.is_none() {
@@ -1110,7 +1114,7 @@ impl Proxy {
         let max_age = (!record.expire_at_browser_close(&self.policy))
             .then(|| record.expiry_age(now, &self.policy));
         let name = &self.session.cookie_name;
-        match self.store.as_signed() {
+        match self.signed.as_ref() {
             None => {
                 out.append(
                     header::SET_COOKIE,

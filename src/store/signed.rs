@@ -410,6 +410,17 @@ impl SignedCookies {
         Self::with(codec.keeping_creation(on))
     }
 
+    /// The keys and names in effect now, frozen: a proxy generation reads
+    /// and makes every cookie of a request with one codec, the one its
+    /// configuration says, even while a reload swaps in the next (which
+    /// [`SignedCookies::follow`] installs before the workers take the new
+    /// generation up).
+    pub fn snapshot(&self) -> SignedCookies {
+        SignedCookies {
+            codec: arc_swap::ArcSwap::new(self.codec.load_full()),
+        }
+    }
+
     /// A reload: cookies from now on are made and read with what `config`
     /// says (its `[store]` is the running one: a reload refuses another).
     pub fn follow(&self, config: &crate::config::Config) {
