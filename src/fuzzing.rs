@@ -506,19 +506,38 @@ pub fn directives(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // Cookies
 
-/// `name=value` pairs of `Cookie` values, trimmed, empty ones left out.
+/// Python's `str.strip()` on Latin-1 text, as Django's `parse_cookie`
+/// applies it (the model; `cookie::trim` is the code).
+fn py_strip(mut b: &[u8]) -> &[u8] {
+    let ws = |c: u8| c.is_ascii_whitespace() || matches!(c, 0x0b | 0x1c..=0x1f | 0x85 | 0xa0);
+    while let [c, rest @ ..] = b {
+        if !ws(*c) {
+            break;
+        }
+        b = rest;
+    }
+    while let [rest @ .., c] = b {
+        if !ws(*c) {
+            break;
+        }
+        b = rest;
+    }
+    b
+}
+
+/// `name=value` pairs of `Cookie` values, stripped, empty ones left out.
 fn cookie_pairs(h: &HeaderMap) -> Vec<Vec<u8>> {
     h.get_all(COOKIE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .map(|p| p.trim_ascii().to_vec())
+        .map(|p| py_strip(p).to_vec())
         .filter(|p| !p.is_empty())
         .collect()
 }
 
 fn names(pair: &[u8], name: &str) -> bool {
     pair.strip_prefix(name.as_bytes())
-        .is_some_and(|r| r.trim_ascii_start().first() == Some(&b'='))
+        .is_some_and(|r| py_strip(r).first() == Some(&b'='))
 }
 
 /// Target `cookie`: the first line is the cookie name (default
@@ -549,8 +568,8 @@ pub fn cookie(data: &[u8]) {
     }
     let pairs = cookie_pairs(&h);
     let want = pairs.iter().find(|p| names(p, &name)).map(|p| {
-        let rest = p[name.len()..].trim_ascii_start();
-        let v = rest[1..].trim_ascii();
+        let rest = py_strip(&p[name.len()..]);
+        let v = py_strip(&rest[1..]);
         match v {
             [b'"', inner @ .., b'"'] => inner.to_vec(),
             v => v.to_vec(),

@@ -512,6 +512,31 @@ async fn session_cookie_is_hidden_from_the_upstream_and_cannot_be_set_by_it() {
         );
         assert_eq!(s.header("cookie"), Some("a=1; b=2"), "{cookie}");
     }
+    // NBSP before the `=`: Django (Python's str.strip() on Latin-1) reads
+    // it as the session cookie too; it is never forwarded.
+    let raw = [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nCookie: a=1; sessionid\xa0="[..],
+        key.as_bytes(),
+        b"; b=2\r\n\r\n",
+    ]
+    .concat();
+    let answer = within("an answer", async {
+        use tokio::io::AsyncReadExt;
+        let mut c = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(&raw).await.unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        out
+    })
+    .await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let s = up.last();
+    assert_eq!(s.session()["user_id"], 1, "NBSP: the session was loaded");
+    assert_eq!(s.header("cookie"), Some("a=1; b=2"), "NBSP: not forwarded");
     let r = get_with(
         &p,
         "/",

@@ -8,11 +8,16 @@ use http::header::{HeaderMap, HeaderValue, COOKIE};
 
 use crate::config::{SameSite, SessionConfig};
 
+/// Strips what Django's `parse_cookie` strips (Python's `str.strip()` of
+/// the header decoded as Latin-1, as WSGI and ASGI give it): of the bytes a
+/// header value may hold, space, tab, NEL (0x85) and NBSP (0xA0). So
+/// `sessionid\xa0=K` is the session cookie here as it is to Django, and is
+/// never forwarded.
 pub(crate) fn trim(mut b: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = b {
+    while let [b' ' | b'\t' | 0x85 | 0xa0, rest @ ..] = b {
         b = rest;
     }
-    while let [rest @ .., b' ' | b'\t'] = b {
+    while let [rest @ .., b' ' | b'\t' | 0x85 | 0xa0] = b {
         b = rest;
     }
     b
@@ -285,6 +290,16 @@ mod tests {
         let v: Vec<_> = h.get_all(COOKIE).iter().collect();
         assert_eq!(v, ["a=1", "b=2"]);
         assert_eq!(find(&headers(&["sessionid x=K"]), "sessionid"), None);
+        // Python's str.strip() also takes NEL and NBSP (Latin-1 0x85,
+        // 0xA0): parse_cookie('sessionid\xa0=K\x85') == {'sessionid': 'K'}.
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"a=1; sessionid\xa0=\x85K\x85; b=2").unwrap(),
+        );
+        assert_eq!(find(&h, "sessionid"), Some(&b"K"[..]));
+        strip(&mut h, "sessionid");
+        assert_eq!(h.get(COOKIE).unwrap().as_bytes(), b"a=1; b=2");
     }
 
     #[test]
