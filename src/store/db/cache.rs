@@ -157,6 +157,15 @@ impl Cache {
             }
             r.map_err(DbError::Redis)
         };
+        self.bounded(work).await
+    }
+
+    /// `work` within the store's timeout; past it, this thread's
+    /// connection is dropped (it may be stuck).
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
             Err(_) => {
@@ -168,21 +177,15 @@ impl Cache {
 
     /// `/readyz`: the cache answers `PING` within the store's timeout.
     pub(crate) async fn ping(&self) -> Result<(), DbError> {
-        let work = async {
+        self.bounded(async {
             let mut conn = self.conn().await?;
             let r: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut conn).await;
             if r.is_err() {
                 self.forget().await;
             }
             r.map_err(DbError::Redis)
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.forget().await;
-                Err(DbError::Timeout(self.timeout))
-            }
-        }
+        })
+        .await
     }
 
     pub(crate) async fn get(&self, key: &SessionKey) -> Result<Cached, DbError> {
