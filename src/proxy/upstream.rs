@@ -1203,69 +1203,89 @@ fn from_hyper(e: hyper::Error) -> ProxyError {
 ///
 /// An HTTP/2 body dropped before its end (the proxy answered without
 /// reading it: a `413`, a `404`, an upstream that answered early) is
-/// drained for a while ([`linger`]), so the client's upload ends cleanly
+/// drained for a while ([`Lingering`]), so the client's upload ends cleanly
 /// and it reads the answer instead of a stream reset.
-pub struct ClientBody {
-    body: Option<Incoming>,
-    h2: bool,
+pub struct ClientBody(Option<Source>);
+
+/// hyper's body of a request, by the protocol it came over.
+enum Source {
+    Http1(Incoming),
+    Http2(Lingering),
+}
+
+impl Source {
+    fn get(&mut self) -> &mut Incoming {
+        match self {
+            Source::Http1(b) => b,
+            Source::Http2(l) => {
+                l.0.as_mut()
+                    .expect("a lingering body is taken only when dropped")
+            }
+        }
+    }
+
+    fn get_ref(&self) -> &Incoming {
+        match self {
+            Source::Http1(b) => b,
+            Source::Http2(l) => {
+                l.0.as_ref()
+                    .expect("a lingering body is taken only when dropped")
+            }
+        }
+    }
 }
 
 impl ClientBody {
     /// No body: the request ended with its head.
     pub fn empty() -> ClientBody {
-        ClientBody {
-            body: None,
-            h2: false,
-        }
+        ClientBody(None)
     }
 
     /// hyper's body of a request; `h2`: it came over HTTP/2.
     pub fn new(body: Incoming, h2: bool) -> ClientBody {
-        ClientBody {
-            body: Some(body),
-            h2,
-        }
-    }
-
-    fn take(&mut self) -> Option<Incoming> {
-        self.body.take()
+        ClientBody(Some(if h2 {
+            Source::Http2(Lingering(Some(body)))
+        } else {
+            Source::Http1(body)
+        }))
     }
 }
 
-impl Drop for ClientBody {
-    fn drop(&mut self) {
-        if let (Some(b), true) = (self.body.take(), self.h2) {
-            linger(b);
-        }
-    }
-}
-
-/// Reads and discards what remains of an HTTP/2 request body the proxy
-/// will not read, for at most `LINGER_TIME` and `LINGER_BYTES` (as the
+/// An HTTP/2 request body that, dropped before its end, reads and discards
+/// what remains for at most `LINGER_TIME` and `LINGER_BYTES` (as the
 /// lingering close of an HTTP/1.1 connection, `server::io`), in a task of
 /// its own. Without it, hyper resets the stream while the client is still
 /// sending: curl then reports "Stream error in the HTTP/2 framing layer"
 /// instead of the `413` it was sent. A body already over costs nothing.
-fn linger(mut body: Incoming) {
-    use http_body_util::BodyExt;
-    if body.is_end_stream() {
-        return;
-    }
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    rt.spawn(async move {
-        let drain = async {
-            let mut seen = 0usize;
-            while let Some(Ok(frame)) = body.frame().await {
-                seen += frame.data_ref().map_or(0, |d| d.len());
-                if seen > crate::server::LINGER_BYTES {
-                    return;
-                }
-            }
+/// (Only HTTP/2 bodies are wrapped: the read path of HTTP/1.1 pays for no
+/// drop of its own.)
+struct Lingering(Option<Incoming>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        use http_body_util::BodyExt;
+        let Some(mut body) = self.0.take() else {
+            return;
         };
-        let _ = tokio::time::timeout(crate::server::LINGER_TIME, drain).await;
-    });
+        if body.is_end_stream() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len());
+                    if seen > crate::server::LINGER_BYTES {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(crate::server::LINGER_TIME, drain).await;
+        });
+    }
 }
 
 /// The client's request body on its way upstream: streamed frame by frame,
@@ -1274,11 +1294,10 @@ fn linger(mut body: Incoming) {
 /// A body silent for longer than `client_body_timeout` fails with
 /// [`BodyTimeout`]; the timer runs only while the body is asked for and
 /// has nothing (an upstream slow to read holds no client to account).
+/// What is left of an HTTP/2 body when it is dropped (a `413`, an
+/// upstream that answered early) is drained ([`Lingering`]).
 pub struct UpstreamBody {
-    inner: Option<Incoming>,
-    /// The body came over HTTP/2: what is left of it when the upstream
-    /// exchange drops it is drained ([`linger`]).
-    h2: bool,
+    inner: Option<Source>,
     seen: u64,
     limit: u64,
     timeout: Duration,
@@ -1291,28 +1310,18 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(mut body: ClientBody, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
-        let h2 = body.h2;
-        let body = body.take();
+    pub fn new(body: ClientBody, limit: u64, timeout: Duration, timer: &Wheel) -> UpstreamBody {
+        let body = body.0;
         UpstreamBody {
-            h2,
             timer: body
                 .as_ref()
-                .is_some_and(|b| !b.is_end_stream())
+                .is_some_and(|b| !b.get_ref().is_end_stream())
                 .then(|| timer.clone()),
             inner: body,
             seen: 0,
             limit,
             timeout,
             idle: None,
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if let (Some(b), true) = (self.inner.take(), self.h2) {
-            linger(b);
         }
     }
 }
@@ -1329,7 +1338,7 @@ impl Body for UpstreamBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
+        let polled = Pin::new(inner.get()).poll_frame(cx);
         if polled.is_ready() {
             if let Some(idle) = &mut this.idle {
                 idle.progress();
@@ -1342,9 +1351,7 @@ impl Body for UpstreamBody {
                     if this.seen > this.limit {
                         // Over HTTP/2 the rest is drained, so the client
                         // reads the `413`.
-                        if let (Some(b), true) = (this.inner.take(), this.h2) {
-                            linger(b);
-                        }
+                        this.inner = None;
                         return Poll::Ready(Some(Err(Box::new(TooLarge(this.limit)))));
                     }
                 }
@@ -1371,13 +1378,15 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.inner
+            .as_ref()
+            .is_none_or(|b| b.get_ref().is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner
             .as_ref()
-            .map(|b| b.size_hint())
+            .map(|b| b.get_ref().size_hint())
             .unwrap_or_default()
     }
 }

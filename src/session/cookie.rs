@@ -13,14 +13,21 @@ use crate::config::{SameSite, SessionConfig};
 /// header value may hold, space, tab, NEL (0x85) and NBSP (0xA0). So
 /// `sessionid\xa0=K` is the session cookie here as it is to Django, and is
 /// never forwarded.
-pub(crate) fn trim(mut b: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t' | 0x85 | 0xa0, rest @ ..] = b {
-        b = rest;
+#[inline]
+pub(crate) fn trim(b: &[u8]) -> &[u8] {
+    #[inline]
+    fn ws(c: u8) -> bool {
+        matches!(c, b' ' | b'\t' | 0x85 | 0xa0)
     }
-    while let [rest @ .., b' ' | b'\t' | 0x85 | 0xa0] = b {
-        b = rest;
+    // The usual pair (`name=value`, after the `; `'s space) has nothing to
+    // trim: one look at each end.
+    match b {
+        [first, .., last] if !ws(*first) && !ws(*last) => return b,
+        _ => {}
     }
-    b
+    let start = b.iter().position(|&c| !ws(c)).unwrap_or(b.len());
+    let end = b.iter().rposition(|&c| !ws(c)).map_or(start, |i| i + 1);
+    &b[start..end]
 }
 
 /// The `;`-separated pairs of a `Cookie` value, as `split` would give them
