@@ -1502,5 +1502,10 @@ mod tests {
         }
         let size = output_size(Proxy::handle);
         assert!(size <= 4096, "the request future is {size} bytes");
+        // hyper's body with its protocol, no larger than hyper's body.
+        assert_eq!(
+            std::mem::size_of::<ClientBody>(),
+            std::mem::size_of::<Option<hyper::body::Incoming>>()
+        );
     }
 }
