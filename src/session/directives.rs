@@ -187,7 +187,7 @@ fn parse_key_list(v: &HeaderValue) -> Result<Vec<String>, DirectiveError> {
     if t.starts_with('{') {
         return Err(err(
             DELETE,
-            "expected key names (a comma-separated list, a JSON array of strings or a JSON string), found a JSON object",
+            "expected key names (a comma-separated list, a JSON array of strings or a JSON string), found `{` (an object is Update's form; a key name that starts with `{` goes as a JSON string)",
         ));
     }
     if t.starts_with('"') {
@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(p.delete, vec!["a"]);
         assert!(parse(&[("x-session-delete", r#"[1]"#)]).is_err());
         let bad = parse(&[("x-session-delete", r#"{"a":1}"#)]).unwrap_err();
-        assert!(bad.to_string().contains("found a JSON object"), "{bad}");
+        assert!(bad.to_string().contains("found `{`"), "{bad}");
         let p = parse(&[("x-session-delete", r#""{a}""#)]).unwrap();
         assert_eq!(p.delete, vec!["{a}"]);
         let (_, _, modified) = run(
