@@ -866,12 +866,7 @@ fn not_held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }?;
-    probe.set_reuseaddr(true)?;
+    let probe = reusing_addr(addr)?;
     probe.bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(
@@ -884,16 +879,23 @@ fn not_held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
     })
 }
 
-/// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`
-/// (the workers' listeners, and the admin listener, so that a second
-/// process can bind beside this one).
-pub(crate) fn listen_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// A TCP socket of `addr`'s family with `SO_REUSEADDR` (connections in
+/// `TIME_WAIT` do not stop a bind).
+fn reusing_addr(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
     }?;
     socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+/// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`
+/// (the workers' listeners, and the admin listener, so that a second
+/// process can bind beside this one).
+pub(crate) fn listen_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = reusing_addr(addr)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
