@@ -1927,3 +1927,87 @@ async fn a_timed_out_request_is_never_sent_again() {
     gate.open();
     p.stop().await;
 }
+
+/// A request that runs on after its HTTP/2 client closed the connection
+/// keeps the connection's `max_connections` slot until it ends, so clients
+/// that open, ask and leave cannot start upstream work without bound
+/// (before, the slot went back with the connection's task, which over
+/// HTTP/2 ends before hyper's stream tasks hand the request over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_running_on_after_its_h2_client_left_keeps_its_slot() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let gate = Gate::default();
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel::<()>();
+    let g = gate.clone();
+    let up = upstream_async(move |seen| {
+        let g = g.clone();
+        let arrived_tx = arrived_tx.clone();
+        Box::pin(async move {
+            if seen.uri.path() == "/slow" {
+                let _ = arrived_tx.send(());
+                g.wait().await;
+            }
+            ok()
+        })
+    })
+    .await;
+    let text = config("", &route(&up, "")).replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nmax_connections = 1",
+    );
+    assert!(text.contains("max_connections = 1"));
+    let cfg = sessiongate::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let store = sessiongate::store::AnyStore::Memory(sessiongate::store::MemoryStore::new());
+    let p = common::start_workers(cfg, store, 1).await;
+    let gauge = p.metrics.connections("main");
+
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://app/slow")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let asked = tokio::spawn(send.send_request(req));
+    within("the upstream to get the request", arrived.recv()).await;
+    asked.abort();
+    conn.abort();
+    let _ = conn.await;
+    within("the server to see the connection close", async {
+        while gauge.get() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    // The next client waits for the slot while the request runs on...
+    let mut next = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    next.write_all(b"GET /fast HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        next.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "served while the abandoned request held the only slot: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // ...and is served once it ends.
+    gate.open();
+    within("the next client's answer", next.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    p.stop().await;
+}

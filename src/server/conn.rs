@@ -19,7 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,9 +57,9 @@ pub(super) struct Worker {
     /// that moves `listen` changes it).
     pub(super) https_port: std::sync::atomic::AtomicU16,
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamExecutor>,
     /// Plain HTTP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
-    auto: auto::Builder<TokioExecutor>,
+    auto: auto::Builder<StreamExecutor>,
     timer: Wheel,
     keepalive: Duration,
     header_read: Duration,
@@ -70,8 +70,9 @@ pub(super) struct Worker {
     /// Requests a connection may keep running after their client went
     /// away (`h2_max_concurrent_streams`; see [`Handled`]).
     abandon_limit: usize,
-    /// Those requests, running on: the worker's shutdown waits for them
-    /// within `shutdown_grace`, as for the connections.
+    /// Those requests, running on, and hyper's HTTP/2 stream tasks (which
+    /// start them): the worker's shutdown waits for them within
+    /// `shutdown_grace`, as for the connections.
     pub(super) abandoned: tokio_util::task::TaskTracker,
 }
 
@@ -105,7 +106,8 @@ impl Worker {
             // read the answer). This also spares a read buffer per request.
             .half_close(true)
             .max_buf_size(MAX_REQUEST_HEAD);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let abandoned = tokio_util::task::TaskTracker::new();
+        let mut h2 = http2::Builder::new(StreamExecutor(abandoned.clone()));
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(60)))
             .max_concurrent_streams(s.h2_max_concurrent_streams)
@@ -113,7 +115,7 @@ impl Worker {
             // Rapid reset: streams the client opens and resets at once.
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
-        let mut auto = auto::Builder::new(TokioExecutor::new());
+        let mut auto = auto::Builder::new(StreamExecutor(abandoned.clone()));
         auto.http1()
             .timer(timer.clone())
             .header_read_timeout(None)
@@ -139,7 +141,7 @@ impl Worker {
             // Checked by `main` (own or hyper).
             own_h1: std::env::var("SESSIONGATE_H1").map_or(true, |v| v.trim() != "hyper"),
             abandon_limit: s.h2_max_concurrent_streams as usize,
-            abandoned: tokio_util::task::TaskTracker::new(),
+            abandoned,
             gen: arc_swap::ArcSwap::from_pointee(Gen {
                 ops: crate::ops::ConnOps::new(s, proxy.metrics()),
                 proxy,
@@ -191,6 +193,33 @@ impl Worker {
     }
 }
 
+/// Tells the connection's state that its task is over (dropped as
+/// [`serve`] returns, whichever way).
+struct Ended(Arc<ConnState>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.connection_ended();
+    }
+}
+
+/// The executor of hyper's HTTP/2 stream tasks: the worker's tracker, so
+/// that its shutdown also waits for a stream whose connection has ended
+/// and whose request runs on (it is handed to the tracker when hyper's
+/// stream task drops it, after the connection's task is over).
+#[derive(Clone)]
+pub(super) struct StreamExecutor(tokio_util::task::TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        drop(self.0.spawn(fut));
+    }
+}
+
 /// Serves one accepted connection (holding its `max_connections` permit),
 /// until it ends or `drain` (its listener's: the worker's shutdown, or a
 /// reload that moved the listener) tells it to finish and close.
@@ -204,9 +233,9 @@ pub(super) async fn serve(
 ) {
     let drain = &drain;
     let state = Arc::new(ConnState::new());
-    // Held here until the connection ends (and by its abandoned requests).
-    let permit = Arc::new(permit);
-    state.hold(&permit, &w.abandoned);
+    state.hold(permit, &w.abandoned);
+    // However this returns, the permit goes back if nothing runs on.
+    let _ended = Ended(state.clone());
     if redirect {
         let port = w.https_port.load(std::sync::atomic::Ordering::Relaxed);
         let st = state.clone();

@@ -51,14 +51,16 @@ pub(crate) struct ConnState {
     /// Requests whose client went away and that run on to their end
     /// ([`ConnState::abandon`]).
     abandoned: AtomicUsize,
-    /// The connection's `max_connections` permit, held by the connection's
-    /// task and by each abandoned request (so it is released when the
-    /// connection and its abandoned requests are all done), not by this
-    /// state: an upgraded connection's tunnel keeps the state (in its
-    /// `ConnIo`) and gives the permit back when the tunnel starts.
-    slot: std::sync::OnceLock<std::sync::Weak<tokio::sync::OwnedSemaphorePermit>>,
-    /// The worker's abandoned requests, which its shutdown waits for
-    /// within `shutdown_grace`.
+    /// The connection's `max_connections` permit. Given back when the
+    /// connection's task ends with no request in flight or abandoned
+    /// ([`ConnState::connection_ended`]: an upgraded connection's tunnel,
+    /// which keeps this state in its `ConnIo`, does not hold it); else when
+    /// the last holder of this state is gone, the requests that run on
+    /// after their client went away included (over HTTP/2 they are dropped
+    /// by hyper's stream tasks after the connection's task has ended).
+    slot: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// The worker's tracker of abandoned requests, which its shutdown
+    /// waits for within `shutdown_grace`.
     tracker: std::sync::OnceLock<tokio_util::task::TaskTracker>,
 }
 
@@ -73,21 +75,31 @@ impl ConnState {
             served: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             abandoned: AtomicUsize::new(0),
-            slot: std::sync::OnceLock::new(),
+            slot: std::sync::Mutex::new(None),
             tracker: std::sync::OnceLock::new(),
         }
     }
 
-    /// Knows the connection's `max_connections` permit (which its task
-    /// holds) and the worker's tracker of abandoned requests (see the
-    /// fields).
+    /// Keeps the connection's `max_connections` permit and knows the
+    /// worker's tracker of abandoned requests (see the fields).
     pub(crate) fn hold(
         &self,
-        permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
+        permit: tokio::sync::OwnedSemaphorePermit,
         tracker: &tokio_util::task::TaskTracker,
     ) {
-        let _ = self.slot.set(Arc::downgrade(permit));
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
         let _ = self.tracker.set(tracker.clone());
+    }
+
+    /// The connection's task is over: its permit goes back now unless a
+    /// request is still in flight or running on (those keep this state,
+    /// and so the permit, until they end).
+    pub(crate) fn connection_ended(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.abandoned.load(Ordering::Acquire) == 0
+        {
+            drop(self.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
     }
 
     /// Runs an abandoned request (counted by `counted`) to its end, in a
@@ -120,10 +132,7 @@ impl ConnState {
             self.abandoned.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Abandoned {
-            state: self.clone(),
-            _slot: self.slot.get().and_then(std::sync::Weak::upgrade),
-        })
+        Some(Abandoned(self.clone()))
     }
 
     fn now_ms(&self) -> u64 {
@@ -220,16 +229,13 @@ impl Drop for InFlight {
     }
 }
 
-/// One abandoned request running on (see [`ConnState::abandon`]), with
-/// its connection's `max_connections` permit.
-pub(crate) struct Abandoned {
-    state: Arc<ConnState>,
-    _slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
-}
+/// One abandoned request running on (see [`ConnState::abandon`]); the
+/// state it keeps holds the connection's `max_connections` permit.
+pub(crate) struct Abandoned(Arc<ConnState>);
 
 impl Drop for Abandoned {
     fn drop(&mut self) {
-        self.state.abandoned.fetch_sub(1, Ordering::Relaxed);
+        self.0.abandoned.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -182,7 +182,9 @@ impl Listener {
         while others.join_next().await.is_some() {}
         // Requests whose client went away run on to their end (their
         // session changes saved), within what is left of the grace period;
-        // past it they are cancelled with the worker's runtime.
+        // past it they are cancelled with the worker's runtime (with
+        // `workers: 0`, the caller's runtime: there they run on until it
+        // ends, their store writes failing once the store is flushed).
         let abandoned = &self.worker.abandoned;
         abandoned.close();
         if tokio::time::timeout_at(deadline, abandoned.wait())
