@@ -549,6 +549,12 @@ impl Server {
         let _stop_on_drop = StopOnDrop(stop.clone());
         let addr = listeners[0].local_addr().map_err(ServerError::Runtime)?;
         let redirect_addr = redirect.as_ref().and_then(|r| r.local_addr().ok());
+        // The SIGHUP and SIGUSR1 handlers before the "listening" line: a
+        // SIGHUP sent as soon as it appears (a supervisor, a test) reloads
+        // instead of ending the process (the signal's default).
+        let reopen =
+            spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
+        let hup = spawn_reload_on_sighup(shared.clone()).map_err(ServerError::Runtime)?;
         announce(shared.tls.is_some(), addr, redirect_addr);
         let workers = listeners.len();
         tracing::info!(workers, "worker threads");
@@ -566,9 +572,6 @@ impl Server {
             *shared.admin.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(AdminServing { admin, task });
         }
-        let reopen =
-            spawn_reopen_on_sigusr1(shared.ops.access_log.clone()).map_err(ServerError::Runtime)?;
-        let hup = spawn_reload_on_sighup(shared.clone()).map_err(ServerError::Runtime)?;
         let mut ended = tokio::task::JoinSet::new();
         let mut started = Ok(());
         for (i, listener) in listeners.into_iter().enumerate() {
