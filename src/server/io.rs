@@ -26,7 +26,7 @@ pub(super) const CONTROL_FRAMES_PER_SECOND: u32 = 100;
 
 /// How long, and how many bytes, a closed connection is drained for.
 /// (An HTTP/2 request body the proxy answered before reading is drained
-/// within the same bounds: `proxy::upstream::linger`.)
+/// within the same bounds: `proxy::upstream::Lingering`.)
 pub(crate) const LINGER_TIME: Duration = Duration::from_secs(5);
 pub(crate) const LINGER_BYTES: usize = 32 << 20;
 
